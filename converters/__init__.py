@@ -1,0 +1,1 @@
+"""Converters: check → prune → quantize → export per target → validate → release."""

@@ -1,0 +1,1 @@
+"""Cloud side: publish releases, write desired state, ingest telemetry."""

@@ -1,0 +1,206 @@
+"""The release manifest: the contract between converters, the cloud side and devices.
+
+Its JSON key names are read by tools outside the SDK (see DESIGN.md); change them never, add to
+them carefully. A signed release has ``manifest.sig`` beside ``manifest.json``: a detached
+Ed25519 signature over the exact bytes of ``manifest.json``, verified *before* those bytes are
+parsed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from . import signing
+from .chunking import chunk_file, sha256_file
+from .errors import IntegrityError
+from .types import Precision, Target
+
+MANIFEST_NAME = "manifest.json"
+SIGNATURE_NAME = "manifest.sig"
+SCHEMA_VERSION = 1
+
+
+class _Model(BaseModel):
+    # Devices must keep reading manifests written by newer SDKs: unknown keys are ignored.
+    model_config = ConfigDict(extra="ignore")
+
+
+class ChunkRef(_Model):
+    sha256: str
+    size: int = Field(ge=0)
+
+
+class FileEntry(_Model):
+    path: str = Field(description="relative to the release folder")
+    size: int = Field(ge=0)
+    sha256: str
+    chunks: list[ChunkRef] = Field(default_factory=list)
+
+    @classmethod
+    def from_file(cls, release_dir: Path, path: Path) -> FileEntry:
+        """Describe ``path`` (inside ``release_dir``) with its hash and content-defined chunks."""
+        rel = path.resolve().relative_to(release_dir.resolve()).as_posix()
+        chunks = [ChunkRef(sha256=c.sha256, size=c.size) for c in chunk_file(path)]
+        return cls(path=rel, size=path.stat().st_size, sha256=sha256_file(path), chunks=chunks)
+
+
+class TensorSpec(_Model):
+    """One input or output as the *caller* sees it (the original ONNX model's name and layout).
+
+    ``artifact_name`` is the tensor's name inside the artifact when a converter renamed it
+    (pnnx: ``in0``/``out0``); ``transpose`` is the permutation that turns the caller's array into
+    the artifact's layout for inputs, and the artifact's array into the caller's for outputs
+    (e.g. ``[0, 2, 3, 1]`` for NCHW → NHWC).
+    """
+
+    name: str
+    dtype: str
+    shape: list[int | str | None]
+    artifact_name: str | None = None
+    transpose: list[int] | None = None
+    layout: str | None = None
+
+
+class Validation(_Model):
+    """How a variant compares with the FP32 ONNX original on the validation inputs."""
+
+    samples: int = 0
+    max_abs_error: float | None = None
+    mean_abs_error: float | None = None
+    cosine_similarity: float | None = None
+    top1_agreement: float | None = None
+    metric_name: str | None = None
+    metric: float | None = None
+    metric_fp32: float | None = None
+    self_test_tolerance: float | None = None
+    nodes_quantized: int | None = None
+    nodes_kept_fp32: list[str] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list)
+
+
+class Variant(_Model):
+    id: str
+    profiles: list[str]
+    target: Target
+    precision: Precision
+    backend: str
+    files: list[FileEntry]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    validation: Validation = Validation()
+    latency_ms: float | None = None
+    size_bytes: int = 0
+    status: Literal["ok", "rejected"] = "ok"
+    reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+class SelfTest(_Model):
+    """A fixed input and the FP32 outputs every variant must reproduce within its tolerance."""
+
+    inputs: FileEntry
+    expected: FileEntry
+    digest: str = Field(description="sha256 of the expected outputs file")
+
+
+class Manifest(_Model):
+    schema_version: int = SCHEMA_VERSION
+    model: str
+    version: int = Field(ge=1)
+    source_sha256: str
+    created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    sdk_version: str = ""
+    self_test: SelfTest | None = None
+    variants: list[Variant]
+    defaults: dict[str, str] = Field(default_factory=dict, description="profile id -> default variant id")
+    report: dict[str, Any] = Field(default_factory=dict, description="pipeline details for humans")
+
+    def variant(self, variant_id: str) -> Variant:
+        for variant in self.variants:
+            if variant.id == variant_id:
+                return variant
+        raise IntegrityError(f"manifest of {self.model} v{self.version} has no variant {variant_id!r}")
+
+    def variants_for(self, profile_id: str, *, ok_only: bool = True) -> list[Variant]:
+        return [v for v in self.variants if profile_id in v.profiles and (v.ok or not ok_only)]
+
+    def to_bytes(self) -> bytes:
+        return (json.dumps(self.model_dump(mode="json"), indent=2) + "\n").encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = MANIFEST_NAME) -> Manifest:
+        try:
+            return cls.model_validate(json.loads(data))
+        except (ValueError, UnicodeDecodeError) as exc:
+            if isinstance(exc, ValidationError):
+                first = exc.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                raise IntegrityError(f"{source}: {where}: {first['msg']}") from None
+            raise IntegrityError(f"{source}: not valid JSON ({exc})") from None
+
+
+def write_manifest(release_dir: Path, manifest: Manifest, private_key: Ed25519PrivateKey | None = None) -> None:
+    """Write ``manifest.json`` (and ``manifest.sig`` when a key is given), fsynced."""
+    data = manifest.to_bytes()
+    _write_synced(release_dir / MANIFEST_NAME, data)
+    if private_key is not None:
+        _write_synced(release_dir / SIGNATURE_NAME, signing.sign(data, private_key))
+
+
+def verify_manifest_bytes(data: bytes, signature: bytes | None, public_key: Ed25519PublicKey | None) -> Manifest:
+    """Check the signature over the raw bytes first, and only then parse them."""
+    if public_key is not None:
+        if signature is None:
+            raise IntegrityError("release is not signed, but a public key is configured")
+        signing.verify(data, signature, public_key)
+    return Manifest.from_bytes(data)
+
+
+def load_manifest(release_dir: Path | str, public_key: Ed25519PublicKey | None = None) -> Manifest:
+    """Read a release folder's manifest, verifying its signature when ``public_key`` is given."""
+    release_dir = Path(release_dir)
+    try:
+        data = (release_dir / MANIFEST_NAME).read_bytes()
+    except FileNotFoundError:
+        raise IntegrityError(f"{release_dir}: no {MANIFEST_NAME}; is this a release folder?") from None
+    sig_path = release_dir / SIGNATURE_NAME
+    signature = sig_path.read_bytes() if sig_path.exists() else None
+    return verify_manifest_bytes(data, signature, public_key)
+
+
+def verify_file(release_dir: Path, entry: FileEntry) -> Path:
+    """Check one listed file's size and sha256; return its absolute path."""
+    path = resolve_inside(release_dir, entry.path)
+    if not path.is_file():
+        raise IntegrityError(f"{entry.path}: listed in the manifest but missing from {release_dir}")
+    if path.stat().st_size != entry.size:
+        raise IntegrityError(f"{entry.path}: size {path.stat().st_size} != manifest {entry.size}")
+    if sha256_file(path) != entry.sha256:
+        raise IntegrityError(f"{entry.path}: sha256 does not match the manifest (tampered or corrupt)")
+    return path
+
+
+def resolve_inside(root: Path, relative: str) -> Path:
+    """``root / relative``, refusing paths that escape ``root`` (absolute, ``..``, symlinks)."""
+    root = root.resolve()
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root):
+        raise IntegrityError(f"{relative!r} points outside the release folder")
+    return path
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())

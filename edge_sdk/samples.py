@@ -1,0 +1,125 @@
+"""Small models generated in code, for the demo, tests and benchmarks.
+
+They are real ONNX graphs with deterministic weights (no download), shaped like the models users
+ship: a residual CNN image classifier and a multimodal fusion model (camera + audio + IMU).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+
+def _conv(name: str, x: str, cin: int, cout: int, rng: np.random.Generator, stride: int = 1, inits: list | None = None) -> tuple[onnx.NodeProto, str]:
+    w = (rng.standard_normal((cout, cin, 3, 3)) * np.sqrt(2.0 / (cin * 9))).astype(np.float32)
+    b = (rng.standard_normal(cout) * 0.05).astype(np.float32)
+    inits.extend([numpy_helper.from_array(w, f"{name}.weight"), numpy_helper.from_array(b, f"{name}.bias")])
+    node = helper.make_node("Conv", [x, f"{name}.weight", f"{name}.bias"], [f"{name}.out"], name=name,
+                            kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[stride, stride])
+    return node, f"{name}.out"
+
+
+def _bn(name: str, x: str, c: int, rng: np.random.Generator, inits: list) -> tuple[onnx.NodeProto, str]:
+    params = {
+        "scale": (1 + 0.1 * rng.standard_normal(c)).astype(np.float32),
+        "bias": (0.1 * rng.standard_normal(c)).astype(np.float32),
+        "mean": (0.1 * rng.standard_normal(c)).astype(np.float32),
+        "var": (1 + 0.1 * rng.random(c)).astype(np.float32),
+    }
+    inits.extend(numpy_helper.from_array(v, f"{name}.{k}") for k, v in params.items())
+    node = helper.make_node("BatchNormalization", [x] + [f"{name}.{k}" for k in params], [f"{name}.out"], name=name)
+    return node, f"{name}.out"
+
+
+def _relu(name: str, x: str) -> tuple[onnx.NodeProto, str]:
+    return helper.make_node("Relu", [x], [f"{name}.out"], name=name), f"{name}.out"
+
+
+def make_cnn(seed: int = 0, width: int = 32, classes: int = 10, size: int = 32, batch: int | str = 1) -> onnx.ModelProto:
+    """A residual CNN classifier: input ``image`` [batch,3,size,size] NCHW → ``logits`` [batch,classes]."""
+    rng = np.random.default_rng(seed)
+    inits: list = []
+    nodes = []
+
+    def add(pair):
+        node, out = pair
+        nodes.append(node)
+        return out
+
+    x = add(_conv("stem", "image", 3, width // 2, rng, inits=inits))
+    x = add(_bn("stem_bn", x, width // 2, rng, inits))
+    x = add(_relu("stem_relu", x))
+    x = add(_conv("down", x, width // 2, width, rng, stride=2, inits=inits))
+    x = add(_relu("down_relu", x))
+    skip = x
+    y = add(_conv("block_a", x, width, width, rng, inits=inits))
+    y = add(_bn("block_a_bn", y, width, rng, inits))
+    y = add(_relu("block_a_relu", y))
+    y = add(_conv("block_b", y, width, width, rng, inits=inits))
+    nodes.append(helper.make_node("Add", [y, skip], ["residual.out"], name="residual"))
+    x = add(_relu("residual_relu", "residual.out"))
+    x = add(_conv("head_conv", x, width, width * 2, rng, stride=2, inits=inits))
+    x = add(_relu("head_relu", x))
+    nodes.append(helper.make_node("GlobalAveragePool", [x], ["pool.out"], name="pool"))
+    nodes.append(helper.make_node("Flatten", ["pool.out"], ["flat.out"], name="flatten", axis=1))
+    w = (rng.standard_normal((classes, width * 2)) * np.sqrt(1.0 / (width * 2))).astype(np.float32)
+    inits += [numpy_helper.from_array(w, "fc.weight"), numpy_helper.from_array(np.zeros(classes, np.float32), "fc.bias")]
+    nodes.append(helper.make_node("Gemm", ["flat.out", "fc.weight", "fc.bias"], ["logits"], name="fc", transB=1))
+    graph = helper.make_graph(
+        nodes, "edge_sdk_sample_cnn",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [batch, 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edge-sdk-samples")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def make_multimodal(seed: int = 0, image_size: int = 32, audio_window: int = 4, audio_features: int = 40, imu_dim: int = 6, classes: int = 5) -> onnx.ModelProto:
+    """A fusion model: ``image`` [1,3,H,W] + ``audio`` [1,window,features] + ``imu`` [1,imu_dim] → ``scores``."""
+    rng = np.random.default_rng(seed)
+    inits: list = []
+    nodes = []
+    node, x = _conv("img_conv", "image", 3, 8, rng, stride=2, inits=inits)
+    nodes.append(node)
+    node, x = _relu("img_relu", x)
+    nodes.append(node)
+    nodes.append(helper.make_node("GlobalAveragePool", [x], ["img_pool"], name="img_pool"))
+    nodes.append(helper.make_node("Flatten", ["img_pool"], ["img_feat"], name="img_flat", axis=1))
+    nodes.append(helper.make_node("ReduceMean", ["audio"], ["audio_mean"], name="audio_mean", axes=[1], keepdims=0))
+    nodes.append(helper.make_node("Concat", ["img_feat", "audio_mean", "imu"], ["fused"], name="fuse", axis=1))
+    fused = 8 + audio_features + imu_dim
+    w1 = (rng.standard_normal((fused, 32)) * np.sqrt(2.0 / fused)).astype(np.float32)
+    w2 = (rng.standard_normal((32, classes)) * np.sqrt(1.0 / 32)).astype(np.float32)
+    inits += [numpy_helper.from_array(w1, "fc1.weight"), numpy_helper.from_array(np.zeros(32, np.float32), "fc1.bias"),
+              numpy_helper.from_array(w2, "fc2.weight"), numpy_helper.from_array(np.zeros(classes, np.float32), "fc2.bias")]
+    nodes.append(helper.make_node("Gemm", ["fused", "fc1.weight", "fc1.bias"], ["h1"], name="fc1"))
+    nodes.append(helper.make_node("Relu", ["h1"], ["h1r"], name="fc1_relu"))
+    nodes.append(helper.make_node("Gemm", ["h1r", "fc2.weight", "fc2.bias"], ["scores"], name="fc2"))
+    # ReduceMean takes axes as an attribute up to opset 17.
+    graph = helper.make_graph(
+        nodes, "edge_sdk_sample_multimodal",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, image_size, image_size]),
+         helper.make_tensor_value_info("audio", TensorProto.FLOAT, [1, audio_window, audio_features]),
+         helper.make_tensor_value_info("imu", TensorProto.FLOAT, [1, imu_dim])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, classes])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edge-sdk-samples")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def save(model: onnx.ModelProto, path: Path | str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path

@@ -1,0 +1,1 @@
+"""On-device runtime: backends, EdgeModel, resource monitor, precision policy, sync, alignment."""

@@ -1,0 +1,127 @@
+"""The runtime backend protocol.
+
+A :class:`Backend` loads an artifact's files into a :class:`Session`. Sessions speak the
+*caller's* tensors: original ONNX names and layout. The base class validates inputs (names,
+dtypes, shapes) before they reach native code and applies the manifest's renames and layout
+transposes, so a backend only implements :meth:`Session._run_native` on artifact tensors.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+
+from ...errors import InputError
+from ...manifest import TensorSpec
+from ...registry import Registry
+from ...types import Precision
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    threads: int | None = None
+    cpu_affinity: tuple[int, ...] | None = None  # pin inference to these cores (big cores on big.LITTLE)
+    precision: Precision = Precision.FP32  # what the variant computes in (OpenVINO's precision hint)
+
+
+class Session(ABC):
+    """One loaded artifact. Thread-safe ``run`` unless a backend says otherwise."""
+
+    def __init__(self, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> None:
+        self.inputs = list(inputs)
+        self.outputs = list(outputs)
+        self._inverse = {o.name: np.argsort(o.transpose) for o in self.outputs if o.transpose}
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run on caller tensors (original names and layout); returns caller tensors."""
+        feeds = {}
+        for spec, array in zip(self.inputs, check_inputs(self.inputs, inputs)):
+            if spec.transpose:
+                array = np.ascontiguousarray(array.transpose(spec.transpose))
+            feeds[spec.artifact_name or spec.name] = array
+        raw = self._run_native(feeds)
+        result = {}
+        for spec in self.outputs:
+            array = raw[spec.artifact_name or spec.name]
+            if spec.transpose:
+                array = array.transpose(spec.transpose)
+            result[spec.name] = array
+        return result
+
+    @abstractmethod
+    def _run_native(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run on artifact tensors (artifact names and layout)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release native resources."""
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+class Backend(ABC):
+    """Loads artifacts of one kind. Subclasses import their native package lazily in ``load``."""
+
+    name: str
+    extra: str  # the pip extra that installs the native package
+
+    @abstractmethod
+    def load(self, files: Sequence[Path], inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
+             options: BackendOptions = BackendOptions()) -> Session:
+        """Load the artifact ``files`` (as listed in the manifest) into a ready session."""
+
+
+def check_inputs(specs: Sequence[TensorSpec], inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Validate caller inputs against the signature; return arrays in signature order."""
+    if not isinstance(inputs, dict):
+        raise InputError(f"inputs must be a dict of name -> numpy array, got {type(inputs).__name__}")
+    expected = [s.name for s in specs]
+    unknown = sorted(set(inputs) - set(expected))
+    missing = [n for n in expected if n not in inputs]
+    if unknown or missing:
+        raise InputError(f"input names {sorted(inputs)} do not match the model's {expected}"
+                         + (f" (missing {missing})" if missing else "") + (f" (unknown {unknown})" if unknown else ""))
+    arrays = []
+    for spec in specs:
+        array = inputs[spec.name]
+        if not isinstance(array, np.ndarray):
+            raise InputError(f"input {spec.name!r}: expected a numpy array, got {type(array).__name__}")
+        if array.dtype != np.dtype(spec.dtype):
+            raise InputError(f"input {spec.name!r}: dtype {array.dtype} != expected {spec.dtype}")
+        if array.ndim != len(spec.shape):
+            raise InputError(f"input {spec.name!r}: rank {array.ndim} (shape {list(array.shape)}) != expected rank {len(spec.shape)} {spec.shape}")
+        for axis, (got, want) in enumerate(zip(array.shape, spec.shape)):
+            if isinstance(want, int) and want >= 0 and got != want:
+                raise InputError(f"input {spec.name!r}: shape {list(array.shape)} != expected {spec.shape} (axis {axis})")
+        arrays.append(array)
+    return arrays
+
+
+def apply_cpu_affinity(cores: tuple[int, ...] | None) -> None:
+    """Pin the calling process's threads to ``cores`` where the OS supports it (Linux)."""
+    if cores and hasattr(os, "sched_setaffinity"):
+        available = os.sched_getaffinity(0)
+        wanted = {c for c in cores if c in available}
+        if wanted:
+            os.sched_setaffinity(0, wanted)
+
+
+BACKENDS: Registry[type[Backend]] = Registry("backend")
+BACKENDS.register_lazy("onnxruntime", "edge_sdk.runtime.backends.onnxruntime:OnnxRuntimeBackend")
+BACKENDS.register_lazy("tflite", "edge_sdk.runtime.backends.tflite:TFLiteBackend")
+BACKENDS.register_lazy("openvino", "edge_sdk.runtime.backends.openvino:OpenVINOBackend")
+BACKENDS.register_lazy("ncnn", "edge_sdk.runtime.backends.ncnn:NcnnBackend")
+
+
+def get_backend(name: str) -> Backend:
+    """An instance of the backend registered as ``name``."""
+    return BACKENDS.get(name)()

@@ -1,0 +1,55 @@
+"""onnxruntime backend (the core dependency: always available)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import BackendError
+from ...manifest import TensorSpec
+from .base import Backend, BackendOptions, Session, apply_cpu_affinity
+
+
+class OnnxRuntimeSession(Session):
+    def __init__(self, session, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> None:
+        super().__init__(inputs, outputs)
+        self._session = session
+        self._output_names = [o.artifact_name or o.name for o in self.outputs]
+
+    def _run_native(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
+
+        try:
+            values = self._session.run(self._output_names, feeds)
+        except (Fail, InvalidArgument, RuntimeException) as exc:
+            raise BackendError(f"onnxruntime failed to run: {exc}") from None
+        return dict(zip(self._output_names, values))
+
+    def close(self) -> None:
+        self._session = None
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    extra = "core"
+
+    def load(self, files: Sequence[Path], inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
+             options: BackendOptions = BackendOptions()) -> Session:
+        import onnxruntime as ort
+
+        model = next((f for f in files if Path(f).suffix == ".onnx"), None)
+        if model is None:
+            raise BackendError(f"onnxruntime: no .onnx file among {[str(f) for f in files]}")
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if options.threads:
+            so.intra_op_num_threads = options.threads
+            so.inter_op_num_threads = 1
+        apply_cpu_affinity(options.cpu_affinity)
+        try:
+            session = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises several pybind types for corrupt models
+            raise BackendError(f"onnxruntime cannot load {Path(model).name}: {str(exc).splitlines()[0]}") from None
+        return OnnxRuntimeSession(session, inputs, outputs)

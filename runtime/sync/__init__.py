@@ -1,0 +1,1 @@
+"""Device-side MQTT sync: durable outbox → sync service → thin paho transport."""
