@@ -1,0 +1,1 @@
+"""The device daemon: serves models locally, keeps them in sync, reports telemetry."""
