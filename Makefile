@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv system-deps toolchains clean
+.PHONY: demo test test-arm64 venv system-deps toolchains clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,17 @@ system-deps:
 demo: venv system-deps
 	$(BIN)/python examples/demo.py
 
+# Isolated converter venvs (onnx2tf+TensorFlow ~2.4 GB, ~1 min from a warm pip cache; pnnx ~100 MB).
+toolchains: venv
+	$(BIN)/edge-sdk toolchain install all
+
 test: venv system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Proof on aarch64: runtime, sync, align and daemon tests inside an arm64 Debian bookworm rootfs
+# under qemu-user (needs root: debootstrap, chroot, binfmt_misc; first run builds the rootfs).
+test-arm64:
+	bash scripts/test-arm64.sh
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info demo-out

@@ -64,3 +64,25 @@ TARGET_ARCHES: dict[Target, frozenset[Arch]] = {
     Target.NCNN: frozenset({Arch.X86_64, Arch.AARCH64, Arch.ARMV7L}),
     Target.OPENVINO: frozenset({Arch.X86_64, Arch.AARCH64}),
 }
+
+
+class AlignPolicy(str, Enum):
+    """How a stream is matched to each reference timestamp (see ``edge_sdk.runtime.align``)."""
+
+    NEAREST = "nearest"  # closest sample either side; ties go to the earlier one (as pandas)
+    PREVIOUS = "previous"  # last sample at or before (as-of, pandas direction="backward")
+    NEXT = "next"  # first sample at or after (pandas direction="forward")
+    INTERPOLATE = "interpolate"  # linear between the two bracketing samples (numeric values)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class OutboxPolicy(str, Enum):
+    """What the telemetry outbox does when an append would exceed its row/byte quota."""
+
+    REJECT = "reject"  # raise OutboxFullError; nothing already stored is touched
+    DROP_OLDEST = "drop_oldest"  # delete the oldest records of equal or lower priority, counted
+
+    def __str__(self) -> str:
+        return self.value

@@ -10,3 +10,189 @@ cloud_app = typer.Typer(help="Cloud side: publish releases, set desired state, i
 app.add_typer(cloud_app, name="cloud")
 
 # Commands are added below by the modules' owners: publish/desire/gc (releases), ingest (telemetry).
+
+# --- releases: publish / desire / gc, and the device-side one-shot `edge-sdk sync` (H6) ---------
+import json as _json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn  # noqa: E402
+
+from .app import console  # noqa: E402
+
+_BROKER = typer.Option(..., "--broker", help="mqtt://[user:pass@]host[:port] or mqtts://…")
+_FLEET = typer.Option(..., "--fleet", help="Fleet name (topic prefix edge/<fleet>).")
+_PREFIX = typer.Option("", "--prefix", help="Topic prefix instead of edge/<fleet>.")
+_CA = typer.Option(None, "--ca", help="CA certificate for mqtts:// brokers.")
+
+
+def _tls(ca: Path | None):
+    from ..runtime.sync.transport import TlsConfig
+
+    return TlsConfig(ca_certs=ca) if ca else None
+
+
+def _bytes_bar(description: str) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    TimeElapsedColumn(), console=console, transient=False)
+
+
+@cloud_app.command("publish")
+def publish(
+    release: Path = typer.Argument(..., help="Release folder (manifest.json + artifacts)."),
+    broker: str = _BROKER,
+    fleet: str = _FLEET,
+    sign_key: Path = typer.Option(None, "--sign-key", help="Ed25519 private key (PEM) to sign the manifest with."),
+    force: bool = typer.Option(False, "--force", help="Publish every chunk, even those already on the broker."),
+    prefix: str = _PREFIX,
+    ca: Path = _CA,
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Publish a release: missing chunks as retained blobs, then the signed manifest."""
+    from ..cloud.publish import publish_release
+
+    with _bytes_bar(f"publishing {release.name}") as bar:
+        task = bar.add_task(f"publishing {release.name}", total=None)
+        report = publish_release(release, broker, fleet, prefix=prefix, sign_key=sign_key, force=force, tls=_tls(ca),
+                                 progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if as_json:
+        console.print_json(_json.dumps(report.to_dict()))
+        return
+    console.print(f"{report.model} v{report.version} → {report.manifest_topic} ({'signed' if report.signed else 'UNSIGNED'}): "
+                  f"{report.chunks_published} chunks / {report.bytes_published} bytes published, "
+                  f"{report.chunks_skipped} chunks already on the broker", highlight=False)
+
+
+@cloud_app.command("desire")
+def desire(
+    broker: str = _BROKER,
+    fleet: str = _FLEET,
+    device: str = typer.Option(None, "--device", help="One device (default: the whole fleet)."),
+    model: str = typer.Option(None, "--model", help="Model name of the desired release."),
+    version: int = typer.Option(None, "--version", min=1, help="Desired release version."),
+    set_: list[str] = typer.Option([], "--set", help="Runtime policy key=value (JSON-typed), repeatable."),
+    clear: bool = typer.Option(False, "--clear", help="Remove the desired state at this level."),
+    prefix: str = _PREFIX,
+    ca: Path = _CA,
+) -> None:
+    """Write the desired state (retained) of a fleet or one device; the device level wins."""
+    from ..cloud.desire import build_desired, write_desired
+    from ..errors import ConfigError
+    from ..runtime.sync.twin import parse_set
+
+    if clear and (model or version or set_):
+        raise ConfigError("--clear takes no --model/--version/--set")
+    state = None if clear else build_desired(model, version, parse_set(set_))
+    topic = write_desired(broker, fleet, state, device=device, prefix=prefix, tls=_tls(ca))
+    console.print(f"{topic}: {'cleared' if state is None else state.to_payload().decode()}", highlight=False)
+
+
+@cloud_app.command("gc")
+def gc(
+    broker: str = _BROKER,
+    fleet: str = _FLEET,
+    keep: int = typer.Option(None, "--keep", min=1, help="Keep only the newest N versions per model (and desired ones)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be removed."),
+    prefix: str = _PREFIX,
+    ca: Path = _CA,
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Clear retained chunks no remaining release references (and old manifests with --keep)."""
+    from rich.progress import MofNCompleteColumn
+
+    from ..cloud.gc import collect_garbage
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as bar:
+        task = bar.add_task("clearing unreferenced chunks", total=None)
+        report = collect_garbage(broker, fleet, prefix=prefix, keep=keep, dry_run=dry_run, tls=_tls(ca),
+                                 progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if as_json:
+        console.print_json(_json.dumps(report.to_dict()))
+        return
+    verb = "would remove" if dry_run else "removed"
+    console.print(f"{verb} {len(report.manifests_removed)} manifests and {report.blobs_removed} of {report.blobs_seen} chunks "
+                  f"({report.bytes_freed} bytes)", highlight=False)
+
+
+@app.command("sync")
+def sync(
+    broker: str = _BROKER,
+    fleet: str = _FLEET,
+    device: str = typer.Option(..., "--device", help="This device's id."),
+    root: Path = typer.Option(..., "--root", help="Device state folder (chunks, releases, current)."),
+    public_key: Path = typer.Option(None, "--public-key", help="Ed25519 public key releases must be signed with."),
+    allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help="Accept unsigned releases (no --public-key)."),
+    profile: str = typer.Option(None, "--profile", help="Device profile id (default: keep every ok variant)."),
+    model: str = typer.Option(None, "--model", help="Release to sync (default: the desired state's)."),
+    version: int = typer.Option(None, "--version", min=1),
+    self_test: bool = typer.Option(True, "--self-test/--no-self-test", help="Self-test through EdgeModel before activating."),
+    fetch_window: int = typer.Option(32, "--fetch-window", min=1, help="Chunks requested at once."),
+    timeout: float = typer.Option(600.0, "--timeout", help="Give up after this many seconds."),
+    prefix: str = _PREFIX,
+    ca: Path = _CA,
+) -> None:
+    """Device side, one shot: bring this device to its desired (or the given) release, print JSON."""
+    import time
+
+    from ..errors import SyncError
+    from ..runtime.sync.client import SyncClient, SyncConfig
+
+    config = SyncConfig(broker=broker, fleet=fleet, device=device, root=root, profile=profile, public_key=public_key,
+                        allow_unsigned=allow_unsigned, prefix=prefix, tls=_tls(ca), self_test=self_test,
+                        fetch_window=fetch_window, sync_timeout_s=timeout)
+    client = SyncClient(config)
+    if model is None or version is None:
+        client.subscribe_desired()
+    client.transport.start()
+    try:
+        if not client.transport.wait_connected(min(timeout, 30.0)):
+            raise SyncError(f"cannot reach the broker at {broker}")
+        if model is None or version is None:
+            deadline = time.monotonic() + min(timeout, 10.0)
+            while time.monotonic() < deadline and (client.desired().model is None or client.desired().version is None):
+                time.sleep(0.05)
+            desired = client.desired()
+            if desired.model is None or desired.version is None:
+                raise SyncError(f"no desired release for device {device} in fleet {fleet}; pass --model/--version")
+            model, version = desired.model, desired.version
+        result = client.sync(model, version, timeout=timeout)
+    finally:
+        client.transport.stop()
+    typer.echo(_json.dumps(result.to_dict()))
+    if result.status in ("rejected", "rolled-back"):
+        from ..errors import IntegrityError
+
+        raise IntegrityError(result.reason or result.status)
+
+
+# --- telemetry: `edge-sdk cloud ingest` (H5) ------------------------------------------------------
+@cloud_app.command("ingest")
+def ingest(
+    broker: str = typer.Option(..., "--broker", help="mqtt://[user:pass@]host[:port] or mqtts://…"),
+    fleet: str = typer.Option(..., "--fleet", help="Fleet name (topic prefix edge/<fleet>)."),
+    db: Path = typer.Option(..., "--db", help="SQLite file the records are committed to (created if missing)."),
+    group: str = typer.Option("ingest", "--group", help="Shared-subscription group; workers of one group split the load."),
+    prefix: str = typer.Option("", "--prefix", help="Topic prefix instead of edge/<fleet>."),
+    client_id: str = typer.Option(None, "--client-id", help="MQTT client id (default: ingest-<group>-<host>-<pid>)."),
+    ca: Path = typer.Option(None, "--ca", help="CA certificate for mqtts:// brokers."),
+    report_every: float = typer.Option(10.0, "--report-every", help="Seconds between progress lines (0: none)."),
+) -> None:
+    """Commit device telemetry to SQLite (duplicates dropped), ack each device; runs until SIGINT/SIGTERM."""
+    import signal
+    import threading
+
+    from ..cloud.ingest import run_ingest
+    from ..runtime.sync.transport import TlsConfig
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    def line(w) -> None:
+        console.print(f"ingest: {w.batches} batches, {w.records} records, {w.duplicates} duplicates, "
+                      f"{w.malformed} malformed, {w.errors} errors", highlight=False)
+
+    console.print(f"ingest: {broker} fleet {fleet} → {db} (group {group})", highlight=False)
+    worker = run_ingest(broker, fleet, db, group=group, prefix=prefix, client_id=client_id,
+                        tls=TlsConfig(ca_certs=ca) if ca else None, stop=stop, report_every_s=report_every, report=line)
+    line(worker)

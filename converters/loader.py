@@ -1,0 +1,265 @@
+"""Load and check an ONNX model before anything else touches it.
+
+Refuses what would break or endanger the later steps with a :class:`ModelError` naming the
+problem: not a file, not ONNX, truncated protobuf, ``external_data`` escaping the model's folder
+(CVE-2022-25882 class: the file could read arbitrary host files), an opset we cannot run, dynamic
+input dimensions without ``input_shapes``. Opsets below 13 are upgraded with
+``onnx.version_converter``: per-channel QDQ needs ``DequantizeLinear``'s ``axis`` (opset 13).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import external_data_helper, helper
+
+from ..errors import ConfigError, ModelError
+from ..manifest import TensorSpec
+
+MIN_OPSET = 13  # per-channel DequantizeLinear
+OLDEST_UPGRADABLE = 7  # onnx.version_converter has no adapters below this
+
+
+@dataclass
+class LoadedModel:
+    """A checked FP32 model with static shapes, saved as one self-contained file."""
+
+    path: Path
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    source_sha256: str
+    opset: int
+    source_opset: int
+    notes: list[str] = field(default_factory=list)
+
+    def load(self) -> onnx.ModelProto:
+        return onnx.load(str(self.path))
+
+
+def parse_input_shapes(specs: Sequence[str] | Mapping[str, Sequence[int]] | None) -> dict[str, tuple[int, ...]]:
+    """``["image=1,3,224,224"]`` (CLI form) or ``{"image": (1, 3, 224, 224)}`` → dict; ConfigError if malformed."""
+    if not specs:
+        return {}
+    if isinstance(specs, Mapping):
+        items = list(specs.items())
+    else:
+        items = []
+        for spec in specs:
+            name, sep, dims = str(spec).partition("=")
+            if not sep or not name:
+                raise ConfigError(f"--input-shape {spec!r}: expected NAME=D1,D2,... (e.g. image=1,3,224,224)")
+            items.append((name.strip(), dims.split(",")))
+    shapes = {}
+    for name, dims in items:
+        try:
+            shape = tuple(int(d) for d in dims)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--input-shape {name}: dimensions must be integers, got {list(dims)}") from None
+        if not shape or any(d < 1 for d in shape):
+            raise ConfigError(f"--input-shape {name}: dimensions must be positive integers, got {list(shape)}")
+        shapes[name] = shape
+    return shapes
+
+
+def load_model(path: Path | str, work_dir: Path, input_shapes: Mapping[str, Sequence[int]] | None = None) -> LoadedModel:
+    """Check ``path`` and write a static-shape, opset ≥ 13, self-contained copy into ``work_dir``."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path}: no such file")
+    if not path.is_file():
+        raise ModelError(f"{path}: not a file")
+    data = path.read_bytes()
+    model = _parse(path, data)
+    notes: list[str] = []
+    _load_external_data(path, model)
+    source_opset = _default_opset(model)
+    model = _upgrade(path, model, source_opset, notes)
+    _initializers_out_of_inputs(model, notes)
+    _name_nodes(model, notes)
+    input_shapes = dict(input_shapes or {})
+    _fix_input_shapes(path, model, input_shapes, notes)
+    try:
+        onnx.checker.check_model(model)
+        model = onnx.shape_inference.infer_shapes(model)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ModelError(f"{path}: invalid ONNX model: {_first_line(exc)}") from None
+    out = work_dir / "model.fp32.onnx"
+    onnx.save(model, str(out))
+    _check_runs(path, out)
+    return LoadedModel(
+        path=out,
+        inputs=[_spec(v) for v in _graph_inputs(model)],
+        outputs=[_spec(v) for v in model.graph.output],
+        source_sha256=hashlib.sha256(data).hexdigest(),
+        opset=_default_opset(model),
+        source_opset=source_opset,
+        notes=notes,
+    )
+
+
+def _parse(path: Path, data: bytes) -> onnx.ModelProto:
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise ModelError(f"{path}: not a valid ONNX file (truncated or corrupt protobuf: {_first_line(exc)})") from None
+    # Random bytes sometimes decode as an (empty) protobuf message: insist on a real graph.
+    if model.ir_version < 3 or not model.graph.node or not model.graph.output:
+        raise ModelError(f"{path}: not an ONNX model (no IR version, graph nodes or outputs)")
+    return model
+
+
+def _load_external_data(path: Path, model: onnx.ModelProto) -> None:
+    folder = path.parent.resolve()
+    for tensor in external_data_helper._get_all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        info = external_data_helper.ExternalDataInfo(tensor)
+        location = Path(info.location)
+        target = (folder / location).resolve()
+        if location.is_absolute() or not target.is_relative_to(folder):
+            raise ModelError(f"{path}: tensor {tensor.name!r} has external_data location {info.location!r} "
+                             f"outside the model's folder; refusing to read it (path traversal)")
+        if not target.is_file():
+            raise ModelError(f"{path}: tensor {tensor.name!r}: external data file {info.location!r} is missing")
+    try:
+        external_data_helper.load_external_data_for_model(model, str(folder))
+    except Exception as exc:
+        raise ModelError(f"{path}: cannot read external data: {_first_line(exc)}") from None
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            return opset.version
+    raise ModelError("model imports no default-domain opset")
+
+
+def _upgrade(path: Path, model: onnx.ModelProto, opset: int, notes: list[str]) -> onnx.ModelProto:
+    newest = onnx.defs.onnx_opset_version()
+    if opset > newest:
+        raise ModelError(f"{path}: unsupported opset {opset} (this onnx supports up to {newest})")
+    if opset >= MIN_OPSET:
+        return model
+    if opset < OLDEST_UPGRADABLE:
+        raise ModelError(f"{path}: unsupported opset {opset} (oldest supported: {OLDEST_UPGRADABLE}; "
+                         f"re-export the model with opset >= {MIN_OPSET})")
+    try:
+        upgraded = onnx.version_converter.convert_version(model, MIN_OPSET)
+    except Exception as exc:
+        raise ModelError(f"{path}: unsupported opset {opset}: upgrading to {MIN_OPSET} failed ({_first_line(exc)})") from None
+    notes.append(f"upgraded opset {opset} -> {MIN_OPSET} (per-channel INT8 needs >= {MIN_OPSET})")
+    return upgraded
+
+
+def _initializers_out_of_inputs(model: onnx.ModelProto, notes: list[str]) -> None:
+    """Old exporters list weights as graph inputs too; then they are overridable, not constants, and
+    onnxruntime neither folds nor fuses them and quantizers may skip them. Nobody feeds them: drop them."""
+    initializers = {i.name for i in model.graph.initializer}
+    used = _used_names(model.graph) | {o.name for o in model.graph.output}
+    unused = [i for i in model.graph.initializer if i.name not in used]
+    if unused:
+        for tensor in unused:
+            model.graph.initializer.remove(tensor)
+        notes.append(f"dropped {len(unused)} unused initializers")
+    kept = [v for v in model.graph.input if v.name not in initializers]
+    removed = len(model.graph.input) - len(kept)
+    if removed:
+        del model.graph.input[:]
+        model.graph.input.extend(kept)
+        model.ir_version = max(model.ir_version, 4)  # IR < 4 required initializers to be inputs
+        notes.append(f"removed {removed} initializers from the graph inputs (they are constants)")
+
+
+def _name_nodes(model: onnx.ModelProto, notes: list[str]) -> None:
+    """Give unnamed main-graph nodes unique names: quantizers and reports refer to nodes by name."""
+    taken = {n.name for n in model.graph.node if n.name}
+    count = 0
+    for index, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{index}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+            count += 1
+    if count:
+        notes.append(f"named {count} unnamed nodes (<op>_<index>)")
+
+
+def _used_names(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name a node reads, including nodes inside If/Loop/Scan bodies (outer-scope reads)."""
+    used: set[str] = set()
+    for node in graph.node:
+        used.update(node.input)
+        for attribute in node.attribute:
+            for sub in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                used |= _used_names(sub)
+    return used
+
+
+def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    initializers = {i.name for i in model.graph.initializer}
+    return [v for v in model.graph.input if v.name not in initializers]
+
+
+def _fix_input_shapes(path: Path, model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], notes: list[str]) -> None:
+    inputs = _graph_inputs(model)
+    names = [v.name for v in inputs]
+    unknown = sorted(set(shapes) - set(names))
+    if unknown:
+        raise ConfigError(f"--input-shape names {unknown} are not inputs of {path.name} (inputs: {names})")
+    changed = False
+    for value in inputs:
+        dims = value.type.tensor_type.shape.dim
+        current = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "?") for d in dims]
+        if value.name in shapes:
+            wanted = shapes[value.name]
+            if len(wanted) != len(dims):
+                raise ConfigError(f"--input-shape {value.name}: rank {len(wanted)} {list(wanted)} != the model's rank {len(dims)} {current}")
+            for dim, size in zip(dims, wanted):
+                dim.Clear()
+                dim.dim_value = size
+            if list(wanted) != current:
+                changed = True
+                notes.append(f"input {value.name}: shape {current} fixed to {list(wanted)}")
+        elif any(not isinstance(d, int) for d in current):
+            example = ",".join(str(d) if isinstance(d, int) else "1" for d in current)
+            raise ModelError(f"{path}: input {value.name!r} has dynamic dimensions {current}; "
+                             f"pass --input-shape {value.name}={example}")
+    if changed:
+        # Stale intermediate/output shapes would contradict the new input shapes: re-infer them.
+        del model.graph.value_info[:]
+        for output in model.graph.output:
+            for dim in output.type.tensor_type.shape.dim:
+                dim.Clear()  # unknown again; shape inference fills it from the new input shapes
+
+
+def _check_runs(source: Path, path: Path) -> None:
+    import onnxruntime as ort
+
+    try:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelError(f"{source}: onnxruntime cannot load the model: {_first_line(exc)}") from None
+
+
+def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
+    tensor = value.type.tensor_type
+    try:
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type)).name
+    except (KeyError, TypeError):
+        raise ModelError(f"tensor {value.name!r}: unsupported element type {tensor.elem_type}") from None
+    shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
+    return TensorSpec(name=value.name, dtype=dtype, shape=shape)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

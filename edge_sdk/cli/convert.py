@@ -1,0 +1,145 @@
+"""`edge-sdk convert MODEL.onnx --profile ID ... -o OUT`: the workstation converter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .app import app, console, err_console
+
+
+@app.command("convert")
+def convert_command(
+    model: Path = typer.Argument(..., help="The FP32 ONNX model to convert."),
+    profile: list[str] = typer.Option(["auto"], "--profile", "-p", help="Device profile id (repeatable); 'auto' detects this machine."),
+    output: Path = typer.Option(..., "--output", "-o", help="Release folder to create (must not exist or be empty)."),
+    calibration: str = typer.Option(None, "--calibration", "-c", help="Folder/file of .npy/.npz (or images) for INT8 calibration and validation; 'random' to opt into random data."),
+    labels: Path = typer.Option(None, "--labels", help="Class labels of the calibration samples (.npy, or 'name,label' lines) for a task metric."),
+    input_shape: list[str] = typer.Option([], "--input-shape", help="NAME=D1,D2,... for a dynamic input (repeatable)."),
+    prune: str = typer.Option(None, "--prune", help="METHOD:AMOUNT, e.g. magnitude:0.5 or channel:0.3."),
+    target: list[str] = typer.Option([], "--target", "-t", help="Only these export targets (repeatable; default: the profiles' targets)."),
+    max_accuracy_drop: float = typer.Option(1.0, "--max-accuracy-drop", help="Points of task metric (else top-1 agreement, else cosine x100) a variant may lose."),
+    calibration_method: str = typer.Option("minmax", "--calibration-method", help="minmax, entropy or percentile."),
+    per_tensor: bool = typer.Option(False, "--per-tensor", help="Per-tensor INT8 weights instead of per-channel."),
+    sign_key: Path = typer.Option(None, "--sign-key", help="Ed25519 private key (edge-sdk keys generate) to sign the manifest."),
+    version: int = typer.Option(1, "--version", "--release-version", help="Release version (monotonic integer)."),
+    model_name: str = typer.Option(None, "--name", help="Model name in the manifest (default: the file name)."),
+    latency_runs: int = typer.Option(50, "--latency-runs", help="Runs per latency median."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+) -> None:
+    """Check, prune, quantize, export, validate and write a release folder."""
+    from ..converters.pipeline import convert
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err_console, transient=True, disable=as_json) as bar:
+        task = bar.add_task("converting", total=1)
+
+        def progress(step: str, done: int, total: int) -> None:
+            bar.update(task, description=escape(step), completed=done, total=total)
+
+        manifest = convert(
+            model, profile, output, calibration=calibration, labels=labels, input_shapes=input_shape, prune=prune,
+            max_accuracy_drop=max_accuracy_drop, targets=target or None, sign_key=sign_key, release_version=version,
+            model_name=model_name, progress=progress, calibration_method=calibration_method,
+            per_channel=not per_tensor, latency_runs=latency_runs,
+        )
+    rows = report_rows(manifest)
+    if as_json:
+        payload = {"output": str(output), "model": manifest.model, "version": manifest.version,
+                   "defaults": manifest.defaults, "variants": rows, "report": manifest.report}
+        console.print_json(json.dumps(payload, default=str))
+        return
+    table = Table(title=f"{manifest.model} v{manifest.version} -> {output}")
+    table.add_column("variant", no_wrap=True)
+    for column in ("size (×fp32)", "ms (×fp32)", "max err", "cosine", "top-1", "metric", "status"):
+        table.add_column(column)
+    reasons: list[str] = []
+    for row in rows:
+        if row["status"] == "ok":
+            status = "[green]ok[/]" + (" [bold]*[/]" if row["default_for"] else "")
+        else:
+            # Reasons are long: footnotes below the table keep the columns readable.
+            first = (row["reason"] or "").strip().splitlines()[0] if row["reason"] else ""
+            more = " (full reason in manifest.json)" if (row["reason"] or "").strip().count("\n") else ""
+            reasons.append(f"[{len(reasons) + 1}] {row['id']}: {first[:300]}{more}")
+            status = f"[red]rejected[/] [{len(reasons)}]"
+        table.add_row(row["id"], f"{_size(row['size_bytes'])} ({_ratio(row['size_ratio'])})",
+                      f"{_num(row['latency_ms'], 3)} ({_ratio(row['latency_ratio'])})", _num(row["max_abs_error"], 4),
+                      _num(row["cosine"], 4), _pct(row["top1_agreement"]), _metric(row), status)
+    console.print(table)
+    console.print("* = default of a profile", highlight=False)
+    for line in reasons:
+        console.print(escape(line), highlight=False, soft_wrap=True)
+    for profile_id in manifest.report.get("profiles", []):
+        console.print(f"profile {profile_id}: default {manifest.defaults.get(profile_id, '[red]none[/] (no variant passed)')}",
+                      highlight=False)
+    for warning in manifest.report.get("warnings", []):
+        err_console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False)
+    for note in manifest.report.get("notes", []):
+        console.print(f"note: {escape(note)}", highlight=False)
+    prune_report = manifest.report.get("prune")
+    if prune_report:
+        console.print(f"pruned ({prune_report['method']}): params {prune_report['params_before']} -> {prune_report['params_after']} "
+                      f"(non-zero {prune_report['nonzero_before']} -> {prune_report['nonzero_after']}), FLOPs "
+                      f"{prune_report['flops_before']} -> {prune_report['flops_after']}; skipped: {len(prune_report['skipped'])}",
+                      highlight=False)
+    signed = " (signed)" if sign_key else ""
+    console.print(f"release written to {output}{signed}", highlight=False)
+
+
+def report_rows(manifest) -> list[dict]:
+    """One dict per variant with ratios to the FP32 ONNX variant (the reference)."""
+    fp32 = next((v for v in manifest.variants if v.id == "onnx-fp32"), None)
+    default_for: dict[str, list[str]] = {}
+    for profile_id, variant_id in manifest.defaults.items():
+        default_for.setdefault(variant_id, []).append(profile_id)
+    rows = []
+    for v in manifest.variants:
+        val = v.validation
+        rows.append({
+            "id": v.id, "profiles": v.profiles, "target": v.target.value, "precision": v.precision.value,
+            "size_bytes": v.size_bytes,
+            "size_ratio": v.size_bytes / fp32.size_bytes if fp32 and fp32.size_bytes and v.size_bytes else None,
+            "latency_ms": v.latency_ms,
+            "latency_ratio": v.latency_ms / fp32.latency_ms if fp32 and fp32.latency_ms and v.latency_ms else None,
+            "max_abs_error": val.max_abs_error, "cosine": val.cosine_similarity, "top1_agreement": val.top1_agreement,
+            "metric_name": val.metric_name, "metric": val.metric, "metric_fp32": val.metric_fp32,
+            "nodes_kept_fp32": val.nodes_kept_fp32, "status": v.status, "reason": v.reason,
+            "default_for": default_for.get(v.id, []),
+        })
+    return rows
+
+
+def _size(n: int) -> str:
+    if not n:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit[0]}"
+        n /= 1024
+    return str(n)  # pragma: no cover
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def _num(x: float | None, digits: int) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.2g}" if x and abs(x) < 10 ** -digits else f"{x:.{digits}f}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _metric(row: dict) -> str:
+    if row["metric"] is None:
+        return "-"
+    return f"{row['metric']:.4f} (fp32 {row['metric_fp32']:.4f})"

@@ -1,0 +1,157 @@
+"""Publish a release folder to a fleet: content-addressed chunks, then the signed manifest.
+
+Chunks go out as retained messages at ``…/blobs/<sha256>`` (QoS 1), *before* the manifest, so a
+device that sees a manifest can fetch all of it. Chunks already on the broker are skipped: the
+chunk lists of the manifests already retained there say which ones exist (a chunk is only ever
+published ahead of its manifest). ``force`` publishes every chunk regardless, e.g. after a
+broker lost its retained store.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from edge_sdk.chunking import sha256_bytes
+from edge_sdk.errors import IntegrityError, SyncError
+from edge_sdk.manifest import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Manifest, verify_file
+from edge_sdk.runtime.sync.envelope import open_envelope, seal
+from edge_sdk.runtime.sync.topics import Topics
+from edge_sdk.runtime.sync.transport import TlsConfig, Transport
+from edge_sdk.signing import load_private_key, sign
+
+from .connection import collect_retained, connect
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+
+#: Wait for the broker's acknowledgement after this many chunks / bytes (bounds memory in flight).
+ACK_EVERY_CHUNKS = 32
+ACK_EVERY_BYTES = 4 << 20
+
+
+@dataclass
+class PublishReport:
+    model: str
+    version: int
+    manifest_topic: str
+    signed: bool
+    chunks_total: int
+    chunks_published: int
+    chunks_skipped: int
+    bytes_total: int
+    bytes_published: int
+    duration_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def release_files(manifest: Manifest) -> list[FileEntry]:
+    """Files devices may fetch: every ok variant's files and the self-test files, each once."""
+    entries: dict[str, FileEntry] = {}
+    for variant in manifest.variants:
+        if variant.ok:
+            for entry in variant.files:
+                entries.setdefault(entry.path, entry)
+    if manifest.self_test is not None:
+        for entry in (manifest.self_test.inputs, manifest.self_test.expected):
+            entries.setdefault(entry.path, entry)
+    return list(entries.values())
+
+
+def chunk_refs_of(manifest: Manifest) -> set[str]:
+    return {c.sha256 for entry in release_files(manifest) for c in entry.chunks}
+
+
+def published_chunks(transport: Transport, topics: Topics) -> tuple[set[str], dict[str, Manifest]]:
+    """(chunks referenced by retained manifests, those manifests by topic); unreadable ones skipped."""
+    manifests: dict[str, Manifest] = {}
+    for topic, payload in collect_retained(transport, topics, topics.all_manifests()).items():
+        try:
+            data, _ = open_envelope(payload)
+            manifests[topic] = Manifest.from_bytes(data, topic)
+        except IntegrityError as exc:
+            log.warning("ignoring unreadable manifest at %s: %s", topic, exc)
+    shas = set().union(*(chunk_refs_of(m) for m in manifests.values())) if manifests else set()
+    return shas, manifests
+
+
+def _iter_chunks(release_dir: Path, entry: FileEntry):
+    """(sha256, bytes) of each chunk of ``entry``, checked against the manifest."""
+    path = verify_file(release_dir, entry)
+    if sum(c.size for c in entry.chunks) != entry.size:
+        raise IntegrityError(f"{entry.path}: manifest chunk sizes do not add up to the file size")
+    with open(path, "rb") as handle:
+        for ref in entry.chunks:
+            data = handle.read(ref.size)
+            if sha256_bytes(data) != ref.sha256:
+                raise IntegrityError(f"{entry.path}: chunk {ref.sha256[:12]}… does not match the file")
+            yield ref.sha256, data
+
+
+def publish_release(release_dir: Path | str, broker: str, fleet: str, *, prefix: str = "",
+                    sign_key: Path | str | None = None, force: bool = False, tls: TlsConfig | None = None,
+                    progress: Progress | None = None) -> PublishReport:
+    """Publish ``release_dir`` to ``fleet`` on ``broker``; see the module docstring."""
+    release_dir = Path(release_dir)
+    started = time.monotonic()
+    try:
+        data = (release_dir / MANIFEST_NAME).read_bytes()
+    except FileNotFoundError:
+        raise IntegrityError(f"{release_dir}: no {MANIFEST_NAME}; is this a release folder?") from None
+    sig_path = release_dir / SIGNATURE_NAME
+    if sign_key is not None:
+        signature: bytes | None = sign(data, load_private_key(sign_key))
+    else:
+        signature = sig_path.read_bytes() if sig_path.exists() else None
+        if signature is None:
+            log.warning("publishing %s unsigned: devices with a public key will refuse it", release_dir)
+    manifest = Manifest.from_bytes(data, str(release_dir / MANIFEST_NAME))
+    files = release_files(manifest)
+    for entry in files:
+        verify_file(release_dir, entry)  # fail before anything goes out
+    topics = Topics(fleet, prefix)
+    manifest_topic = topics.manifest(manifest.model, manifest.version)
+    needed: dict[str, int] = {}
+    for entry in files:
+        for ref in entry.chunks:
+            needed.setdefault(ref.sha256, ref.size)
+    with connect(broker, "publish", tls) as transport:
+        existing = set() if force else published_chunks(transport, topics)[0]
+        todo = {sha for sha in needed if sha not in existing}
+        total = sum(needed[sha] for sha in todo)
+        report = PublishReport(manifest.model, manifest.version, manifest_topic, signature is not None,
+                               chunks_total=len(needed), chunks_published=0, chunks_skipped=len(needed) - len(todo),
+                               bytes_total=sum(needed.values()), bytes_published=0)
+        if progress:
+            progress(0, total)
+        sent: set[str] = set()
+        unacked_chunks = unacked_bytes = 0
+        for entry in files:
+            for sha, chunk in _iter_chunks(release_dir, entry):
+                if sha not in todo or sha in sent:
+                    continue
+                sent.add(sha)
+                unacked_chunks += 1
+                unacked_bytes += len(chunk)
+                last = len(sent) == len(todo)
+                if last or unacked_chunks >= ACK_EVERY_CHUNKS or unacked_bytes >= ACK_EVERY_BYTES:
+                    # PUBACKs come in order, so this one acknowledges the whole batch before it.
+                    if not transport.publish(topics.blob(sha), chunk, qos=1, retain=True, wait=60.0):
+                        raise SyncError(f"broker did not acknowledge chunk {sha[:12]}… within 60s")
+                    unacked_chunks = unacked_bytes = 0
+                else:
+                    transport.publish(topics.blob(sha), chunk, qos=1, retain=True)
+                report.chunks_published += 1
+                report.bytes_published += len(chunk)
+                if progress:
+                    progress(report.bytes_published, total)
+        if not transport.publish(manifest_topic, seal(data, signature), qos=1, retain=True, wait=60.0):
+            raise SyncError(f"broker did not acknowledge the manifest at {manifest_topic} within 60s")
+    report.duration_s = round(time.monotonic() - started, 3)
+    return report

@@ -1,0 +1,253 @@
+"""The daemon's one config file (``edge.yaml``): typed, validated, with a commented example.
+
+Every error names the key path and its line (via :func:`edge_sdk.config.load_yaml_model`).
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+
+from ..config import StrictModel, load_yaml_model
+from ..types import AlignPolicy, OutboxPolicy, Precision
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class LogFormat(str, Enum):
+    TEXT = "text"
+    JSON = "json"
+
+
+class LogLevel(str, Enum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class HttpConfig(StrictModel):
+    """The local inference API. Loopback by default: it has no authentication."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535, description="0 picks a free port (written to state_dir/http.port)")
+    unix_socket: Path | None = Field(None, description="serve on this Unix socket instead of TCP")
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
+    max_concurrent_infer: int = Field(4, ge=1, le=256, description="more in-flight calls get 503")
+
+
+class ModelConfig(StrictModel):
+    """One model served under ``name``: from a local release folder and/or kept in sync over MQTT."""
+
+    name: str
+    release: Path | None = Field(None, description="a release folder to serve until sync brings a newer one")
+    profile: str = "auto"
+    precision: str = "auto"
+    backend: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return value
+
+    @field_validator("precision")
+    @classmethod
+    def _check_precision(cls, value: str) -> str:
+        allowed = ["auto", *(p.value for p in Precision)]
+        if value not in allowed:
+            raise ValueError(f"must be one of {allowed}")
+        return value
+
+
+class StreamConfig(StrictModel):
+    """One non-reference stream of a pipeline (see ``edge_sdk.runtime.align``)."""
+
+    input: str | None = Field(None, description="model input it feeds (default: the stream's name)")
+    policy: AlignPolicy = AlignPolicy.NEAREST
+    tolerance_s: float | None = Field(None, ge=0)
+    offset_s: float = Field(0.0, description="added to this stream's timestamps to put them on the reference clock")
+    drift_ppm: float = 0.0
+    reorder_window_s: float = Field(0.0, ge=0, le=60)
+    max_buffer: int = Field(10_000, ge=2, le=10_000_000)
+
+
+class PipelineConfig(StrictModel):
+    """Local sensor streams, aligned to a reference stream, each aligned tuple run through ``model``."""
+
+    model: str
+    reference: str = Field(description="the stream that drives the output (e.g. the camera)")
+    reference_input: str | None = Field(None, description="model input fed by the reference (default: its name)")
+    reorder_window_s: float = Field(0.0, ge=0, le=60)
+    max_wait_s: float | None = Field(1.0, ge=0, description="emit with streams marked missing after this long")
+    streams: dict[str, StreamConfig] = Field(min_length=1)
+    queue_size: int = Field(256, ge=1, le=100_000, description="aligned tuples waiting for the model; more are dropped")
+
+    @model_validator(mode="after")
+    def _reference_not_a_stream(self) -> PipelineConfig:
+        if self.reference in self.streams:
+            raise ValueError(f"stream {self.reference!r} is both the reference and a matched stream")
+        return self
+
+
+class SyncConfig(StrictModel):
+    """MQTT sync with the fleet. Leave out ``broker`` to run purely offline."""
+
+    broker: str | None = Field(None, description="mqtt://host:port or mqtts://host:port")
+    fleet: str = "default"
+    topic_prefix: str | None = Field(None, description="defaults to edge/<fleet>")
+    public_key: Path | None = Field(None, description="Ed25519 public key (PEM) releases must be signed with")
+    allow_unsigned: bool = Field(False, description="accept unsigned releases (only when no public_key is set)")
+    telemetry_interval_s: float = Field(10.0, gt=0, le=86400)
+
+
+class OutboxConfig(StrictModel):
+    """The durable telemetry queue (SQLite file under the state dir)."""
+
+    max_bytes: int = Field(64 * 1024 * 1024, ge=64 * 1024)
+    policy: OutboxPolicy = Field(OutboxPolicy.DROP_OLDEST, description="what to do when full")
+
+
+class PolicyConfig(StrictModel):
+    """The resource monitor and precision policy."""
+
+    enabled: bool = True
+    interval_s: float = Field(1.0, gt=0, le=3600)
+    min_dwell_s: float | None = Field(None, ge=0, le=86400, description="override the profile's wait before stepping up")
+    resource_root: Path | None = Field(
+        None, description="read /proc and /sys below this folder instead of / (simulations and tests)")
+
+
+class LoggingConfig(StrictModel):
+    level: LogLevel = LogLevel.INFO
+    format: LogFormat = LogFormat.TEXT
+
+
+class DaemonConfig(StrictModel):
+    """Everything ``edge-sdk daemon`` needs; see :data:`EXAMPLE_YAML`."""
+
+    device_id: str
+    state_dir: Path
+    http: HttpConfig = HttpConfig()
+    models: list[ModelConfig] = Field(min_length=1)
+    pipelines: list[PipelineConfig] = Field(default_factory=list)
+    sync: SyncConfig = SyncConfig()
+    outbox: OutboxConfig = OutboxConfig()
+    policy: PolicyConfig = PolicyConfig()
+    logging: LoggingConfig = LoggingConfig()
+    drain_timeout_s: float = Field(10.0, gt=0, le=600, description="SIGTERM: how long in-flight calls may finish")
+
+    @field_validator("device_id")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> DaemonConfig:
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model names must be unique; repeated: {dupes}")
+        unknown = sorted({p.model for p in self.pipelines} - set(names))
+        if unknown:
+            raise ValueError(f"pipelines name models that are not configured: {unknown}")
+        if self.sync.broker is not None and self.sync.public_key is None and not self.sync.allow_unsigned:
+            raise ValueError("sync.broker is set but sync.public_key is not: set public_key (or allow_unsigned: true)")
+        offline = [m.name for m in self.models if m.release is None]
+        if offline and self.sync.broker is None:
+            raise ValueError(f"models {offline} have no 'release' folder and sync.broker is not set: nothing to serve")
+        return self
+
+
+def load_config(path: Path | str) -> DaemonConfig:
+    """Read and validate ``path``; relative paths inside are resolved against the file's folder."""
+    path = Path(path)
+    config = load_yaml_model(DaemonConfig, path)
+    base = path.resolve().parent
+
+    def fix(p: Path | None) -> Path | None:
+        return None if p is None or p.is_absolute() else (base / p)
+
+    updates: dict[str, object] = {}
+    if not config.state_dir.is_absolute():
+        updates["state_dir"] = base / config.state_dir
+    models = [m.model_copy(update={"release": fix(m.release) or m.release}) for m in config.models]
+    updates["models"] = models
+    if config.sync.public_key is not None and not config.sync.public_key.is_absolute():
+        updates["sync"] = config.sync.model_copy(update={"public_key": fix(config.sync.public_key)})
+    if config.policy.resource_root is not None and not config.policy.resource_root.is_absolute():
+        updates["policy"] = config.policy.model_copy(update={"resource_root": fix(config.policy.resource_root)})
+    if config.http.unix_socket is not None and not config.http.unix_socket.is_absolute():
+        updates["http"] = config.http.model_copy(update={"unix_socket": fix(config.http.unix_socket)})
+    return config.model_copy(update=updates)
+
+
+EXAMPLE_YAML = """\
+# edge-sdk daemon configuration. Check it with: edge-sdk config check edge.yaml
+# Relative paths are resolved against this file's folder.
+
+# This device's id in the fleet (MQTT topics use it).
+device_id: pi-kitchen-01
+
+# Where the daemon keeps synced releases, the telemetry outbox and its port file.
+state_dir: /var/lib/edge-sdk
+
+http:
+  # Local inference API (KServe v2 / Open Inference Protocol). No auth: keep it on loopback.
+  host: 127.0.0.1
+  port: 8080              # 0 = pick a free port, written to <state_dir>/http.port
+  # unix_socket: /run/edge-sdk/api.sock   # serve on a Unix socket instead of TCP
+  max_body_bytes: 16777216  # larger requests get 413
+  max_concurrent_infer: 4   # more in-flight calls get 503
+
+models:
+  # Served as /v2/models/<name>. `release` is served until sync brings a newer version.
+  - name: fusion
+    release: ./releases/fusion
+    profile: auto         # a device profile id, or auto-detect
+    precision: auto       # auto lets the policy step down/up with RAM/CPU/temperature
+    # backend: onnxruntime
+
+# Optional: local sensor streams aligned to a reference stream; every aligned tuple is run
+# through the model. Apps push samples to POST /v2/pipelines/<model>/streams/<stream>.
+pipelines:
+  - model: fusion
+    reference: camera       # drives the output: one inference per camera frame
+    reference_input: image  # the model input the camera frame feeds
+    reorder_window_s: 0.05  # samples may arrive this late and still be used
+    max_wait_s: 0.5         # a silent stream does not hold frames back longer than this
+    streams:
+      audio: {input: audio, policy: previous, tolerance_s: 0.2, offset_s: 0.0, reorder_window_s: 0.05}
+      imu:   {input: imu, policy: nearest, tolerance_s: 0.02, offset_s: -0.013, reorder_window_s: 0.05}
+
+sync:
+  # Leave `broker` out to run offline; with it set, the daemon still starts (and serves the
+  # last active release) when the broker is unreachable, and syncs once it is back.
+  # broker: mqtt://192.168.1.10:1883
+  fleet: default
+  # public_key: ./release-signing.pub   # refuse releases not signed with this Ed25519 key
+  allow_unsigned: false   # true accepts unsigned releases (only without public_key)
+  telemetry_interval_s: 10
+
+outbox:
+  max_bytes: 67108864     # telemetry kept on disk while offline
+  policy: drop_oldest     # or: reject
+
+policy:
+  enabled: true           # step precision down under memory/CPU/thermal pressure and back up
+  interval_s: 1.0
+  # min_dwell_s: 10        # wait at least this long after a switch before stepping back up
+
+logging:
+  level: info             # debug | info | warning | error
+  format: text            # text | json (one JSON object per line, for journald/Loki)
+
+# SIGTERM/SIGINT: stop accepting calls, let in-flight ones finish for up to this long, exit 0.
+drain_timeout_s: 10
+"""

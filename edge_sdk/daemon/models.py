@@ -1,0 +1,182 @@
+"""The models a daemon serves: load a release into an ``EdgeModel``, swap atomically, count calls.
+
+A swap never interrupts a call: callers take a reference to the current :class:`ServedModel`
+and finish on it; the old one is closed once nobody uses it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import EdgeSDKError, ModelError
+from ..manifest import Manifest, TensorSpec, load_manifest
+from .config import ModelConfig, PolicyConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServedModel:
+    """One loaded release of one configured model."""
+
+    name: str
+    release_dir: Path
+    manifest: Manifest
+    model: Any  # edge_sdk.EdgeModel (typed loosely: imported lazily)
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    loaded_at: float = field(default_factory=time.time)
+    _users: int = 0
+    _retired: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
+
+    def info(self) -> dict[str, Any]:
+        """What runs now: the EdgeModel's own info (backend, precision, variant) as a plain dict."""
+        try:
+            info = self.model.info()
+        except Exception as exc:  # info must never break metadata/health calls
+            log.warning("model %s: info() failed: %s", self.name, exc)
+            return {}
+        if hasattr(info, "as_dict"):
+            info = info.as_dict()
+        elif not isinstance(info, dict):
+            info = dict(getattr(info, "__dict__", {}))
+        return {k: (v.value if hasattr(v, "value") else v) for k, v in info.items()}
+
+    def backend_precision(self) -> tuple[str, str]:
+        info = self.info()
+        return str(info.get("backend", "unknown")), str(info.get("precision", "unknown"))
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.model.run(inputs)
+
+    def acquire(self) -> ServedModel:
+        with self._lock:
+            self._users += 1
+        return self
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            close = self._retired and self._users == 0
+        if close:
+            self._close()
+
+    def retire(self) -> None:
+        """Close now if idle, else when the last caller releases it."""
+        with self._lock:
+            self._retired = True
+            close = self._users == 0
+        if close:
+            self._close()
+
+    def _close(self) -> None:
+        closer = getattr(self.model, "close", None)
+        if callable(closer):
+            try:
+                closer()
+            except Exception as exc:  # closing an old model must not take the daemon down
+                log.warning("model %s v%s: close failed: %s", self.name, self.version, exc)
+
+
+def load_served(config: ModelConfig, release_dir: Path, *, public_key: Path | None = None,
+                policy: PolicyConfig | None = None) -> ServedModel:
+    """Load ``release_dir`` for ``config`` (hashes, signature and self-test are checked by EdgeModel.load).
+
+    ``policy``: whether and how the precision policy switches on resource pressure.
+    """
+    from .. import EdgeModel
+
+    release_dir = Path(release_dir)
+    try:
+        manifest = load_manifest(release_dir)
+    except EdgeSDKError:
+        raise
+    except Exception as exc:  # translate anything odd in a corrupt folder
+        raise ModelError(f"{release_dir}: cannot read the release manifest: {exc}") from None
+    policy = policy or PolicyConfig()
+    monitor: Any = False
+    settings = None
+    if policy.enabled:
+        from ..runtime.monitor import SystemSource
+
+        monitor = SystemSource(policy.resource_root) if policy.resource_root is not None else None
+        if policy.min_dwell_s is not None:
+            from ..profiles import detect_profile, get_profile
+
+            profile = detect_profile().profile if config.profile == "auto" else get_profile(config.profile)
+            settings = profile.policy.model_copy(update={"min_dwell_s": policy.min_dwell_s})
+    model = EdgeModel.load(release_dir, profile=config.profile, precision=config.precision, backend=config.backend,
+                           public_key=public_key, monitor=monitor, interval_s=policy.interval_s, policy=settings)
+    ok = [v for v in manifest.variants if v.ok] or manifest.variants
+    if not ok:
+        raise ModelError(f"{release_dir}: the release has no variants")
+    # Every variant carries the caller's signature (original names and layout), so any one will do.
+    return ServedModel(config.name, release_dir, manifest, model, list(ok[0].inputs), list(ok[0].outputs))
+
+
+class ModelTable:
+    """Name → currently served model; thread-safe lookups and swaps."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, ServedModel] = {}
+        self._errors: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(set(self._models) | set(self._errors))
+
+    def get(self, name: str) -> ServedModel | None:
+        with self._lock:
+            return self._models.get(name)
+
+    def error(self, name: str) -> str | None:
+        with self._lock:
+            return self._errors.get(name)
+
+    def checkout(self, name: str) -> ServedModel | None:
+        """The current model with a use taken on it (call :meth:`ServedModel.release` after)."""
+        with self._lock:
+            served = self._models.get(name)
+            return served.acquire() if served is not None else None
+
+    def put(self, served: ServedModel) -> ServedModel | None:
+        """Make ``served`` the active model of its name; the previous one is retired."""
+        with self._lock:
+            old = self._models.get(served.name)
+            self._models[served.name] = served
+            self._errors.pop(served.name, None)
+        if old is not None and old is not served:
+            old.retire()
+        return old
+
+    def set_error(self, name: str, message: str) -> None:
+        with self._lock:
+            self._errors[name] = message
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            old = self._models.pop(name, None)
+            self._errors.pop(name, None)
+        if old is not None:
+            old.retire()
+
+    def all(self) -> list[ServedModel]:
+        with self._lock:
+            return list(self._models.values())
+
+    def close(self) -> None:
+        for name in self.names():
+            self.remove(name)

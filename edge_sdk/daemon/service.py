@@ -1,0 +1,399 @@
+"""The daemon process: load models, serve the HTTP API, keep in sync, handle signals.
+
+Lifecycle::
+
+    start: check state dir → bind the socket (port in use = clear error) → load each model
+           (synced release if any, else the configured folder; a broken one is logged and the
+           API says why) → start sync (never blocks: offline-first) → READY
+    SIGHUP: read + validate the config file; a bad one is logged and the running one kept;
+           a good one re-loads models whose settings changed, and logging
+    SIGTERM/SIGINT: stop accepting calls (ready → 503), drain in-flight ones for up to
+           ``drain_timeout_s``, stop the HTTP server, stop sync (outbox flushed to disk),
+           close models, exit 0
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, EdgeSDKError, MissingDependencyError
+from . import systemd
+from .config import DaemonConfig, ModelConfig, load_config
+from .http import ApiState, create_app
+from .logs import setup_logging
+from .metrics import DaemonMetrics, Snapshot
+from .models import ModelTable, ServedModel, load_served
+
+log = logging.getLogger("edge_sdk.daemon")
+
+PORT_FILE = "http.port"
+
+
+def check_state_dir(path: Path) -> None:
+    """Create ``path`` if needed and prove we can write there (else a clear ConfigError)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"state_dir {path}: not usable ({exc.strerror or exc})") from None
+
+
+def bind_socket(config: DaemonConfig) -> socket.socket:
+    """Bind the API socket ourselves, so 'port in use' is our error, not a server's sys.exit."""
+    http = config.http
+    if http.unix_socket is not None:
+        path = http.unix_socket
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_socket():
+                path.unlink()  # a stale socket from a previous run
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(str(path))
+            os.chmod(path, 0o660)
+        except OSError as exc:
+            raise ConfigError(f"http.unix_socket {path}: cannot bind ({exc.strerror or exc})") from None
+    else:
+        family = socket.AF_INET6 if ":" in http.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # Inherited by accepted connections on Linux: without it, a response written in two
+            # parts (headers, body) waits ~40 ms for the client's delayed ACK (Nagle).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.bind((http.host, http.port))
+        except OSError as exc:
+            sock.close()
+            what = "is already in use" if exc.errno == 98 else f"cannot be bound ({exc.strerror or exc})"
+            raise ConfigError(f"http {http.host}:{http.port} {what}") from None
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+class Daemon:
+    """One running daemon. ``run()`` blocks until SIGTERM/SIGINT (or :meth:`stop`) and returns 0."""
+
+    def __init__(self, config: DaemonConfig, config_path: Path | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.metrics = DaemonMetrics()
+        self.models = ModelTable()
+        self.api = ApiState(self.models, self.metrics, config.http.max_body_bytes, config.http.max_concurrent_infer)
+        self.sync: Any = None  # the sync bridge, when a broker is configured
+        self.pipelines: Any = None  # sensor pipelines (aligner → model), when configured
+        self._server: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
+        self._reload_lock = threading.Lock()
+        self._unsubscribe: list[Callable[[], None]] = []
+        self.bound_address: str = ""
+        self.started_at = time.monotonic()
+        self._resources: Any = None
+        self.metrics.add_source("resource", self._resource_snapshot)
+
+    def _resource_snapshot(self) -> Snapshot:
+        """The same figures the precision policy decides on (cgroup-aware), read at scrape time."""
+        if self._resources is None:
+            from ..runtime.monitor import SystemSource
+
+            self._resources = SystemSource()
+        sample = self._resources.sample()
+        gauges: dict[str, Any] = {
+            "available_memory_bytes": sample.available_memory_mb * 2**20,
+            "cpu_percent": sample.cpu_percent,
+        }
+        if sample.temperature_c is not None:
+            gauges["temperature_celsius"] = sample.temperature_c
+        if sample.throttled is not None:
+            gauges["throttled"] = float(sample.throttled)
+        return Snapshot(gauges=gauges, help={
+            "available_memory_bytes": "Free memory the policy sees: min(host available, cgroup headroom)",
+            "cpu_percent": "CPU utilisation of the CPUs this process may use",
+            "temperature_celsius": "SoC temperature", "throttled": "1 if the SoC caps its clock now"})
+
+    # ---- models ---------------------------------------------------------------------------------
+
+    def _candidates(self, model: ModelConfig) -> list[Path]:
+        """Release folders to try, best first: what sync activated last, then the configured one."""
+        found: list[Path] = []
+        if self.sync is not None:
+            found += [p for p in self.sync.local_releases(model.name) if p is not None]
+        if model.release is not None:
+            found.append(model.release)
+        return found
+
+    def load_model(self, model: ModelConfig, release_dir: Path | None = None) -> ServedModel | None:
+        """Load and activate ``model`` (from ``release_dir`` or its best candidate); None if none loads."""
+        candidates = [release_dir] if release_dir is not None else self._candidates(model)
+        errors = []
+        for folder in candidates:
+            try:
+                served = load_served(model, folder, public_key=self.config.sync.public_key, policy=self.config.policy)
+            except EdgeSDKError as exc:
+                errors.append(f"{folder}: {exc}")
+                log.error("model %s: cannot load %s: %s", model.name, folder, exc)
+                continue
+            except Exception as exc:  # a corrupt release must not stop the daemon
+                errors.append(f"{folder}: {type(exc).__name__}: {exc}")
+                log.exception("model %s: unexpected error loading %s", model.name, folder)
+                continue
+            self._activate(served)
+            return served
+        if self.models.get(model.name) is None:
+            self.models.set_error(model.name, "; ".join(errors) or "no release yet (waiting for sync)")
+        return None
+
+    def _activate(self, served: ServedModel) -> None:
+        self.models.put(served)
+        backend, precision = served.backend_precision()
+        self.metrics.set_active(served.name, str(served.version), backend, precision)
+        self._watch_precision(served)
+        log.info("model %s: serving v%s from %s (%s, %s)", served.name, served.version, served.release_dir, backend, precision)
+
+    def _watch_precision(self, served: ServedModel) -> None:
+        """Count the EdgeModel's precision switches (with their reason) and keep the active gauge right."""
+        subscribe = getattr(served.model, "subscribe", None)
+        if not callable(subscribe):
+            return
+
+        def on_event(event: Any) -> None:
+            data = event.as_dict() if hasattr(event, "as_dict") else dict(vars(event))
+            old, new = data.get("from_precision"), data.get("to_precision")
+            if old is None or new is None or str(old) == str(new) or data.get("error"):
+                return
+            # The label is the decision kind (step_down, step_up, pin, unpin): bounded, unlike
+            # the free-text reason, which goes to the log.
+            self.metrics.precision_switches.labels(served.name, str(old), str(new), str(data.get("kind", ""))).inc()
+            if self.sync is not None:
+                self.sync.record("precision_switch", {"model": served.name, "from": str(old), "to": str(new),
+                                                      "kind": str(data.get("kind", "")), "reason": str(data.get("reason", ""))},
+                                 high=True)
+                self.sync.client.twin.set(precision=str(new))
+            backend, precision = served.backend_precision()
+            if self.models.get(served.name) is served:
+                self.metrics.set_active(served.name, str(served.version), backend, precision)
+            log.info("model %s: precision %s -> %s (%s)", served.name, old, new, data.get("reason", ""))
+
+        try:
+            self._unsubscribe.append(subscribe(on_event))
+        except Exception as exc:
+            log.warning("model %s: cannot watch precision changes: %s", served.name, exc)
+
+    def on_release(self, model_name: str, release_dir: Path) -> bool:
+        """Called by sync once a verified release is activated on disk: hot-swap to it."""
+        for model in self.config.models:
+            if model.name == model_name:
+                return self.load_model(model, release_dir) is not None
+        log.warning("sync activated %s for unknown model %s; ignored", release_dir, model_name)
+        return False
+
+    # ---- reload ---------------------------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """SIGHUP: validate the config file first; apply it only if it is good."""
+        if self.config_path is None:
+            log.warning("reload requested but the daemon was not started from a file")
+            return False
+        with self._reload_lock:
+            systemd.reloading()
+            try:
+                new = load_config(self.config_path)
+                check_state_dir(new.state_dir)
+            except EdgeSDKError as exc:
+                self.metrics.reloads.labels("rejected").inc()
+                log.error("reload rejected, keeping the running config: %s", exc)
+                systemd.notify("READY=1")
+                return False
+            old = self.config
+            restart_only = [k for k in ("device_id", "state_dir", "http", "pipelines", "sync", "outbox") if getattr(old, k) != getattr(new, k)]
+            if restart_only:
+                log.warning("reload: changes to %s take effect after a restart", restart_only)
+                new = new.model_copy(update={k: getattr(old, k) for k in restart_only})
+            self.config = new
+            setup_logging(new.logging)
+            old_models = {m.name: m for m in old.models}
+            for model in new.models:
+                if old_models.get(model.name) != model or old.policy != new.policy:
+                    self.load_model(model)
+            for name in set(old_models) - {m.name for m in new.models}:
+                self.models.remove(name)
+                log.info("model %s: removed by reload", name)
+            self.api.max_concurrent_infer = new.http.max_concurrent_infer
+            self.metrics.reloads.labels("applied").inc()
+            log.info("config reloaded from %s", self.config_path)
+            systemd.notify("READY=1")
+            return True
+
+    # ---- run ------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Start, serve until a stop signal, shut down cleanly; returns the exit status."""
+        setup_logging(self.config.logging)
+        check_state_dir(self.config.state_dir)
+        sock = bind_socket(self.config)
+        try:
+            return asyncio.run(self._main(sock))
+        finally:
+            with contextlib.suppress(OSError):
+                sock.close()
+            if self.config.http.unix_socket is not None:
+                with contextlib.suppress(OSError):
+                    self.config.http.unix_socket.unlink()
+
+    async def _main(self, sock: socket.socket) -> int:
+        try:
+            import uvicorn
+        except ImportError:
+            raise MissingDependencyError("uvicorn", "daemon", "The daemon's HTTP server") from None
+        self._loop = asyncio.get_running_loop()
+        self._start_sync()
+        for model in self.config.models:
+            await asyncio.to_thread(self.load_model, model)
+        if self.config.pipelines:
+            from .pipeline import Pipelines
+
+            self.pipelines = Pipelines(self.config.pipelines, self.models,
+                                       self.sync.on_result if self.sync is not None else None)
+            self.api.pipelines = self.pipelines
+            self.metrics.add_source("aligner", self.pipelines.snapshot)
+
+        class _Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self):  # the daemon handles signals itself (drain first)
+                yield
+
+        uconfig = uvicorn.Config(create_app(self.api), log_config=None, access_log=False, lifespan="off",
+                                 timeout_graceful_shutdown=5, limit_concurrency=256, timeout_keep_alive=5,
+                                 server_header=False)
+        self._server = _Server(uconfig)
+        for sig, handler in ((signal.SIGTERM, self._on_stop_signal), (signal.SIGINT, self._on_stop_signal),
+                             (signal.SIGHUP, self._on_hup)):
+            self._loop.add_signal_handler(sig, handler, sig)
+        serve = asyncio.create_task(self._server.serve(sockets=[sock]))
+        while not self._server.started and not serve.done():
+            await asyncio.sleep(0.02)
+        if serve.done():
+            serve.result()  # raises what went wrong
+        self.bound_address = self._address(sock)
+        self._write_port_file(sock)
+        self.api.started = True
+        ready_s = time.monotonic() - self.started_at
+        loaded = [m.name for m in self.models.all()]
+        missing = [n for n in self.models.names() if n not in loaded]
+        log.info("listening on %s after %.2fs; serving %s%s", self.bound_address, ready_s, loaded,
+                 f"; not loaded yet: {missing}" if missing else "")
+        systemd.notify("READY=1")
+        watchdog = asyncio.create_task(self._watchdog())
+        await serve
+        watchdog.cancel()
+        await asyncio.to_thread(self._shutdown_rest)
+        log.info("stopped")
+        return 0
+
+    def _address(self, sock: socket.socket) -> str:
+        if sock.family == socket.AF_UNIX:
+            return f"unix:{sock.getsockname()}"
+        host, port = sock.getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    def _write_port_file(self, sock: socket.socket) -> None:
+        if sock.family == socket.AF_UNIX:
+            return
+        path = self.config.state_dir / PORT_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(f"{sock.getsockname()[1]}\n")
+        os.replace(tmp, path)
+
+    async def _watchdog(self) -> None:
+        interval = systemd.watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            systemd.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    def _on_hup(self, sig: int) -> None:
+        log.info("SIGHUP: reloading %s", self.config_path)
+        # Loading models takes time: do it off the event loop so the API keeps answering.
+        asyncio.get_running_loop().run_in_executor(None, self.reload)
+
+    def _on_stop_signal(self, sig: int) -> None:
+        if self._stopping:
+            log.warning("%s again: stopping without waiting", signal.Signals(sig).name)
+            if self._server is not None:
+                self._server.force_exit = True
+            return
+        log.info("%s: draining in-flight calls (up to %.1fs)", signal.Signals(sig).name, self.config.drain_timeout_s)
+        self.stop()
+
+    def stop(self) -> None:
+        """Begin a graceful stop (thread-safe)."""
+        self._stopping = True
+        systemd.notify("STOPPING=1")
+
+        def drain() -> None:
+            started = time.monotonic()
+            drained = self.api.drain(self.config.drain_timeout_s)
+            waited = time.monotonic() - started
+            if drained:
+                log.info("drained in %.2fs", waited)
+            else:
+                log.warning("drain timeout: %d call(s) still running after %.1fs", self.api.in_flight, waited)
+            if self._server is not None:
+                self._server.should_exit = True
+
+        threading.Thread(target=drain, name="drain", daemon=True).start()
+
+    def _shutdown_rest(self) -> None:
+        if self.pipelines is not None:
+            self.pipelines.drain(timeout=min(5.0, self.config.drain_timeout_s))
+        if self.sync is not None:
+            try:
+                self.sync.stop()
+            except Exception:
+                log.exception("sync did not stop cleanly")
+        for unsubscribe in self._unsubscribe:
+            with contextlib.suppress(Exception):
+                unsubscribe()
+        self.models.close()
+        with contextlib.suppress(OSError):
+            (self.config.state_dir / PORT_FILE).unlink()
+
+    # ---- sync -----------------------------------------------------------------------------------
+
+    def _start_sync(self) -> None:
+        if self.config.sync.broker is None:
+            return
+        from .sync import SyncBridge
+
+        try:
+            self.sync = SyncBridge(self)
+            self.sync.start()
+            self.api.on_infer = self.sync.on_infer
+        except MissingDependencyError:
+            raise
+        except EdgeSDKError as exc:
+            # Offline-first: a sync problem at start leaves the daemon serving what it has.
+            log.error("sync not started: %s (serving local releases only)", exc)
+        self.metrics.add_source("sync", self._sync_snapshot)
+
+    def _sync_snapshot(self) -> Snapshot:
+        return self.sync.snapshot() if self.sync is not None else Snapshot()
+
+
+def run_daemon(config_path: Path) -> int:
+    """Entry point of ``edge-sdk daemon --config``: load the file, run, return the exit status."""
+    config = load_config(config_path)
+    return Daemon(config, config_path).run()

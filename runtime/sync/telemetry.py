@@ -1,0 +1,282 @@
+"""Outbox → MQTT telemetry uploader, and the wire format it shares with cloud ingest.
+
+Wire format (UTF-8 JSON, QoS 1, not retained):
+
+* ``<prefix>/<device>/telemetry``:
+  ``{"v": 1, "boot": "<boot id>", "floor": F, "records": [[seq, ts, priority, kind, data], …]}``
+  — records of one boot in ascending ``seq``; ``floor`` is the smallest seq of that boot still
+  on the device (all below were acked or dropped by quota, so ingest counts them as settled).
+  The device id is taken from the topic, which the broker's ACL ties to the client.
+* ``<prefix>/<device>/telemetry/ack``: ``{"v": 1, "boot": "<boot id>", "upto": N}`` — ingest has
+  committed every record of that boot with ``floor ≤ seq ≤ N``.
+
+Uploader behaviour: records leave the outbox only when an ack arrives (a broker PUBACK is not
+durable). Up to ``window`` batches are in flight; if the oldest gets no ack within
+``ack_timeout_s``, or after every reconnect, everything unacked is sent again from the start of
+the outbox (ingest drops the duplicates by ``(device, boot, seq)``). Nothing is published while
+disconnected, so an outage only grows the outbox on disk, never memory.
+
+Usage::
+
+    up = TelemetryUploader(outbox, transport, Topics("plant1"), "cam-7")
+    up.start()             # subscribes to the ack topic, starts the upload thread
+    outbox.append({...}); up.notify()     # notify() just wakes the thread early
+    up.stop()
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import queue
+import re
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import Field
+
+from edge_sdk.config import StrictModel
+from edge_sdk.errors import SyncError
+
+from .outbox import Batch, Outbox
+from .topics import Topics, check_device
+from .transport import Message
+
+log = logging.getLogger(__name__)
+
+WIRE_VERSION = 1
+MAX_RECORDS_PER_BATCH = 10_000
+_BOOT = re.compile(r"[0-9A-Za-z_-]{1,64}")
+
+
+# -- wire format ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WireRecord:
+    seq: int
+    ts: float
+    priority: int
+    kind: str
+    data: Any
+
+
+@dataclass(frozen=True)
+class WireBatch:
+    boot: str
+    floor: int
+    records: tuple[WireRecord, ...]
+
+
+def encode_batch(batch: Batch) -> bytes:
+    """Serialise an outbox batch; record data is spliced in as the JSON text already stored."""
+    head = json.dumps({"v": WIRE_VERSION, "boot": batch.boot, "floor": batch.floor})[:-1]
+    body = ",".join(
+        f"[{r.seq},{json.dumps(r.ts)},{r.priority},{json.dumps(r.kind)},{r.data}]" for r in batch.records
+    )
+    return f'{head}, "records": [{body}]}}'.encode()
+
+
+def _int(value: object, what: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SyncError(f"{what} must be an integer ≥ {minimum}, got {value!r}")
+    return value
+
+
+def _boot(value: object) -> str:
+    if not isinstance(value, str) or not _BOOT.fullmatch(value):
+        raise SyncError(f"boot id must be 1-64 characters of [0-9A-Za-z_-], got {value!r:.80}")
+    return value
+
+
+def _object(payload: bytes, what: str) -> dict:
+    try:
+        obj = json.loads(payload)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise SyncError(f"{what} is not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise SyncError(f"{what} must be a JSON object, got {type(obj).__name__}")
+    if obj.get("v") != WIRE_VERSION:
+        raise SyncError(f"{what} has unsupported version {obj.get('v')!r} (expected {WIRE_VERSION})")
+    return obj
+
+
+def decode_batch(payload: bytes) -> WireBatch:
+    """Parse and check a telemetry batch; any defect raises :class:`SyncError` naming it."""
+    obj = _object(payload, "telemetry batch")
+    boot = _boot(obj.get("boot"))
+    floor = _int(obj.get("floor"), "floor", 1)
+    raw = obj.get("records")
+    if not isinstance(raw, list) or not raw or len(raw) > MAX_RECORDS_PER_BATCH:
+        raise SyncError(f"records must be a list of 1-{MAX_RECORDS_PER_BATCH} entries")
+    records = []
+    last = floor - 1
+    for i, item in enumerate(raw):
+        if not isinstance(item, list) or len(item) != 5:
+            raise SyncError(f"record {i} must be [seq, ts, priority, kind, data]")
+        seq, ts, prio, kind, data = item
+        seq = _int(seq, f"record {i} seq", last + 1)  # ascending, and never below the floor
+        if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts):
+            raise SyncError(f"record {i} ts must be a finite number, got {ts!r}")
+        prio = _int(prio, f"record {i} priority", 0)
+        if not isinstance(kind, str) or not kind or len(kind) > 128:
+            raise SyncError(f"record {i} kind must be a non-empty string")
+        records.append(WireRecord(seq, float(ts), prio, kind, data))
+        last = seq
+    return WireBatch(boot, floor, tuple(records))
+
+
+def encode_ack(boot: str, upto: int) -> bytes:
+    return json.dumps({"v": WIRE_VERSION, "boot": boot, "upto": upto}).encode()
+
+
+def decode_ack(payload: bytes) -> tuple[str, int]:
+    obj = _object(payload, "telemetry ack")
+    return _boot(obj.get("boot")), _int(obj.get("upto"), "upto", 0)
+
+
+# -- uploader ------------------------------------------------------------------------------------
+class UploaderConfig(StrictModel):
+    batch_records: int = Field(500, ge=1, le=MAX_RECORDS_PER_BATCH)
+    batch_bytes: int = Field(256 * 1024, ge=1024)
+    #: batches sent and not yet acked by ingest before the uploader waits
+    window: int = Field(8, ge=1)
+    #: resend everything unacked if the oldest batch in flight got no ack for this long
+    ack_timeout_s: float = Field(10.0, gt=0)
+    idle_poll_s: float = Field(0.5, gt=0)
+
+
+@dataclass
+class _InFlight:
+    boot: str
+    last_seq: int
+    sent: float
+
+
+class TelemetryUploader:
+    """Moves outbox records to ``<prefix>/<device>/telemetry``; deletes them on ingest acks.
+
+    ``transport`` is anything with ``subscribe(filter, handler, qos)``, ``publish(topic,
+    payload, qos=…)``, ``connected`` and ``connects`` (see :mod:`.transport`).
+    """
+
+    def __init__(self, outbox: Outbox, transport, topics: Topics, device: str, config: UploaderConfig | None = None) -> None:
+        self.outbox = outbox
+        self.transport = transport
+        self.config = config or UploaderConfig()
+        self.device = check_device(device)
+        self.topic = topics.telemetry(device)
+        self.ack_topic = topics.telemetry_ack(device)
+        self._acks: queue.SimpleQueue[tuple[str, int]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._inflight: deque[_InFlight] = deque()
+        self._cursor = 0  # outbox id of the last record sent
+        self._seen_connects = -1
+        #: counters (reported in the twin by the sync client)
+        self.batches_sent = 0
+        self.records_sent = 0
+        self.resends = 0
+        self.acked = 0
+        self.bad_acks = 0
+        self.errors = 0
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self.transport.subscribe(self.ack_topic, self._on_ack, qos=1)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name=f"telemetry-{self.device}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def notify(self) -> None:
+        """Wake the upload thread now (e.g. right after an append)."""
+        self._wake.set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    def report(self) -> dict[str, int | str]:
+        """Outbox and upload figures for the device twin (``reported.telemetry``)."""
+        s = self.outbox.stats()
+        return {
+            "boot": s.boot_id, "queued_rows": s.rows, "queued_bytes": s.bytes, "appended": s.appended,
+            "acked": s.acked, "dropped": s.dropped, "rejected": s.rejected, "batches_sent": self.batches_sent,
+            "resends": self.resends, "bad_acks": self.bad_acks, "errors": self.errors, "in_flight": self.in_flight,
+        }
+
+    # -- network thread ------------------------------------------------------------------------
+    def _on_ack(self, message: Message) -> None:
+        try:
+            self._acks.put(decode_ack(message.payload))
+        except SyncError as exc:
+            self.bad_acks += 1
+            log.warning("ignoring malformed ack on %s: %s", message.topic, exc)
+            return
+        self._wake.set()
+
+    # -- upload thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                busy = self._step()
+            except Exception:  # storage or transport trouble: keep the device running, retry later
+                self.errors += 1
+                log.exception("telemetry upload step failed")
+                busy = False
+            if not busy:
+                self._wake.wait(self.config.idle_poll_s)
+                self._wake.clear()
+        self._apply_acks()
+
+    def _apply_acks(self) -> None:
+        while True:
+            try:
+                boot, upto = self._acks.get_nowait()
+            except queue.Empty:
+                return
+            self.acked += self.outbox.ack(boot, upto)
+            self._inflight = deque(f for f in self._inflight if not (f.boot == boot and f.last_seq <= upto))
+
+    def _step(self) -> bool:
+        """One round; True if it sent something (so the loop goes on without sleeping)."""
+        self._apply_acks()
+        if not self.transport.connected:
+            return False
+        now = time.monotonic()
+        connects = self.transport.connects
+        if connects != self._seen_connects:
+            self._seen_connects = connects
+            self._rewind("reconnected")
+        elif self._inflight and now - self._inflight[0].sent > self.config.ack_timeout_s:
+            self._rewind(f"no ack for {self.config.ack_timeout_s:g}s")
+            self.resends += 1
+        if len(self._inflight) >= self.config.window:
+            return False
+        batch = self.outbox.next_batch(self._cursor, self.config.batch_records, self.config.batch_bytes)
+        if batch is None:
+            return False
+        if not self.transport.publish(self.topic, encode_batch(batch), qos=1):
+            return False
+        self._cursor = batch.last_id
+        self._inflight.append(_InFlight(batch.boot, batch.last_seq, now))
+        self.batches_sent += 1
+        self.records_sent += len(batch.records)
+        return True
+
+    def _rewind(self, why: str) -> None:
+        if self._cursor:
+            log.info("telemetry: resending unacked records (%s)", why)
+        self._cursor = 0
+        self._inflight.clear()

@@ -1,0 +1,181 @@
+"""The device twin: desired state (cloud → device) and reported state (device → cloud).
+
+Desired state is a retained JSON object at ``…/desired`` (fleet) and ``…/<device>/desired``
+(device); :func:`merge_desired` combines them key by key, the device level winning, and the
+``policy`` mappings merge key by key the same way. ``policy`` holds runtime settings the device
+applies without a restart (e.g. ``pin_precision``, thresholds) through a callback.
+
+Reported state is one retained JSON object at ``…/<device>/reported``: the active release,
+backend, precision, resource figures, the last error, per-kind error counters and sync
+progress. :class:`Twin` publishes it on change, throttled for progress updates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import Field, ValidationError, field_validator
+
+from edge_sdk.config import StrictModel
+from edge_sdk.errors import ConfigError
+from edge_sdk.types import Precision
+
+log = logging.getLogger(__name__)
+
+Scalar = str | int | float | bool | None
+
+
+class DesiredState(StrictModel):
+    """What the cloud wants a device (or the whole fleet) to run. Every field is optional."""
+
+    model: str | None = Field(None, min_length=1)
+    version: int | None = Field(None, ge=1)
+    policy: dict[str, Scalar] = Field(default_factory=dict)
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy_values(cls, policy: dict[str, Scalar]) -> dict[str, Scalar]:
+        pin = policy.get("pin_precision")
+        if pin is not None and pin not in {p.value for p in Precision}:
+            raise ValueError(f"pin_precision must be one of {[p.value for p in Precision]} or null, got {pin!r}")
+        return policy
+
+    @classmethod
+    def from_payload(cls, payload: bytes, source: str) -> DesiredState | None:
+        """Parse a desired-state message; an empty payload (cleared retained message) is None."""
+        if not payload:
+            return None
+        try:
+            data = json.loads(payload)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{source}: desired state is not JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: desired state must be a JSON object")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+            raise ConfigError(f"{source}: desired state {where}: {first['msg']}") from None
+
+    def to_payload(self) -> bytes:
+        return json.dumps(self.model_dump(exclude_defaults=True), sort_keys=True).encode()
+
+
+def merge_desired(fleet: DesiredState | None, device: DesiredState | None) -> DesiredState:
+    """Device-level fields override fleet-level ones; policies merge key by key."""
+    fleet = fleet or DesiredState()
+    device = device or DesiredState()
+    if device.model is not None and device.model != fleet.model:
+        model, version = device.model, device.version  # another model: ignore the fleet's version
+    else:
+        model = device.model or fleet.model
+        version = device.version if device.version is not None else fleet.version
+    return DesiredState(model=model, version=version, policy={**fleet.policy, **device.policy})
+
+
+def parse_set(items: list[str]) -> dict[str, Scalar]:
+    """``["pin_precision=int8", "max_cpu=80"]`` → typed values (JSON scalars, else strings)."""
+    out: dict[str, Scalar] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        if isinstance(value, (list, dict)):
+            raise ConfigError(f"--set {item!r}: only scalar values (string, number, true/false, null)")
+        out[key] = value
+    return out
+
+
+def resource_snapshot() -> dict[str, float | None]:
+    """CPU, memory and (where the kernel exposes it) temperature figures for the twin."""
+    import psutil
+
+    mem = psutil.virtual_memory()
+    temperature = None
+    try:
+        temps = psutil.sensors_temperatures() if hasattr(psutil, "sensors_temperatures") else {}
+        readings = [t.current for group in temps.values() for t in group if t.current]
+        temperature = max(readings) if readings else None
+    except (OSError, RuntimeError):
+        pass
+    return {
+        "cpu_percent": psutil.cpu_percent(interval=None),
+        "memory_available_mb": round(mem.available / 2**20, 1),
+        "memory_percent": mem.percent,
+        "temperature_c": temperature,
+    }
+
+
+class Twin:
+    """Reported state of one device, published retained through ``publish(topic, payload)``.
+
+    ``publish`` is any callable taking (topic, payload bytes) — normally a bound
+    ``Transport.publish`` with ``retain=True`` — so the twin also works offline (paho queues it).
+    """
+
+    def __init__(self, topic: str, publish: Callable[[str, bytes], Any], throttle_s: float = 0.5) -> None:
+        self.topic = topic
+        self._publish = publish
+        self.throttle_s = throttle_s
+        self._lock = threading.Lock()
+        self._state: dict[str, Any] = {"release": None, "backend": None, "precision": None, "last_error": None,
+                                       "sync": {"state": "idle"}, "policy": {}}
+        self.errors: Counter[str] = Counter()
+        self._last_sent = 0.0
+        self.published = 0
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            state = json.loads(json.dumps(self._state))
+            state["errors"] = dict(self.errors)
+        return state
+
+    def set(self, **fields: Any) -> None:
+        """Update top-level fields (``release``, ``backend``, ``precision``, ``policy``…) and publish."""
+        with self._lock:
+            self._state.update(fields)
+        self.publish()
+
+    def progress(self, **fields: Any) -> None:
+        """Update ``sync`` progress; published at most every ``throttle_s`` unless the state changes."""
+        with self._lock:
+            changed_state = fields.get("state", self._state["sync"].get("state")) != self._state["sync"].get("state")
+            self._state["sync"] = {**self._state["sync"], **fields} if not changed_state else dict(fields)
+        self.publish(force=changed_state)
+
+    def error(self, kind: str, reason: str) -> None:
+        """Count an error of ``kind`` and make it the reported ``last_error``."""
+        log.warning("%s: %s", kind, reason)
+        with self._lock:
+            self.errors[kind] += 1
+            self._state["last_error"] = {"kind": kind, "reason": reason, "time": time.time()}
+        self.publish()
+
+    def publish(self, force: bool = True) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_sent < self.throttle_s:
+            return
+        self._last_sent = now
+        state = self.snapshot()
+        try:
+            state["resources"] = resource_snapshot()
+        except Exception:  # figures are a nicety; never let them stop the report
+            state["resources"] = None
+        state["updated"] = time.time()
+        try:
+            self._publish(self.topic, json.dumps(state, sort_keys=True).encode())
+            self.published += 1
+        except Exception as exc:  # offline or refused: the next change publishes again
+            log.warning("could not publish reported state: %s", exc)

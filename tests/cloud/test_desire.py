@@ -1,0 +1,54 @@
+"""`edge-sdk cloud desire`: typed, validated, retained desired state at fleet or device level."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edge_sdk.cli import main
+
+
+def _ok(args: list[str]) -> None:
+    """Run the CLI; it exits (status 0 on success)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 0
+from edge_sdk.cloud.connection import collect_retained, connect
+from edge_sdk.runtime.sync.topics import Topics
+
+
+def _desired(broker, fleet: str) -> dict[str, dict]:
+    topics = Topics(fleet)
+    with connect(broker.url, "test") as t:
+        found = collect_retained(t, topics, f"{topics.prefix}/+/desired")
+        found.update(collect_retained(t, topics, topics.desired(None)))
+    return {k: json.loads(v) for k, v in found.items()}
+
+
+def test_cli_writes_typed_desired_state(mosquitto, capsys):
+    _ok(["cloud", "desire", "--broker", mosquitto.url, "--fleet", "f", "--model", "cnn", "--version", "3",
+          "--set", "max_cpu_percent=80", "--set", "pin_precision=null"])
+    _ok(["cloud", "desire", "--broker", mosquitto.url, "--fleet", "f", "--device", "cam-2", "--model", "cnn",
+          "--version", "2", "--set", "pin_precision=int8", "--set", "ratio=0.25"])
+    assert _desired(mosquitto, "f") == {
+        "edge/f/desired": {"model": "cnn", "version": 3, "policy": {"max_cpu_percent": 80, "pin_precision": None}},
+        "edge/f/cam-2/desired": {"model": "cnn", "version": 2, "policy": {"pin_precision": "int8", "ratio": 0.25}},
+    }
+    _ok(["cloud", "desire", "--broker", mosquitto.url, "--fleet", "f", "--device", "cam-2", "--clear"])
+    assert list(_desired(mosquitto, "f")) == ["edge/f/desired"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--version", "2"], "needs --model"),
+    (["--model", "cnn", "--set", "pin_precision=int4"], "pin_precision"),
+    (["--model", "cnn", "--set", "oops"], "key=value"),
+    (["--device", "blobs", "--model", "cnn"], "reserved"),
+    (["--clear", "--model", "cnn"], "--clear"),
+])
+def test_bad_desired_state_is_refused_before_publishing(mosquitto, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["cloud", "desire", "--broker", mosquitto.url, "--fleet", "g", *args])
+    assert exit_info.value.code == 1
+    assert message in capsys.readouterr().err
+    assert _desired(mosquitto, "g") == {}

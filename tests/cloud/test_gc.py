@@ -1,0 +1,69 @@
+"""`edge-sdk cloud gc`: clears retained chunks nothing references; keeps desired releases."""
+
+from __future__ import annotations
+
+import pytest
+
+from edge_sdk.cloud.connection import collect_retained, connect
+from edge_sdk.cloud.desire import build_desired, write_desired
+from edge_sdk.cloud.gc import collect_garbage
+from edge_sdk.cloud.publish import publish_release, release_files
+from edge_sdk.cli import main
+
+
+def _ok(args: list[str]) -> None:
+    """Run the CLI; it exits (status 0 on success)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 0
+from edge_sdk.manifest import load_manifest
+from edge_sdk.runtime.sync.topics import Topics
+
+
+def _chunks(release) -> set[str]:
+    return {c.sha256 for e in release_files(load_manifest(release)) for c in e.chunks}
+
+
+def _on_broker(broker, fleet: str) -> tuple[set[str], set[str]]:
+    topics = Topics(fleet)
+    with connect(broker.url, "test") as t:
+        blobs = {topics.parse(k).sha256 for k in collect_retained(t, topics, topics.all_blobs())}
+        manifests = set(collect_retained(t, topics, topics.all_manifests()))
+    return blobs, manifests
+
+
+def test_gc_keeps_referenced_and_desired_releases(mosquitto, sync_releases):
+    for name in ("v1", "v2", "v3"):
+        publish_release(sync_releases[name], mosquitto.url, "f")
+    topics = Topics("f")
+    # An orphan chunk from an interrupted publish.
+    with connect(mosquitto.url, "test") as t:
+        orphan = "ab" * 32
+        t.publish(topics.blob(orphan), b"orphan", qos=1, retain=True, wait=5)
+    v1, v2, v3 = (_chunks(sync_releases[n]) for n in ("v1", "v2", "v3"))
+
+    nothing = collect_garbage(mosquitto.url, "f", dry_run=True)
+    assert nothing.blobs_removed == 1 and nothing.bytes_freed == len(b"orphan")
+    assert orphan in _on_broker(mosquitto, "f")[0]  # dry run changed nothing
+
+    report = collect_garbage(mosquitto.url, "f")
+    assert report.blobs_removed == 1 and report.manifests_removed == []
+    assert _on_broker(mosquitto, "f")[0] == v1 | v2 | v3
+
+    # Keep the newest version, but a device still wants v1: v2 goes, v1 and v3 stay.
+    write_desired(mosquitto.url, "f", build_desired("cnn", 1), device="old-cam")
+    report = collect_garbage(mosquitto.url, "f", keep=1)
+    assert report.manifests_removed == [topics.manifest("cnn", 2)]
+    blobs, manifests = _on_broker(mosquitto, "f")
+    assert manifests == {topics.manifest("cnn", 1), topics.manifest("cnn", 3)}
+    assert blobs == v1 | v3 and report.blobs_removed == len((v2) - (v1 | v3))
+
+
+def test_cli_gc(mosquitto, sync_releases, capsys):
+    publish_release(sync_releases["v1"], mosquitto.url, "g")
+    publish_release(sync_releases["v2"], mosquitto.url, "g")
+    _ok(["cloud", "gc", "--broker", mosquitto.url, "--fleet", "g", "--keep", "1"])
+    out = capsys.readouterr().out
+    assert "removed 1 manifests" in out
+    blobs, manifests = _on_broker(mosquitto, "g")
+    assert manifests == {Topics("g").manifest("cnn", 2)} and blobs == _chunks(sync_releases["v2"])

@@ -1,0 +1,89 @@
+"""`edge-sdk cloud publish` against a real Mosquitto: chunks once, signed manifest envelope."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from edge_sdk.cli import main
+
+
+def _ok(args: list[str]) -> None:
+    """Run the CLI; it exits (status 0 on success)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 0
+from edge_sdk.cloud.connection import collect_retained, connect
+from edge_sdk.cloud.publish import publish_release, release_files
+from edge_sdk.errors import IntegrityError
+from edge_sdk.manifest import load_manifest
+from edge_sdk.runtime.sync.envelope import verify_envelope
+from edge_sdk.runtime.sync.topics import Topics
+from edge_sdk.signing import generate_keypair, load_public_key
+
+
+def _chunks(release) -> dict[str, int]:
+    return {c.sha256: c.size for e in release_files(load_manifest(release)) for c in e.chunks}
+
+
+def test_publish_then_update_sends_only_new_chunks(mosquitto, sync_releases, release_keypair):
+    first = publish_release(sync_releases["v1"], mosquitto.url, "f1")
+    v1 = _chunks(sync_releases["v1"])
+    assert first.chunks_published == len(v1) == first.chunks_total and first.chunks_skipped == 0
+    assert first.bytes_published == sum(v1.values()) and first.signed
+    second = publish_release(sync_releases["v2"], mosquitto.url, "f1")
+    v2 = _chunks(sync_releases["v2"])
+    assert second.chunks_published == len(set(v2) - set(v1)) > 0
+    assert second.chunks_skipped == len(set(v2) & set(v1)) > 0
+    topics = Topics("f1")
+    with connect(mosquitto.url, "test") as t:
+        blobs = collect_retained(t, topics, topics.all_blobs())
+        manifests = collect_retained(t, topics, topics.all_manifests())
+    assert {topics.parse(k).sha256 for k in blobs} == set(v1) | set(v2)
+    payload = manifests[topics.manifest("cnn", 2)]
+    manifest, data, signature = verify_envelope(payload, load_public_key(release_keypair[1]))
+    assert manifest.version == 2 and data == (sync_releases["v2"] / "manifest.json").read_bytes()
+    # A republish of an already published release moves nothing but the manifest.
+    again = publish_release(sync_releases["v2"], mosquitto.url, "f1")
+    assert again.chunks_published == 0 and again.chunks_skipped == again.chunks_total
+
+
+def test_cli_publish_signs_with_the_given_key(mosquitto, sync_releases, tmp_path, capsys):
+    release = tmp_path / "unsigned"
+    shutil.copytree(sync_releases["v1"], release)
+    (release / "manifest.sig").unlink()
+    key, pub = generate_keypair(tmp_path / "k.key")
+    _ok(["cloud", "publish", str(release), "--broker", mosquitto.url, "--fleet", "f2", "--sign-key", str(key), "--json"])
+    out = capsys.readouterr().out
+    report = json.loads(out[out.index("{"):])
+    assert report["signed"] and report["chunks_published"] == report["chunks_total"]
+    topics = Topics("f2")
+    with connect(mosquitto.url, "test") as t:
+        payload = collect_retained(t, topics, topics.all_manifests())[topics.manifest("cnn", 1)]
+    assert verify_envelope(payload, load_public_key(pub))[0].model == "cnn"
+    _, other_pub = generate_keypair(tmp_path / "other.key")
+    with pytest.raises(IntegrityError, match="signature"):
+        verify_envelope(payload, load_public_key(other_pub))
+
+
+def test_tampered_artifact_is_refused_before_anything_is_sent(mosquitto, sync_releases, tmp_path):
+    release = tmp_path / "tampered"
+    shutil.copytree(sync_releases["v1"], release)
+    victim = next(release.glob("onnx/*.onnx"))
+    data = bytearray(victim.read_bytes())
+    data[-5] ^= 0x01
+    victim.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="sha256"):
+        publish_release(release, mosquitto.url, "f3")
+    topics = Topics("f3")
+    with connect(mosquitto.url, "test") as t:
+        assert collect_retained(t, topics, topics.all_blobs()) == {}
+
+
+def test_unreachable_broker_is_one_clear_error(sync_releases, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["cloud", "publish", str(sync_releases["v1"]), "--broker", "mqtt://127.0.0.1:9", "--fleet", "f"])
+    assert exit_info.value.code == 1
+    assert "cannot reach the broker" in capsys.readouterr().err

@@ -1,0 +1,121 @@
+"""OpenVINO IR export (in the main environment) run with the real OpenVINO runtime."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+pytest.importorskip("openvino")
+
+from edge_sdk.converters.targets.base import get_target  # noqa: E402
+from edge_sdk.errors import ConversionError, MissingDependencyError  # noqa: E402
+from edge_sdk.runtime.backends.base import BackendOptions, get_backend  # noqa: E402
+from edge_sdk.types import Precision  # noqa: E402
+
+PRECISIONS = [Precision.FP32, Precision.FP16, Precision.INT8]
+
+
+@pytest.mark.parametrize("precision", PRECISIONS, ids=str)
+@pytest.mark.parametrize("model", ["cnn", "multimodal"])
+def test_export_and_run_matches_fp32_onnx(cases, parity_check, tmp_path, model, precision):
+    case = cases[model]
+    result = get_target("openvino").export(case.request(precision, tmp_path))
+    assert [f.suffix for f in result.files] == [".xml", ".bin"] and all(f.stat().st_size > 0 for f in result.files)
+    # OpenVINO keeps the ONNX names and NCHW layout: nothing to rename or transpose.
+    assert [(s.name, s.artifact_name, s.transpose) for s in result.inputs] == [(s.name, None, None) for s in case.inputs]
+    p = parity_check(case, result, "openvino", precision)
+    if precision is Precision.INT8:
+        assert result.nodes_quantized and result.nodes_quantized > 0
+        assert p.max_abs > 0  # really quantized, not the FP32 graph again
+
+
+def test_fp16_and_int8_weights_are_smaller(cases, tmp_path):
+    sizes = {}
+    for precision in PRECISIONS:
+        result = get_target("openvino").export(cases["cnn"].request(precision, tmp_path))
+        sizes[precision] = result.files[1].stat().st_size
+    assert sizes[Precision.FP16] < 0.55 * sizes[Precision.FP32]
+    assert sizes[Precision.INT8] < 0.35 * sizes[Precision.FP32]
+
+
+def test_precision_hint_follows_the_variant(cases, tmp_path):
+    import openvino as ov
+
+    result = get_target("openvino").export(cases["cnn"].request(Precision.FP16, tmp_path))
+    backend = get_backend("openvino")
+    fp32 = backend.load(result.files, result.inputs, result.outputs, BackendOptions(precision=Precision.FP32))
+    fp16 = backend.load(result.files, result.inputs, result.outputs, BackendOptions(precision=Precision.FP16))
+    assert fp32.precision_hint == "f32"  # never the silent bf16 of avx512_bf16 CPUs
+    native_fp16 = "FP16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    assert fp16.precision_hint == ("f16" if native_fp16 else "f32")
+    compiled = fp32._compiled.get_property("INFERENCE_PRECISION_HINT")
+    assert compiled == ov.Type.f32
+
+
+def test_int8_without_calibration_is_refused(cases, tmp_path):
+    with pytest.raises(ConversionError, match="calibration"):
+        get_target("openvino").export(cases["cnn"].request(Precision.INT8, tmp_path, calibrated=False))
+    assert not list(tmp_path.glob("*.xml"))
+
+
+def test_mixed_is_not_offered(cases, tmp_path):
+    target = get_target("openvino")
+    assert Precision.MIXED not in target.precisions()
+    with pytest.raises(ConversionError, match="mixed"):
+        target.export(cases["cnn"].request(Precision.MIXED, tmp_path))
+
+
+def test_corrupt_model_is_a_conversion_error(cases, tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not an onnx model")
+    request = cases["cnn"].request(Precision.FP32, tmp_path)
+    from dataclasses import replace
+
+    with pytest.raises(ConversionError, match="openvino: cannot convert bad.onnx"):
+        get_target("openvino").export(replace(request, model_path=bad))
+
+
+def test_missing_openvino_names_the_extra(monkeypatch, cases, tmp_path):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # makes `import openvino` fail
+    with pytest.raises(MissingDependencyError, match=r"edge-sdk\[openvino\]"):
+        get_target("openvino").export(cases["cnn"].request(Precision.FP32, tmp_path))
+
+
+def test_no_telemetry_files_in_home(cases, tmp_path):
+    """Converting and quantizing must not write OpenVINO/NNCF telemetry ids to ~/intel."""
+    home = tmp_path / "home"
+    home.mkdir()
+    script = textwrap.dedent(f"""
+        import numpy as np
+        from pathlib import Path
+        from edge_sdk.converters.targets.base import ExportRequest, get_target
+        from edge_sdk.manifest import TensorSpec
+        from edge_sdk.types import Precision
+        spec = [TensorSpec(name="image", dtype="float32", shape=[1, 3, 32, 32])]
+        out = [TensorSpec(name="logits", dtype="float32", shape=[1, 10])]
+        cal = [{{"image": np.random.default_rng(i).random((1, 3, 32, 32), dtype=np.float32)}} for i in range(4)]
+        req = ExportRequest(model_path=Path({str(cases["cnn"].path)!r}), precision=Precision.INT8,
+                            out_dir=Path({str(tmp_path / "out")!r}), variant_id="v", inputs=spec, outputs=out,
+                            calibration=cal)
+        print(len(get_target("openvino").export(req).files))
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("NNCF_CI", "CI")}
+    env["HOME"] = str(home)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("2")
+    assert not (home / "intel").exists()
+
+
+def test_threads_do_not_change_results(cases, tmp_path):
+    case = cases["cnn"]
+    result = get_target("openvino").export(case.request(Precision.FP32, tmp_path))
+    backend = get_backend("openvino")
+    one = backend.load(result.files, result.inputs, result.outputs, BackendOptions(threads=1)).run(case.validation[0])
+    two = backend.load(result.files, result.inputs, result.outputs, BackendOptions(threads=2)).run(case.validation[0])
+    np.testing.assert_allclose(one["logits"], two["logits"], rtol=1e-5, atol=1e-6)

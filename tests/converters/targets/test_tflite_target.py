@@ -1,0 +1,84 @@
+"""TFLite export through onnx2tf in the isolated `tflite` toolchain, run with LiteRT here."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ai_edge_litert")
+
+from edge_sdk.converters.targets.base import get_target  # noqa: E402
+from edge_sdk.errors import ConversionError  # noqa: E402
+from edge_sdk.types import Precision  # noqa: E402
+
+pytestmark = pytest.mark.toolchain
+
+
+@pytest.fixture(autouse=True)
+def _toolchain(require_toolchain):
+    require_toolchain("tflite")
+
+
+@pytest.fixture(scope="module")
+def exported(cases, tmp_path_factory):
+    """``exported(model, precision)``: each onnx2tf conversion (5-15 s) runs once per module."""
+    memo = {}
+
+    def get(model, precision):
+        if (model, precision) not in memo:
+            out = tmp_path_factory.mktemp(f"tflite-{model}-{precision.value}")
+            memo[model, precision] = (get_target("tflite").export(cases[model].request(precision, out)), out)
+        return memo[model, precision]
+
+    return get
+
+
+@pytest.mark.parametrize("precision", [Precision.FP32, Precision.FP16, Precision.INT8], ids=str)
+@pytest.mark.parametrize("model", ["cnn", "multimodal"])
+def test_export_and_run_matches_fp32_onnx(cases, parity_check, exported, model, precision):
+    case = cases[model]
+    result, out_dir = exported(model, precision)
+    assert [f.name for f in result.files] == [f"{model}-{precision.value}.tflite"]
+    assert sorted(p.name for p in out_dir.iterdir()) == [result.files[0].name]  # no onnx2tf leftovers
+    # Each input's layout as onnx2tf made it: 4D NCHW -> NHWC, 3D NCW -> NWC, 2D unchanged.
+    expected = {"image": ([0, 2, 3, 1], "NHWC"), "audio": ([0, 2, 1], "NWC"), "imu": (None, None)}
+    for spec in result.inputs:
+        assert (spec.transpose, spec.layout) == expected[spec.name], spec
+        assert spec.artifact_name and spec.name in spec.artifact_name
+    assert [s.transpose for s in result.outputs] == [None]
+    p = parity_check(case, result, "tflite", precision)
+    if precision is Precision.INT8:
+        assert result.nodes_quantized and result.nodes_quantized > 0
+        assert p.max_abs > 0
+
+
+def test_int8_without_calibration_is_dynamic_range(cases, parity_check, tmp_path):
+    case = cases["cnn"]
+    result = get_target("tflite").export(case.request(Precision.INT8, tmp_path, calibrated=False))
+    assert any("dynamic-range" in n for n in result.notes)
+    parity_check(case, result, "tflite", Precision.INT8)
+
+
+def test_sizes_shrink_with_precision(exported):
+    sizes = {p: exported("cnn", p)[0].files[0].stat().st_size for p in (Precision.FP32, Precision.FP16, Precision.INT8)}
+    assert sizes[Precision.FP16] < 0.6 * sizes[Precision.FP32]
+    assert sizes[Precision.INT8] < 0.35 * sizes[Precision.FP32]
+
+
+def test_calibration_in_the_wrong_layout_is_refused(cases, tmp_path):
+    case = cases["cnn"]
+    nhwc = [{"image": np.ascontiguousarray(f["image"].transpose(0, 2, 3, 1))} for f in case.calibration[:4]]
+    with pytest.raises(ConversionError, match=r"shape \[1, 32, 32, 3\], expected \[1, 3, 32, 32\]"):
+        get_target("tflite").export(replace(case.request(Precision.INT8, tmp_path), calibration=nhwc))
+    assert not list(tmp_path.iterdir())
+
+
+def test_onnx2tf_failure_is_a_conversion_error_with_its_output(cases, tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not an onnx model at all")
+    with pytest.raises(ConversionError, match="tflite: onnx2tf failed") as info:
+        get_target("tflite").export(replace(cases["cnn"].request(Precision.FP32, tmp_path / "out"), model_path=bad))
+    assert "last output" in str(info.value)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())

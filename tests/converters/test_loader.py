@@ -1,0 +1,129 @@
+"""Loading and checking models: every bad input is one clear ModelError/ConfigError naming it."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edge_sdk import samples
+from edge_sdk.converters.loader import load_model, parse_input_shapes
+from edge_sdk.errors import ConfigError, ModelError
+
+
+def _tiny(opset: int = 17, shape=(1, 4)) -> onnx.ModelProto:
+    weight = numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "tiny",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [shape[0], 4])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 7
+    return model
+
+
+def test_loads_sample_and_describes_signature(cnn_path, tmp_path):
+    loaded = load_model(cnn_path, tmp_path)
+    assert [(s.name, s.shape, s.dtype) for s in loaded.inputs] == [("image", [1, 3, 32, 32], "float32")]
+    assert [(s.name, s.shape) for s in loaded.outputs] == [("logits", [1, 10])]
+    assert loaded.opset == 17 and loaded.path.is_file()
+    assert len(loaded.source_sha256) == 64
+
+
+@pytest.mark.parametrize("content", [b"", b"hello, this is not a model\n", bytes(range(256)) * 8])
+def test_not_onnx(tmp_path, content):
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(content)
+    with pytest.raises(ModelError, match=str(path)):
+        load_model(path, tmp_path)
+
+
+def test_truncated_protobuf(cnn_path, tmp_path):
+    data = cnn_path.read_bytes()
+    path = tmp_path / "truncated.onnx"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError, match="truncated.onnx"):
+        load_model(path, tmp_path)
+
+
+def test_missing_file_and_folder(tmp_path):
+    with pytest.raises(ModelError, match="no such file"):
+        load_model(tmp_path / "nope.onnx", tmp_path)
+    with pytest.raises(ModelError, match="not a file"):
+        load_model(tmp_path, tmp_path)
+
+
+def test_external_data_outside_the_model_folder_is_refused(tmp_path):
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.eye(4, dtype=np.float32).tobytes())
+    folder = tmp_path / "model"
+    folder.mkdir()
+    model = _tiny()
+    tensor = model.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in {"location": "../secret.bin", "offset": "0", "length": "64"}.items():
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    path = folder / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(ModelError, match="path traversal"):
+        load_model(path, tmp_path)
+
+
+def test_external_data_inside_the_folder_is_loaded(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    model = _tiny()
+    onnx.save(model, str(folder / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="weights.bin", size_threshold=0)
+    loaded = load_model(folder / "m.onnx", tmp_path)
+    # The checked copy is self-contained: it runs without the external file next to it.
+    (folder / "weights.bin").unlink()
+    session = ort.InferenceSession(str(loaded.path), providers=["CPUExecutionProvider"])
+    x = np.arange(4, dtype=np.float32)[None]
+    np.testing.assert_array_equal(session.run(None, {"x": x})[0], x)
+
+
+def test_unsupported_opset(tmp_path):
+    path = tmp_path / "future.onnx"
+    path.write_bytes(_tiny(opset=99).SerializeToString())
+    with pytest.raises(ModelError, match="unsupported opset 99"):
+        load_model(path, tmp_path)
+
+
+def test_old_opset_is_upgraded_to_13(tmp_path):
+    path = tmp_path / "old.onnx"
+    onnx.save(_tiny(opset=9), str(path))
+    loaded = load_model(path, tmp_path / "")
+    assert loaded.source_opset == 9 and loaded.opset == 13
+    assert any("upgraded opset 9 -> 13" in n for n in loaded.notes)
+
+
+def test_dynamic_input_needs_input_shape(tmp_path):
+    path = samples.save(samples.make_cnn(batch="N"), tmp_path / "dyn.onnx")
+    with pytest.raises(ModelError, match=r"--input-shape image=1,3,32,32"):
+        load_model(path, tmp_path)
+    loaded = load_model(path, tmp_path, parse_input_shapes(["image=1,3,32,32"]))
+    assert loaded.inputs[0].shape == [1, 3, 32, 32]
+    assert loaded.outputs[0].shape == [1, 10]
+    assert any("fixed to [1, 3, 32, 32]" in n for n in loaded.notes)
+
+
+@pytest.mark.parametrize("spec, message", [
+    (["image"], "expected NAME=D1"),
+    (["image=1,x,3"], "must be integers"),
+    (["image=0,3"], "positive"),
+])
+def test_bad_input_shape_syntax(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_input_shapes(spec)
+
+
+def test_input_shape_for_unknown_input_or_wrong_rank(cnn_path, tmp_path):
+    with pytest.raises(ConfigError, match="not inputs"):
+        load_model(cnn_path, tmp_path, {"audio": (1, 2)})
+    with pytest.raises(ConfigError, match="rank 3"):
+        load_model(cnn_path, tmp_path, {"image": (1, 3, 32)})

@@ -1,0 +1,226 @@
+"""End to end through edge_sdk.convert: plan, gate, defaults, signing, atomic release folders."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import edge_sdk
+from edge_sdk.converters.pipeline import ConvertConfig, plan_variants
+from edge_sdk.converters.targets.base import TARGETS, ExportRequest, ExportResult
+from edge_sdk.converters.targets.onnx import OnnxTarget
+from edge_sdk.errors import ConfigError, ConversionError, IntegrityError, ModelError
+from edge_sdk.manifest import MANIFEST_NAME, SIGNATURE_NAME, load_manifest, verify_file
+from edge_sdk.profiles import get_profile
+from edge_sdk.signing import generate_keypair, load_public_key
+from edge_sdk.types import Precision, Target
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".staging-" in p.name)
+
+
+def test_plan_shares_variants_across_profiles():
+    config = ConvertConfig(profiles=(get_profile("intel-nuc"), get_profile("raspberry-pi-4")), targets=frozenset({Target.ONNX}))
+    plan = plan_variants(config)
+    ids = [p.id for p in plan]
+    assert ids == ["onnx-fp32", "onnx-fp16", "onnx-int8", "onnx-mixed"]
+    assert len(ids) == len(set(ids))
+    fp32 = next(p for p in plan if p.precision == Precision.FP32)
+    assert fp32.profiles == ["intel-nuc", "raspberry-pi-4"]
+    with pytest.raises(ConfigError, match="none of the requested targets"):
+        plan_variants(ConvertConfig(profiles=(get_profile("intel-nuc"),), targets=frozenset({Target.NCNN})))
+
+
+def test_two_profiles_release(cnn_path, cnn_calibration_dir, tmp_path):
+    steps = []
+    manifest = edge_sdk.convert(cnn_path, ["intel-nuc", "raspberry-pi-4"], tmp_path / "rel", calibration=cnn_calibration_dir,
+                                targets=["onnx"], max_accuracy_drop=20, latency_runs=5,
+                                progress=lambda step, done, total: steps.append((step, done, total)))
+    assert steps[0][1] == 0 and steps[-1][1] == steps[-1][2]
+    on_disk = load_manifest(tmp_path / "rel")
+    assert on_disk.model_dump() == manifest.model_dump()
+    assert set(manifest.defaults) == {"intel-nuc", "raspberry-pi-4"}
+    for variant in manifest.variants:
+        assert variant.profiles == ["intel-nuc", "raspberry-pi-4"]
+        for entry in variant.files:
+            verify_file(tmp_path / "rel", entry)
+            assert entry.chunks and sum(c.size for c in entry.chunks) == entry.size
+        if variant.ok:
+            assert variant.latency_ms > 0 and variant.validation.samples == 16
+    assert manifest.source_sha256 == __import__("hashlib").sha256(cnn_path.read_bytes()).hexdigest()
+    assert _leftovers(tmp_path) == []
+
+
+def test_labels_give_a_task_metric(cnn_path, cnn_calibration_dir, tmp_path):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(cnn_path), providers=["CPUExecutionProvider"])
+    files = sorted(cnn_calibration_dir.glob("*.npy"))
+    predicted = [int(session.run(None, {"image": np.load(f)})[0].argmax()) for f in files]
+    labels = tmp_path / "labels.txt"
+    # Half the labels agree with the FP32 prediction, half are wrong: FP32 accuracy is exactly 0.5.
+    lines = [f"{f.name},{p if i % 2 == 0 else (p + 1) % 10}" for i, (f, p) in enumerate(zip(files, predicted))]
+    labels.write_text("\n".join(lines) + "\n")
+    manifest = edge_sdk.convert(cnn_path, ["generic-x86_64"], tmp_path / "rel", calibration=cnn_calibration_dir,
+                                labels=labels, targets=["onnx"], max_accuracy_drop=50, latency_runs=5)
+    fp32 = manifest.variant("onnx-fp32").validation
+    assert fp32.metric_name == "top1_accuracy" and fp32.metric == fp32.metric_fp32 == 0.5
+
+
+class _BadFp16(OnnxTarget):
+    """FP16 export that flips the classifier's sign: a deliberately bad variant."""
+
+    def export(self, request: ExportRequest) -> ExportResult:
+        result = super().export(request)
+        if request.precision == Precision.FP16:
+            model = onnx.load(str(result.files[0]))
+            for tensor in model.graph.initializer:
+                if tensor.name.startswith("fc.weight"):
+                    array = numpy_helper.to_array(tensor)
+                    tensor.CopyFrom(numpy_helper.from_array(-array, tensor.name))
+            onnx.save(model, str(result.files[0]))
+        return result
+
+
+def test_gate_rejects_a_bad_variant_and_never_makes_it_default(cnn_path, cnn_calibration_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(TARGETS._entries, "onnx", _BadFp16)
+    manifest = edge_sdk.convert(cnn_path, ["intel-nuc"], tmp_path / "rel", calibration=cnn_calibration_dir,
+                                targets=["onnx"], max_accuracy_drop=20, latency_runs=5)
+    fp16 = manifest.variant("onnx-fp16")
+    assert fp16.status == "rejected" and "top-1 agreement dropped" in fp16.reason
+    assert fp16.validation.top1_agreement < 0.5
+    assert manifest.defaults["intel-nuc"] != "onnx-fp16"
+    assert manifest.variant("onnx-fp32").ok
+
+
+def _if_model() -> onnx.ModelProto:
+    from onnx import TensorProto, helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32), "w")
+
+    def branch(name):
+        return helper.make_graph([helper.make_node("MatMul", ["x", "w"], [f"{name}_y"], name=f"{name}_mm")], name, [],
+                                 [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, [1, 4])])
+
+    node = helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=branch("then"), else_branch=branch("else"))
+    graph = helper.make_graph([node], "ifmodel", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
+                                                  helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_nothing_quantized_is_rejected(tmp_path):
+    source = tmp_path / "if.onnx"
+    onnx.save(_if_model(), str(source))
+    manifest = edge_sdk.convert(source, ["intel-nuc"], tmp_path / "rel", calibration="random", targets=["onnx"],
+                                latency_runs=5)
+    int8 = manifest.variant("onnx-int8")
+    assert int8.status == "rejected" and "nothing was quantized" in int8.reason
+    assert int8.validation.nodes_quantized == 0
+    assert any("subgraphs" in note for note in int8.validation.notes)
+    assert manifest.defaults["intel-nuc"] != "onnx-int8"
+    assert any("random" in w for w in manifest.report["warnings"])
+
+
+class _Crash(OnnxTarget):
+    def export(self, request: ExportRequest) -> ExportResult:
+        if request.precision == Precision.INT8:
+            raise RuntimeError("simulated crash in the middle of a conversion")
+        return super().export(request)
+
+
+def test_failure_midway_leaves_no_output(cnn_path, cnn_calibration_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(TARGETS._entries, "onnx", _Crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        edge_sdk.convert(cnn_path, ["intel-nuc"], tmp_path / "rel", calibration=cnn_calibration_dir, targets=["onnx"])
+    assert not (tmp_path / "rel").exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_disk_full_while_writing_is_one_clear_error(cnn_path, tmp_path, monkeypatch):
+    from edge_sdk.converters import release
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(release, "write_manifest", full)
+    with pytest.raises(ConversionError, match="disk full"):
+        edge_sdk.convert(cnn_path, ["intel-nuc"], tmp_path / "rel", targets=["onnx"], latency_runs=2)
+    assert not (tmp_path / "rel").exists() and _leftovers(tmp_path) == []
+
+
+def test_bad_inputs_fail_before_writing(cnn_path, tmp_path):
+    not_empty = tmp_path / "busy"
+    not_empty.mkdir()
+    (not_empty / "x").write_text("keep me")
+    with pytest.raises(ConfigError, match="not empty"):
+        edge_sdk.convert(cnn_path, ["intel-nuc"], not_empty)
+    assert (not_empty / "x").read_text() == "keep me"
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    with pytest.raises(ConfigError, match="not writable|not a folder"):
+        edge_sdk.convert(cnn_path, ["intel-nuc"], a_file / "rel")
+    with pytest.raises(ConfigError, match="unknown device profile"):
+        edge_sdk.convert(cnn_path, ["no-such-device"], tmp_path / "r1")
+    with pytest.raises(ConfigError, match="unknown target"):
+        edge_sdk.convert(cnn_path, ["intel-nuc"], tmp_path / "r1", targets=["coreml"])
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(cnn_path.read_bytes()[:1000])
+    with pytest.raises(ModelError, match="corrupt.onnx"):
+        edge_sdk.convert(corrupt, ["intel-nuc"], tmp_path / "r1")
+    empty = tmp_path / "empty_calib"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="empty folder"):
+        edge_sdk.convert(cnn_path, ["intel-nuc"], tmp_path / "r1", calibration=empty)
+    assert not (tmp_path / "r1").exists() and _leftovers(tmp_path) == []
+
+
+def test_signed_release_verifies_and_tampering_is_detected(cnn_path, tmp_path):
+    private, public = generate_keypair(tmp_path / "k.pem", tmp_path / "k.pub")
+    out = tmp_path / "rel"
+    edge_sdk.convert(cnn_path, ["intel-nuc"], out, targets=["onnx"], sign_key=private, release_version=7, latency_runs=2)
+    key = load_public_key(public)
+    manifest = load_manifest(out, key)
+    assert manifest.version == 7 and (out / SIGNATURE_NAME).is_file()
+    # Tampering with the manifest (one byte) breaks the signature.
+    data = (out / MANIFEST_NAME).read_bytes()
+    (out / MANIFEST_NAME).write_bytes(data.replace(b'"version": 7', b'"version": 8'))
+    with pytest.raises(IntegrityError, match="signature"):
+        load_manifest(out, key)
+    (out / MANIFEST_NAME).write_bytes(data)
+    # Tampering with an artifact breaks its sha256 in the (still valid) manifest.
+    entry = manifest.variant("onnx-fp32").files[0]
+    artifact = out / entry.path
+    blob = bytearray(artifact.read_bytes())
+    blob[-1] ^= 0xFF
+    artifact.write_bytes(bytes(blob))
+    with pytest.raises(IntegrityError, match="sha256"):
+        verify_file(out, entry)
+    # An unsigned release is refused when a key is configured.
+    (out / SIGNATURE_NAME).unlink()
+    with pytest.raises(IntegrityError, match="not signed"):
+        load_manifest(out, key)
+    other_private, _ = generate_keypair(tmp_path / "o.pem", tmp_path / "o.pub")
+    shutil.rmtree(out)
+    edge_sdk.convert(cnn_path, ["intel-nuc"], out, targets=["onnx"], sign_key=other_private, latency_runs=2)
+    with pytest.raises(IntegrityError, match="signature"):
+        load_manifest(out, key)
+
+
+def test_interrupt_leaves_no_output(cnn_path, tmp_path):
+    def interrupt(step: str, done: int, total: int) -> None:
+        if "int8" in step:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        edge_sdk.convert(cnn_path, ["intel-nuc"], tmp_path / "rel", targets=["onnx"], latency_runs=2, progress=interrupt)
+    assert not (tmp_path / "rel").exists() and _leftovers(tmp_path) == []

@@ -1,0 +1,109 @@
+"""Each precision mode produces a real, loadable, smaller model with bounded error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edge_sdk.converters import quantize
+from edge_sdk.converters.targets.base import CalibrationMethod
+
+
+@pytest.fixture(scope="module")
+def calib(cnn_calibration_dir) -> list[dict[str, np.ndarray]]:
+    return [{"image": np.load(p)} for p in sorted(cnn_calibration_dir.glob("*.npy"))]
+
+
+def _run(path: Path, samples) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run(None, s)[0] for s in samples])
+
+
+def _weight_scales(path: Path) -> dict[str, tuple[int, ...]]:
+    model = onnx.load(str(path))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return {n.input[0]: inits[n.input[1]].shape for n in model.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].dtype == np.int8}
+
+
+def test_fp16_keeps_float_io_and_halves_weights(cnn_path, tmp_path, calib):
+    out = tmp_path / "fp16.onnx"
+    report = quantize.to_fp16(cnn_path, out)
+    model = onnx.load(str(out))
+    assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert report.nodes_quantized > 0
+    assert out.stat().st_size < 0.6 * cnn_path.stat().st_size
+    np.testing.assert_allclose(_run(out, calib), _run(cnn_path, calib), atol=5e-3)
+
+
+def test_dynamic_int8_uses_integer_ops(cnn_path, tmp_path, calib):
+    out = tmp_path / "dyn.onnx"
+    report = quantize.quantize_dynamic_int8(cnn_path, out)
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert "ConvInteger" in ops and report.nodes_quantized >= 5
+    ref = _run(cnn_path, calib)
+    assert np.abs(_run(out, calib) - ref).max() < 0.1 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("method", list(CalibrationMethod))
+def test_static_qdq_per_channel_each_method(cnn_path, tmp_path, calib, method):
+    out = tmp_path / f"{method.value}.onnx"
+    report = quantize.quantize_static_int8(cnn_path, out, calib, method=method, per_channel=True)
+    scales = _weight_scales(out)
+    conv_scales = {k: v for k, v in scales.items() if "fc" not in k}
+    assert conv_scales and all(len(shape) == 1 and shape[0] > 1 for shape in conv_scales.values())  # one scale per channel
+    assert report.nodes_quantized >= 5 and any(method.value in n for n in report.notes)
+    assert out.stat().st_size < 0.4 * cnn_path.stat().st_size
+    ref, got = _run(cnn_path, calib), _run(out, calib)
+    cosine = float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got))
+    assert cosine > 0.99
+
+
+def test_static_qdq_per_tensor_has_scalar_scales(cnn_path, tmp_path, calib):
+    out = tmp_path / "pt.onnx"
+    quantize.quantize_static_int8(cnn_path, out, calib, per_channel=False)
+    assert all(shape == () for shape in _weight_scales(out).values())
+
+
+def test_excluded_nodes_stay_float(cnn_path, tmp_path, calib):
+    out = tmp_path / "mixed.onnx"
+    report = quantize.quantize_static_int8(cnn_path, out, calib, nodes_to_exclude=["stem", "fc", "not-a-node"])
+    assert report.nodes_kept_fp32 == ["stem", "fc"]
+    model = onnx.load(str(out))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    stem = next(n for n in model.graph.node if n.name == "stem")
+    assert producers.get(stem.input[1]) is None or producers[stem.input[1]].op_type != "DequantizeLinear"
+
+
+def _if_model() -> onnx.ModelProto:
+    """All compute inside If branches: quantizers skip subgraphs."""
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32), "w")
+
+    def branch(name):
+        return helper.make_graph([helper.make_node("MatMul", ["x", "w"], [f"{name}_y"], name=f"{name}_mm")], name, [],
+                                 [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, [1, 4])])
+
+    # The condition is an input: a constant one would let the optimizer fold the If away.
+    node = helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=branch("then"), else_branch=branch("else"))
+    graph = helper.make_graph([node], "ifmodel", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
+                                                  helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_nothing_quantized_is_noticed(tmp_path):
+    src = tmp_path / "if.onnx"
+    onnx.save(_if_model(), str(src))
+    samples = [{"x": np.random.default_rng(i).standard_normal((1, 4)).astype(np.float32), "cond": np.array(i % 2 == 0)}
+               for i in range(4)]
+    report = quantize.quantize_static_int8(src, tmp_path / "q.onnx", samples)
+    assert report.nodes_quantized == 0
+    assert any("nothing was quantized" in n for n in report.notes)
+    assert any("subgraphs" in n for n in report.notes)

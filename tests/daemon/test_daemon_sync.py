@@ -1,0 +1,175 @@
+"""Daemon + real Mosquitto: sync a signed release, hot-swap to v2, upload telemetry to ingest,
+and keep serving (and queueing telemetry) with the broker gone."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from edge_sdk import samples
+from edge_sdk.cloud.desire import build_desired, write_desired
+from edge_sdk.cloud.ingest import IngestWorker, SqliteSink
+from edge_sdk.cloud.publish import publish_release
+from edge_sdk.runtime.sync.topics import Topics
+from edge_sdk.runtime.sync.transport import Transport, TransportConfig
+from edge_sdk.signing import generate_keypair
+
+from .conftest import _convert, fusion_inputs, metric_value, v2_request, write_config
+from .test_daemon_lifecycle import wait_for
+
+FLEET = "lab"
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("keys")
+    return generate_keypair(folder / "release.key", folder / "release.pub")
+
+
+@pytest.fixture(scope="module")
+def fusion_v2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("fusion-v2")
+    src = samples.save(samples.make_multimodal(seed=1), root / "fusion.onnx")
+    return _convert(src, root / "fusion-v2", 2, "fusion")
+
+
+class Ingest:
+    """A real ingest worker (shared subscription) committing to SQLite."""
+
+    def __init__(self, broker, db: Path) -> None:
+        self.db = db
+        config = TransportConfig.from_url(broker.url, client_id=f"ingest-{time.monotonic_ns()}", session_expiry_s=0)
+        self.worker = IngestWorker(Transport(config), Topics(FLEET), SqliteSink(db))
+        self.worker.start()
+
+    def kinds(self, device: str = "dev-test") -> dict[str, int]:
+        with sqlite3.connect(self.db) as db:
+            return dict(db.execute("SELECT kind, COUNT(*) FROM records WHERE device = ? GROUP BY kind", (device,)).fetchall())
+
+    def stop(self) -> None:
+        self.worker.stop()
+
+
+def sync_config(tmp_path: Path, broker, keys, **extra) -> Path:
+    return write_config(tmp_path, [{"name": "fusion", "profile": "generic-x86_64", "precision": "fp32"}],
+                        sync={"broker": broker.url, "fleet": FLEET, "public_key": str(keys[1]), "telemetry_interval_s": 0.3},
+                        **extra)
+
+
+def test_sync_hot_swap_telemetry_and_offline(fusion_release: Path, fusion_v2: Path, keys, mosquitto, tmp_path: Path,
+                                             start_daemon) -> None:
+    report = publish_release(fusion_release, mosquitto.url, FLEET, sign_key=keys[0])
+    assert report.signed and report.chunks_published > 0
+    write_desired(mosquitto.url, FLEET, build_desired("fusion", 1))
+    ingest = Ingest(mosquitto, tmp_path / "ingest.db")
+    try:
+        # 1. No local release: the daemon starts (not ready), syncs v1 over MQTT, then serves it.
+        daemon = start_daemon(sync_config(tmp_path, mosquitto, keys)).wait_ready(timeout=120)
+        meta = httpx.get(daemon.url + "/v2/models/fusion").json()
+        assert meta["versions"] == ["1"] and "/sync/releases/fusion@v1" in meta["parameters"]["release_dir"]
+        text = httpx.get(daemon.url + "/metrics").text
+        assert 0 < metric_value(text, "edge_sync_bytes_fetched_total") <= report.bytes_total
+        assert metric_value(text, "edge_sync_chunks_fetched_total") > 0
+        assert metric_value(text, "edge_sync_active_release_version", model="fusion") == 1.0
+        assert metric_value(text, "edge_sync_connected") == 1.0
+        for seed in range(3):
+            assert httpx.post(daemon.url + "/v2/models/fusion/infer", json=v2_request(fusion_inputs(seed))).status_code == 200
+        # 2. Telemetry reaches ingest and is acked (the outbox drains).
+        wait_for(lambda: ingest.kinds().get("stats", 0) >= 2, timeout=30, what="stats records at ingest")
+        assert ingest.kinds().get("release_activated") == 1
+        # 3. A new release: published, desired, synced, hot-swapped while serving.
+        stop = threading.Event()
+        statuses: list[int] = []
+
+        def load() -> None:
+            with httpx.Client() as client:
+                while not stop.is_set():
+                    statuses.append(client.post(daemon.url + "/v2/models/fusion/infer", json=v2_request(fusion_inputs())).status_code)
+
+        caller = threading.Thread(target=load)
+        caller.start()
+        publish_release(fusion_v2, mosquitto.url, FLEET, sign_key=keys[0])
+        write_desired(mosquitto.url, FLEET, build_desired("fusion", 2))
+        wait_for(lambda: httpx.get(daemon.url + "/v2/models/fusion").json()["versions"] == ["2"], timeout=120, what="v2 served")
+        stop.set()
+        caller.join(30)
+        assert statuses and set(statuses) == {200}  # no call failed during the swap
+        text = httpx.get(daemon.url + "/metrics").text
+        assert metric_value(text, "edge_model_active", model="fusion", version="2", backend="onnxruntime", precision="fp32") == 1.0
+        assert metric_value(text, "edge_sync_results_total", status="activated") == 2.0
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0
+        # 4. Offline-first: broker gone; the daemon starts from the synced store and queues telemetry.
+        mosquitto.kill()
+        daemon = start_daemon(sync_config(tmp_path, mosquitto, keys)).wait_ready(timeout=60)
+        assert httpx.get(daemon.url + "/v2/models/fusion").json()["versions"] == ["2"]
+        assert httpx.post(daemon.url + "/v2/models/fusion/infer", json=v2_request(fusion_inputs())).status_code == 200
+        wait_for(lambda: (metric_value(httpx.get(daemon.url + "/metrics").text, "edge_sync_outbox_records") or 0) >= 3,
+                 timeout=30, what="telemetry queued offline")
+        text = httpx.get(daemon.url + "/metrics").text
+        assert metric_value(text, "edge_sync_connected") == 0.0
+        before = ingest.kinds().get("stats", 0)
+        # 5. Broker back: the queued records are uploaded, acked by ingest and removed on the device.
+        mosquitto.start()
+        wait_for(lambda: ingest.kinds().get("stats", 0) >= before + 3, timeout=60, what="offline records ingested")
+        wait_for(lambda: metric_value(httpx.get(daemon.url + "/metrics").text, "edge_sync_outbox_acked_total") > 0,
+                 timeout=30, what="acks")
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0
+    finally:
+        ingest.stop()
+
+
+def test_unreachable_broker_at_start_still_serves_the_local_release(fusion_release: Path, tmp_path: Path,
+                                                                    start_daemon) -> None:
+    # (With a public_key configured, local releases must be signed too; this one is not.)
+    config = write_config(tmp_path, [{"name": "fusion", "release": str(fusion_release)}],
+                          sync={"broker": "mqtt://127.0.0.1:1", "fleet": FLEET, "allow_unsigned": True,
+                                "telemetry_interval_s": 0.2})
+    daemon = start_daemon(config).wait_ready(timeout=60)
+    assert httpx.post(daemon.url + "/v2/models/fusion/infer", json=v2_request(fusion_inputs())).status_code == 200
+    wait_for(lambda: (metric_value(httpx.get(daemon.url + "/metrics").text, "edge_sync_outbox_records") or 0) >= 2,
+             timeout=30, what="telemetry queued")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(30) == 0
+    # Queued records survive the restart on disk (the outbox is a SQLite file).
+    with sqlite3.connect(tmp_path / "state" / "outbox.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM records").fetchone()[0] >= 2
+
+
+def test_sigterm_during_a_download_exits_cleanly_and_keeps_the_old_release(
+        fusion_release: Path, fusion_v2: Path, keys, mosquitto, tmp_path: Path, start_daemon) -> None:
+    import json as _json
+
+    publish_release(fusion_release, mosquitto.url, FLEET, sign_key=keys[0])
+    write_desired(mosquitto.url, FLEET, build_desired("fusion", 1))
+    config = sync_config(tmp_path, mosquitto, keys)
+    daemon = start_daemon(config).wait_ready(timeout=120)
+    # v2 with one chunk gone from the broker: its download can never finish.
+    publish_release(fusion_v2, mosquitto.url, FLEET, sign_key=keys[0])
+    manifest = _json.loads((fusion_v2 / "manifest.json").read_text())
+    missing = manifest["variants"][0]["files"][0]["chunks"][0]["sha256"]
+    from edge_sdk.cloud.connection import connect
+
+    with connect(mosquitto.url, "test") as transport:
+        assert transport.publish(Topics(FLEET).blob(missing), b"", qos=1, retain=True, wait=10)
+    write_desired(mosquitto.url, FLEET, build_desired("fusion", 2))
+    time.sleep(1.5)  # the transfer is under way (and cannot complete)
+    started = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(30) == 0
+    assert time.monotonic() - started < 20
+    assert any("mid-transfer" in r["msg"] for r in daemon.log_records())
+    # The old release is still the active one on disk, and serves after a restart (broker gone).
+    assert (tmp_path / "state" / "sync" / "current").resolve().name == "fusion@v1"
+    mosquitto.kill()
+    daemon = start_daemon(config).wait_ready(timeout=60)
+    assert httpx.get(daemon.url + "/v2/models/fusion").json()["versions"] == ["1"]
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(30) == 0

@@ -1,0 +1,287 @@
+"""SyncClient against a real Mosquitto: update flow, incremental update, tampering, replay, self-test."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from pathlib import Path
+
+import pytest
+
+from edge_sdk.cloud.publish import publish_release, release_files
+from edge_sdk.errors import SyncError
+from edge_sdk.manifest import Manifest, load_manifest
+from edge_sdk.runtime.sync.client import SyncClient, SyncConfig, files_for, select_variants
+from edge_sdk.runtime.sync.envelope import seal
+from edge_sdk.runtime.sync.topics import Topics
+from edge_sdk.runtime.sync.transport import Transport, TransportConfig
+from edge_sdk.signing import generate_keypair, load_private_key, sign
+
+FLEET = "plant1"
+PROFILE = "intel-nuc"
+
+
+def _client(broker, root: Path, public_key: Path, device: str = "cam-1", **kw) -> SyncClient:
+    config = SyncConfig(broker=broker.url, fleet=FLEET, device=device, root=root, profile=kw.pop("profile", PROFILE),
+                        public_key=public_key, stall_timeout_s=2.0, manifest_timeout_s=5.0, **kw)
+    return SyncClient(config)
+
+
+def _device_chunks(release: Path) -> set[str]:
+    manifest = load_manifest(release)
+    return {c.sha256 for e in files_for(manifest, select_variants(manifest, PROFILE)) for c in e.chunks}
+
+
+def _retained(broker, topic: str, timeout: float = 5.0) -> bytes:
+    box: queue.Queue[bytes] = queue.Queue()
+    t = Transport(TransportConfig.from_url(broker.url, client_id="reader", session_expiry_s=0))
+    t.subscribe(topic, lambda m: box.put(m.payload))
+    t.start()
+    try:
+        return box.get(timeout=timeout)
+    finally:
+        t.stop()
+
+
+@pytest.fixture
+def published(mosquitto, sync_releases, release_keypair):
+    publish_release(sync_releases["v1"], mosquitto.url, FLEET)
+    publish_release(sync_releases["v2"], mosquitto.url, FLEET)
+    return mosquitto
+
+
+def test_update_flow_moves_only_changed_chunks(published, sync_releases, release_keypair, tmp_path):
+    client = _client(published, tmp_path / "dev", release_keypair[1])
+    client.transport.start()
+    try:
+        first = client.sync("cnn", 1, timeout=60)
+        assert first.status == "activated", first.reason
+        v1_chunks = _device_chunks(sync_releases["v1"])
+        assert first.chunks_fetched == len(v1_chunks) and first.chunks_reused == 0
+        assert client.releases.active().name == "cnn@v1"
+        client.releases.verify(client.releases.active())
+
+        second = client.sync("cnn", 2, timeout=60)
+        assert second.status == "activated", second.reason
+        v2_chunks = _device_chunks(sync_releases["v2"])
+        changed = v2_chunks - v1_chunks
+        assert second.chunks_fetched == len(changed)  # exactly the chunks the device lacked
+        assert second.chunks_reused == len(v2_chunks & v1_chunks) > 0
+        assert second.bytes_fetched <= 0.35 * second.bytes_total, (second.bytes_fetched, second.bytes_total)
+        assert client.releases.active().name == "cnn@v2" and client.releases.previous().name == "cnn@v1"
+        assert client.releases.highest_accepted("cnn") == 2
+        # Same version again: nothing moves.
+        assert client.sync("cnn", 2).status == "already-active"
+        reported = json.loads(_retained(published, Topics(FLEET).reported("cam-1")))
+        assert reported["release"] == {"model": "cnn", "version": 2}
+        assert reported["backend"] == "onnxruntime" and reported["sync"]["state"] == "idle"
+    finally:
+        client.transport.stop()
+
+
+def test_replayed_older_release_is_refused(published, release_keypair, tmp_path):
+    client = _client(published, tmp_path / "dev", release_keypair[1])
+    client.transport.start()
+    try:
+        assert client.sync("cnn", 2, timeout=60).status == "activated"
+        result = client.sync("cnn", 1, timeout=60)
+        assert result.status == "rejected" and "replay" in result.reason
+        assert client.twin.errors["replay"] == 1
+        assert client.releases.active().name == "cnn@v2"
+    finally:
+        client.transport.stop()
+    # Rollback protection survives a restart of the device (stored durably).
+    again = _client(published, tmp_path / "dev", release_keypair[1])
+    assert again.releases.highest_accepted("cnn") == 2
+
+
+@pytest.mark.parametrize("case", ["wrong_key", "unsigned", "flipped_byte", "garbage"])
+def test_bad_signature_rejected_before_parsing(published, sync_releases, release_keypair, tmp_path, monkeypatch, case):
+    v1 = sync_releases["v1"]
+    data = (v1 / "manifest.json").read_bytes()
+    other_key, _ = generate_keypair(tmp_path / "other.key")
+    payload = {
+        "wrong_key": seal(data, sign(data, load_private_key(other_key))),
+        "unsigned": seal(data, None),
+        "flipped_byte": seal(data.replace(b'"version": 1', b'"version": 9'), (v1 / "manifest.sig").read_bytes()),
+        "garbage": b"\x00\xffnot an envelope",
+    }[case]
+    writer = Transport(TransportConfig.from_url(published.url, client_id="evil", session_expiry_s=0))
+    writer.start()
+    assert writer.wait_connected(5)
+    topic = Topics(FLEET).manifest("cnn", 9 if case == "flipped_byte" else 1)
+    assert writer.publish(topic, payload, qos=1, retain=True, wait=5)
+    writer.stop()
+
+    parsed = []
+    original = Manifest.from_bytes.__func__
+    monkeypatch.setattr(Manifest, "from_bytes", classmethod(lambda cls, *a, **k: parsed.append(a) or original(cls, *a, **k)))
+    client = _client(published, tmp_path / "dev", release_keypair[1])
+    client.transport.start()
+    try:
+        result = client.sync("cnn", 9 if case == "flipped_byte" else 1, timeout=30)
+    finally:
+        client.transport.stop()
+    assert result.status == "rejected"
+    assert client.twin.errors["bad_signature"] == 1
+    assert parsed == []  # the manifest parser never saw the bytes
+    assert client.releases.active() is None and client.chunks.shas() == set()
+
+
+def test_corrupt_chunk_on_broker_is_refused_then_recovers(published, sync_releases, release_keypair, tmp_path):
+    manifest = load_manifest(sync_releases["v1"])
+    victim = files_for(manifest, select_variants(manifest, PROFILE))[-1].chunks[-1]  # requested last
+    writer = Transport(TransportConfig.from_url(published.url, client_id="evil", session_expiry_s=0))
+    writer.start()
+    assert writer.wait_connected(5)
+    assert writer.publish(Topics(FLEET).blob(victim.sha256), b"x" * victim.size, qos=1, retain=True, wait=5)
+    writer.stop()
+    client = _client(published, tmp_path / "dev", release_keypair[1], fetch_window=1)
+    client.transport.start()
+    try:
+        with pytest.raises(SyncError, match="corrupt chunk"):
+            client.sync("cnn", 1, timeout=30)
+        assert client.twin.errors["corrupt_chunk"] == 1
+        assert client.releases.active() is None and not client.chunks.has(victim.sha256)
+        # The cloud republishes every chunk; the device resumes and activates.
+        publish_release(sync_releases["v1"], published.url, FLEET, force=True)
+        result = client.sync("cnn", 1, timeout=60)
+        assert result.status == "activated", result.reason
+        assert result.chunks_reused == result.chunks_total - 1  # only the bad chunk is fetched again
+        assert result.chunks_fetched == 1
+    finally:
+        client.transport.stop()
+
+
+def test_failed_self_test_keeps_the_previous_release(published, sync_releases, release_keypair, tmp_path):
+    publish_release(sync_releases["v3"], published.url, FLEET)
+    client = _client(published, tmp_path / "dev", release_keypair[1])
+    client.transport.start()
+    try:
+        assert client.sync("cnn", 2, timeout=60).status == "activated"
+        result = client.sync("cnn", 3, timeout=60)
+        assert result.status == "rejected" and "self-test" in result.reason
+        assert client.twin.errors["self_test"] == 1
+        assert client.releases.active().name == "cnn@v2"
+        assert not client.releases.path_of("cnn", 3).exists()
+        assert client.releases.highest_accepted("cnn") == 2  # v2 may still be desired again
+        reported = json.loads(_retained(published, Topics(FLEET).reported("cam-1")))
+        assert "self-test" in reported["last_error"]["reason"] and reported["release"]["version"] == 2
+    finally:
+        client.transport.stop()
+
+
+def test_failed_activation_hook_rolls_back(published, release_keypair, tmp_path):
+    calls = []
+
+    def on_activate(folder: Path) -> None:
+        calls.append(folder.name)
+        if folder.name == "cnn@v2":
+            raise RuntimeError("hot swap failed: out of memory")
+
+    config = SyncConfig(broker=published.url, fleet=FLEET, device="cam-1", root=tmp_path / "dev", profile=PROFILE,
+                        public_key=release_keypair[1])
+    client = SyncClient(config, on_activate=on_activate)
+    client.transport.start()
+    try:
+        assert client.sync("cnn", 1, timeout=60).status == "activated"
+        result = client.sync("cnn", 2, timeout=60)
+        assert result.status == "rolled-back" and "out of memory" in result.reason
+        assert client.releases.active().name == "cnn@v1"
+        client.releases.verify(client.releases.active())
+        assert calls == ["cnn@v1", "cnn@v2"]
+    finally:
+        client.transport.stop()
+
+
+def test_release_for_another_profile_is_refused(published, release_keypair, tmp_path):
+    client = _client(published, tmp_path / "dev", release_keypair[1], profile="raspberry-pi-zero-2-w")
+    client.transport.start()
+    try:
+        result = client.sync("cnn", 1, timeout=30)
+    finally:
+        client.transport.stop()
+    assert result.status == "rejected" and "no usable variant" in result.reason
+    assert client.twin.errors["wrong_profile"] == 1 and client.chunks.shas() == set()
+
+
+def test_follows_desired_state_device_wins(published, release_keypair, tmp_path):
+    from edge_sdk.cloud.desire import build_desired, write_desired
+
+    policies = []
+    config = SyncConfig(broker=published.url, fleet=FLEET, device="cam-1", root=tmp_path / "dev", profile=PROFILE,
+                        public_key=release_keypair[1], retry_min_s=0.2)
+    client = SyncClient(config, on_policy=policies.append)
+    write_desired(published.url, FLEET, build_desired("cnn", 1, {"max_cpu_percent": 80}))
+    client.start()
+    try:
+        assert client.wait_active("cnn", 1, timeout=60)
+        # Malformed desired state: counted, and the client keeps following.
+        writer = Transport(TransportConfig.from_url(published.url, client_id="evil", session_expiry_s=0))
+        writer.start()
+        assert writer.wait_connected(5)
+        writer.publish(Topics(FLEET).desired("cam-1"), b"{not json", qos=1, retain=True, wait=5)
+        writer.stop()
+        write_desired(published.url, FLEET, build_desired("cnn", 2, {"pin_precision": "int8"}), device="cam-1")
+        assert client.wait_active("cnn", 2, timeout=60)
+        assert client.twin.errors["bad_desired"] == 1
+        assert {"max_cpu_percent": 80, "pin_precision": "int8"} in policies  # merged, device key added
+        reported = json.loads(_retained(published, Topics(FLEET).reported("cam-1")))
+        assert reported["policy"] == {"max_cpu_percent": 80, "pin_precision": "int8"}
+    finally:
+        client.stop()
+
+
+def test_broker_killed_mid_download_resumes(mosquitto, sync_releases, release_keypair, tmp_path):
+    publish_release(sync_releases["v1"], mosquitto.url, FLEET)
+    mosquitto.restart(hard=False)  # clean stop: the retained chunks are saved to disk
+    client = _client(mosquitto, tmp_path / "dev", release_keypair[1], fetch_window=1)
+    total = len(_device_chunks(sync_releases["v1"]))
+    results: list = []
+    client.transport.start()
+    worker = threading.Thread(target=lambda: results.append(client.sync("cnn", 1, timeout=120)))
+    worker.start()
+    try:
+        import time
+
+        deadline = time.monotonic() + 30
+        while len(client.chunks.shas()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        mosquitto.kill()
+        had = len(client.chunks.shas())
+        assert 0 < had < total
+        time.sleep(0.5)
+        mosquitto.start()
+        worker.join(120)
+        assert results and results[0].status == "activated", results
+        assert results[0].chunks_fetched == total  # each chunk stored once, nothing fetched twice
+        client.releases.verify(client.releases.active())
+    finally:
+        client.transport.stop()
+
+
+def test_disk_full_while_staging_activates_nothing_and_recovers(published, release_keypair, tmp_path):
+    import resource
+    import signal
+
+    client = _client(published, tmp_path / "dev", release_keypair[1])
+    client.transport.start()
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes then fail with EFBIG
+    try:
+        # Chunks (≤ 256 KiB) still fit; the 1.5 MB fp32 artifact cannot be assembled.
+        resource.setrlimit(resource.RLIMIT_FSIZE, (600_000, limits[1]))
+        try:
+            with pytest.raises(SyncError, match="disk full"):
+                client.sync("cnn", 1, timeout=60)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        assert client.twin.errors["storage"] == 1 and "disk full" in client.twin.snapshot()["last_error"]["reason"]
+        assert client.releases.active() is None
+        assert list(client.releases.staging.iterdir()) == [] and list(client.releases.releases.iterdir()) == []
+        result = client.sync("cnn", 1, timeout=60)  # space is back: it resumes from the stored chunks
+        assert result.status == "activated" and result.chunks_fetched == 0
+    finally:
+        signal.signal(signal.SIGXFSZ, previous_handler)
+        client.transport.stop()

@@ -1,0 +1,100 @@
+"""Release folders on the device: staging, atomic switch, rollback, retention, replay protection."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from edge_sdk.errors import IntegrityError
+from edge_sdk.manifest import load_manifest
+from edge_sdk.runtime.sync.chunk_store import ChunkStore
+from edge_sdk.runtime.sync.client import files_for, select_variants
+from edge_sdk.runtime.sync.releases import ReleaseStore
+
+PROFILE = "intel-nuc"
+
+
+def _stage(store: ReleaseStore, chunks: ChunkStore, release):
+    manifest = load_manifest(release)
+    files = files_for(manifest, select_variants(manifest, PROFILE))
+    for entry in files:
+        data = (release / entry.path).read_bytes()
+        offset = 0
+        for ref in entry.chunks:
+            chunks.put(ref.sha256, data[offset:offset + ref.size], ref.size)
+            offset += ref.size
+    return store.stage(manifest, (release / "manifest.json").read_bytes(), (release / "manifest.sig").read_bytes(),
+                       files, chunks)
+
+
+def test_stage_activate_rollback_cleanup(tmp_path, sync_releases):
+    store, chunks = ReleaseStore(tmp_path), ChunkStore(tmp_path / "chunks")
+    assert store.active() is None and store.highest_accepted("cnn") == 0
+    v1 = _stage(store, chunks, sync_releases["v1"])
+    assert store.active() is None  # staging never touches `current`
+    assert store.activate(v1) is None
+    assert os.path.islink(tmp_path / "current") and store.active() == v1
+    store.verify(v1)
+    assert (v1 / "manifest.sig").exists()
+    v2 = _stage(store, chunks, sync_releases["v2"])
+    assert store.activate(v2) == v1
+    assert store.active() == v2 and store.previous() == v1 and store.highest_accepted("cnn") == 2
+    assert store.rollback() == v1
+    assert store.active() == v1 and store.previous() is None and not v2.exists()
+    assert store.highest_accepted("cnn") == 2  # a rollback does not lower the protection
+
+
+def test_only_active_and_previous_are_kept(tmp_path, sync_releases):
+    store, chunks = ReleaseStore(tmp_path), ChunkStore(tmp_path / "chunks")
+    for name in ("v1", "v2", "v3"):
+        store.activate(_stage(store, chunks, sync_releases[name]))
+    assert store.cleanup() == ["cnn@v1"]
+    assert sorted(p.name for p in store.releases.iterdir()) == ["cnn@v2", "cnn@v3"]
+    kept = store.kept_chunks()
+    assert chunks.retain_only(kept) > 0 and chunks.shas() == kept
+
+
+def test_replay_protection_is_durable(tmp_path, sync_releases):
+    store, chunks = ReleaseStore(tmp_path), ChunkStore(tmp_path / "chunks")
+    store.activate(_stage(store, chunks, sync_releases["v2"]))
+    reopened = ReleaseStore(tmp_path)
+    with pytest.raises(IntegrityError, match="replay refused"):
+        reopened.check_version("cnn", 1)
+    reopened.check_version("cnn", 2)
+    reopened.check_version("cnn", 3)
+
+
+def test_crash_leftovers_are_recovered(tmp_path, sync_releases):
+    store, chunks = ReleaseStore(tmp_path), ChunkStore(tmp_path / "chunks")
+    v1 = _stage(store, chunks, sync_releases["v1"])
+    # A crash after `current` was switched but before the version was recorded …
+    os.symlink(os.path.relpath(v1, tmp_path), tmp_path / "current")
+    # … and one mid-staging and one mid-link-write.
+    (store.staging / "cnn@v2.abc").mkdir()
+    (store.staging / "cnn@v2.abc" / "half.onnx").write_bytes(b"\0" * 10)
+    os.symlink("releases/nowhere", tmp_path / ".current.link")
+    reopened = ReleaseStore(tmp_path)
+    assert reopened.highest_accepted("cnn") == 1
+    assert list(reopened.staging.iterdir()) == [] and not (tmp_path / ".current.link").is_symlink()
+
+
+def test_restaging_replaces_a_damaged_release_folder(tmp_path, sync_releases):
+    store, chunks = ReleaseStore(tmp_path), ChunkStore(tmp_path / "chunks")
+    v1 = _stage(store, chunks, sync_releases["v1"])
+    victim = next(v1.glob("onnx/*.onnx"))
+    victim.write_bytes(victim.read_bytes()[:-10])
+    with pytest.raises(IntegrityError):
+        store.verify(v1)
+    again = _stage(store, chunks, sync_releases["v1"])
+    store.verify(again)
+
+
+def test_verify_requires_a_complete_variant(tmp_path, sync_releases):
+    folder = tmp_path / "copy"
+    shutil.copytree(sync_releases["v1"], folder)
+    for path in folder.glob("onnx/*.onnx"):
+        path.unlink()
+    with pytest.raises(IntegrityError, match="no complete variant"):
+        ReleaseStore(tmp_path / "dev").verify(folder)

@@ -1,0 +1,326 @@
+"""Transport against a real Mosquitto: ack waits, sessions, Last Will, restarts, ACL refusals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from edge_sdk.errors import ConfigError, SyncError
+from edge_sdk.runtime.sync.topics import Topics
+from edge_sdk.runtime.sync.transport import OFFLINE, ONLINE, Message, Transport, TransportConfig
+
+T = Topics("f")
+
+
+def make(broker, client_id: str, **kw) -> Transport:
+    cfg = TransportConfig.from_url(broker.url, client_id=client_id, reconnect_min_s=0.05, reconnect_max_s=0.3, **kw)
+    return Transport(cfg)
+
+
+class Inbox:
+    """Collects messages from a handler thread; ``wait_for(n)`` blocks until n arrived."""
+
+    def __init__(self) -> None:
+        self.items: list[Message] = []
+        self.cond = threading.Condition()
+
+    def __call__(self, message: Message) -> None:
+        with self.cond:
+            self.items.append(message)
+            self.cond.notify_all()
+
+    def wait_for(self, n: int, timeout: float = 10.0) -> list[Message]:
+        with self.cond:
+            self.cond.wait_for(lambda: len(self.items) >= n, timeout)
+            return list(self.items)
+
+
+def wait_until(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def test_url_parsing_and_bad_urls():
+    cfg = TransportConfig.from_url("mqtt://u%40x:p%3Aw@broker.local:1999", client_id="d1")
+    assert (cfg.host, cfg.port, cfg.username, cfg.password) == ("broker.local", 1999, "u@x", "p:w")
+    assert TransportConfig.from_url("mqtt://h", client_id="d").port == 1883
+    for bad in ("http://h", "mqtt://", "mqtt://h:notaport", "mqtts://h"):
+        with pytest.raises(ConfigError):
+            TransportConfig.from_url(bad, client_id="d")
+    with pytest.raises(ConfigError):
+        TransportConfig.from_url("mqtt://h", client_id="")
+    with pytest.raises(ConfigError, match="QoS"):
+        Transport(TransportConfig.from_url("mqtt://h", client_id="d")).publish("a", b"x", qos=3)
+
+
+def test_publish_waits_for_ack_and_handlers_are_isolated(mosquitto):
+    inbox = Inbox()
+    sub = make(mosquitto, "sub")
+    sub.subscribe("edge/f/#", lambda m: 1 / 0)  # a broken handler on an overlapping filter …
+    sub.subscribe("edge/f/+/telemetry", inbox)  # … must not starve the other, nor duplicate to it
+    with sub:
+        assert sub.wait_connected(5)
+        time.sleep(0.2)  # SUBACK
+        with make(mosquitto, "pub") as pub:
+            assert pub.wait_connected(5)
+            for i in range(20):
+                assert pub.publish(T.telemetry("d1"), f"m{i}".encode(), qos=1, wait=5.0) is True
+            assert pub.publish(T.telemetry("d2"), "text", qos=0, wait=5.0) is True
+        got = inbox.wait_for(21)
+        assert wait_until(lambda: sub.handler_errors == 21)
+    # QoS 1 messages keep their order; the QoS 0 one may overtake them (MQTT orders per QoS).
+    assert [m.payload for m in got if m.qos == 1] == [f"m{i}".encode() for i in range(20)]
+    assert [m for m in got if m.qos == 0] == [Message(T.telemetry("d2"), b"text", 0, False)]
+    assert sub.handler_errors == 21 and len(inbox.items) == 21
+    with pytest.raises(SyncError, match="cannot publish"):
+        make(mosquitto, "x").publish("edge/+/bad", b"", qos=1)
+
+
+def test_status_online_retained_and_offline_on_clean_stop(mosquitto):
+    status = T.status("d1")
+    dev = make(mosquitto, "d1", status_topic=status)
+    dev.start()
+    assert dev.wait_connected(5)
+    seen = Inbox()
+    with make(mosquitto, "watcher") as w:
+        w.subscribe(status, seen)
+        assert [m.payload for m in seen.wait_for(1)][:1] == [ONLINE]
+        dev.stop()
+        assert seen.wait_for(2)[1].payload == OFFLINE
+        assert not dev.connected
+
+
+def test_last_will_when_device_process_is_killed(mosquitto):
+    status = T.status("d9")
+    code = textwrap.dedent(f"""
+        import time
+        from edge_sdk.runtime.sync.transport import Transport, TransportConfig
+        t = Transport(TransportConfig.from_url({mosquitto.url!r}, client_id="d9", status_topic={status!r}))
+        t.start(); assert t.wait_connected(5)
+        t.publish("edge/f/d9/reported", b"{{}}", qos=1, retain=True, wait=5)
+        print("up", flush=True); time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        seen = Inbox()
+        with make(mosquitto, "watcher") as w:
+            w.subscribe(status, seen)
+            assert seen.wait_for(1)[0].payload == ONLINE
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            got = seen.wait_for(2)
+            assert got[1].payload == OFFLINE and got[1].topic == status
+    finally:
+        proc.kill()
+        proc.wait()
+    # The will is retained: a late subscriber also learns the device is offline.
+    late = Inbox()
+    with make(mosquitto, "late") as w2:
+        w2.subscribe(status, late)
+        m = late.wait_for(1)[0]
+    assert (m.payload, m.retain) == (OFFLINE, True)
+
+
+def test_durable_session_keeps_qos1_messages_while_away(mosquitto):
+    topic = T.telemetry_ack("d1")
+    first = Inbox()
+    dev = make(mosquitto, "d1", session_expiry_s=300)
+    dev.subscribe(topic, first, qos=1)
+    dev.start()
+    assert dev.wait_connected(5)
+    time.sleep(0.2)  # SUBACK
+    dev.stop()
+    with make(mosquitto, "cloud") as cloud:
+        assert cloud.wait_connected(5)
+        for i in range(5):
+            assert cloud.publish(topic, str(i), qos=1, wait=5)
+    # A new process with the same client id and no subscribe call yet: the broker kept the
+    # session (subscription + queued messages), so they arrive as soon as it connects.
+    later = Inbox()
+    dev2 = make(mosquitto, "d1", session_expiry_s=300)
+    dev2.subscribe(topic, later, qos=1)
+    with dev2:
+        got = later.wait_for(5)
+    assert sorted(m.payload for m in got) == [b"0", b"1", b"2", b"3", b"4"]
+    assert first.items == []
+
+
+def test_zero_session_expiry_drops_messages_while_away(mosquitto):
+    """The contrast case: with expiry 0 (clean_start=False alone) the broker forgets the session."""
+    topic = T.telemetry_ack("d2")
+    dev = make(mosquitto, "d2", session_expiry_s=0)
+    dev.subscribe(topic, Inbox(), qos=1)
+    dev.start()
+    assert dev.wait_connected(5)
+    time.sleep(0.2)
+    dev.stop()
+    with make(mosquitto, "cloud") as cloud:
+        assert cloud.wait_connected(5)
+        assert cloud.publish(topic, b"lost", qos=1, wait=5)
+    later = Inbox()
+    probe = make(mosquitto, "d2", session_expiry_s=0)
+    probe.subscribe(topic, later, qos=1)
+    with probe:
+        assert probe.wait_connected(5)
+        time.sleep(0.5)
+    assert later.items == []
+
+
+def test_offline_start_then_broker_appears_and_restarts(mosquitto_factory):
+    broker = mosquitto_factory(start=False)
+    states: list[bool] = []
+    inbox = Inbox()
+    dev = make(broker, "d1")
+    dev.add_state_listener(states.append)
+    dev.subscribe(T.telemetry_ack("d1"), inbox)
+    dev.start()  # no broker at all: returns at once, keeps trying
+    assert not dev.wait_connected(0.5)
+    queued = dev.publish(T.reported("d1"), b"r1", qos=1, retain=True)  # kept by paho while offline
+    assert queued is True
+    broker.start()
+    assert dev.wait_connected(10)
+    broker.kill()  # SIGKILL mid-session
+    assert wait_until(lambda: not dev.connected)
+    broker.start()
+    assert wait_until(lambda: dev.connects == 2)
+    # subscriptions were renewed after the restart
+    with make(broker, "cloud") as cloud:
+        assert cloud.wait_connected(5)
+        assert cloud.publish(T.telemetry_ack("d1"), b"after", qos=1, wait=5)
+        assert inbox.wait_for(1)[0].payload == b"after"
+    assert wait_until(lambda: dev.publish(T.reported("d1"), b"r2", qos=1, wait=2.0))
+    dev.stop()
+    assert states[:3] == [True, False, True]
+
+
+def test_publish_denied_by_acl_raises_sync_error(mosquitto_factory, tmp_path):
+    acl = tmp_path / "acl"
+    acl.write_text("pattern readwrite edge/+/%c/#\n")
+    broker = mosquitto_factory(extra_conf=f"acl_file {acl}")
+    with make(broker, "d1") as dev:
+        assert dev.wait_connected(5)
+        assert dev.publish(T.telemetry("d1"), b"mine", qos=1, wait=5)
+        with pytest.raises(SyncError, match="(?i)not authori"):
+            dev.publish(T.telemetry("d2"), b"not mine", qos=1, wait=5)
+        assert dev.refused == 1
+
+
+def test_shared_subscription_splits_messages_between_workers(mosquitto):
+    inboxes = [Inbox(), Inbox()]
+    workers = [make(mosquitto, f"w{i}") for i in range(2)]
+    for w, box in zip(workers, inboxes):
+        w.subscribe(T.telemetry_shared("ingest"), box)
+        w.start()
+        assert w.wait_connected(5)
+    time.sleep(0.3)
+    with make(mosquitto, "d1") as dev:
+        assert dev.wait_connected(5)
+        for i in range(40):
+            dev.publish(T.telemetry("d1"), str(i), qos=1, wait=5)
+    assert wait_until(lambda: sum(len(b.items) for b in inboxes) == 40)
+    for w in workers:
+        w.stop()
+    payloads = sorted(int(m.payload) for b in inboxes for m in b.items)
+    assert payloads == list(range(40))
+    assert all(len(b.items) > 0 for b in inboxes)  # both workers took a share
+
+
+# --- the shipped deploy/mosquitto config: TLS, passwords, per-device ACLs ----------------------
+DEPLOY = __import__("pathlib").Path(__file__).resolve().parents[3] / "deploy" / "mosquitto"
+
+
+def _make_certs(folder):
+    """A throw-away CA and a server certificate for 127.0.0.1 (cryptography is a core dependency)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    valid = (now - datetime.timedelta(days=1), now + datetime.timedelta(days=2))
+
+    def cert(subject, issuer, key, sign_key, ca: bool, san=None):
+        b = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(key.public_key())
+             .serial_number(x509.random_serial_number()).not_valid_before(valid[0]).not_valid_after(valid[1])
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return b.sign(sign_key, hashes.SHA256())
+
+    ca_key, srv_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edge-sdk test CA")])
+    srv_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    ca_cert = cert(ca_name, ca_name, ca_key, ca_key, True)
+    srv_cert = cert(srv_name, ca_name, srv_key, ca_key, False, [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    pem = serialization.Encoding.PEM
+    (folder / "ca.crt").write_bytes(ca_cert.public_bytes(pem))
+    (folder / "server.crt").write_bytes(srv_cert.public_bytes(pem))
+    (folder / "server.key").write_bytes(srv_key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL,
+                                                              serialization.NoEncryption()))
+    return folder / "ca.crt"
+
+
+def test_shipped_config_tls_passwords_and_device_acls(mosquitto_factory, tmp_path):
+    import shutil as _sh
+
+    if not _sh.which("mosquitto_passwd"):
+        pytest.skip("mosquitto_passwd not installed")
+    ca = _make_certs(tmp_path)
+    passwd = tmp_path / "passwd"
+    for i, (user, pw) in enumerate([("d1", "pw1"), ("d2", "pw2"), ("ingest", "pwi")]):
+        subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if i == 0 else []), str(passwd), user, pw], check=True)
+    broker = mosquitto_factory(start=False)
+    conf = (DEPLOY / "mosquitto.conf").read_text()
+    conf = (conf.replace("listener 8883", f"listener {broker.port} 127.0.0.1")
+            .replace("/etc/mosquitto/passwd", str(passwd)).replace("/etc/mosquitto/acl", str(DEPLOY / "acl"))
+            .replace("/etc/mosquitto/certs/", f"{tmp_path}/").replace("/var/lib/mosquitto/", f"{broker.folder / 'data'}/"))
+    broker.conf_path.write_text(conf + f"\nuser root\nlog_dest file {broker.log_path}\n")
+    broker.start()
+    from edge_sdk.runtime.sync.transport import TlsConfig
+
+    def tls(cid: str, user: str, pw: str) -> Transport:
+        url = f"mqtts://{user}:{pw}@127.0.0.1:{broker.port}"
+        return Transport(TransportConfig.from_url(url, client_id=cid, tls=TlsConfig(ca_certs=ca), reconnect_min_s=0.05, reconnect_max_s=0.3))
+
+    acks, seen = Inbox(), Inbox()
+    ingest = tls("ingest-1", "ingest", "pwi")
+    ingest.subscribe(T.telemetry_shared("g"), seen)
+    d1 = tls("d1", "d1", "pw1")
+    d1.subscribe(T.telemetry_ack("d1"), acks)
+    with ingest, d1:
+        assert ingest.wait_connected(10) and d1.wait_connected(10)
+        time.sleep(0.3)
+        assert d1.publish(T.telemetry("d1"), b"batch", qos=1, wait=5)  # its own subtree
+        assert seen.wait_for(1)[0] == Message(T.telemetry("d1"), b"batch", 1, False)
+        assert ingest.publish(T.telemetry_ack("d1"), b"ack", qos=1, wait=5)
+        assert acks.wait_for(1)[0].payload == b"ack"
+        with pytest.raises(SyncError, match="(?i)not authori"):
+            d1.publish(T.telemetry("d2"), b"spoofed", qos=1, wait=5)  # another device's topic
+        with pytest.raises(SyncError, match="(?i)not authori"):
+            d1.publish(T.desired(), b"{}", qos=1, wait=5)  # devices only read desired state
+        assert len(seen.items) == 1
+    # wrong password, or plain TCP to the TLS port: no session, and last_error says why
+    bad_pw = tls("d2", "d2", "nope")
+    plain = Transport(TransportConfig.from_url(f"mqtt://d2:pw2@127.0.0.1:{broker.port}", client_id="d2",
+                                               reconnect_min_s=0.05, reconnect_max_s=0.3))
+    for t in (bad_pw, plain):
+        t.start()
+        assert not t.wait_connected(1.5)
+        assert t.last_error and str(broker.port) in t.last_error
+        t.stop()
+    assert "refused" in bad_pw.last_error

@@ -1,0 +1,84 @@
+"""Device twin: desired-state parsing and merging, typed --set values, reported state on a broker."""
+
+from __future__ import annotations
+
+import json
+import queue
+
+import pytest
+
+from edge_sdk.errors import ConfigError
+from edge_sdk.runtime.sync.topics import Topics
+from edge_sdk.runtime.sync.transport import Transport, TransportConfig
+from edge_sdk.runtime.sync.twin import DesiredState, Twin, merge_desired, parse_set
+
+
+def test_device_level_wins_and_policies_merge():
+    fleet = DesiredState(model="cnn", version=3, policy={"pin_precision": "fp16", "max_cpu_percent": 90})
+    device = DesiredState(version=2, policy={"pin_precision": None})
+    merged = merge_desired(fleet, device)
+    assert (merged.model, merged.version) == ("cnn", 2)
+    assert merged.policy == {"pin_precision": None, "max_cpu_percent": 90}
+    assert merge_desired(fleet, None) == fleet
+    # A device pinned to another model does not inherit the fleet's version of a different model.
+    other = merge_desired(fleet, DesiredState(model="detector"))
+    assert (other.model, other.version) == ("detector", None)
+
+
+@pytest.mark.parametrize("payload, message", [
+    (b"{not json", "not JSON"),
+    (b"[1, 2]", "must be a JSON object"),
+    (b'{"version": 0}', "version"),
+    (b'{"model": "cnn", "policy": {"pin_precision": "int4"}}', "pin_precision"),
+    (b'{"model": "cnn", "colour": "red"}', "colour"),
+    (b"\xff\xfe", "not JSON"),
+])
+def test_bad_desired_payloads_name_the_problem(payload, message):
+    with pytest.raises(ConfigError, match=message):
+        DesiredState.from_payload(payload, "edge/f/desired")
+
+
+def test_empty_payload_means_cleared():
+    assert DesiredState.from_payload(b"", "t") is None
+    state = DesiredState(model="cnn", version=2, policy={"x": 1})
+    assert DesiredState.from_payload(state.to_payload(), "t") == state
+
+
+def test_parse_set_is_typed():
+    assert parse_set(["pin_precision=int8", "max_cpu_percent=80", "ratio=0.5", "enabled=true", "off=null",
+                      "name=cam 7"]) == {"pin_precision": "int8", "max_cpu_percent": 80, "ratio": 0.5, "enabled": True,
+                                         "off": None, "name": "cam 7"}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_set(["novalue"])
+    with pytest.raises(ConfigError, match="scalar"):
+        parse_set(["x=[1,2]"])
+
+
+def test_reported_state_is_retained_with_errors_and_progress(mosquitto):
+    topics = Topics("f")
+    device = Transport(TransportConfig.from_url(mosquitto.url, client_id="cam-9", status_topic=topics.status("cam-9")))
+    device.start()
+    assert device.wait_connected(5)
+    twin = Twin(topics.reported("cam-9"), lambda t, p: device.publish(t, p, qos=1, retain=True, wait=5), throttle_s=60)
+    twin.set(release={"model": "cnn", "version": 2}, backend="onnxruntime", precision="fp32")
+    twin.error("bad_signature", "manifest signature does not verify")
+    twin.error("bad_signature", "again")
+    twin.progress(state="fetching", chunks_done=1, chunks_total=10)
+    sent = twin.published
+    twin.progress(state="fetching", chunks_done=2)  # throttled: same state, within throttle_s
+    assert twin.published == sent
+    device.stop()
+
+    box: queue.Queue = queue.Queue()
+    reader = Transport(TransportConfig.from_url(mosquitto.url, client_id="reader", session_expiry_s=0))
+    reader.subscribe(topics.reported("cam-9"), lambda m: box.put(("reported", m.payload)))
+    reader.subscribe(topics.status("cam-9"), lambda m: box.put(("status", m.payload)))
+    reader.start()
+    got = dict(box.get(timeout=5) for _ in range(2))
+    reader.stop()
+    reported = json.loads(got["reported"])
+    assert reported["release"] == {"model": "cnn", "version": 2} and reported["backend"] == "onnxruntime"
+    assert reported["errors"] == {"bad_signature": 2} and reported["last_error"]["reason"] == "again"
+    assert reported["sync"] == {"state": "fetching", "chunks_done": 1, "chunks_total": 10}
+    assert reported["resources"]["memory_available_mb"] > 0
+    assert json.loads(got["status"]) == {"online": False}

@@ -1,0 +1,150 @@
+"""Real memory pressure: a hog process eats the budget and the policy steps down, then back up.
+
+Preferred: the model runs in a child process inside its own memory cgroup (v1
+``memory.limit_in_bytes`` or v2 ``memory.max``) with a hog subprocess in the same cgroup, so the
+monitor must read the *container* budget (host free memory barely moves). Where cgroups cannot be
+created, the same scenario runs against host memory with thresholds set relative to what is free.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CHILD = r"""
+import json, subprocess, sys, time
+from edge_sdk.profiles import Hysteresis, PolicySettings, Thresholds
+from edge_sdk.runtime.model import EdgeModel
+from edge_sdk.runtime.monitor import SystemSource
+import numpy as np
+
+release, hog_mb, expect_cgroup = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+source = SystemSource()
+start = source.sample()
+headroom = start.available_memory_mb
+# FP32 needs (headroom - hog/2) free, FP16 (headroom - hog/4): the hog leaves less than both.
+settings = PolicySettings(thresholds={
+    "fp32": Thresholds(min_free_memory_mb=headroom - hog_mb / 2),
+    "fp16": Thresholds(min_free_memory_mb=headroom - hog_mb / 4)},
+    hysteresis=Hysteresis(memory_mb=hog_mb / 10), min_dwell_s=0)
+model = EdgeModel.load(release, profile="intel-nuc", monitor=source, interval_s=0.05, policy=settings)
+x = np.random.default_rng(0).random((1, 3, 32, 32), dtype=np.float32)
+report = {"start": start.as_dict(), "initial": model.precision.value, "calls": 0, "errors": []}
+
+def serve_until(predicate, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not predicate():
+        try:
+            model.run({"image": x}); report["calls"] += 1
+        except Exception as exc:
+            report["errors"].append(repr(exc))
+        time.sleep(0.002)
+    return predicate()
+
+hog = subprocess.Popen([sys.executable, "-c",
+    "import numpy as np, sys, time; a = np.ones(int(sys.argv[1]) * 2**20, np.uint8); "
+    "print('ready', flush=True); time.sleep(120)", str(hog_mb)], stdout=subprocess.PIPE, text=True)
+assert hog.stdout.readline().strip() == "ready"
+report["stepped_down"] = serve_until(lambda: model.precision.value == "int8", 30)
+report["pressure"] = model.monitor.latest.as_dict()
+hog.kill(); hog.wait()
+report["recovered"] = serve_until(lambda: model.precision.value == "fp32", 30)
+report["events"] = [e.as_dict() for e in model.events]
+model.close()
+print(json.dumps(report))
+"""
+
+
+def _own_cgroup(controller_line: str) -> str:
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controller_line(controllers):
+            return path.lstrip("/")
+    return ""
+
+
+def make_memory_cgroup(limit_mb: int) -> tuple[Path, str] | None:
+    """Create a child memory cgroup limited to ``limit_mb``; (folder, procs file) or None."""
+    v1 = Path("/sys/fs/cgroup/memory")
+    name = f"edge-sdk-test-{os.getpid()}"
+    try:
+        if (v1 / "memory.limit_in_bytes").exists():
+            folder = v1 / _own_cgroup(lambda c: "memory" in c.split(",")) / name
+            folder.mkdir()
+            (folder / "memory.limit_in_bytes").write_text(str(limit_mb * 2**20))
+            return folder, "v1"
+        v2 = Path("/sys/fs/cgroup")
+        if "memory" in (v2 / "cgroup.controllers").read_text().split():
+            folder = v2 / _own_cgroup(lambda c: c == "") / name
+            folder.mkdir()
+            if not (folder / "memory.max").exists():
+                folder.rmdir()
+                return None
+            (folder / "memory.max").write_text(str(limit_mb * 2**20))
+            return folder, "v2"
+    except OSError:
+        return None
+    return None
+
+
+def run_child(release: Path, hog_mb: int, cgroup: Path | None) -> dict:
+    def enter_cgroup() -> None:
+        if cgroup is not None:
+            (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(release), str(hog_mb), "1" if cgroup else "0"],
+                          capture_output=True, text=True, timeout=150, preexec_fn=enter_cgroup)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def check(report: dict) -> None:
+    assert report["errors"] == []
+    assert report["initial"] == "fp32"
+    assert report["stepped_down"], report
+    assert report["recovered"], report
+    kinds = [(e["kind"], e["to_precision"]) for e in report["events"]]
+    assert kinds[0] == ("initial", "fp32")
+    assert ("step_down", "int8") in kinds or [k for k in kinds if k[0] == "step_down"][-1][1] == "int8"
+    assert kinds[-1] == ("step_up", "fp32")
+    down = next(e for e in report["events"] if e["kind"] == "step_down")
+    assert "free memory" in down["reason"]
+    assert report["calls"] > 0
+
+
+def test_cgroup_memory_pressure_steps_down_and_back(cnn_release: Path) -> None:
+    made = make_memory_cgroup(limit_mb=600)
+    if made is None:
+        pytest.skip("cannot create a memory cgroup here (needs root and a writable cgroup fs); "
+                    "test_host_memory_pressure covers the policy on host memory")
+    folder, version = made
+    try:
+        report = run_child(cnn_release, hog_mb=240, cgroup=folder)
+    finally:
+        for _ in range(50):
+            try:
+                folder.rmdir()
+                break
+            except OSError:
+                import time
+
+                time.sleep(0.1)
+    # The monitor saw the cgroup's budget, not the host's gigabytes.
+    assert report["start"]["cgroup_limit_mb"] == pytest.approx(600), version
+    assert report["start"]["available_memory_mb"] < 600
+    assert report["pressure"]["available_memory_mb"] < report["start"]["available_memory_mb"] - 120
+    check(report)
+
+
+def test_host_memory_pressure_steps_down_and_back(cnn_release: Path) -> None:
+    import psutil
+
+    if psutil.virtual_memory().available < 3 * 2**30:
+        pytest.skip("needs 3 GB of free memory for a 1 GB hog")
+    report = run_child(cnn_release, hog_mb=1024, cgroup=None)
+    check(report)
