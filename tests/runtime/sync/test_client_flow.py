@@ -33,13 +33,24 @@ def _device_chunks(release: Path) -> set[str]:
     return {c.sha256 for e in files_for(manifest, select_variants(manifest, PROFILE)) for c in e.chunks}
 
 
-def _retained(broker, topic: str, timeout: float = 5.0) -> bytes:
-    box: queue.Queue[bytes] = queue.Queue()
+def _reported(broker, device: str, until, timeout: float = 10.0) -> dict:
+    """The device's reported state once ``until(state)`` holds.
+
+    The twin publishes asynchronously, so the retained copy read first may be one update old;
+    later publishes arrive on the same subscription.
+    """
+    box: queue.Queue[dict] = queue.Queue()
     t = Transport(TransportConfig.from_url(broker.url, client_id="reader", session_expiry_s=0))
-    t.subscribe(topic, lambda m: box.put(m.payload))
+    t.subscribe(Topics(FLEET).reported(device), lambda m: box.put(json.loads(m.payload)))
     t.start()
+    seen: list[dict] = []
     try:
-        return box.get(timeout=timeout)
+        while True:
+            seen.append(box.get(timeout=timeout))
+            if until(seen[-1]):
+                return seen[-1]
+    except queue.Empty:
+        raise AssertionError(f"reported state never matched; last seen: {seen[-1:]!r}") from None
     finally:
         t.stop()
 
@@ -73,8 +84,7 @@ def test_update_flow_moves_only_changed_chunks(published, sync_releases, release
         assert client.releases.highest_accepted("cnn") == 2
         # Same version again: nothing moves.
         assert client.sync("cnn", 2).status == "already-active"
-        reported = json.loads(_retained(published, Topics(FLEET).reported("cam-1")))
-        assert reported["release"] == {"model": "cnn", "version": 2}
+        reported = _reported(published, "cam-1", lambda r: r["release"] == {"model": "cnn", "version": 2})
         assert reported["backend"] == "onnxruntime" and reported["sync"]["state"] == "idle"
     finally:
         client.transport.stop()
@@ -166,7 +176,7 @@ def test_failed_self_test_keeps_the_previous_release(published, sync_releases, r
         assert client.releases.active().name == "cnn@v2"
         assert not client.releases.path_of("cnn", 3).exists()
         assert client.releases.highest_accepted("cnn") == 2  # v2 may still be desired again
-        reported = json.loads(_retained(published, Topics(FLEET).reported("cam-1")))
+        reported = _reported(published, "cam-1", lambda r: r.get("last_error") is not None)
         assert "self-test" in reported["last_error"]["reason"] and reported["release"]["version"] == 2
     finally:
         client.transport.stop()
@@ -227,8 +237,7 @@ def test_follows_desired_state_device_wins(published, release_keypair, tmp_path)
         assert client.wait_active("cnn", 2, timeout=60)
         assert client.twin.errors["bad_desired"] == 1
         assert {"max_cpu_percent": 80, "pin_precision": "int8"} in policies  # merged, device key added
-        reported = json.loads(_retained(published, Topics(FLEET).reported("cam-1")))
-        assert reported["policy"] == {"max_cpu_percent": 80, "pin_precision": "int8"}
+        _reported(published, "cam-1", lambda r: r.get("policy") == {"max_cpu_percent": 80, "pin_precision": "int8"})
     finally:
         client.stop()
 
