@@ -34,7 +34,7 @@ test: venv system-deps toolchains
 
 # Proof on aarch64: runtime, sync, align and daemon tests inside an arm64 Debian bookworm rootfs
 # under qemu-user (needs root: debootstrap, chroot, binfmt_misc; first run builds the rootfs).
-test-arm64:
+test-arm64: venv
 	bash scripts/test-arm64.sh
 
 clean:

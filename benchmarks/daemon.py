@@ -71,14 +71,28 @@ def timed(fn, calls: int) -> tuple[list[float], float]:
 
 
 def concurrent(fn, calls: int, workers: int) -> float:
+    """Calls per second with ``workers`` threads; any failed call fails the benchmark (a
+    throughput of errors is not a throughput)."""
     per = calls // workers
-    threads = [threading.Thread(target=lambda w=w: [fn(w * per + i) for i in range(per)]) for w in range(workers)]
+    errors: list[BaseException] = []
+
+    def work(w: int) -> None:
+        try:
+            for i in range(per):
+                fn(w * per + i)
+        except Exception as exc:  # re-raised below: a thread's exception would otherwise vanish
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(workers)]
     started = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return per * workers / (time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {workers} worker threads failed; first: {errors[0]!r}") from errors[0]
+    return per * workers / elapsed
 
 
 def main() -> None:
@@ -86,6 +100,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--release", type=Path)
+    parser.add_argument("--ready-timeout", type=float, default=120.0, help="seconds the daemon may take to be ready")
     args = parser.parse_args()
 
     import httpx
@@ -116,10 +131,13 @@ def main() -> None:
                             stdout=subprocess.DEVNULL, stderr=open(work / "daemon.log", "wb"))
     port_file = work / "state" / "http.port"
     url = None
+    deadline = time.monotonic() + args.ready_timeout
     try:
         while True:
             if proc.poll() is not None:
                 raise SystemExit(f"daemon exited: {(work / 'daemon.log').read_text()}")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"daemon not ready within {args.ready_timeout:g}s: {(work / 'daemon.log').read_text()}")
             if port_file.exists() and port_file.read_text().strip():
                 url = f"http://127.0.0.1:{port_file.read_text().strip()}"
                 try:
@@ -149,7 +167,9 @@ def main() -> None:
 
         # Same numbers as in-process (a benchmark of wrong answers is worthless).
         r = client.post("/v2/models/fusion/infer", content=bodies[0], headers={"Content-Type": "application/json"})
-        assert np.array_equal(np.asarray(r.json()["outputs"][0]["data"], np.float32).reshape(want.shape), want)
+        got = np.asarray(r.json()["outputs"][0]["data"], np.float32).reshape(want.shape)
+        if not np.array_equal(got, want):
+            raise SystemExit(f"the daemon's answer differs from in-process EdgeModel.run: {got} != {want}")
         for i in range(20):
             call_json(i)
             call_bin(i)
@@ -173,11 +193,13 @@ def main() -> None:
             if r.status_code != 200:
                 raise RuntimeError(r.text)
 
-        tput_bin_conc = concurrent(call_conc, args.calls, args.workers)
-        stop.set()
-        sampler.join()
-        for c in clients:
-            c.close()
+        try:
+            tput_bin_conc = concurrent(call_conc, args.calls, args.workers)
+        finally:  # a failed run must not leave the sampler thread keeping the process alive
+            stop.set()
+            sampler.join()
+            for c in clients:
+                c.close()
         client.close()
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -2,12 +2,15 @@
 
 ``convert`` plans one variant per (target, precision) that any requested profile can run (a
 variant shared by several profiles is built once), exports each with its target module, runs
-it with its own runtime backend against the FP32 ONNX original, gates it (accuracy and, for
-INT8, speed) and writes everything into a staging folder that is renamed into place at the end.
+it with its own runtime backend against the FP32 ONNX original, gates it (accuracy and speed,
+see :func:`~edge_sdk.converters.validate.gate`) and writes everything into a staging folder that
+is renamed into place at the end. A variant that fails in any way becomes a ``rejected`` row and
+the other variants still complete; only a full or read-only disk aborts the whole release.
 """
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -25,7 +28,7 @@ from ..types import PRECISION_LADDER, TARGET_BACKEND, Precision, Target
 from . import mixed_precision, validate
 from .calibration import SampleSet, load_labels, load_samples, random_samples
 from .loader import LoadedModel, load_model, parse_input_shapes
-from .release import Staging
+from .release import Staging, fatal_write_error
 from .targets.base import CalibrationMethod, ExportRequest, ExportResult, ExportTarget, Feeds, get_target
 
 ProgressCallback = Callable[[str, int, int], None]
@@ -106,8 +109,9 @@ def convert(
     ``output`` unless the whole conversion succeeds.
     """
     started = time.perf_counter()
+    resolved, profile_notes = _resolve_profiles(profiles)
     config = ConvertConfig(
-        profiles=_resolve_profiles(profiles),
+        profiles=resolved,
         targets=_resolve_targets(targets),
         max_accuracy_drop=float(max_accuracy_drop),
         calibration_method=_method(calibration_method),
@@ -123,7 +127,7 @@ def convert(
     model_path = Path(model)
     notify = progress or (lambda step, done, total: None)
     total = 3 + len(plan)
-    report: dict = {"profiles": [p.id for p in config.profiles], "warnings": [], "notes": []}
+    report: dict = {"profiles": [p.id for p in config.profiles], "warnings": [], "notes": list(profile_notes)}
 
     with Staging(Path(output), sign_key) as stage, tempfile.TemporaryDirectory(prefix="edge-sdk-convert-") as tmp:
         work = Path(tmp)
@@ -151,6 +155,9 @@ def convert(
         # The reference is the user's model as given: a pruned FP32 variant shows what pruning cost.
         notify("running FP32 reference", 2, total)
         reference = _Reference.build(loaded, validation_set.samples, config)
+        # Ratios in the report table are against this, whether or not an onnx-fp32 variant is built.
+        report["reference"] = {"what": "source model, FP32 ONNX in onnxruntime",
+                               "size_bytes": loaded.path.stat().st_size, "latency_ms": round(reference.latency_ms, 4)}
         if prune_spec is not None:
             notify(f"pruning ({prune_spec[0]}:{prune_spec[1]:g})", 2, total)
             loaded, report["prune"] = _prune(loaded, prune_spec, work)
@@ -160,6 +167,9 @@ def convert(
         for index, planned in enumerate(plan):
             notify(f"{planned.id}: export + validate", 3 + index, total)
             variants.extend(run.build(planned))
+        if run.reference_ms:
+            # The reference timed alongside each variant (warm, under the same load) is the fairer yardstick.
+            report["reference"]["latency_ms"] = round(statistics.median(run.reference_ms), 4)
         notify("writing release", total, total)
 
         self_test = stage.write_self_test(validation_set.samples[0], reference.outputs[0])
@@ -261,9 +271,31 @@ class _Run:
     # Accuracy drop (points) of plain FP32 and INT8 per target: decides whether MIXED is searched.
     fp32_drop: dict[Target, float] = field(default_factory=dict)
     int8_drop: dict[Target, float] = field(default_factory=dict)
+    reference_ms: list[float] = field(default_factory=list)  # the reference's paired latency per variant
 
     def build(self, planned: _Planned) -> list[Variant]:
-        """Export and validate one planned variant; an unusable target becomes a rejected entry."""
+        """Export and validate one planned variant; whatever fails becomes its rejected entry.
+
+        Only a full or read-only disk aborts (the whole release is then removed). Files the
+        variant wrote but the manifest will not list (failed exports, a mixed-precision search
+        that kept nothing) are deleted, so the release folder holds exactly what it lists.
+        """
+        before = _files(self.stage_dir)
+        try:
+            variants = self._build(planned)
+        except Exception as exc:  # noqa: BLE001 - one broken converter must not sink the other targets
+            fatal = fatal_write_error(exc)
+            if fatal is not None:
+                raise fatal from None
+            what = "mixed precision search" if planned.precision == Precision.MIXED else "export"
+            variants = [self._rejected(planned, TARGET_BACKEND[planned.target], f"{what} failed: {_describe(exc)}")]
+        listed = {(self.stage_dir / f.path).resolve() for v in variants for f in v.files}
+        for path in sorted(_files(self.stage_dir) - before - listed, reverse=True):
+            path.unlink()
+        _remove_empty_dirs(self.stage_dir)
+        return variants
+
+    def _build(self, planned: _Planned) -> list[Variant]:
         try:
             target = get_target(planned.target)
             target.check_available()
@@ -271,18 +303,15 @@ class _Run:
             # ImportError: the target's module (or a package it needs) is not installed.
             if planned.precision == Precision.MIXED:
                 return []
-            return [self._rejected(planned, target_backend(planned.target), f"target unavailable: {exc}")]
-        if planned.precision not in target.precisions():
+            return [self._rejected(planned, TARGET_BACKEND[planned.target], f"target unavailable: {exc}")]
+        unavailable = target.unavailable_reason(planned.precision)
+        if unavailable:
             if planned.precision == Precision.MIXED:
                 return []  # this target cannot keep islands in FP32; plain INT8 stands alone
-            return [self._rejected(planned, target.backend, f"{planned.target.value} cannot export {planned.precision.value} here")]
+            return [self._rejected(planned, target.backend, unavailable)]
         if planned.precision == Precision.MIXED:
             return self._build_mixed(planned, target)
-        try:
-            result = target.export(self._request(planned))
-        except EdgeSDKError as exc:
-            return [self._rejected(planned, target.backend, f"export failed: {exc}")]
-        return [self._validated(planned, target, result)]
+        return [self._validated(planned, target, target.export(self._request(planned)))]
 
     def _build_mixed(self, planned: _Planned, target: ExportTarget) -> list[Variant]:
         """Accuracy-aware INT8: only when plain INT8 misses ``max_accuracy_drop`` and calibration exists."""
@@ -299,14 +328,11 @@ class _Run:
             return target.export(self._request(planned, nodes_to_exclude=kept))
 
         def evaluate(result: ExportResult) -> Validation:
-            session = self._load(target, result)
+            session = self._load(target, result, planned.precision)
             return validate.compare(self.reference.outputs, validate.run_all(session, self.validation_set.samples), self.metric)
 
-        try:
-            found = mixed_precision.search(export, evaluate, self.loaded.path, self.validation_set.samples,
-                                           self.config.max_accuracy_drop)
-        except EdgeSDKError as exc:
-            return [self._rejected(planned, target.backend, f"mixed precision search failed: {exc}")]
+        found = mixed_precision.search(export, evaluate, self.loaded.path, self.validation_set.samples,
+                                       self.config.max_accuracy_drop)
         self.report.setdefault("mixed_precision", {})[planned.target.value] = {
             "reached": found.reached, "kept_fp32": found.kept_fp32, "trials": found.trials,
             "ranking": [[name, round(err, 6)] for name, err in found.ranking[:20]],
@@ -326,10 +352,10 @@ class _Run:
                           backend=target.backend, files=files, inputs=result.inputs, outputs=result.outputs,
                           size_bytes=sum(f.size for f in files))
         try:
-            session = self._load(target, result)
+            session = self._load(target, result, planned.precision)
             outputs = validate.run_all(session, self.validation_set.samples)
-        except EdgeSDKError as exc:
-            variant.status, variant.reason = "rejected", f"does not run in {target.backend}: {exc}"
+        except Exception as exc:  # noqa: BLE001 - a backend that cannot run it rejects this variant only
+            variant.status, variant.reason = "rejected", f"does not run in {target.backend}: {_describe(exc)}"
             return variant
         validation = validate.compare(self.reference.outputs, outputs, self.metric)
         validation.notes = list(result.notes)
@@ -340,11 +366,11 @@ class _Run:
         ref_ms, latency = validate.paired_latency_ms(self.reference.session, session, self.validation_set.samples[0],
                                                      runs=self.config.latency_runs)
         variant.latency_ms = round(latency, 4)
+        self.reference_ms.append(ref_ms)
         reasons = []
         if planned.precision in _QUANTIZED and result.nodes_quantized == 0:
             reasons.append("nothing was quantized (the file is still FP32)")
-        reason = validate.gate(validation, latency, ref_ms, max_drop=self.config.max_accuracy_drop,
-                               check_speed=planned.precision in _QUANTIZED)
+        reason = validate.gate(validation, latency, ref_ms, planned.precision, max_drop=self.config.max_accuracy_drop)
         if reason:
             reasons.append(reason)
         if planned.precision in (Precision.FP32, Precision.INT8):
@@ -354,12 +380,14 @@ class _Run:
             variant.status, variant.reason = "rejected", "; ".join(reasons)
         return variant
 
-    def _load(self, target: ExportTarget, result: ExportResult) -> Session:
+    def _load(self, target: ExportTarget, result: ExportResult, precision: Precision) -> Session:
+        """Load an artifact the way a device does: the precision sets OpenVINO's hint and ncnn's fp16/int8 flags."""
         try:
             backend = get_backend(target.backend)
         except ImportError as exc:  # the backend's module or native package is missing
             raise BackendError(f"runtime backend {target.backend!r} is not available: {exc}") from None
-        return backend.load(result.files, result.inputs, result.outputs, BackendOptions(threads=self.config.latency_threads))
+        return backend.load(result.files, result.inputs, result.outputs,
+                            BackendOptions(threads=self.config.latency_threads, precision=precision))
 
     def _request(self, planned: _Planned, nodes_to_exclude: Sequence[str] = ()) -> ExportRequest:
         quantized = planned.precision in _QUANTIZED
@@ -377,8 +405,21 @@ class _Run:
                        status="rejected", reason=reason)
 
 
-def target_backend(target: Target) -> str:
-    return TARGET_BACKEND[target]
+def _describe(exc: Exception) -> str:
+    """Our own errors already name what failed; anything else is named by its type too."""
+    if isinstance(exc, EdgeSDKError):
+        return str(exc)
+    return f"{type(exc).__name__}: {str(exc).strip() or '(no message)'}"
+
+
+def _files(folder: Path) -> set[Path]:
+    return {p.resolve() for p in folder.rglob("*") if p.is_file()}
+
+
+def _remove_empty_dirs(folder: Path) -> None:
+    for path in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
+        if not any(path.iterdir()):
+            path.rmdir()
 
 
 def _samples(calibration, validation, inputs: Sequence[TensorSpec], config: ConvertConfig) -> tuple[SampleSet | None, SampleSet]:
@@ -422,15 +463,22 @@ def _check_feeds(samples: list[Feeds], inputs: Sequence[TensorSpec], what: str) 
             raise ConfigError(f"{what} sample {index}: {exc}") from None
 
 
-def _resolve_profiles(profiles: Sequence[str] | str) -> tuple[DeviceProfile, ...]:
+def _resolve_profiles(profiles: Sequence[str] | str) -> tuple[tuple[DeviceProfile, ...], list[str]]:
+    """(profiles, notes): the notes say which profile ``auto`` picked and why."""
     ids = [profiles] if isinstance(profiles, str) else list(profiles)
     if not ids:
         raise ConfigError("no device profile given (use 'auto' to detect this machine's)")
     resolved: dict[str, DeviceProfile] = {}
+    notes = []
     for profile_id in ids:
-        profile = detect_profile().profile if profile_id == "auto" else get_profile(profile_id)
+        if profile_id == "auto":
+            detection = detect_profile()
+            profile = detection.profile
+            notes.append(f"--profile auto: {detection.explain()}")
+        else:
+            profile = get_profile(profile_id)
         resolved.setdefault(profile.id, profile)
-    return tuple(resolved.values())
+    return tuple(resolved.values()), notes
 
 
 def _resolve_targets(targets: Sequence[str | Target] | None) -> frozenset[Target] | None:

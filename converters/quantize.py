@@ -13,15 +13,17 @@ import contextlib
 import io
 import logging
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import onnx
 
 from ..errors import ConversionError
 from .targets.base import CalibrationMethod, Feeds
 
+T = TypeVar("T")
 QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _SUBGRAPH_OPS = ("If", "Loop", "Scan")
 
@@ -57,7 +59,8 @@ def quantize_dynamic_int8(src: Path, dst: Path) -> QuantizeReport:
     try:
         quiet(lambda: quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8))
     except Exception as exc:
-        raise ConversionError(f"dynamic int8 quantization failed: {_first_line(exc)}") from None
+        dst.unlink(missing_ok=True)
+        raise ConversionError(f"dynamic int8 quantization failed: {_first_line(exc)}") from exc
     return _count(dst, "dynamic")
 
 
@@ -101,7 +104,8 @@ def quantize_static_int8(src: Path, dst: Path, calibration: Sequence[Feeds], *,
                 extra_options={"CalibTensorRangeSymmetric": False, "CalibMovingAverage": False},
             ))
         except Exception as exc:
-            raise ConversionError(f"static int8 quantization ({method.value}) failed: {_first_line(exc)}") from None
+            dst.unlink(missing_ok=True)  # e.g. a full disk mid-write: no half-written model stays behind
+            raise ConversionError(f"static int8 quantization ({method.value}) failed: {_first_line(exc)}") from exc
     report = _count(dst, "static")
     report.notes[:0] = notes
     report.notes.append(f"static QDQ, {'per-channel' if per_channel else 'per-tensor'} weights, "
@@ -139,9 +143,9 @@ def _count(path: Path, kind: str) -> QuantizeReport:
     return report
 
 
-def quiet(call) -> None:
+def quiet(call: Callable[[], T]) -> T:
     # onnxruntime's quantizer logs per-tensor chatter at INFO/WARNING and its entropy/percentile
-    # calibrators print() to stdout; keep the CLI output (and `--json`) clean.
+    # calibrators (and NNCF's progress bars) print to stdout; keep the CLI output (and `--json`) clean.
     import onnxruntime as ort
 
     ort.set_default_logger_severity(3)  # sessions the quantizer opens: no C++ warnings on stderr
@@ -149,7 +153,7 @@ def quiet(call) -> None:
     logging.disable(logging.WARNING)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            call()
+            return call()
     finally:
         logging.disable(previous)
 

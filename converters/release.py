@@ -102,6 +102,22 @@ def _fsync_tree(folder: Path) -> None:
             os.close(fd)
 
 
+# A full or read-only disk fails every later write too: it aborts the release instead of rejecting one variant.
+_FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+def fatal_write_error(exc: BaseException) -> OSError | None:
+    """The disk-full/read-only OSError behind ``exc`` (itself, or what it was raised from), or None."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno in _FATAL_ERRNOS:
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def _os_error(output: Path, exc: OSError) -> ConversionError | ConfigError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return ConversionError(f"output {output}: disk full while writing the release ({exc.strerror}); nothing was written")

@@ -13,6 +13,18 @@ from .errors import ConfigError
 M = TypeVar("M", bound=BaseModel)
 
 
+class FieldError(ValueError):
+    """Raised by a cross-field (model) validator to blame one field instead of the whole model.
+
+    ``loc`` is the key path below the model being validated (e.g. ``("sync", "broker")``), so the
+    error message names that key and its line rather than "(top level)".
+    """
+
+    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
+        self.loc = loc
+        super().__init__(message)
+
+
 class StrictModel(BaseModel):
     """Base for every config model: unknown keys are errors, values are not coerced silently."""
 
@@ -20,14 +32,20 @@ class StrictModel(BaseModel):
 
 
 def _line_of(node: yaml.Node | None, loc: tuple[object, ...]) -> int | None:
-    """Walk a composed YAML node tree along a pydantic error location to find its line."""
+    """Walk a composed YAML node tree along a pydantic error location to find its line.
+
+    A key that is not in the file (a missing required key) gets the line of the deepest node
+    that is: the mapping it is missing from.
+    """
     for key in loc:
+        child = None
         if isinstance(node, yaml.MappingNode):
-            node = next((v for k, v in node.value if k.value == key), None)
+            child = next((v for k, v in node.value if k.value == key), None)
         elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
-            node = node.value[key]
-        else:
+            child = node.value[key]
+        if child is None:
             break
+        node = child
     return node.start_mark.line + 1 if node is not None else None
 
 
@@ -42,10 +60,13 @@ def describe_validation_error(source: str, error: ValidationError, text: str | N
     parts = []
     for item in error.errors():
         loc = tuple(item["loc"])
+        msg = item["msg"]
+        blamed = item.get("ctx", {}).get("error")
+        if isinstance(blamed, FieldError):
+            loc, msg = loc + blamed.loc, str(blamed)
         key = ".".join(str(p) for p in loc) or "(top level)"
         line = _line_of(root, loc) if root is not None else None
         where = f"{key} (line {line})" if line else key
-        msg = item["msg"]
         if item["type"] == "extra_forbidden":
             msg = "unknown key"
         parts.append(f"{where}: {msg}")

@@ -80,7 +80,9 @@ def bench_variant(release_dir: Path, manifest: Manifest, variant: Variant, *, ru
             for _ in range(max(warmup, 1)):
                 session.run(inputs)
             load_ms = (time.perf_counter() - started) * 1000
-            rss_mb = (process.memory_info().rss - rss_before) / MB
+            # RSS growth reads 0 when the allocator reuses memory an earlier variant freed, but the
+            # weights are resident either way: report at least their size.
+            rss_mb = max((process.memory_info().rss - rss_before) / MB, sum(f.size for f in variant.files) / MB)
             times = []
             loop_start = time.perf_counter()
             for _ in range(runs):
@@ -94,4 +96,4 @@ def bench_variant(release_dir: Path, manifest: Manifest, variant: Variant, *, ru
         return BenchResult(**base, runs=0, p50_ms=None, p95_ms=None, p99_ms=None, mean_ms=None,
                            throughput_per_s=None, rss_mb=None, load_ms=None, error=str(exc))
     return BenchResult(**base, runs=runs, **percentiles(times), throughput_per_s=runs / loop_s,
-                       rss_mb=max(rss_mb, 0.0), load_ms=load_ms)
+                       rss_mb=rss_mb, load_ms=load_ms)

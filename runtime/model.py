@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from ..errors import BackendError, ConfigError, EdgeSDKError, InputError, IntegrityError, MissingDependencyError
 from ..manifest import Manifest, Variant, load_manifest, verify_file
@@ -37,7 +38,7 @@ from ..profiles import DeviceProfile, PolicySettings, detect_profile, get_profil
 from ..types import Precision
 from .backends.base import BackendOptions, Session, get_backend
 from .monitor import MB, ResourceMonitor, ResourceSample, ResourceSource, SystemSource
-from .policy import EventKind, PolicyEvent, PrecisionPolicy, parse_precision
+from .policy import EventKind, PolicyEvent, PolicyOverride, PrecisionPolicy, parse_precision
 from .selection import Plan, plan_variants, rejected_reason
 
 PUBLIC_KEY_ENV = "EDGE_SDK_PUBLIC_KEY"  # path of the fleet's release-signing public key (PEM)
@@ -52,9 +53,10 @@ def _rss_mb() -> float:
 class _Slot:
     """One loaded variant plus the number of calls running on it."""
 
-    __slots__ = ("session", "variant", "refs", "retired", "closed", "load_ms", "rss_delta_mb", "lock")
+    __slots__ = ("session", "variant", "refs", "retired", "closed", "load_ms", "rss_delta_mb", "lock", "check_finite")
 
-    def __init__(self, session: Session, variant: Variant, load_ms: float, rss_delta_mb: float) -> None:
+    def __init__(self, session: Session, variant: Variant, load_ms: float, rss_delta_mb: float,
+                 check_finite: bool) -> None:
         self.session = session
         self.variant = variant
         self.refs = 0
@@ -64,6 +66,7 @@ class _Slot:
         self.rss_delta_mb = rss_delta_mb
         # Backends whose native session is not thread-safe say so (``thread_safe = False``).
         self.lock = None if getattr(session, "thread_safe", True) else threading.Lock()
+        self.check_finite = check_finite  # scan inputs for NaN/inf before this variant runs
 
     def close(self) -> None:
         try:
@@ -86,7 +89,7 @@ class ModelInfo:
     variant: str
     threads: int | None
     load_time_ms: float
-    memory_mb: float  # process RSS growth when this variant was loaded
+    memory_mb: float  # process RSS growth when this variant was loaded, at least its weights
     pinned: bool
     available_precisions: list[str]
     last_decision: dict[str, Any] | None
@@ -143,7 +146,10 @@ class EdgeModel:
         self._swaps = 0
         self._unsubscribe: Callable[[], None] | None = None
         self._owns_monitor = False
-        self._reject_non_finite = False
+        self._reject_non_finite: bool | None = None  # None: only for quantized variants
+        self._base_settings = policy.settings  # what set_policy overrides are laid over
+        self._policy_pin: Precision | None = None  # a pin that came from set_policy
+        self._unavailable: str | None = None  # why no variant serves (both loads of a paused swap failed)
         self._self_test: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
 
     # ------------------------------------------------------------------------------------------
@@ -154,7 +160,7 @@ class EdgeModel:
              backend: str | None = None, *, public_key: Any = None, threads: int | None = None,
              monitor: ResourceMonitor | ResourceSource | bool | None = None, interval_s: float = 1.0,
              policy: PolicySettings | None = None, swap_reserve_mb: float = 64.0,
-             reject_non_finite: bool = False) -> EdgeModel:
+             reject_non_finite: bool | None = None) -> EdgeModel:
         """Verify and load a release folder.
 
         ``profile``: a profile id, a profile YAML path, a :class:`DeviceProfile`, or ``"auto"``.
@@ -166,8 +172,10 @@ class EdgeModel:
         :class:`ResourceMonitor` to inject one; ``False`` for no automatic switching.
         ``policy`` overrides the profile's thresholds/hysteresis/dwell. ``swap_reserve_mb``: free
         memory to keep beyond a second session's size, else a switch pauses calls instead.
-        ``reject_non_finite``: raise :class:`InputError` for NaN/inf inputs (quantized variants
-        turn them into plausible-looking garbage) at the cost of one scan per input.
+        ``reject_non_finite``: raise :class:`InputError` for NaN/inf inputs, at the cost of one
+        scan per input. ``None`` (default) does so while an INT8/mixed variant serves - quantizing
+        turns NaN into plausible-looking garbage - and lets float variants propagate NaN as is;
+        ``True``/``False`` force it on/off for every variant.
         """
         release_dir = Path(release_dir)
         if not release_dir.is_dir():
@@ -278,14 +286,25 @@ class EdgeModel:
         options = dataclasses.replace(self._options, precision=variant.precision)
         rss_before = _rss_mb()
         started = time.perf_counter()
-        session = get_backend(variant.backend).load(files, variant.inputs, variant.outputs, options)
         try:
-            self._check_self_test(session, variant)  # doubles as the warm-up run
-        except BaseException:
-            session.close()
+            session = get_backend(variant.backend).load(files, variant.inputs, variant.outputs, options)
+            try:
+                self._check_self_test(session, variant)  # doubles as the warm-up run
+            except BaseException:
+                session.close()
+                raise
+        except EdgeSDKError:
             raise
+        except Exception as exc:  # e.g. MemoryError from a native runtime: keep callers on one error tree
+            raise BackendError(f"loading {variant.id} failed: {type(exc).__name__}: {exc}") from exc
         load_ms = (time.perf_counter() - started) * 1000
-        return _Slot(session, variant, load_ms, max(_rss_mb() - rss_before, 0.0))
+        check = self._reject_non_finite
+        if check is None:
+            check = variant.precision in (Precision.INT8, Precision.MIXED)
+        # RSS growth under-reports when the allocator reuses memory an earlier session freed (it
+        # reads 0 for a small model), but the weights are resident either way: at least their size.
+        weights_mb = sum(f.size for f in variant.files) / MB
+        return _Slot(session, variant, load_ms, max(_rss_mb() - rss_before, weights_mb), check)
 
     def _check_self_test(self, session: Session, variant: Variant) -> None:
         if self._self_test is None:
@@ -317,8 +336,6 @@ class EdgeModel:
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the active variant on ``inputs`` (original names, dtypes and layout)."""
         # Same as run_traced, inlined: this is the per-inference overhead (see benchmarks/runtime.py).
-        if self._reject_non_finite:
-            _check_finite(inputs)
         lock = self._lock
         with lock:
             slot = self._active
@@ -326,6 +343,8 @@ class EdgeModel:
                 slot = self._wait_for_slot()
             slot.refs += 1
         try:
+            if slot.check_finite:
+                _check_finite(inputs, slot.variant)
             if slot.lock is None:
                 return slot.session.run(inputs)
             with slot.lock:
@@ -343,8 +362,6 @@ class EdgeModel:
 
     def run_traced(self, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Variant]:
         """Like :meth:`run`, also returning the variant that served the call."""
-        if self._reject_non_finite:
-            _check_finite(inputs)
         # Hot path: one plain-lock round trip on each side of the call (C-level, no Python
         # frames); the condition variable is only touched while a paused swap is under way.
         lock = self._lock
@@ -354,6 +371,8 @@ class EdgeModel:
                 slot = self._wait_for_slot()
             slot.refs += 1
         try:
+            if slot.check_finite:
+                _check_finite(inputs, slot.variant)
             if slot.lock is None:
                 return slot.session.run(inputs), slot.variant
             with slot.lock:
@@ -374,8 +393,13 @@ class EdgeModel:
         while self._paused:
             self._cond.wait()
         if self._active is None:
-            raise EdgeSDKError("model is closed" if self._closed else "model has no loaded variant")
+            raise self._no_variant()
         return self._active
+
+    def _no_variant(self) -> EdgeSDKError:
+        if self._closed:
+            return EdgeSDKError("model is closed")
+        return BackendError("model has no loaded variant" + (f": {self._unavailable}" if self._unavailable else ""))
 
     # ------------------------------------------------------------------------------------------
     # Switching
@@ -418,7 +442,9 @@ class EdgeModel:
         try:
             swap_ms, paused = self._swap(event.to_precision, sample)  # type: ignore[arg-type]
         except EdgeSDKError as exc:
-            return self.policy.report_failure(event, current, str(exc))  # type: ignore[arg-type]
+            # With no variant serving (a paused swap lost both), the policy stays where it was.
+            actual = current if current is not None else event.from_precision
+            return self.policy.report_failure(event, actual, str(exc))  # type: ignore[arg-type]
         done = dataclasses.replace(event, swap_ms=swap_ms, paused=paused,
                                    reason=event.reason + (" (paused calls: not enough memory for both variants)" if paused else ""))
         self.policy.record(done)
@@ -460,23 +486,31 @@ class EdgeModel:
             while self._active is not None and self._active.refs > 0:
                 self._cond.wait()
             old = self._active
+        new: _Slot | None = None
         try:
             if old is not None:
                 old.closed = True
                 old.close()
             try:
                 new = self._open(precision)
-            except EdgeSDKError:
-                if old is not None:
-                    # Bring the previous variant back before reporting the failure.
-                    restored = self._open(old.variant.precision)
-                    with self._cond:
-                        self._active = restored
+            except EdgeSDKError as exc:
+                if old is None:
+                    raise
+                # Bring the previous variant back before reporting the failure.
+                try:
+                    new = self._open(old.variant.precision)
+                except EdgeSDKError as restore_exc:
+                    # Nothing serves now: callers get this reason (a BackendError) until a later
+                    # switch loads a variant again.
+                    self._unavailable = (f"switching to {precision} failed ({exc}) and reloading "
+                                         f"{old.variant.precision} failed too ({restore_exc})")
+                    raise BackendError(self._unavailable) from exc
                 raise
-            with self._cond:
-                self._active = new
         finally:
             with self._cond:
+                self._active = new  # never the closed old slot
+                if new is not None:
+                    self._unavailable = None
                 self._paused = False
                 self._cond.notify_all()
 
@@ -515,6 +549,42 @@ class EdgeModel:
             event = self.policy.unpin(sample)
             return self._carry_out(event, sample)
 
+    def set_policy(self, policy: PolicyOverride | dict[str, Any]) -> PolicyEvent | None:
+        """Apply runtime policy overrides now, without reloading (e.g. from the twin's desired state).
+
+        ``policy`` (a :class:`PolicyOverride` or a mapping of its keys) replaces any earlier
+        overrides: thresholds, hysteresis and dwell are laid over the settings the model was
+        loaded with, so a key left out goes back to those. ``pin_precision`` pins (``None``
+        unpins); a pin made by an earlier ``set_policy`` and left out now is released. Without a
+        pin change the policy re-evaluates at once on a fresh reading, so a new threshold takes
+        effect immediately. Returns the resulting decision, if any. Raises :class:`ConfigError`
+        for an invalid policy or a precision this release cannot serve (nothing is changed then).
+        """
+        if not isinstance(policy, PolicyOverride):
+            try:
+                policy = PolicyOverride.model_validate(policy)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+                raise ConfigError(f"policy {where}: {'unknown key' if first['type'] == 'extra_forbidden' else first['msg']}") from None
+        pin = policy.pin_precision
+        if pin is not None and pin not in self.plan.candidates:
+            raise ConfigError(f"cannot pin {pin}: no usable {pin} variant in this release for profile "
+                              f"{self.plan.profile.id!r} (available: {', '.join(p.value for p in self.plan.precisions)})")
+        with self._swap_lock:
+            self.policy.configure(policy.apply_to(self._base_settings))
+        if pin is not None:
+            event = self.pin(pin)
+            self._policy_pin = pin
+            return event
+        if policy.sets_pin or self._policy_pin is not None:
+            self._policy_pin = None
+            if self.policy.pinned is not None:
+                return self.unpin()
+        if self.monitor is None or self._closed:
+            return None
+        return self.evaluate()
+
     # ------------------------------------------------------------------------------------------
     # Introspection and lifetime
 
@@ -522,7 +592,7 @@ class EdgeModel:
     def precision(self) -> Precision:
         slot = self._active
         if slot is None:
-            raise EdgeSDKError("model is closed")
+            raise self._no_variant()
         return slot.variant.precision
 
     @property
@@ -538,7 +608,7 @@ class EdgeModel:
         """Backend, precision, variant, threads, load time, memory, pinned?, last decision."""
         slot = self._active
         if slot is None:
-            raise EdgeSDKError("model is closed")
+            raise self._no_variant()
         last = self.policy.last_event
         variant = slot.variant
         return ModelInfo(
@@ -580,12 +650,14 @@ class EdgeModel:
         return f"<EdgeModel {self.manifest.model} v{self.manifest.version}: {state}>"
 
 
-def _check_finite(inputs: dict[str, np.ndarray]) -> None:
+def _check_finite(inputs: dict[str, np.ndarray], variant: Variant) -> None:
     if isinstance(inputs, dict):
         for name, array in inputs.items():
             if isinstance(array, np.ndarray) and array.dtype.kind in "fc" and not np.isfinite(array).all():
                 bad = int(array.size - np.count_nonzero(np.isfinite(array)))
-                raise InputError(f"input {name!r}: {bad} of {array.size} values are NaN or infinite")
+                raise InputError(f"input {name!r}: {bad} of {array.size} values are NaN or infinite, which the "
+                                 f"{variant.precision} variant {variant.id} cannot represent "
+                                 "(load with reject_non_finite=False to pass them through)")
 
 
 def combine_errors(errors: list[EdgeSDKError]) -> EdgeSDKError:

@@ -327,12 +327,20 @@ class FakeSource:
             "available_memory_mb": 8192.0, "process_rss_mb": 100.0, "cpu_percent": 10.0,
             "temperature_c": 45.0, "throttled": False,
         }
+        self._check_keys(values)
         self.values.update(values)
         self._script = iter(script) if script is not None else None
         self._lock = threading.Lock()
         self.samples_taken = 0
 
+    def _check_keys(self, values: dict[str, float | bool | None]) -> None:
+        # A misspelt key would otherwise leave the default in place and the test pass for the wrong reason.
+        unknown = sorted(set(values) - set(self.values))
+        if unknown:
+            raise ConfigError(f"FakeSource: unknown reading(s) {unknown} (known: {sorted(self.values)})")
+
     def set(self, **values: float | bool | None) -> None:
+        self._check_keys(values)
         with self._lock:
             self.values.update(values)
 
@@ -341,6 +349,7 @@ class FakeSource:
             if self._script is not None:
                 step = next(self._script, None)
                 if step is not None:
+                    self._check_keys(step)
                     self.values.update(step)
             self.samples_taken += 1
             v = dict(self.values)

@@ -26,6 +26,9 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
+from pydantic import Field
+
+from ..config import StrictModel
 from ..errors import ConfigError
 from ..profiles import Hysteresis, PolicySettings, Thresholds
 from ..types import PRECISION_LADDER, Precision
@@ -77,6 +80,58 @@ def parse_precision(value: str | Precision) -> Precision:
         raise ConfigError(f"unknown precision {value!r} (choose from {', '.join(p.value for p in Precision)})") from None
 
 
+class ThresholdsOverride(StrictModel):
+    """Per-precision limits to override; an absent field keeps the profile's value."""
+
+    min_free_memory_mb: float | None = Field(None, ge=0)
+    max_cpu_percent: float | None = Field(None, gt=0, le=100)
+    max_temperature_c: float | None = Field(None, gt=0)
+
+
+class HysteresisOverride(StrictModel):
+    """Hysteresis margins to override; an absent field keeps the profile's value."""
+
+    memory_mb: float | None = Field(None, ge=0)
+    cpu_percent: float | None = Field(None, ge=0)
+    temperature_c: float | None = Field(None, ge=0)
+
+
+class PolicyOverride(StrictModel):
+    """Runtime policy set from outside (the twin's desired ``policy``), applied without reloading.
+
+    Key names follow the profile's ``policy`` section (``thresholds.<precision>.max_cpu_percent``,
+    ``hysteresis.memory_mb``, ``min_dwell_s``). ``pin_precision`` pins a precision; an explicit
+    ``null`` unpins; leaving it out leaves the pin as it is. Unknown keys are errors, so a typo in
+    the cloud cannot be silently ignored on every device.
+    """
+
+    pin_precision: Precision | None = None
+    thresholds: dict[Precision, ThresholdsOverride] = Field(default_factory=dict)
+    hysteresis: HysteresisOverride = HysteresisOverride()
+    min_dwell_s: float | None = Field(None, ge=0)
+
+    @property
+    def sets_pin(self) -> bool:
+        """Whether ``pin_precision`` was given (``None`` given means unpin)."""
+        return "pin_precision" in self.model_fields_set
+
+    def as_dict(self) -> dict[str, Any]:
+        """Only what was set, JSON-ready (an explicit ``pin_precision: null`` is kept)."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+    def apply_to(self, settings: PolicySettings) -> PolicySettings:
+        """``settings`` with these overrides laid over it (``settings`` itself is not changed)."""
+        thresholds = dict(settings.thresholds)
+        for precision, override in self.thresholds.items():
+            base = thresholds.get(precision, Thresholds())
+            thresholds[precision] = base.model_copy(update=override.model_dump(exclude_none=True))
+        return PolicySettings(
+            thresholds=thresholds,
+            hysteresis=settings.hysteresis.model_copy(update=self.hysteresis.model_dump(exclude_none=True)),
+            min_dwell_s=settings.min_dwell_s if self.min_dwell_s is None else self.min_dwell_s,
+        )
+
+
 def _rank(precision: Precision) -> int:
     return PRECISION_LADDER.index(precision)
 
@@ -107,6 +162,11 @@ class PrecisionPolicy:
         self._subscribers: list[Callable[[PolicyEvent], None]] = []
 
     # -- conditions ----------------------------------------------------------------------------
+    def configure(self, settings: PolicySettings) -> None:
+        """Replace thresholds, hysteresis and dwell; the next decision uses them."""
+        with self._lock:
+            self.settings = settings
+
     def thresholds(self, precision: Precision) -> Thresholds | None:
         return self.settings.thresholds.get(precision)
 

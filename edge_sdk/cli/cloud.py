@@ -23,12 +23,19 @@ _BROKER = typer.Option(..., "--broker", help="mqtt://[user:pass@]host[:port] or 
 _FLEET = typer.Option(..., "--fleet", help="Fleet name (topic prefix edge/<fleet>).")
 _PREFIX = typer.Option("", "--prefix", help="Topic prefix instead of edge/<fleet>.")
 _CA = typer.Option(None, "--ca", help="CA certificate for mqtts:// brokers.")
+_CERT = typer.Option(None, "--cert", help="Client certificate (PEM) for brokers that require one; needs --ca.")
+_KEY = typer.Option(None, "--key", help="Private key (PEM) of --cert, if not in the same file.")
 
 
-def _tls(ca: Path | None):
+def _tls(ca: Path | None, cert: Path | None = None, key: Path | None = None):
+    from ..errors import ConfigError
     from ..runtime.sync.transport import TlsConfig
 
-    return TlsConfig(ca_certs=ca) if ca else None
+    if key is not None and cert is None:
+        raise ConfigError("--key is the private key of a client certificate: give --cert as well")
+    if cert is not None and ca is None:
+        raise ConfigError("--cert is for TLS (mqtts://): give the broker's CA with --ca as well")
+    return TlsConfig(ca_certs=ca, certfile=cert, keyfile=key) if ca else None
 
 
 def _bytes_bar(description: str) -> Progress:
@@ -45,6 +52,8 @@ def publish(
     force: bool = typer.Option(False, "--force", help="Publish every chunk, even those already on the broker."),
     prefix: str = _PREFIX,
     ca: Path = _CA,
+    cert: Path = _CERT,
+    key: Path = _KEY,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Publish a release: missing chunks as retained blobs, then the signed manifest."""
@@ -52,7 +61,8 @@ def publish(
 
     with _bytes_bar(f"publishing {release.name}") as bar:
         task = bar.add_task(f"publishing {release.name}", total=None)
-        report = publish_release(release, broker, fleet, prefix=prefix, sign_key=sign_key, force=force, tls=_tls(ca),
+        report = publish_release(release, broker, fleet, prefix=prefix, sign_key=sign_key, force=force,
+                                 tls=_tls(ca, cert, key),
                                  progress=lambda done, total: bar.update(task, completed=done, total=total))
     if as_json:
         console.print_json(_json.dumps(report.to_dict()))
@@ -73,6 +83,8 @@ def desire(
     clear: bool = typer.Option(False, "--clear", help="Remove the desired state at this level."),
     prefix: str = _PREFIX,
     ca: Path = _CA,
+    cert: Path = _CERT,
+    key: Path = _KEY,
 ) -> None:
     """Write the desired state (retained) of a fleet or one device; the device level wins."""
     from ..cloud.desire import build_desired, write_desired
@@ -82,7 +94,7 @@ def desire(
     if clear and (model or version or set_):
         raise ConfigError("--clear takes no --model/--version/--set")
     state = None if clear else build_desired(model, version, parse_set(set_))
-    topic = write_desired(broker, fleet, state, device=device, prefix=prefix, tls=_tls(ca))
+    topic = write_desired(broker, fleet, state, device=device, prefix=prefix, tls=_tls(ca, cert, key))
     console.print(f"{topic}: {'cleared' if state is None else state.to_payload().decode()}", highlight=False)
 
 
@@ -94,6 +106,8 @@ def gc(
     dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be removed."),
     prefix: str = _PREFIX,
     ca: Path = _CA,
+    cert: Path = _CERT,
+    key: Path = _KEY,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Clear retained chunks no remaining release references (and old manifests with --keep)."""
@@ -104,7 +118,7 @@ def gc(
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as bar:
         task = bar.add_task("clearing unreferenced chunks", total=None)
-        report = collect_garbage(broker, fleet, prefix=prefix, keep=keep, dry_run=dry_run, tls=_tls(ca),
+        report = collect_garbage(broker, fleet, prefix=prefix, keep=keep, dry_run=dry_run, tls=_tls(ca, cert, key),
                                  progress=lambda done, total: bar.update(task, completed=done, total=total))
     if as_json:
         console.print_json(_json.dumps(report.to_dict()))
@@ -130,6 +144,8 @@ def sync(
     timeout: float = typer.Option(600.0, "--timeout", help="Give up after this many seconds."),
     prefix: str = _PREFIX,
     ca: Path = _CA,
+    cert: Path = _CERT,
+    key: Path = _KEY,
 ) -> None:
     """Device side, one shot: bring this device to its desired (or the given) release, print JSON."""
     import time
@@ -138,7 +154,7 @@ def sync(
     from ..runtime.sync.client import SyncClient, SyncConfig
 
     config = SyncConfig(broker=broker, fleet=fleet, device=device, root=root, profile=profile, public_key=public_key,
-                        allow_unsigned=allow_unsigned, prefix=prefix, tls=_tls(ca), self_test=self_test,
+                        allow_unsigned=allow_unsigned, prefix=prefix, tls=_tls(ca, cert, key), self_test=self_test,
                         fetch_window=fetch_window, sync_timeout_s=timeout)
     client = SyncClient(config)
     if model is None or version is None:
@@ -174,7 +190,9 @@ def ingest(
     group: str = typer.Option("ingest", "--group", help="Shared-subscription group; workers of one group split the load."),
     prefix: str = typer.Option("", "--prefix", help="Topic prefix instead of edge/<fleet>."),
     client_id: str = typer.Option(None, "--client-id", help="MQTT client id (default: ingest-<group>-<host>-<pid>)."),
-    ca: Path = typer.Option(None, "--ca", help="CA certificate for mqtts:// brokers."),
+    ca: Path = _CA,
+    cert: Path = _CERT,
+    key: Path = _KEY,
     report_every: float = typer.Option(10.0, "--report-every", help="Seconds between progress lines (0: none)."),
 ) -> None:
     """Commit device telemetry to SQLite (duplicates dropped), ack each device; runs until SIGINT/SIGTERM."""
@@ -182,7 +200,6 @@ def ingest(
     import threading
 
     from ..cloud.ingest import run_ingest
-    from ..runtime.sync.transport import TlsConfig
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -194,5 +211,5 @@ def ingest(
 
     console.print(f"ingest: {broker} fleet {fleet} → {db} (group {group})", highlight=False)
     worker = run_ingest(broker, fleet, db, group=group, prefix=prefix, client_id=client_id,
-                        tls=TlsConfig(ca_certs=ca) if ca else None, stop=stop, report_every_s=report_every, report=line)
+                        tls=_tls(ca, cert, key), stop=stop, report_every_s=report_every, report=line)
     line(worker)

@@ -22,7 +22,7 @@ def convert_command(
     labels: Path = typer.Option(None, "--labels", help="Class labels of the calibration samples (.npy, or 'name,label' lines) for a task metric."),
     input_shape: list[str] = typer.Option([], "--input-shape", help="NAME=D1,D2,... for a dynamic input (repeatable)."),
     prune: str = typer.Option(None, "--prune", help="METHOD:AMOUNT, e.g. magnitude:0.5 or channel:0.3."),
-    target: list[str] = typer.Option([], "--target", "-t", help="Only these export targets (repeatable; default: the profiles' targets)."),
+    targets: list[str] = typer.Option([], "--targets", "-t", help="Only these export targets: a comma list and/or repeated, e.g. onnx,tflite,ncnn,openvino (default: the profiles' targets)."),
     max_accuracy_drop: float = typer.Option(1.0, "--max-accuracy-drop", help="Points of task metric (else top-1 agreement, else cosine x100) a variant may lose."),
     calibration_method: str = typer.Option("minmax", "--calibration-method", help="minmax, entropy or percentile."),
     per_tensor: bool = typer.Option(False, "--per-tensor", help="Per-tensor INT8 weights instead of per-channel."),
@@ -44,7 +44,7 @@ def convert_command(
 
         manifest = convert(
             model, profile, output, calibration=calibration, labels=labels, input_shapes=input_shape, prune=prune,
-            max_accuracy_drop=max_accuracy_drop, targets=target or None, sign_key=sign_key, release_version=version,
+            max_accuracy_drop=max_accuracy_drop, targets=[t.strip() for item in targets for t in item.split(",") if t.strip()] or None, sign_key=sign_key, release_version=version,
             model_name=model_name, progress=progress, calibration_method=calibration_method,
             per_channel=not per_tensor, latency_runs=latency_runs,
         )
@@ -54,7 +54,10 @@ def convert_command(
                    "defaults": manifest.defaults, "variants": rows, "report": manifest.report}
         console.print_json(json.dumps(payload, default=str))
         return
-    table = Table(title=f"{manifest.model} v{manifest.version} -> {output}")
+    reference = manifest.report["reference"]
+    table = Table(title=f"{manifest.model} v{manifest.version} -> {output}",
+                  caption=f"×fp32: ratio to the FP32 ONNX source model ({_size(reference['size_bytes'])}, "
+                          f"{_num(reference['latency_ms'], 3)} ms)")
     table.add_column("variant", no_wrap=True)
     for column in ("size (×fp32)", "ms (×fp32)", "max err", "cosine", "top-1", "metric", "status"):
         table.add_column(column)
@@ -93,8 +96,8 @@ def convert_command(
 
 
 def report_rows(manifest) -> list[dict]:
-    """One dict per variant with ratios to the FP32 ONNX variant (the reference)."""
-    fp32 = next((v for v in manifest.variants if v.id == "onnx-fp32"), None)
+    """One dict per variant with size and latency ratios to the FP32 ONNX reference (the source model)."""
+    reference = manifest.report["reference"]
     default_for: dict[str, list[str]] = {}
     for profile_id, variant_id in manifest.defaults.items():
         default_for.setdefault(variant_id, []).append(profile_id)
@@ -104,9 +107,9 @@ def report_rows(manifest) -> list[dict]:
         rows.append({
             "id": v.id, "profiles": v.profiles, "target": v.target.value, "precision": v.precision.value,
             "size_bytes": v.size_bytes,
-            "size_ratio": v.size_bytes / fp32.size_bytes if fp32 and fp32.size_bytes and v.size_bytes else None,
+            "size_ratio": v.size_bytes / reference["size_bytes"] if v.size_bytes else None,
             "latency_ms": v.latency_ms,
-            "latency_ratio": v.latency_ms / fp32.latency_ms if fp32 and fp32.latency_ms and v.latency_ms else None,
+            "latency_ratio": v.latency_ms / reference["latency_ms"] if v.latency_ms and reference["latency_ms"] else None,
             "max_abs_error": val.max_abs_error, "cosine": val.cosine_similarity, "top1_agreement": val.top1_agreement,
             "metric_name": val.metric_name, "metric": val.metric, "metric_fp32": val.metric_fp32,
             "nodes_kept_fp32": val.nodes_kept_fp32, "status": v.status, "reason": v.reason,

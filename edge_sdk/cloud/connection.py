@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 from edge_sdk.errors import SyncError
 from edge_sdk.runtime.sync.topics import Topics
 from edge_sdk.runtime.sync.transport import Message, TlsConfig, Transport, TransportConfig
+
+T = TypeVar("T")
 
 
 @contextmanager
@@ -36,13 +39,24 @@ def connect(broker: str, purpose: str, tls: TlsConfig | None = None, timeout: fl
 
 def collect_retained(transport: Transport, topics: Topics, topic_filter: str, timeout: float = 30.0) -> dict[str, bytes]:
     """Every retained message under ``topic_filter`` (empty payloads, i.e. deleted ones, skipped)."""
-    found: dict[str, bytes] = {}
+    return _retained(transport, topics, topic_filter, timeout, lambda payload: payload)
+
+
+def retained_sizes(transport: Transport, topics: Topics, topic_filter: str, timeout: float = 120.0) -> dict[str, int]:
+    """Topic → payload size of every retained message under ``topic_filter``, keeping no payload
+    (for the blob store, whose payloads would not fit in memory all at once)."""
+    return _retained(transport, topics, topic_filter, timeout, len)
+
+
+def _retained(transport: Transport, topics: Topics, topic_filter: str, timeout: float,
+              keep: Callable[[bytes], T]) -> dict[str, T]:
+    found: dict[str, T] = {}
     done = threading.Event()
     probe = f"{topics.prefix}/_probe/{uuid.uuid4().hex}"
 
     def on_message(message: Message) -> None:
         if message.retain and message.payload:
-            found[message.topic] = message.payload
+            found[message.topic] = keep(message.payload)
 
     transport.subscribe(topic_filter, on_message, qos=1)
     transport.subscribe(probe, lambda m: done.set(), qos=1)

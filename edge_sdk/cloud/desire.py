@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from pydantic import ValidationError
+
 from edge_sdk.errors import ConfigError, SyncError
 from edge_sdk.runtime.sync.topics import Topics
 from edge_sdk.runtime.sync.transport import TlsConfig
-from edge_sdk.runtime.sync.twin import DesiredState, Scalar
+from edge_sdk.runtime.sync.twin import DesiredState, describe_desired_error
 
 from .connection import connect
 
 
 def build_desired(model: str | None = None, version: int | None = None,
-                  policy: dict[str, Scalar] | None = None) -> DesiredState:
+                  policy: dict[str, Any] | None = None) -> DesiredState:
     """A validated desired state (``version`` needs ``model``)."""
     if version is not None and model is None:
         raise ConfigError("a desired version needs --model")
     try:
         return DesiredState(model=model, version=version, policy=policy or {})
-    except ValueError as exc:  # pydantic.ValidationError
-        raise ConfigError(f"desired state: {exc.errors()[0]['msg'] if hasattr(exc, 'errors') else exc}") from None
+    except ValidationError as exc:
+        raise ConfigError(describe_desired_error(exc)) from None
 
 
 def write_desired(broker: str, fleet: str, state: DesiredState | None, *, device: str | None = None,

@@ -3,10 +3,17 @@
 Optionally drops old release manifests first (``keep`` newest versions per model, never one a
 retained desired state still asks for), then clears every retained chunk that no remaining
 manifest references. Clearing a retained message means publishing an empty retained payload.
+
+A publish in progress has no manifest yet: its ``…/pending`` marker (see
+:mod:`edge_sdk.cloud.publish`) holds its chunks. The blobs are listed *before* the manifests and
+markers, so a chunk seen here was published after its marker was stored and cannot be taken for
+garbage. Markers older than ``pending_grace_s`` are left by publishes that died: they are
+cleared and hold nothing. Blob payloads are never kept in memory, only their sizes.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -16,13 +23,19 @@ from edge_sdk.runtime.sync.transport import TlsConfig
 from edge_sdk.runtime.sync.twin import DesiredState
 
 from .connection import collect_retained, connect
-from .publish import chunk_refs_of, published_chunks
+from .publish import chunk_refs_of, parse_pending_marker, published_chunks, retained_blobs
+
+#: how long an unfinished publish's chunks are protected (a publish of many GB over a slow link
+#: may take hours; a stale marker only delays collecting its chunks)
+PENDING_GRACE_S = 24 * 3600.0
 
 
 @dataclass
 class GcReport:
     manifests_kept: list[str] = field(default_factory=list)
     manifests_removed: list[str] = field(default_factory=list)
+    pending_kept: list[str] = field(default_factory=list)
+    pending_removed: list[str] = field(default_factory=list)
     blobs_seen: int = 0
     blobs_removed: int = 0
     bytes_freed: int = 0
@@ -50,14 +63,26 @@ def _desired_versions(transport, topics: Topics) -> set[tuple[str, int]]:
 
 
 def collect_garbage(broker: str, fleet: str, *, prefix: str = "", keep: int | None = None, dry_run: bool = False,
-                    tls: TlsConfig | None = None, progress: Callable[[int, int], None] | None = None) -> GcReport:
+                    tls: TlsConfig | None = None, progress: Callable[[int, int], None] | None = None,
+                    pending_grace_s: float = PENDING_GRACE_S) -> GcReport:
     """See the module docstring. ``keep`` None keeps every manifest."""
     if keep is not None and keep < 1:
         raise SyncError("--keep must be at least 1")
     topics = Topics(fleet, prefix)
     report = GcReport(dry_run=dry_run)
     with connect(broker, "gc", tls) as transport:
+        blobs = retained_blobs(transport, topics)  # first: see the module docstring
         _, manifests = published_chunks(transport, topics)
+        protected: set[str] = set()
+        stale: list[str] = []
+        for topic, payload in collect_retained(transport, topics, topics.all_pending()).items():
+            marker = parse_pending_marker(payload)
+            if marker is not None and time.time() - marker[0] < pending_grace_s:
+                protected |= marker[1]
+                report.pending_kept.append(topic)
+            else:
+                stale.append(topic)
+        report.pending_removed = sorted(stale)
         drop: set[str] = set()
         if keep is not None:
             wanted = _desired_versions(transport, topics)
@@ -69,22 +94,17 @@ def collect_garbage(broker: str, fleet: str, *, prefix: str = "", keep: int | No
                     if (model, version) not in wanted:
                         drop.add(topic)
         kept = {t: m for t, m in manifests.items() if t not in drop}
-        referenced = set().union(*(chunk_refs_of(m) for m in kept.values())) if kept else set()
+        referenced = protected.union(*(chunk_refs_of(m) for m in kept.values()))
         report.manifests_kept = sorted(kept)
         report.manifests_removed = sorted(drop)
-        blobs = collect_retained(transport, topics, topics.all_blobs(), timeout=120.0)
         report.blobs_seen = len(blobs)
-        garbage = []
-        for topic, payload in blobs.items():
-            match = topics.parse(topic)
-            if match is not None and match.kind is TopicKind.BLOB and match.sha256 not in referenced:
-                garbage.append((topic, len(payload)))
+        garbage = [(topics.blob(sha), size) for sha, size in blobs.items() if sha not in referenced]
         if dry_run:
             report.blobs_removed = len(garbage)
             report.bytes_freed = sum(n for _, n in garbage)
             return report
         # Manifests first: a device must never see a manifest whose chunks are gone.
-        for topic in sorted(drop):
+        for topic in sorted(drop) + report.pending_removed:
             transport.publish(topic, b"", qos=1, retain=True)
         for i, (topic, size) in enumerate(garbage, 1):
             transport.publish(topic, b"", qos=1, retain=True, wait=30.0 if i == len(garbage) else None)
@@ -92,6 +112,7 @@ def collect_garbage(broker: str, fleet: str, *, prefix: str = "", keep: int | No
             report.bytes_freed += size
             if progress:
                 progress(i, len(garbage))
-        if drop and not garbage:
-            transport.publish(sorted(drop)[-1], b"", qos=1, retain=True, wait=30.0)
+        cleared = sorted(drop) + report.pending_removed
+        if cleared and not garbage:  # nothing waited for above: wait for the last clear
+            transport.publish(cleared[-1], b"", qos=1, retain=True, wait=30.0)
     return report

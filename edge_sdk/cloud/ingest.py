@@ -70,7 +70,7 @@ CREATE TABLE IF NOT EXISTS watermarks (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO counters (name, value) VALUES
-    ('batches', 0), ('records', 0), ('duplicates', 0), ('malformed', 0);
+    ('batches', 0), ('received', 0), ('records', 0), ('duplicates', 0), ('malformed', 0);
 CREATE TABLE IF NOT EXISTS malformed (
     id INTEGER PRIMARY KEY AUTOINCREMENT, device TEXT, reason TEXT NOT NULL, received REAL NOT NULL
 );
@@ -112,7 +112,7 @@ class SqliteSink:
                     upto = self._advance(device, batch.boot, batch.floor)
                     self._db.executemany(
                         "UPDATE counters SET value = value + ? WHERE name = ?",
-                        [(1, "batches"), (new, "records"), (len(rows) - new, "duplicates")],
+                        [(1, "batches"), (len(rows), "received"), (new, "records"), (len(rows) - new, "duplicates")],
                     )
                     self._db.execute("COMMIT")
                 except BaseException:

@@ -1,17 +1,28 @@
 """Publish a release folder to a fleet: content-addressed chunks, then the signed manifest.
 
 Chunks go out as retained messages at ``…/blobs/<sha256>`` (QoS 1), *before* the manifest, so a
-device that sees a manifest can fetch all of it. Chunks already on the broker are skipped: the
-chunk lists of the manifests already retained there say which ones exist (a chunk is only ever
-published ahead of its manifest). ``force`` publishes every chunk regardless, e.g. after a
-broker lost its retained store.
+device that sees a manifest can fetch all of it.
+
+A chunk is skipped only if it is retained on the broker *and* a retained manifest references it:
+probing the blobs themselves catches one lost in a broker crash (``kill -9`` loses what changed
+since the last autosave) even though a manifest still lists it, and an unreferenced retained
+chunk is an orphan that a concurrent ``cloud gc`` may be clearing, so it is sent again.
+``force`` publishes every chunk regardless.
+
+Against ``cloud gc``: before the first chunk, a retained marker ``…/releases/<m>/<v>/pending``
+holding the release's chunk list is stored (acknowledged), and it is cleared once the manifest
+is out. gc lists the blobs first and the manifests and markers after, so every chunk it sees
+was published after its marker was stored, and it keeps the chunks of markers younger than its
+grace period. A publish that dies leaves its marker; gc clears it (and then those chunks) once
+it is older than the grace period, or the next publish of that release replaces it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,7 +34,7 @@ from edge_sdk.runtime.sync.topics import Topics
 from edge_sdk.runtime.sync.transport import TlsConfig, Transport
 from edge_sdk.signing import load_private_key, sign
 
-from .connection import collect_retained, connect
+from .connection import collect_retained, connect, retained_sizes
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +92,53 @@ def published_chunks(transport: Transport, topics: Topics) -> tuple[set[str], di
     return shas, manifests
 
 
+def retained_blobs(transport: Transport, topics: Topics) -> dict[str, int]:
+    """sha256 → size of every chunk retained on the broker (payloads are not kept)."""
+    out = {}
+    for topic, size in retained_sizes(transport, topics, topics.all_blobs()).items():
+        match = topics.parse(topic)
+        if match is not None and match.sha256 is not None:
+            out[match.sha256] = size
+    return out
+
+
+def pending_marker(chunks: set[str], started: float | None = None) -> bytes:
+    return json.dumps({"v": 1, "started": time.time() if started is None else started,
+                       "chunks": sorted(chunks)}).encode()
+
+
+def parse_pending_marker(payload: bytes) -> tuple[float, set[str]] | None:
+    """(start time, chunk shas) of a marker; None if it is not one."""
+    try:
+        data = json.loads(payload)
+        started, chunks = float(data["started"]), data["chunks"]
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError):
+        return None
+    if not isinstance(chunks, list) or not all(isinstance(c, str) for c in chunks):
+        return None
+    return started, set(chunks)
+
+
+def refuse_replay(manifest: Manifest, published: Iterable[Manifest]) -> None:
+    """Versions only go up: refuse a new release numbered below the fleet's highest, or a different
+    release under a number already used.
+
+    Devices refuse such a manifest anyway (rollback protection), so publishing it could only
+    confuse. Republishing a release exactly as already published is allowed: it repairs chunks
+    the broker lost.
+    """
+    same_model = [m for m in published if m.model == manifest.model]
+    if manifest in same_model:
+        return
+    highest = max((m.version for m in same_model), default=0)
+    if manifest.version < highest:
+        raise IntegrityError(f"{manifest.model} v{manifest.version} is lower than v{highest}, which this fleet already "
+                             f"has; convert with --release-version {highest + 1} or higher")
+    if manifest.version == highest:
+        raise IntegrityError(f"{manifest.model} v{manifest.version} is already published to this fleet with different "
+                             f"content; convert with --release-version {highest + 1}")
+
+
 def _iter_chunks(release_dir: Path, entry: FileEntry):
     """(sha256, bytes) of each chunk of ``entry``, checked against the manifest."""
     path = verify_file(release_dir, entry)
@@ -121,8 +179,14 @@ def publish_release(release_dir: Path | str, broker: str, fleet: str, *, prefix:
     for entry in files:
         for ref in entry.chunks:
             needed.setdefault(ref.sha256, ref.size)
+    pending_topic = topics.pending(manifest.model, manifest.version)
     with connect(broker, "publish", tls) as transport:
-        existing = set() if force else published_chunks(transport, topics)[0]
+        referenced, retained = published_chunks(transport, topics)
+        refuse_replay(manifest, retained.values())
+        # Stored before the blobs are listed, so a concurrent gc keeps what this publish relies on.
+        if not transport.publish(pending_topic, pending_marker(set(needed)), qos=1, retain=True, wait=60.0):
+            raise SyncError(f"broker did not acknowledge {pending_topic} within 60s")
+        existing = set() if force else referenced & set(retained_blobs(transport, topics))
         todo = {sha for sha in needed if sha not in existing}
         total = sum(needed[sha] for sha in todo)
         report = PublishReport(manifest.model, manifest.version, manifest_topic, signature is not None,
@@ -153,5 +217,6 @@ def publish_release(release_dir: Path | str, broker: str, fleet: str, *, prefix:
                     progress(report.bytes_published, total)
         if not transport.publish(manifest_topic, seal(data, signature), qos=1, retain=True, wait=60.0):
             raise SyncError(f"broker did not acknowledge the manifest at {manifest_topic} within 60s")
+        transport.publish(pending_topic, b"", qos=1, retain=True, wait=60.0)  # the manifest holds them now
     report.duration_s = round(time.monotonic() - started, 3)
     return report

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
-from ..config import StrictModel, load_yaml_model
+from ..config import FieldError, StrictModel, load_yaml_model
+from ..errors import EdgeSDKError
 from ..types import AlignPolicy, OutboxPolicy, Precision
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -63,6 +64,28 @@ class ModelConfig(StrictModel):
             raise ValueError(f"must be one of {allowed}")
         return value
 
+    @field_validator("profile")
+    @classmethod
+    def _check_profile(cls, value: str) -> str:
+        from ..profiles import builtin_profiles
+
+        # A path to a profile file is resolved and read when the model loads (as EdgeModel does).
+        if value == "auto" or value.endswith((".yaml", ".yml")):
+            return value
+        known = list(builtin_profiles())
+        if value not in known:
+            raise ValueError(f"unknown device profile {value!r}; use auto, a profile .yaml file or one of {known}")
+        return value
+
+    @field_validator("backend")
+    @classmethod
+    def _check_backend(cls, value: str | None) -> str | None:
+        from ..runtime.backends.base import BACKENDS
+
+        if value is not None and value not in BACKENDS:
+            raise ValueError(f"unknown backend {value!r}; use one of {BACKENDS.names()}")
+        return value
+
 
 class StreamConfig(StrictModel):
     """One non-reference stream of a pipeline (see ``edge_sdk.runtime.align``)."""
@@ -90,19 +113,55 @@ class PipelineConfig(StrictModel):
     @model_validator(mode="after")
     def _reference_not_a_stream(self) -> PipelineConfig:
         if self.reference in self.streams:
-            raise ValueError(f"stream {self.reference!r} is both the reference and a matched stream")
+            raise FieldError(("streams", self.reference), f"stream {self.reference!r} is both the reference and a matched stream")
+        return self
+
+
+class TlsConfig(StrictModel):
+    """TLS to the broker (``mqtts://``): the CA that signed the broker's certificate, and
+    optionally this device's own certificate and key (client-certificate authentication)."""
+
+    ca: Path
+    cert: Path | None = Field(None, description="client certificate (PEM); may also hold the key")
+    key: Path | None = Field(None, description="client private key (PEM), when not inside cert")
+
+    @model_validator(mode="after")
+    def _key_needs_cert(self) -> TlsConfig:
+        if self.key is not None and self.cert is None:
+            raise FieldError(("cert",), "key is set but cert is not: a client key needs its certificate")
         return self
 
 
 class SyncConfig(StrictModel):
     """MQTT sync with the fleet. Leave out ``broker`` to run purely offline."""
 
-    broker: str | None = Field(None, description="mqtt://host:port or mqtts://host:port")
+    broker: str | None = Field(None, description="mqtt://host:port or mqtts://host:port (then set tls)")
+    tls: TlsConfig | None = Field(None, description="required with mqtts://")
     fleet: str = "default"
     topic_prefix: str | None = Field(None, description="defaults to edge/<fleet>")
     public_key: Path | None = Field(None, description="Ed25519 public key (PEM) releases must be signed with")
     allow_unsigned: bool = Field(False, description="accept unsigned releases (only when no public_key is set)")
     telemetry_interval_s: float = Field(10.0, gt=0, le=86400)
+
+    @model_validator(mode="after")
+    def _check_broker(self) -> SyncConfig:
+        if self.broker is None:
+            if self.tls is not None:
+                raise FieldError(("tls",), "tls is set but broker is not")
+            return self
+        from ..runtime.sync.transport import TlsConfig as TransportTls
+        from ..runtime.sync.transport import TransportConfig
+
+        if self.broker.startswith("mqtts://") and self.tls is None:
+            raise FieldError(("tls",), "sync.broker uses mqtts:// but sync.tls is not set: add sync.tls.ca "
+                                       "(the CA file that signed the broker's certificate)")
+        # The exact parsing the transport does at connect time, so a bad URL fails here, not later.
+        tls = TransportTls(ca_certs=self.tls.ca) if self.tls is not None else None
+        try:
+            TransportConfig.from_url(self.broker, client_id="config-check", tls=tls)
+        except EdgeSDKError as exc:
+            raise FieldError(("broker",), str(exc)) from None
+        return self
 
 
 class OutboxConfig(StrictModel):
@@ -140,6 +199,9 @@ class DaemonConfig(StrictModel):
     policy: PolicyConfig = PolicyConfig()
     logging: LoggingConfig = LoggingConfig()
     drain_timeout_s: float = Field(10.0, gt=0, le=600, description="SIGTERM: how long in-flight calls may finish")
+    shutdown_timeout_s: float = Field(
+        20.0, gt=0, le=900,
+        description="SIGTERM: the whole shutdown (drain, HTTP server, pipelines, sync, outbox) ends within this")
 
     @field_validator("device_id")
     @classmethod
@@ -149,19 +211,26 @@ class DaemonConfig(StrictModel):
         return value
 
     @model_validator(mode="after")
-    def _unique_models(self) -> DaemonConfig:
+    def _cross_checks(self) -> DaemonConfig:
         names = [m.name for m in self.models]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"model names must be unique; repeated: {dupes}")
-        unknown = sorted({p.model for p in self.pipelines} - set(names))
-        if unknown:
-            raise ValueError(f"pipelines name models that are not configured: {unknown}")
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise FieldError(("models", i, "name"), f"model names must be unique; repeated: [{name!r}]")
+        for i, pipeline in enumerate(self.pipelines):
+            if pipeline.model not in names:
+                raise FieldError(("pipelines", i, "model"), f"pipeline for model {pipeline.model!r}, which is not "
+                                                            f"configured (models: {names})")
         if self.sync.broker is not None and self.sync.public_key is None and not self.sync.allow_unsigned:
-            raise ValueError("sync.broker is set but sync.public_key is not: set public_key (or allow_unsigned: true)")
-        offline = [m.name for m in self.models if m.release is None]
+            raise FieldError(("sync", "public_key"), "sync.broker is set but sync.public_key is not: set public_key "
+                                                     "(or allow_unsigned: true)")
+        offline = [i for i, m in enumerate(self.models) if m.release is None]
         if offline and self.sync.broker is None:
-            raise ValueError(f"models {offline} have no 'release' folder and sync.broker is not set: nothing to serve")
+            raise FieldError(("models", offline[0], "release"),
+                             f"models {[names[i] for i in offline]} have no 'release' folder and sync.broker is not set: "
+                             "nothing to serve")
+        if self.drain_timeout_s >= self.shutdown_timeout_s:
+            raise FieldError(("drain_timeout_s",), f"must be less than shutdown_timeout_s ({self.shutdown_timeout_s:g}): "
+                                                   "the HTTP server, sync and outbox need time to stop after the drain")
         return self
 
 
@@ -177,10 +246,21 @@ def load_config(path: Path | str) -> DaemonConfig:
     updates: dict[str, object] = {}
     if not config.state_dir.is_absolute():
         updates["state_dir"] = base / config.state_dir
-    models = [m.model_copy(update={"release": fix(m.release) or m.release}) for m in config.models]
+    def fix_profile(profile: str) -> str:
+        # A profile file named relative to this config, like every other path in it.
+        return str(base / profile) if profile.endswith((".yaml", ".yml")) and not Path(profile).is_absolute() else profile
+
+    models = [m.model_copy(update={"release": fix(m.release) or m.release, "profile": fix_profile(m.profile)})
+              for m in config.models]
     updates["models"] = models
+    sync_updates: dict[str, object] = {}
     if config.sync.public_key is not None and not config.sync.public_key.is_absolute():
-        updates["sync"] = config.sync.model_copy(update={"public_key": fix(config.sync.public_key)})
+        sync_updates["public_key"] = fix(config.sync.public_key)
+    if config.sync.tls is not None:
+        tls = config.sync.tls
+        sync_updates["tls"] = tls.model_copy(update={k: fix(getattr(tls, k)) or getattr(tls, k) for k in ("ca", "cert", "key")})
+    if sync_updates:
+        updates["sync"] = config.sync.model_copy(update=sync_updates)
     if config.policy.resource_root is not None and not config.policy.resource_root.is_absolute():
         updates["policy"] = config.policy.model_copy(update={"resource_root": fix(config.policy.resource_root)})
     if config.http.unix_socket is not None and not config.http.unix_socket.is_absolute():
@@ -230,6 +310,11 @@ sync:
   # Leave `broker` out to run offline; with it set, the daemon still starts (and serves the
   # last active release) when the broker is unreachable, and syncs once it is back.
   # broker: mqtt://192.168.1.10:1883
+  # With mqtts://host:8883, TLS settings are required:
+  # tls:
+  #   ca: ./ca.crt          # the CA that signed the broker's certificate
+  #   cert: ./device.crt    # optional: client-certificate authentication
+  #   key: ./device.key
   fleet: default
   # public_key: ./release-signing.pub   # refuse releases not signed with this Ed25519 key
   allow_unsigned: false   # true accepts unsigned releases (only without public_key)
@@ -250,4 +335,7 @@ logging:
 
 # SIGTERM/SIGINT: stop accepting calls, let in-flight ones finish for up to this long, exit 0.
 drain_timeout_s: 10
+# ... and finish the whole shutdown (drain, sync, outbox) within this. Keep it below systemd's
+# TimeoutStopSec (30 s in deploy/systemd/edge-sdk.service).
+shutdown_timeout_s: 20
 """

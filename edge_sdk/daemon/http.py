@@ -91,7 +91,11 @@ class ApiState:
             self._cond.notify_all()
 
     def start_run(self) -> bool:
-        """Take one of ``max_concurrent_infer`` model slots; False when all are busy."""
+        """Take one of ``max_concurrent_infer`` call slots; False when all are busy.
+
+        Taken before the body is read, so at most ``max_concurrent_infer`` bodies (each up to
+        ``max_body_bytes``) are held and parsed at once: memory stays bounded under load.
+        """
         with self._cond:
             if self.running >= self.max_concurrent_infer:
                 return False
@@ -323,7 +327,7 @@ def create_app(state: ApiState):
             "inputs": [{"name": s.name, "datatype": v2_datatype(s.dtype), "shape": _shape_out(s.shape)} for s in served.inputs],
             "outputs": [{"name": s.name, "datatype": v2_datatype(s.dtype), "shape": _shape_out(s.shape)} for s in served.outputs],
             "parameters": {"backend": backend, "precision": precision, "release_version": served.version,
-                           "variant": info.get("variant") or info.get("variant_id"), "release_dir": str(served.release_dir)},
+                           "variant": info.variant if info is not None else None, "release_dir": str(served.release_dir)},
         }, "model_meta")
 
     async def model_ready(request: Request) -> Response:
@@ -357,7 +361,13 @@ def create_app(state: ApiState):
             metrics.infer_errors.labels(model_label(name), "unavailable").inc()
             return error(503, "the daemon is shutting down", route)
         try:
-            return await _infer(request, name, route)
+            if not state.start_run():
+                metrics.infer_errors.labels(model_label(name), "busy").inc()
+                return error(503, f"too many concurrent calls (limit {state.max_concurrent_infer}); retry", route)
+            try:
+                return await _infer(request, name, route)
+            finally:
+                state.end_run()
         finally:
             state.leave()
 
@@ -370,7 +380,9 @@ def create_app(state: ApiState):
                 header_length = int(header) if header is not None else None
             except ValueError:
                 raise RequestError(400, f"bad Inference-Header-Content-Length {header!r}") from None
-            inputs, wanted, request_id, binary_out = parse_infer_request(body, header_length)
+            # Parsing megabytes of JSON takes a while: off the event loop, so health checks,
+            # metrics and other calls keep being answered meanwhile.
+            inputs, wanted, request_id, binary_out = await run_in_threadpool(parse_infer_request, body, header_length)
         except RequestError as exc:
             metrics.infer_errors.labels(label, "bad_request").inc()
             return error(exc.status, str(exc), route)
@@ -388,16 +400,10 @@ def create_app(state: ApiState):
                 bad = [w for w in wanted if w not in known]
                 if bad:
                     raise RequestError(400, f"unknown outputs {bad}; the model has {known}")
-            if not state.start_run():
-                metrics.infer_errors.labels(label, "busy").inc()
-                return error(503, f"too many concurrent calls (limit {state.max_concurrent_infer}); retry", route)
-            try:
-                backend, precision = served.backend_precision()
-                started = time.perf_counter()
-                outputs = await run_in_threadpool(served.run, inputs)
-                elapsed = time.perf_counter() - started
-            finally:
-                state.end_run()
+            backend, precision = served.backend_precision()
+            started = time.perf_counter()
+            outputs = await run_in_threadpool(served.run, inputs)
+            elapsed = time.perf_counter() - started
             version = served.version
         except RequestError as exc:
             metrics.infer_errors.labels(label, "bad_request").inc()
@@ -458,7 +464,7 @@ def create_app(state: ApiState):
                 header_length = int(header) if header is not None else None
             except ValueError:
                 raise RequestError(400, f"bad Inference-Header-Content-Length {header!r}") from None
-            stamps, samples = parse_stream_push(body, header_length)
+            stamps, samples = await run_in_threadpool(parse_stream_push, body, header_length)
             counts = await run_in_threadpool(pipeline.push, stream, stamps, samples)
         except RequestError as exc:
             return error(exc.status, str(exc), route)

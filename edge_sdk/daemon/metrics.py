@@ -93,8 +93,8 @@ class DaemonMetrics:
             f"{prefix}_inference_errors", "Failed inference calls by model and reason", ["model", "reason"], registry=r)
         self.in_flight = prom.Gauge(f"{prefix}_inference_in_flight", "Inference calls running now", registry=r)
         self.precision_switches = prom.Counter(
-            f"{prefix}_precision_switches", "Precision changes by model, direction and reason",
-            ["model", "from_precision", "to_precision", "reason"], registry=r)
+            f"{prefix}_precision_switches", "Precision changes by model, direction and decision kind (step_down, step_up, pin, unpin)",
+            ["model", "from_precision", "to_precision", "kind"], registry=r)
         self.model_info = prom.Gauge(
             f"{prefix}_model_active", "1 for the release/backend/precision each model serves now",
             ["model", "version", "backend", "precision"], registry=r)

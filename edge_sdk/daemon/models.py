@@ -11,13 +11,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import EdgeSDKError, ModelError
 from ..manifest import Manifest, TensorSpec, load_manifest
 from .config import ModelConfig, PolicyConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..runtime.model import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -41,22 +44,19 @@ class ServedModel:
     def version(self) -> int:
         return self.manifest.version
 
-    def info(self) -> dict[str, Any]:
-        """What runs now: the EdgeModel's own info (backend, precision, variant) as a plain dict."""
+    def info(self) -> ModelInfo | None:
+        """What runs now (backend, precision, variant); None once the model is closed or broken."""
         try:
-            info = self.model.info()
+            return self.model.info()
         except Exception as exc:  # info must never break metadata/health calls
             log.warning("model %s: info() failed: %s", self.name, exc)
-            return {}
-        if hasattr(info, "as_dict"):
-            info = info.as_dict()
-        elif not isinstance(info, dict):
-            info = dict(getattr(info, "__dict__", {}))
-        return {k: (v.value if hasattr(v, "value") else v) for k, v in info.items()}
+            return None
 
     def backend_precision(self) -> tuple[str, str]:
         info = self.info()
-        return str(info.get("backend", "unknown")), str(info.get("precision", "unknown"))
+        if info is None:
+            return "unknown", "unknown"
+        return info.backend, info.precision.value
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.model.run(inputs)
@@ -133,6 +133,7 @@ class ModelTable:
         self._models: dict[str, ServedModel] = {}
         self._errors: dict[str, str] = {}
         self._lock = threading.Lock()
+        self._closed = False
 
     def names(self) -> list[str]:
         with self._lock:
@@ -152,15 +153,24 @@ class ModelTable:
             served = self._models.get(name)
             return served.acquire() if served is not None else None
 
-    def put(self, served: ServedModel) -> ServedModel | None:
-        """Make ``served`` the active model of its name; the previous one is retired."""
+    def put(self, served: ServedModel) -> bool:
+        """Make ``served`` the active model of its name; the previous one is retired.
+
+        False (and ``served`` closed) once the table is closed: a swap that finishes during
+        shutdown must not leave a model open after :meth:`close`.
+        """
         with self._lock:
-            old = self._models.get(served.name)
-            self._models[served.name] = served
-            self._errors.pop(served.name, None)
+            refused = self._closed
+            old = None if refused else self._models.get(served.name)
+            if not refused:
+                self._models[served.name] = served
+                self._errors.pop(served.name, None)
+        if refused:
+            served.retire()
+            return False
         if old is not None and old is not served:
             old.retire()
-        return old
+        return True
 
     def set_error(self, name: str, message: str) -> None:
         with self._lock:
@@ -178,5 +188,8 @@ class ModelTable:
             return list(self._models.values())
 
     def close(self) -> None:
+        """Retire every model and refuse later :meth:`put` calls."""
+        with self._lock:
+            self._closed = True
         for name in self.names():
             self.remove(name)

@@ -2,20 +2,22 @@
 
 Lifecycle::
 
-    start: check state dir → bind the socket (port in use = clear error) → load each model
-           (synced release if any, else the configured folder; a broken one is logged and the
-           API says why) → start sync (never blocks: offline-first) → READY
+    start: stop signals handled → check state dir → bind the socket (port in use = clear
+           error) → start sync (never blocks: offline-first) → load each model (synced release
+           if any, else the configured folder; a broken one is logged and the API says why)
+           → READY. A stop signal during start-up skips what is left and exits 0.
     SIGHUP: read + validate the config file; a bad one is logged and the running one kept;
            a good one re-loads models whose settings changed, and logging
     SIGTERM/SIGINT: stop accepting calls (ready → 503), drain in-flight ones for up to
            ``drain_timeout_s``, stop the HTTP server, stop sync (outbox flushed to disk),
-           close models, exit 0
+           close models, exit 0 — all within ``shutdown_timeout_s`` of the signal
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -24,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, EdgeSDKError, MissingDependencyError
 from . import systemd
@@ -34,20 +36,34 @@ from .logs import setup_logging
 from .metrics import DaemonMetrics, Snapshot
 from .models import ModelTable, ServedModel, load_served
 
+if TYPE_CHECKING:  # pragma: no cover
+    from ..runtime.policy import PolicyEvent
+
 log = logging.getLogger("edge_sdk.daemon")
 
 PORT_FILE = "http.port"
 
 
-def check_state_dir(path: Path) -> None:
-    """Create ``path`` if needed and prove we can write there (else a clear ConfigError)."""
+def check_state_dir(path: Path, sync: bool = False) -> None:
+    """Create ``path`` if needed and prove we can write there (else a clear ConfigError).
+
+    With ``sync``, also the places sync writes to: the ``sync/`` folder and the outbox file, so
+    a bad one is a clear error at start, not a traceback from deep inside the sync client.
+    """
+    target = path
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
+        folders = [path, path / "sync"] if sync else [path]
+        for target in folders:
+            target.mkdir(parents=True, exist_ok=True)
+            probe = target / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        target = path / "outbox.db"
+        if sync and target.exists():
+            with target.open("r+b"):  # opened for writing, not written: proves SQLite can use it
+                pass
     except OSError as exc:
-        raise ConfigError(f"state_dir {path}: not usable ({exc.strerror or exc})") from None
+        raise ConfigError(f"state_dir {path}: {target} is not usable ({exc.strerror or exc})") from None
 
 
 def bind_socket(config: DaemonConfig) -> socket.socket:
@@ -75,7 +91,7 @@ def bind_socket(config: DaemonConfig) -> socket.socket:
             sock.bind((http.host, http.port))
         except OSError as exc:
             sock.close()
-            what = "is already in use" if exc.errno == 98 else f"cannot be bound ({exc.strerror or exc})"
+            what = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror or exc})"
             raise ConfigError(f"http {http.host}:{http.port} {what}") from None
     sock.listen(128)
     sock.setblocking(False)
@@ -96,6 +112,7 @@ class Daemon:
         self._server: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
+        self._shutdown_deadline: float | None = None  # time.monotonic() the shutdown must end by
         self._reload_lock = threading.Lock()
         self._unsubscribe: list[Callable[[], None]] = []
         self.bound_address: str = ""
@@ -135,10 +152,14 @@ class Daemon:
         return found
 
     def load_model(self, model: ModelConfig, release_dir: Path | None = None) -> ServedModel | None:
-        """Load and activate ``model`` (from ``release_dir`` or its best candidate); None if none loads."""
+        """Load and activate ``model`` (from ``release_dir`` or its best candidate); None if none
+        loads, or when the daemon is shutting down."""
         candidates = [release_dir] if release_dir is not None else self._candidates(model)
         errors = []
         for folder in candidates:
+            if self._stopping:
+                log.info("model %s: not loading %s: shutting down", model.name, folder)
+                return None
             try:
                 served = load_served(model, folder, public_key=self.config.sync.public_key, policy=self.config.policy)
             except EdgeSDKError as exc:
@@ -149,45 +170,51 @@ class Daemon:
                 errors.append(f"{folder}: {type(exc).__name__}: {exc}")
                 log.exception("model %s: unexpected error loading %s", model.name, folder)
                 continue
-            self._activate(served)
-            return served
+            return served if self._activate(served) else None
         if self.models.get(model.name) is None:
             self.models.set_error(model.name, "; ".join(errors) or "no release yet (waiting for sync)")
         return None
 
-    def _activate(self, served: ServedModel) -> None:
-        self.models.put(served)
+    def _activate(self, served: ServedModel) -> bool:
+        """Serve ``served``; False (and it is closed) when the daemon is shutting down."""
+        # A load that ends during shutdown must not leave a model open once the table is closed;
+        # put() refuses (and closes the model) when close() got there first.
+        if self._stopping:
+            served.retire()
+            accepted = False
+        else:
+            accepted = self.models.put(served)
+        if not accepted:
+            log.info("model %s: v%s loaded during shutdown; not served", served.name, served.version)
+            return False
         backend, precision = served.backend_precision()
         self.metrics.set_active(served.name, str(served.version), backend, precision)
         self._watch_precision(served)
         log.info("model %s: serving v%s from %s (%s, %s)", served.name, served.version, served.release_dir, backend, precision)
+        return True
 
     def _watch_precision(self, served: ServedModel) -> None:
-        """Count the EdgeModel's precision switches (with their reason) and keep the active gauge right."""
-        subscribe = getattr(served.model, "subscribe", None)
-        if not callable(subscribe):
-            return
+        """Count the EdgeModel's precision switches (by decision kind) and keep the active gauge right."""
 
-        def on_event(event: Any) -> None:
-            data = event.as_dict() if hasattr(event, "as_dict") else dict(vars(event))
-            old, new = data.get("from_precision"), data.get("to_precision")
-            if old is None or new is None or str(old) == str(new) or data.get("error"):
+        def on_event(event: PolicyEvent) -> None:
+            old, new = event.from_precision, event.to_precision
+            if old is None or new is None or old == new or event.error:
                 return
             # The label is the decision kind (step_down, step_up, pin, unpin): bounded, unlike
-            # the free-text reason, which goes to the log.
-            self.metrics.precision_switches.labels(served.name, str(old), str(new), str(data.get("kind", ""))).inc()
+            # the free-text reason, which goes to the log and telemetry.
+            kind = event.kind.value
+            self.metrics.precision_switches.labels(served.name, old.value, new.value, kind).inc()
             if self.sync is not None:
-                self.sync.record("precision_switch", {"model": served.name, "from": str(old), "to": str(new),
-                                                      "kind": str(data.get("kind", "")), "reason": str(data.get("reason", ""))},
-                                 high=True)
-                self.sync.client.twin.set(precision=str(new))
+                self.sync.record("precision_switch", {"model": served.name, "from": old.value, "to": new.value,
+                                                      "kind": kind, "reason": event.reason}, high=True)
+                self.sync.client.twin.set(precision=new.value)
             backend, precision = served.backend_precision()
             if self.models.get(served.name) is served:
                 self.metrics.set_active(served.name, str(served.version), backend, precision)
-            log.info("model %s: precision %s -> %s (%s)", served.name, old, new, data.get("reason", ""))
+            log.info("model %s: precision %s -> %s (%s)", served.name, old.value, new.value, event.reason)
 
         try:
-            self._unsubscribe.append(subscribe(on_event))
+            self._unsubscribe.append(served.model.subscribe(on_event))
         except Exception as exc:
             log.warning("model %s: cannot watch precision changes: %s", served.name, exc)
 
@@ -195,7 +222,14 @@ class Daemon:
         """Called by sync once a verified release is activated on disk: hot-swap to it."""
         for model in self.config.models:
             if model.name == model_name:
-                return self.load_model(model, release_dir) is not None
+                if self.load_model(model, release_dir) is not None:
+                    return True
+                if self._stopping:
+                    # Verified and active on disk, so the next start serves it; saying False
+                    # here would make sync roll the release back.
+                    log.info("model %s: %s is served after the restart (shutting down)", model_name, release_dir)
+                    return True
+                return False
         log.warning("sync activated %s for unknown model %s; ignored", release_dir, model_name)
         return False
 
@@ -207,10 +241,13 @@ class Daemon:
             log.warning("reload requested but the daemon was not started from a file")
             return False
         with self._reload_lock:
+            if self._stopping:
+                log.info("reload skipped: shutting down")
+                return False
             systemd.reloading()
             try:
                 new = load_config(self.config_path)
-                check_state_dir(new.state_dir)
+                check_state_dir(new.state_dir, sync=new.sync.broker is not None)
             except EdgeSDKError as exc:
                 self.metrics.reloads.labels("rejected").inc()
                 log.error("reload rejected, keeping the running config: %s", exc)
@@ -240,17 +277,34 @@ class Daemon:
 
     def run(self) -> int:
         """Start, serve until a stop signal, shut down cleanly; returns the exit status."""
-        setup_logging(self.config.logging)
-        check_state_dir(self.config.state_dir)
-        sock = bind_socket(self.config)
+        # Stop signals are handled from the first moment: one that lands during start-up (state
+        # dir, sync, model loads) ends start-up early and exits 0, instead of status 143 (SIGTERM)
+        # or a KeyboardInterrupt traceback (SIGINT); SIGHUP's default action would kill the
+        # process. The event loop takes them over in _main.
+        previous = {sig: signal.signal(sig, handler) for sig, handler in (
+            (signal.SIGTERM, self._on_early_signal), (signal.SIGINT, self._on_early_signal),
+            (signal.SIGHUP, self._on_early_hup))}
         try:
-            return asyncio.run(self._main(sock))
-        finally:
-            with contextlib.suppress(OSError):
-                sock.close()
-            if self.config.http.unix_socket is not None:
+            setup_logging(self.config.logging)
+            check_state_dir(self.config.state_dir, sync=self.config.sync.broker is not None)
+            sock = bind_socket(self.config)
+            try:
+                return asyncio.run(self._main(sock))
+            finally:
                 with contextlib.suppress(OSError):
-                    self.config.http.unix_socket.unlink()
+                    sock.close()
+                if self.config.http.unix_socket is not None:
+                    with contextlib.suppress(OSError):
+                        self.config.http.unix_socket.unlink()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_early_signal(self, sig: int, frame: Any) -> None:
+        self._on_stop_signal(sig)
+
+    def _on_early_hup(self, sig: int, frame: Any) -> None:
+        log.warning("SIGHUP ignored: still starting (the config was read at start; send it again once ready)")
 
     async def _main(self, sock: socket.socket) -> int:
         try:
@@ -258,10 +312,16 @@ class Daemon:
         except ImportError:
             raise MissingDependencyError("uvicorn", "daemon", "The daemon's HTTP server") from None
         self._loop = asyncio.get_running_loop()
-        self._start_sync()
+        for sig, handler in ((signal.SIGTERM, self._on_stop_signal), (signal.SIGINT, self._on_stop_signal),
+                             (signal.SIGHUP, self._on_hup)):
+            self._loop.add_signal_handler(sig, handler, sig)
+        if not self._stopping:
+            self._start_sync()
         for model in self.config.models:
+            if self._stopping:
+                break
             await asyncio.to_thread(self.load_model, model)
-        if self.config.pipelines:
+        if self.config.pipelines and not self._stopping:
             from .pipeline import Pipelines
 
             self.pipelines = Pipelines(self.config.pipelines, self.models,
@@ -278,9 +338,16 @@ class Daemon:
                                  timeout_graceful_shutdown=5, limit_concurrency=256, timeout_keep_alive=5,
                                  server_header=False)
         self._server = _Server(uconfig)
-        for sig, handler in ((signal.SIGTERM, self._on_stop_signal), (signal.SIGINT, self._on_stop_signal),
-                             (signal.SIGHUP, self._on_hup)):
-            self._loop.add_signal_handler(sig, handler, sig)
+        # Checked after _server is set: a stop() from now on reaches the server via the drain thread.
+        if self._stopping:
+            log.info("stop requested during start-up; not serving")
+        else:
+            await self._serve(sock)
+        await asyncio.to_thread(self._shutdown_rest)
+        log.info("stopped")
+        return 0
+
+    async def _serve(self, sock: socket.socket) -> None:
         serve = asyncio.create_task(self._server.serve(sockets=[sock]))
         while not self._server.started and not serve.done():
             await asyncio.sleep(0.02)
@@ -298,9 +365,6 @@ class Daemon:
         watchdog = asyncio.create_task(self._watchdog())
         await serve
         watchdog.cancel()
-        await asyncio.to_thread(self._shutdown_rest)
-        log.info("stopped")
-        return 0
 
     def _address(self, sock: socket.socket) -> str:
         if sock.family == socket.AF_UNIX:
@@ -335,35 +399,54 @@ class Daemon:
             if self._server is not None:
                 self._server.force_exit = True
             return
-        log.info("%s: draining in-flight calls (up to %.1fs)", signal.Signals(sig).name, self.config.drain_timeout_s)
+        log.info("%s: draining in-flight calls (up to %.1fs; shutdown within %.1fs)", signal.Signals(sig).name,
+                 self.config.drain_timeout_s, self.config.shutdown_timeout_s)
         self.stop()
 
+    def _remaining(self) -> float:
+        """Seconds left of the shutdown deadline (``shutdown_timeout_s`` after the stop began)."""
+        if self._shutdown_deadline is None:
+            self._shutdown_deadline = time.monotonic() + self.config.shutdown_timeout_s
+        return max(0.0, self._shutdown_deadline - time.monotonic())
+
     def stop(self) -> None:
-        """Begin a graceful stop (thread-safe)."""
+        """Begin a graceful stop (thread-safe); the whole shutdown ends within ``shutdown_timeout_s``."""
+        if self._stopping:
+            return
         self._stopping = True
+        self._remaining()  # starts the clock
         systemd.notify("STOPPING=1")
 
         def drain() -> None:
             started = time.monotonic()
-            drained = self.api.drain(self.config.drain_timeout_s)
+            drained = self.api.drain(min(self.config.drain_timeout_s, self._remaining()))
             waited = time.monotonic() - started
             if drained:
                 log.info("drained in %.2fs", waited)
             else:
                 log.warning("drain timeout: %d call(s) still running after %.1fs", self.api.in_flight, waited)
-            if self._server is not None:
-                self._server.should_exit = True
+            server = self._server
+            if server is not None:
+                # Connections still open have overrun the drain already: a short last chance, so
+                # that sync and the outbox keep most of what is left of the deadline.
+                server.config.timeout_graceful_shutdown = max(0.1, min(5.0, self._remaining() / 2))
+                server.should_exit = True
 
         threading.Thread(target=drain, name="drain", daemon=True).start()
 
     def _shutdown_rest(self) -> None:
         if self.pipelines is not None:
-            self.pipelines.drain(timeout=min(5.0, self.config.drain_timeout_s))
+            self.pipelines.drain(timeout=min(5.0, self._remaining()))
         if self.sync is not None:
             try:
-                self.sync.stop()
+                self.sync.stop(deadline=time.monotonic() + self._remaining())
             except Exception:
                 log.exception("sync did not stop cleanly")
+        # A reload in progress finishes (its loads are refused now) before the models close.
+        if not self._reload_lock.acquire(timeout=self._remaining()):
+            log.warning("a reload is still running at the shutdown deadline")
+        else:
+            self._reload_lock.release()
         for unsubscribe in self._unsubscribe:
             with contextlib.suppress(Exception):
                 unsubscribe()

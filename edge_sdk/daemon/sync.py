@@ -32,6 +32,7 @@ class SyncBridge:
         from ..runtime.sync.client import SyncConfig as ClientConfig
         from ..runtime.sync.outbox import Outbox, OutboxConfig
         from ..runtime.sync.telemetry import TelemetryUploader
+        from ..runtime.sync.transport import TlsConfig
 
         self.daemon = daemon
         config = daemon.config
@@ -41,14 +42,18 @@ class SyncBridge:
         if profile == "auto":
             profile = detect_profile().profile.id
         self.root = config.state_dir / "sync"
+        tls = (TlsConfig(ca_certs=sync.tls.ca, certfile=sync.tls.cert, keyfile=sync.tls.key)
+               if sync.tls is not None else None)
         self.client = SyncClient(
             ClientConfig(broker=sync.broker, fleet=sync.fleet, device=config.device_id, root=self.root, profile=profile,
-                         public_key=sync.public_key, allow_unsigned=sync.allow_unsigned, prefix=sync.topic_prefix or ""),
-            on_activate=self._on_activate,
+                         public_key=sync.public_key, allow_unsigned=sync.allow_unsigned, prefix=sync.topic_prefix or "",
+                         tls=tls),
+            on_activate=self._on_activate, on_policy=self._on_policy,
         )
         self.outbox = Outbox(OutboxConfig(path=config.state_dir / "outbox.db", max_bytes=config.outbox.max_bytes,
                                           on_full=config.outbox.policy))
-        self.uploader = TelemetryUploader(self.outbox, self.client.transport, self.client.topics, config.device_id)
+        self.uploader = TelemetryUploader(self.outbox, self.client.transport, self.client.topics, config.device_id,
+                                          twin=self.client.twin)
         self.interval_s = sync.telemetry_interval_s
         self._calls: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])  # count, sum s, max s
         self._lock = threading.Lock()
@@ -57,8 +62,10 @@ class SyncBridge:
         self.records_queued = 0
         self.records_lost = 0
         self.last_success: float | None = None  # wall time of the last release activation
+        self.policy: Any = None  # the desired runtime policy (PolicyOverride) last received
         self._results: list[dict[str, Any]] = []
-        self.stop_timeout_s = 3.0
+        #: How long a clean SyncClient.stop() may take at shutdown before the link is cut.
+        self.link_stop_s = 3.0
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -68,18 +75,24 @@ class SyncBridge:
         self._thread = threading.Thread(target=self._telemetry_loop, name="telemetry-stats", daemon=True)
         self._thread.start()
 
-    def stop(self, upload_grace_s: float = 3.0) -> None:
-        """Stop the threads; the outbox is on disk already (every append is committed).
+    def stop(self, deadline: float, upload_grace_s: float = 3.0) -> None:
+        """Stop the threads by ``deadline`` (``time.monotonic()``); the outbox is on disk already
+        (every append is committed).
 
-        When connected, the uploader gets up to ``upload_grace_s`` to have the last records
-        acked by ingest; whatever is left stays in the outbox for the next start.
+        When connected, the uploader gets up to ``upload_grace_s`` (within the deadline) to have
+        the last records acked by ingest; whatever is left stays in the outbox for the next start.
         """
+
+        def remaining() -> float:
+            return max(0.0, deadline - time.monotonic())
+
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(10)
+            self._thread.join(remaining())
         self._flush_stats()
-        deadline = time.monotonic() + upload_grace_s
-        while self.client.transport.connected and time.monotonic() < deadline:
+        # At most half of what is left: the link still has to be stopped below.
+        upload_until = time.monotonic() + min(upload_grace_s, remaining() / 2)
+        while self.client.transport.connected and time.monotonic() < upload_until:
             try:
                 if self.outbox.stats().rows == 0:
                     break
@@ -87,13 +100,13 @@ class SyncBridge:
                 break
             self.uploader.notify()
             time.sleep(0.05)
-        self.uploader.stop()
+        self.uploader.stop(remaining())
         # SyncClient.stop() waits for a transfer in progress to end (up to its own 30 s). A
         # shutdown must be bounded, and an interrupted transfer is safe (chunks are stored
         # atomically and the next start fetches only what is missing), so stop the link instead.
         stopper = threading.Thread(target=self.client.stop, name="sync-stop", daemon=True)
         stopper.start()
-        stopper.join(self.stop_timeout_s)
+        stopper.join(min(self.link_stop_s, remaining()))
         if stopper.is_alive():
             log.warning("sync was mid-transfer at shutdown; it resumes from the chunk store on the next start")
             self.client.transport.stop()
@@ -120,6 +133,18 @@ class SyncBridge:
                 found.append(folder)
         return found
 
+    def _on_policy(self, policy: Any) -> None:
+        """Desired runtime policy changed: apply it to every served model, live (no reload)."""
+        self.policy = policy
+        errors = []
+        for served in self.daemon.models.all():
+            try:
+                served.model.set_policy(policy)
+            except EdgeSDKError as exc:  # the other models still get it
+                errors.append(f"model {served.name}: {exc}")
+        if errors:
+            raise EdgeSDKError("; ".join(errors))
+
     def _on_activate(self, release_dir: Path) -> None:
         """SyncClient switched ``current``: hot-swap; raising makes the client roll back."""
         manifest_model = Path(release_dir).resolve().name.split("@")[0]
@@ -129,6 +154,11 @@ class SyncBridge:
         if not self.daemon.on_release(target, Path(release_dir).resolve()):
             raise EdgeSDKError(f"model {target}: the synced release {release_dir} did not load")
         served = self.daemon.models.get(target)
+        if served is not None and self.policy is not None:
+            try:  # a newly loaded model follows the desired policy too
+                served.model.set_policy(self.policy)
+            except EdgeSDKError as exc:
+                self.client.twin.error("policy", f"model {target}: {exc}")
         if served is not None:
             backend, precision = served.backend_precision()
             self.client.twin.set(backend=backend, precision=precision)
@@ -231,9 +261,12 @@ class SyncBridge:
             "outbox_acked": stats.acked,
             "telemetry_records_sent": self.uploader.records_sent,
             "telemetry_resends": self.uploader.resends,
+            "telemetry_records_lost": self.records_lost,
         }
         return Snapshot(gauges=gauges, counters=counters,
                         labels={"active_release_version": "model", "results": "status"},
                         help={"outbox_dropped": "Telemetry records dropped by the outbox quota",
+                              "telemetry_records_lost": "Telemetry records never queued (outbox full or failing, "
+                                                        "result buffer overflow)",
                               "bytes_fetched": "Release bytes fetched from the broker",
                               "connected": "1 while connected to the MQTT broker"})

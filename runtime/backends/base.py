@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -26,7 +27,8 @@ from ...types import Precision
 @dataclass(frozen=True)
 class BackendOptions:
     threads: int | None = None
-    cpu_affinity: tuple[int, ...] | None = None  # pin inference to these cores (big cores on big.LITTLE)
+    # Pin the runtime's worker threads to these cores (big cores on big.LITTLE); see cpu_affinity().
+    cpu_affinity: tuple[int, ...] | None = None
     precision: Precision = Precision.FP32  # what the variant computes in (OpenVINO's precision hint)
 
 
@@ -129,13 +131,29 @@ def check_inputs(specs: Sequence[TensorSpec], inputs: dict[str, np.ndarray]) -> 
     return arrays
 
 
-def apply_cpu_affinity(cores: tuple[int, ...] | None) -> None:
-    """Pin the calling process's threads to ``cores`` where the OS supports it (Linux)."""
-    if cores and hasattr(os, "sched_setaffinity"):
-        available = os.sched_getaffinity(0)
-        wanted = {c for c in cores if c in available}
-        if wanted:
-            os.sched_setaffinity(0, wanted)
+@contextmanager
+def cpu_affinity(cores: tuple[int, ...] | None) -> Iterator[None]:
+    """Pin the calling thread to ``cores`` for the block, then give it its previous mask back.
+
+    Native runtimes start their worker threads while loading (onnxruntime's intra-op pool,
+    OpenVINO's stream executors, XNNPACK's pool) and new threads inherit their creator's mask, so
+    loading inside this block puts those workers on ``cores``. The loading thread itself - the
+    app's main thread, or the monitor thread during a precision switch - must not stay pinned.
+    Cores this process may not use are ignored; with none left (or no OS support) nothing changes.
+    """
+    if not cores or not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    wanted = {c for c in cores if c in before}
+    if not wanted or wanted == before:
+        yield
+        return
+    os.sched_setaffinity(0, wanted)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 BACKENDS: Registry[type[Backend]] = Registry("backend")

@@ -17,7 +17,7 @@ import numpy as np
 from ...errors import BackendError, InputError, MissingDependencyError
 from ...manifest import TensorSpec
 from ...types import Precision
-from .base import Backend, BackendOptions, Session, apply_cpu_affinity
+from .base import Backend, BackendOptions, Session
 
 
 class NcnnSession(Session):
@@ -89,7 +89,9 @@ class NcnnBackend(Backend):
         net.opt.use_vulkan_compute = False
         if options.threads:
             net.opt.num_threads = int(options.threads)
-        apply_cpu_affinity(options.cpu_affinity)
+        # options.cpu_affinity is not applied: ncnn starts no threads while loading (its OpenMP
+        # team belongs to whichever thread calls run), and its own pinning (set_cpu_powersave)
+        # would pin that calling thread for good. ncnn workers follow their caller's mask.
         if net.load_param(str(param)) != 0:
             raise BackendError(f"ncnn cannot load {param.name}: not a valid ncnn param file")
         if net.load_model(str(bin_)) != 0:

@@ -9,7 +9,7 @@ import numpy as np
 
 from ...errors import BackendError
 from ...manifest import TensorSpec
-from .base import Backend, BackendOptions, Session, apply_cpu_affinity
+from .base import Backend, BackendOptions, Session, cpu_affinity
 
 
 class OnnxRuntimeSession(Session):
@@ -50,9 +50,9 @@ class OnnxRuntimeBackend(Backend):
         if options.threads:
             so.intra_op_num_threads = options.threads
             so.inter_op_num_threads = 1
-        apply_cpu_affinity(options.cpu_affinity)
         try:
-            session = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+            with cpu_affinity(options.cpu_affinity):  # the intra-op pool starts here
+                session = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises several pybind types for corrupt models
             raise BackendError(f"onnxruntime cannot load {Path(model).name}: {str(exc).splitlines()[0]}") from None
         return OnnxRuntimeSession(session, inputs, outputs)

@@ -18,7 +18,7 @@ import numpy as np
 from ...errors import BackendError, MissingDependencyError
 from ...manifest import TensorSpec
 from ...types import Precision
-from .base import Backend, BackendOptions, Session, apply_cpu_affinity
+from .base import Backend, BackendOptions, Session, cpu_affinity
 
 
 def import_openvino():
@@ -98,10 +98,10 @@ class OpenVINOBackend(Backend):
             # Concat + MatMul returns all zeros with one inference thread unless the CPU plugin's
             # snippets (JIT-fused subgraphs) are off; 2+ threads are unaffected.
             config["SNIPPETS_MODE"] = "DISABLE"
-        apply_cpu_affinity(options.cpu_affinity)
         try:
             model = core.read_model(str(xml), str(bin_))
-            compiled = core.compile_model(model, "CPU", config)
+            with cpu_affinity(options.cpu_affinity):  # the CPU plugin's stream threads start here
+                compiled = core.compile_model(model, "CPU", config)
         except RuntimeError as exc:
             raise BackendError(f"openvino cannot load {xml.name}: {str(exc).strip().splitlines()[0]}") from None
         return OpenVINOSession(compiled, inputs, outputs, hint)

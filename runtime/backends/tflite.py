@@ -15,7 +15,7 @@ import numpy as np
 
 from ...errors import BackendError, MissingDependencyError
 from ...manifest import TensorSpec
-from .base import Backend, BackendOptions, Session, apply_cpu_affinity
+from .base import Backend, BackendOptions, Session, cpu_affinity
 
 
 def interpreter_class():
@@ -95,10 +95,10 @@ class TFLiteBackend(Backend):
         model = next((Path(f) for f in files if Path(f).suffix == ".tflite"), None)
         if model is None:
             raise BackendError(f"tflite: no .tflite file among {[str(f) for f in files]}")
-        apply_cpu_affinity(options.cpu_affinity)
         try:
-            it = Interpreter(model_path=str(model), num_threads=options.threads or None)
-            it.allocate_tensors()
+            with cpu_affinity(options.cpu_affinity):  # XNNPACK's thread pool starts here
+                it = Interpreter(model_path=str(model), num_threads=options.threads or None)
+                it.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise BackendError(f"tflite cannot load {model.name}: {str(exc).strip().splitlines()[0]}") from None
         return TFLiteSession(it, inputs, outputs)

@@ -99,8 +99,10 @@ class ChunkStore:
     def assemble(self, entry: FileEntry, dest: Path) -> None:
         """Write ``entry``'s file to ``dest`` from stored chunks, verifying every chunk and the whole.
 
-        Writes never go past the declared size. A chunk that fails its hash is deleted from the
-        store (so the next sync fetches it again) and :class:`IntegrityError` is raised.
+        The chunk sizes must add up to the declared size, and every chunk must have its declared
+        size, so nothing past the declared size is ever written. A chunk that fails its hash is
+        deleted from the store (so the next sync fetches it again) and :class:`IntegrityError` is
+        raised.
         """
         declared = sum(c.size for c in entry.chunks)
         if declared != entry.size:
@@ -114,7 +116,6 @@ class ChunkStore:
                     if len(data) != ref.size or sha256_bytes(data) != ref.sha256:
                         self.path(ref.sha256).unlink(missing_ok=True)
                         raise IntegrityError(f"{entry.path}: stored chunk {ref.sha256[:12]}… is corrupt; removed")
-                    data = data[: entry.size - written]  # never write past the declared size
                     out.write(data)
                     digest.update(data)
                     written += len(data)

@@ -16,6 +16,7 @@ logged with its reason, counted in the twin, and leaves the active release untou
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -32,16 +33,27 @@ from edge_sdk.errors import ConfigError, EdgeSDKError, IntegrityError, SyncError
 from edge_sdk.manifest import FileEntry, Manifest, Variant
 from edge_sdk.signing import load_public_key
 
+from ..policy import PolicyOverride
 from .chunk_store import ChunkStore
 from .envelope import verify_envelope
-from .releases import ReleaseStore
+from .releases import ReleaseStore, release_name, write_atomic
 from .topics import Topics, TopicKind
 from .transport import Message, TlsConfig, Transport, TransportConfig
 from .twin import DesiredState, Twin, merge_desired
 
 log = logging.getLogger(__name__)
 
-SelfTest = Callable[[Path, "str | None"], None]
+
+@dataclass(frozen=True)
+class Selection:
+    """The variant ``EdgeModel`` picked for this device's profile in the self-test: what serves."""
+
+    backend: str
+    precision: str
+
+
+#: raises to refuse a staged release; may return the :class:`Selection` it loaded
+SelfTest = Callable[[Path, "str | None"], "Selection | None"]
 
 
 class SyncConfig(StrictModel):
@@ -110,13 +122,18 @@ def files_for(manifest: Manifest, variants: list[Variant]) -> list[FileEntry]:
     return list(entries.values())
 
 
-def default_self_test(release_dir: Path, profile: str | None, public_key: Any = None) -> None:
+def default_self_test(release_dir: Path, profile: str | None, public_key: Any = None) -> Selection:
     """Load the staged release through ``EdgeModel``, which reproduces the manifest's self-test
-    outputs (within each variant's tolerance) before it accepts a variant; raises if none does."""
+    outputs (within each variant's tolerance) before it accepts a variant; raises if none does.
+    Returns the variant it selected."""
     from edge_sdk import EdgeModel  # lazy: the runtime stack is heavy
 
     model = EdgeModel.load(release_dir, profile=profile or "auto", monitor=False, public_key=public_key)
-    model.close()
+    try:
+        info = model.info()
+        return Selection(info.backend, getattr(info.precision, "value", str(info.precision)))
+    finally:
+        model.close()
 
 
 class SyncClient:
@@ -125,12 +142,13 @@ class SyncClient:
     ``self_test(release_dir, profile)`` raises to refuse a staged release (default:
     :func:`default_self_test`); ``on_activate(release_dir)`` runs after the switch (e.g. the
     daemon's hot swap) and rolls the switch back if it raises; ``on_policy(policy)`` receives
-    the merged desired runtime policy whenever it changes.
+    the merged desired runtime policy (a :class:`~edge_sdk.runtime.policy.PolicyOverride`) whenever
+    it changes; raising reports the error in the twin (kind ``policy``) and the client keeps running.
     """
 
     def __init__(self, config: SyncConfig, *, transport: Transport | None = None,
                  self_test: SelfTest | None = None, on_activate: Callable[[Path], None] | None = None,
-                 on_policy: Callable[[dict], None] | None = None) -> None:
+                 on_policy: Callable[[PolicyOverride], None] | None = None) -> None:
         self.config = config
         self.topics = Topics(config.fleet, config.prefix)
         self.topics.status(config.device)  # validates the device id
@@ -155,7 +173,7 @@ class SyncClient:
         self._blobs: queue.Queue[Message] = queue.Queue()
         self._sync_lock = threading.Lock()
         self._desired: dict[str, DesiredState | None] = {"fleet": None, "device": None}
-        self._policy: dict | None = None
+        self._policy: dict[str, Any] | None = None  # the last applied policy, as set (explicit nulls kept)
         self._failed: dict[tuple[str, int], str] = {}
         self._target: tuple[str, int] | None = None
         self._wake = threading.Event()
@@ -248,17 +266,19 @@ class SyncClient:
             if result.status in ("rejected", "rolled-back"):
                 self._failed[target] = result.reason or result.status
 
-    def _apply_policy(self, policy: dict) -> None:
-        if policy == self._policy:
+    def _apply_policy(self, policy: PolicyOverride) -> None:
+        # Compared as set: model equality ignores whether pin_precision was null or absent.
+        wanted = policy.as_dict()
+        if wanted == self._policy:
             return
-        self._policy = dict(policy)
+        self._policy = wanted
         if self._on_policy is not None:
             try:
-                self._on_policy(dict(policy))
+                self._on_policy(policy)
             except Exception as exc:  # a policy the runtime cannot apply is reported, not fatal
-                self.twin.error("policy", f"could not apply desired policy {policy}: {exc}")
+                self.twin.error("policy", f"could not apply desired policy {wanted}: {exc}")
                 return
-        self.twin.set(policy=dict(policy))
+        self.twin.set(policy=wanted)
 
     # -- one release -------------------------------------------------------------------------
     def sync(self, model: str, version: int, timeout: float | None = None) -> SyncResult:
@@ -300,7 +320,8 @@ class SyncClient:
                                          f"{manifest.model} v{manifest.version}"), "wrong_release")
         with _kind("wrong_profile"):
             variants = select_variants(manifest, self.config.profile)
-        files = files_for(manifest, variants)
+        with _kind("bad_chunk_list"):
+            files = files_for(manifest, variants)
         refs = [c for entry in files for c in entry.chunks]
         distinct = {c.sha256: c for c in refs}
         missing = self.chunks.missing(refs)
@@ -311,10 +332,12 @@ class SyncClient:
         self.twin.progress(state="staging", model=model, version=version)
         folder = self.releases.stage(manifest, data, signature, files, self.chunks)
         result.path = str(folder)
+        selected: Selection | None = None
         if self._self_test is not None:
             self.twin.progress(state="self-test", model=model, version=version)
             try:
-                self._self_test(folder, self.config.profile)
+                outcome = self._self_test(folder, self.config.profile)
+                selected = outcome if isinstance(outcome, Selection) else None  # custom tests may return anything
             except Exception as exc:
                 self.releases.discard(folder)
                 reason = f"self-test of {model} v{version} failed: {exc}"
@@ -322,6 +345,7 @@ class SyncClient:
                 self.twin.progress(state="failed", model=model, version=version, reason=reason)
                 result.status, result.reason, result.path = "rejected", reason, None
                 return result
+        self.twin.progress(state="activating", model=model, version=version)
         self.releases.activate(folder)
         if self._on_activate is not None:
             try:
@@ -336,25 +360,36 @@ class SyncClient:
                 return result
         self.releases.cleanup()
         self.chunks.retain_only(self.releases.kept_chunks())
-        self._report_active(variants)
+        # With an activation hook (the daemon) the hook reports what it actually serves.
+        self._report_active(selected, backend=self._on_activate is None)
         self.twin.progress(state="idle", model=model, version=version, chunks_fetched=result.chunks_fetched,
                            bytes_fetched=result.bytes_fetched)
         return result
 
-    def _report_active(self, variants: list[Variant] | None = None) -> None:
+    def _report_active(self, selected: Selection | None = None, backend: bool = True) -> None:
+        """Report the active release and (``backend``) the backend/precision that serves it: the
+        self-test's selection, remembered per release so a restarted client reports it too."""
         ref = self.releases.active_ref()
         if ref is None:
             return
-        first = variants[0] if variants else None
-        if first is None:
+        name = release_name(*ref)
+        path = Path(self.config.root) / "served.json"
+        try:
+            served = json.loads(path.read_text())
+        except (OSError, ValueError):
+            served = {}
+        if selected is not None:
+            served = {name: asdict(selected)}  # older releases are cleaned up; only the active one matters
             try:
-                manifest = self.releases.active_manifest()
-                first = select_variants(manifest, self.config.profile)[0] if manifest else None
-            except (IntegrityError, OSError):
-                first = None
-        self.twin.set(release={"model": ref[0], "version": ref[1]},
-                      backend=first.backend if first else None,
-                      precision=first.precision.value if first else None)
+                write_atomic(path, json.dumps(served).encode())
+            except OSError as exc:  # only the report after a restart suffers
+                log.warning("could not remember the served variant in %s: %s", path, exc)
+        fields: dict[str, Any] = {"release": {"model": ref[0], "version": ref[1]}}
+        if backend:
+            known = served.get(name) if isinstance(served, dict) else None
+            fields["backend"] = known.get("backend") if isinstance(known, dict) else None
+            fields["precision"] = known.get("precision") if isinstance(known, dict) else None
+        self.twin.set(**fields)
 
     # -- network -----------------------------------------------------------------------------
     def _fetch_manifest(self, model: str, version: int, deadline: float) -> bytes:

@@ -43,7 +43,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as handle:
         handle.write(data)
@@ -89,7 +89,7 @@ class ReleaseStore:
         state = self._state()
         if version > int(state["highest"].get(model, 0)):
             state["highest"][model] = version
-            _write_atomic(self._state_path, json.dumps(state, sort_keys=True).encode())
+            write_atomic(self._state_path, json.dumps(state, sort_keys=True).encode())
 
     def check_version(self, model: str, version: int) -> None:
         """Rollback protection: refuse a release older than the highest ever accepted."""

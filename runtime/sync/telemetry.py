@@ -18,7 +18,7 @@ disconnected, so an outage only grows the outbox on disk, never memory.
 
 Usage::
 
-    up = TelemetryUploader(outbox, transport, Topics("plant1"), "cam-7")
+    up = TelemetryUploader(outbox, transport, Topics("plant1"), "cam-7", twin=sync_client.twin)
     up.start()             # subscribes to the ack topic, starts the upload thread
     outbox.append({...}); up.notify()     # notify() just wakes the thread early
     up.stop()
@@ -45,6 +45,7 @@ from edge_sdk.errors import SyncError
 from .outbox import Batch, Outbox
 from .topics import Topics, check_device
 from .transport import Message
+from .twin import Twin
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,9 @@ class UploaderConfig(StrictModel):
     #: resend everything unacked if the oldest batch in flight got no ack for this long
     ack_timeout_s: float = Field(10.0, gt=0)
     idle_poll_s: float = Field(0.5, gt=0)
+    #: publish changed outbox/upload figures to the twin at most this often (each publish
+    #: re-sends the whole retained reported state, so not on every record)
+    report_interval_s: float = Field(5.0, gt=0)
 
 
 @dataclass
@@ -159,10 +163,14 @@ class TelemetryUploader:
     """Moves outbox records to ``<prefix>/<device>/telemetry``; deletes them on ingest acks.
 
     ``transport`` is anything with ``subscribe(filter, handler, qos)``, ``publish(topic,
-    payload, qos=…)``, ``connected`` and ``connects`` (see :mod:`.transport`).
+    payload, qos=…)``, ``connected`` and ``connects`` (see :mod:`.transport`). With a ``twin``
+    (the sync client's :class:`~.twin.Twin`), :meth:`report` is published as
+    ``reported.telemetry`` whenever it changed, at most every ``report_interval_s`` and once more
+    on :meth:`stop`, so quota drops and rejections reach the cloud.
     """
 
-    def __init__(self, outbox: Outbox, transport, topics: Topics, device: str, config: UploaderConfig | None = None) -> None:
+    def __init__(self, outbox: Outbox, transport, topics: Topics, device: str, config: UploaderConfig | None = None,
+                 twin: Twin | None = None) -> None:
         self.outbox = outbox
         self.transport = transport
         self.config = config or UploaderConfig()
@@ -176,7 +184,10 @@ class TelemetryUploader:
         self._inflight: deque[_InFlight] = deque()
         self._cursor = 0  # outbox id of the last record sent
         self._seen_connects = -1
-        #: counters (reported in the twin by the sync client)
+        self.twin = twin
+        self._reported: dict | None = None
+        self._reported_at = -math.inf
+        #: counters (part of :meth:`report`)
         self.batches_sent = 0
         self.records_sent = 0
         self.resends = 0
@@ -235,10 +246,26 @@ class TelemetryUploader:
                 self.errors += 1
                 log.exception("telemetry upload step failed")
                 busy = False
+            self._report_to_twin()
             if not busy:
                 self._wake.wait(self.config.idle_poll_s)
                 self._wake.clear()
         self._apply_acks()
+        self._report_to_twin(force=True)
+
+    def _report_to_twin(self, force: bool = False) -> None:
+        if self.twin is None or (not force and time.monotonic() - self._reported_at < self.config.report_interval_s):
+            return
+        try:
+            report = self.report()
+        except Exception:  # storage trouble: the figures wait for the next round
+            self.errors += 1
+            log.exception("telemetry figures for the twin failed")
+            return
+        self._reported_at = time.monotonic()
+        if report != self._reported:
+            self._reported = report
+            self.twin.set(telemetry=report)
 
     def _apply_acks(self) -> None:
         while True:

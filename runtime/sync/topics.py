@@ -7,6 +7,7 @@ Layout (prefix defaults to ``edge/<fleet>``, any other prefix may be given)::
     <prefix>/desired                        retained, fleet-wide desired state
     <prefix>/<device>/reported              retained, what the device runs
     <prefix>/releases/<model>/<version>/manifest   retained (signed manifest)
+    <prefix>/releases/<model>/<version>/pending    retained while `cloud publish` runs (its chunk list)
     <prefix>/blobs/<sha256>                 retained content-addressed chunk
     <prefix>/<device>/telemetry             QoS 1 record batches
     <prefix>/<device>/telemetry/ack         ingest → device: committed sequences
@@ -44,6 +45,7 @@ class TopicKind(enum.Enum):
     FLEET_DESIRED = "fleet_desired"
     REPORTED = "reported"
     MANIFEST = "manifest"
+    PENDING = "pending"
     BLOB = "blob"
     TELEMETRY = "telemetry"
     TELEMETRY_ACK = "telemetry_ack"
@@ -118,6 +120,10 @@ class Topics:
             raise ConfigError(f"release version must be a non-negative integer, got {version!r}")
         return f"{self.prefix}/releases/{model}/{version}/manifest"
 
+    def pending(self, model: str, version: int) -> str:
+        """Marker of a publish in progress: holds its chunks against ``cloud gc`` until the manifest is out."""
+        return self.manifest(model, version)[: -len("manifest")] + "pending"
+
     def blob(self, sha256: str) -> str:
         if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
             raise ConfigError(f"blob id must be 64 lowercase hex digits (sha256), got {sha256!r}")
@@ -140,6 +146,9 @@ class Topics:
     def all_manifests(self, model: str | None = None) -> str:
         return f"{self.prefix}/releases/{check_level(model, 'model name') if model else '+'}/+/manifest"
 
+    def all_pending(self) -> str:
+        return f"{self.prefix}/releases/+/+/pending"
+
     # -- parsing -------------------------------------------------------------------------------
     def parse(self, topic: str) -> TopicMatch | None:
         """Classify a received topic; None if it is not one of this fleet's topics.
@@ -156,10 +165,11 @@ class Topics:
             return TopicMatch(TopicKind.FLEET_DESIRED)
         if n == 2 and levels[0] == "blobs":
             return TopicMatch(TopicKind.BLOB, sha256=levels[1]) if _SHA256.fullmatch(levels[1]) else None
-        if n == 4 and levels[0] == "releases" and levels[3] == "manifest":
+        if n == 4 and levels[0] == "releases" and levels[3] in ("manifest", "pending"):
             if not levels[2].isdigit():
                 return None
-            return TopicMatch(TopicKind.MANIFEST, model=levels[1], version=int(levels[2]))
+            kind = TopicKind.MANIFEST if levels[3] == "manifest" else TopicKind.PENDING
+            return TopicMatch(kind, model=levels[1], version=int(levels[2]))
         device = levels[0]
         if device in RESERVED_DEVICE_IDS or device.startswith("$") or "+" in device or "#" in device:
             return None

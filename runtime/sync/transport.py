@@ -250,7 +250,8 @@ class Transport:
             raise ConfigError(f"QoS must be 0, 1 or 2, got {qos!r}")
         with self._lock:
             self._subs[topic_filter] = (qos, handler)
-        if self._connected.is_set():
+            send_now = self._connected.is_set()  # else _on_connect's snapshot includes it
+        if send_now:
             self._send_subscribe(topic_filter, qos)
 
     def _send_subscribe(self, topic_filter: str, qos: int) -> None:
@@ -317,8 +318,11 @@ class Transport:
         client.reconnect_delay_set(self.config.reconnect_min_s, self.config.reconnect_max_s)
         self.connects += 1
         with self._lock:
+            # Snapshot and flag together: a subscribe() racing with this either is in the
+            # snapshot or sees the flag and sends itself; never neither.
             subs = list(self._subs.items())
             listeners = list(self._listeners)
+            self._connected.set()
         for topic_filter, (qos, _) in subs:
             try:
                 self._send_subscribe(topic_filter, qos)
@@ -326,7 +330,6 @@ class Transport:
                 log.exception("re-subscribing failed")
         if self.config.status_topic:
             client.publish(self.config.status_topic, ONLINE, qos=1, retain=True)
-        self._connected.set()
         log.info("connected to %s:%s (session present: %s)", self.config.host, self.config.port, flags.session_present)
         self._notify(listeners, True)
 

@@ -2,8 +2,10 @@
 
 Desired state is a retained JSON object at ``…/desired`` (fleet) and ``…/<device>/desired``
 (device); :func:`merge_desired` combines them key by key, the device level winning, and the
-``policy`` mappings merge key by key the same way. ``policy`` holds runtime settings the device
-applies without a restart (e.g. ``pin_precision``, thresholds) through a callback.
+``policy`` mappings merge key by key the same way (nested keys too). ``policy`` is a typed
+:class:`~edge_sdk.runtime.policy.PolicyOverride` (``pin_precision``, per-precision
+``thresholds``, ``hysteresis``, ``min_dwell_s``) that the device applies to its models without a
+restart; an unknown key makes the whole message a ``bad_desired`` error naming the key.
 
 Reported state is one retained JSON object at ``…/<device>/reported``: the active release,
 backend, precision, resource figures, the last error, per-kind error counters and sync
@@ -20,15 +22,14 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError
 
 from edge_sdk.config import StrictModel
 from edge_sdk.errors import ConfigError
-from edge_sdk.types import Precision
+
+from ..policy import PolicyOverride
 
 log = logging.getLogger(__name__)
-
-Scalar = str | int | float | bool | None
 
 
 class DesiredState(StrictModel):
@@ -36,15 +37,7 @@ class DesiredState(StrictModel):
 
     model: str | None = Field(None, min_length=1)
     version: int | None = Field(None, ge=1)
-    policy: dict[str, Scalar] = Field(default_factory=dict)
-
-    @field_validator("policy")
-    @classmethod
-    def _known_policy_values(cls, policy: dict[str, Scalar]) -> dict[str, Scalar]:
-        pin = policy.get("pin_precision")
-        if pin is not None and pin not in {p.value for p in Precision}:
-            raise ValueError(f"pin_precision must be one of {[p.value for p in Precision]} or null, got {pin!r}")
-        return policy
+    policy: PolicyOverride = PolicyOverride()
 
     @classmethod
     def from_payload(cls, payload: bytes, source: str) -> DesiredState | None:
@@ -60,16 +53,37 @@ class DesiredState(StrictModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-            raise ConfigError(f"{source}: desired state {where}: {first['msg']}") from None
+            raise ConfigError(f"{source}: {describe_desired_error(exc)}") from None
 
     def to_payload(self) -> bytes:
-        return json.dumps(self.model_dump(exclude_defaults=True), sort_keys=True).encode()
+        data: dict[str, Any] = {k: v for k, v in (("model", self.model), ("version", self.version)) if v is not None}
+        policy = self.policy.as_dict()
+        if policy:
+            data["policy"] = policy
+        return json.dumps(data, sort_keys=True).encode()
+
+
+def describe_desired_error(error: ValidationError) -> str:
+    """The first problem of a desired state, naming the key (``unknown key 'policy.max_cpu'``)."""
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        return f"desired state: unknown key {where!r}"
+    return f"desired state {where}: {first['msg']}"
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def merge_desired(fleet: DesiredState | None, device: DesiredState | None) -> DesiredState:
-    """Device-level fields override fleet-level ones; policies merge key by key."""
+    """Device-level fields override fleet-level ones; policies merge key by key, nested keys too."""
     fleet = fleet or DesiredState()
     device = device or DesiredState()
     if device.model is not None and device.model != fleet.model:
@@ -77,16 +91,22 @@ def merge_desired(fleet: DesiredState | None, device: DesiredState | None) -> De
     else:
         model = device.model or fleet.model
         version = device.version if device.version is not None else fleet.version
-    return DesiredState(model=model, version=version, policy={**fleet.policy, **device.policy})
+    policy = PolicyOverride.model_validate(_deep_merge(fleet.policy.as_dict(), device.policy.as_dict()))
+    return DesiredState(model=model, version=version, policy=policy)
 
 
-def parse_set(items: list[str]) -> dict[str, Scalar]:
-    """``["pin_precision=int8", "max_cpu=80"]`` → typed values (JSON scalars, else strings)."""
-    out: dict[str, Scalar] = {}
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``["pin_precision=int8", "thresholds.fp32.max_cpu_percent=80"]`` → a typed policy mapping.
+
+    Values are JSON scalars (else strings); dotted keys build nested mappings, so every policy
+    key (see :class:`~edge_sdk.runtime.policy.PolicyOverride`) can be set from a command line.
+    """
+    out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         key = key.strip()
-        if not sep or not key:
+        path = key.split(".")
+        if not sep or not key or not all(path):
             raise ConfigError(f"--set {item!r}: expected key=value")
         try:
             value = json.loads(raw)
@@ -94,7 +114,15 @@ def parse_set(items: list[str]) -> dict[str, Scalar]:
             value = raw
         if isinstance(value, (list, dict)):
             raise ConfigError(f"--set {item!r}: only scalar values (string, number, true/false, null)")
-        out[key] = value
+        node = out
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is already set to a value")
+            node = child
+        if isinstance(node.get(path[-1]), dict):
+            raise ConfigError(f"--set {item!r}: {key!r} already holds nested keys")
+        node[path[-1]] = value
     return out
 
 

@@ -28,12 +28,13 @@ def _desired(broker, fleet: str) -> dict[str, dict]:
 
 def test_cli_writes_typed_desired_state(mosquitto, capsys):
     _ok(["cloud", "desire", "--broker", mosquitto.url, "--fleet", "f", "--model", "cnn", "--version", "3",
-          "--set", "max_cpu_percent=80", "--set", "pin_precision=null"])
+          "--set", "thresholds.fp32.max_cpu_percent=80", "--set", "pin_precision=null"])
     _ok(["cloud", "desire", "--broker", mosquitto.url, "--fleet", "f", "--device", "cam-2", "--model", "cnn",
-          "--version", "2", "--set", "pin_precision=int8", "--set", "ratio=0.25"])
+          "--version", "2", "--set", "pin_precision=int8", "--set", "min_dwell_s=0.25"])
     assert _desired(mosquitto, "f") == {
-        "edge/f/desired": {"model": "cnn", "version": 3, "policy": {"max_cpu_percent": 80, "pin_precision": None}},
-        "edge/f/cam-2/desired": {"model": "cnn", "version": 2, "policy": {"pin_precision": "int8", "ratio": 0.25}},
+        "edge/f/desired": {"model": "cnn", "version": 3, "policy": {"thresholds": {"fp32": {"max_cpu_percent": 80}},
+                                                                     "pin_precision": None}},
+        "edge/f/cam-2/desired": {"model": "cnn", "version": 2, "policy": {"pin_precision": "int8", "min_dwell_s": 0.25}},
     }
     _ok(["cloud", "desire", "--broker", mosquitto.url, "--fleet", "f", "--device", "cam-2", "--clear"])
     assert list(_desired(mosquitto, "f")) == ["edge/f/desired"]
@@ -42,6 +43,7 @@ def test_cli_writes_typed_desired_state(mosquitto, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--version", "2"], "needs --model"),
     (["--model", "cnn", "--set", "pin_precision=int4"], "pin_precision"),
+    (["--model", "cnn", "--set", "ratio=0.25"], "unknown key 'policy.ratio'"),
     (["--model", "cnn", "--set", "oops"], "key=value"),
     (["--device", "blobs", "--model", "cnn"], "reserved"),
     (["--clear", "--model", "cnn"], "--clear"),

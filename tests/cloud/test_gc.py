@@ -67,3 +67,28 @@ def test_cli_gc(mosquitto, sync_releases, capsys):
     assert "removed 1 manifests" in out
     blobs, manifests = _on_broker(mosquitto, "g")
     assert manifests == {Topics("g").manifest("cnn", 2)} and blobs == _chunks(sync_releases["v2"])
+
+
+def test_gc_keeps_chunks_of_a_publish_in_progress(mosquitto, sync_releases):
+    """Chunks whose manifest is not out yet are held by the publish's pending marker; a marker
+    older than the grace period (a publish that died) is cleared together with its chunks."""
+    import time
+
+    from edge_sdk.cloud.publish import pending_marker
+
+    topics = Topics("p")
+    publish_release(sync_releases["v1"], mosquitto.url, "p")
+    fresh, old = "cd" * 32, "ef" * 32
+    with connect(mosquitto.url, "test") as t:
+        # what a publish of v5 that is still sending chunks, and one of v6 that died, look like
+        t.publish(topics.pending("cnn", 5), pending_marker({fresh}), qos=1, retain=True, wait=5)
+        t.publish(topics.pending("cnn", 6), pending_marker({old}, started=time.time() - 7200), qos=1, retain=True,
+                  wait=5)
+        t.publish(topics.blob(fresh), b"in progress", qos=1, retain=True, wait=5)
+        t.publish(topics.blob(old), b"abandoned", qos=1, retain=True, wait=5)
+    report = collect_garbage(mosquitto.url, "p", pending_grace_s=3600)
+    assert report.pending_kept == [topics.pending("cnn", 5)] and report.pending_removed == [topics.pending("cnn", 6)]
+    assert report.blobs_removed == 1 and report.bytes_freed == len(b"abandoned")
+    assert _on_broker(mosquitto, "p")[0] == _chunks(sync_releases["v1"]) | {fresh}
+    with connect(mosquitto.url, "test") as t:
+        assert set(collect_retained(t, topics, topics.all_pending())) == {topics.pending("cnn", 5)}

@@ -86,7 +86,7 @@ def test_commit_then_ack_and_duplicates_dropped(rig):
     assert acks.wait_for(3) == [("d1", BOOT, 10)] * 3  # every delivery is acked again
     assert [r[2] for r in rows(sink)] == list(range(1, 11))
     c = sink.counters()
-    assert (c["batches"], c["records"], c["duplicates"], c["malformed"]) == (3, 10, 20, 0)
+    assert (c["batches"], c["received"], c["records"], c["duplicates"], c["malformed"]) == (3, 30, 10, 20, 0)
     assert (worker.records, worker.duplicates) == (10, 20)
 
 

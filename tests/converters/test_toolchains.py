@@ -140,8 +140,8 @@ def test_run_timeout_kills_the_process_tree(probe, tmp_path):
         pytest.fail("the converter's child process survived the timeout")
 
 
+@pytest.mark.requires("openvino")
 def test_in_process_openvino_toolchain_reports_the_main_environment(root):
-    pytest.importorskip("openvino")
     st = toolchains.status("openvino")
     assert st.installed and st.kind is ToolchainKind.IN_PROCESS and "openvino" in st.versions
 

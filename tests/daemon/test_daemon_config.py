@@ -93,3 +93,56 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     assert result.exit_code != 0
     with pytest.raises(ConfigError, match="no such file"):
         load_config(tmp_path / "nope.yaml")
+
+
+SYNC = "sync:\n  broker: mqtt://127.0.0.1:1883\n  allow_unsigned: true\n"
+
+
+@pytest.mark.parametrize("text, needle", [
+    # A missing required key: the line of the mapping it is missing from.
+    ("device_id: d\nmodels:\n  - name: a\n    release: r\n", "state_dir (line 1): Field required"),
+    ("device_id: d\nstate_dir: s\nmodels:\n  - release: r\n", "models.0.name (line 4): Field required"),
+    # Cross-field errors name the field concerned, not "(top level)".
+    ("device_id: d\nstate_dir: s\nmodels:\n  - name: a\n    release: r\n  - name: a\n    release: r\n",
+     "models.1.name (line 6): model names must be unique"),
+    ("device_id: d\nstate_dir: s\nmodels:\n  - name: a\n", "models.0.release (line 4): models ['a'] have no 'release'"),
+    (GOOD + "pipelines:\n  - model: other\n    reference: cam\n    streams: {imu: {}}\n",
+     "pipelines.0.model (line 7): pipeline for model 'other'"),
+    (GOOD + "pipelines:\n  - model: fusion\n    reference: cam\n    streams:\n      cam: {}\n",
+     "pipelines.0.streams.cam (line 10): stream 'cam' is both"),
+    (GOOD + "sync:\n  broker: mqtt://127.0.0.1:1883\n", "sync.public_key (line 7): sync.broker is set"),
+    (GOOD + "drain_timeout_s: 30\n", "drain_timeout_s (line 6): must be less than shutdown_timeout_s (20)"),
+    # sync.broker is parsed the way the transport parses it.
+    (GOOD + "sync:\n  broker: http://example.com\n  allow_unsigned: true\n", "sync.broker (line 7): broker URL 'http://example.com'"),
+    (GOOD + "sync:\n  broker: mqtt://host:99999\n  allow_unsigned: true\n", "sync.broker (line 7)"),
+    # mqtts:// needs sync.tls (the CA); a client key needs its certificate.
+    (GOOD + "sync:\n  broker: mqtts://host:8883\n  allow_unsigned: true\n", "sync.tls (line 7): sync.broker uses mqtts://"),
+    (GOOD + SYNC + "  tls:\n    ca: ca.crt\n    key: device.key\n", "sync.tls.cert (line 10): key is set but cert is not"),
+    (GOOD + "sync:\n  tls: {ca: ca.crt}\n", "sync.tls (line 7): tls is set but broker is not"),
+    # Device profiles and backends are the known ones.
+    (GOOD + "    profile: raspberry-pi-9\n", "models.0.profile (line 6): Value error, unknown device profile 'raspberry-pi-9'"),
+    (GOOD + "    backend: tensorrt\n", "models.0.backend (line 6): Value error, unknown backend 'tensorrt'"),
+])
+def test_errors_name_the_key_and_its_line(tmp_path: Path, text: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    assert needle in str(err.value)
+    assert "(top level)" not in str(err.value)
+
+
+def test_config_check_names_a_bad_broker_and_its_line(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD + "sync:\n  fleet: lab\n  broker: mqtt//no-scheme\n")
+    result = runner.invoke(app, ["config", "check", str(path)])
+    assert result.exit_code != 0
+    assert "sync.broker (line 8)" in " ".join(str(result.exception).split()) + " ".join(result.output.split())
+
+
+def test_known_profiles_backends_and_tls_paths(tmp_path: Path) -> None:
+    text = GOOD.replace("    release: rel/fusion\n", "    release: rel/fusion\n    profile: raspberry-pi-5\n    backend: tflite\n")
+    text += "  - name: custom\n    release: rel/custom\n    profile: profiles/board.yaml\n"
+    text += "sync:\n  broker: mqtts://broker.lan\n  allow_unsigned: true\n  tls: {ca: certs/ca.crt, cert: certs/dev.crt, key: certs/dev.key}\n"
+    config = load_config(write(tmp_path, text))
+    assert config.models[0].profile == "raspberry-pi-5" and config.models[0].backend == "tflite"
+    assert config.models[1].profile == str(tmp_path / "profiles/board.yaml")
+    tls = config.sync.tls
+    assert (tls.ca, tls.cert, tls.key) == (tmp_path / "certs/ca.crt", tmp_path / "certs/dev.crt", tmp_path / "certs/dev.key")

@@ -75,6 +75,7 @@ def test_pipeline_matches_batch_alignment_and_model(fusion_release: Path, tmp_pa
     text = httpx.get(daemon.url + "/metrics").text
     assert metric_value(text, "edge_aligner_samples_late_total", stream="fusion/imu") == 1.0
     assert metric_value(text, "edge_aligner_samples_accepted_total", stream="fusion/camera") == data["camera"][0].size
+    assert metric_value(text, "edge_aligner_samples_dropped_total", stream="fusion/imu") == 0.0
     daemon.signal(signal.SIGTERM)  # flushes the aligner: every remaining frame is emitted and run
     assert daemon.wait(30) == 0
 
@@ -99,3 +100,17 @@ def test_pipeline_matches_batch_alignment_and_model(fusion_release: Path, tmp_pa
     assert sorted(got) == sorted(expected)
     for t, want in expected.items():
         np.testing.assert_allclose(got[t], want, atol=2e-6)
+
+
+def test_full_stream_buffer_drops_are_counted(fusion_release: Path, tmp_path: Path, start_daemon) -> None:
+    pipeline = {**PIPELINE, "streams": {**PIPELINE["streams"], "imu": {**PIPELINE["streams"]["imu"], "max_buffer": 2}}}
+    config = write_config(tmp_path, [{"name": "fusion", "release": str(fusion_release), "precision": "fp32"}],
+                          pipelines=[pipeline])
+    daemon = start_daemon(config).wait_ready()
+    # No camera frame consumes them: an IMU buffer of 2 cannot hold 10 samples.
+    counts = push(daemon.url, "imu", np.arange(10) * 0.01, np.zeros((10, 6), np.float32))
+    text = httpx.get(daemon.url + "/metrics").text
+    assert counts["dropped"] > 0
+    assert metric_value(text, "edge_aligner_samples_dropped_total", stream="fusion/imu") == counts["dropped"]
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(30) == 0

@@ -41,9 +41,9 @@ def test_memory_squeeze_steps_down_and_back_up(fusion_release: Path, tmp_path: P
     wait_for(lambda: precision(daemon) == "fp32", what="step back up to fp32")
     text = httpx.get(daemon.url + "/metrics").text
     assert metric_value(text, "edge_precision_switches_total", model="fusion", from_precision="fp32",
-                        to_precision="fp16", reason="step_down") == 1.0
+                        to_precision="fp16", kind="step_down") == 1.0
     assert metric_value(text, "edge_precision_switches_total", model="fusion", from_precision="fp16",
-                        to_precision="fp32", reason="step_up") == 1.0
+                        to_precision="fp32", kind="step_up") == 1.0
     assert metric_value(text, "edge_model_active", model="fusion", version="1", backend="onnxruntime", precision="fp32") == 1.0
     assert metric_value(text, "edge_model_active", model="fusion", version="1", backend="onnxruntime", precision="fp16") is None
     assert any("precision fp32 -> fp16" in r["msg"] and "memory" in r["msg"].lower() for r in daemon.log_records())

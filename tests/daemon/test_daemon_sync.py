@@ -78,6 +78,9 @@ def test_sync_hot_swap_telemetry_and_offline(fusion_release: Path, fusion_v2: Pa
         assert metric_value(text, "edge_sync_chunks_fetched_total") > 0
         assert metric_value(text, "edge_sync_active_release_version", model="fusion") == 1.0
         assert metric_value(text, "edge_sync_connected") == 1.0
+        assert time.time() - 300 < metric_value(text, "edge_sync_last_success_timestamp_seconds") <= time.time()
+        assert metric_value(text, "edge_sync_outbox_dropped_total") == 0.0
+        assert metric_value(text, "edge_sync_telemetry_records_lost_total") == 0.0
         for seed in range(3):
             assert httpx.post(daemon.url + "/v2/models/fusion/infer", json=v2_request(fusion_inputs(seed))).status_code == 200
         # 2. Telemetry reaches ingest and is acked (the outbox drains).
@@ -136,6 +139,9 @@ def test_unreachable_broker_at_start_still_serves_the_local_release(fusion_relea
     assert httpx.post(daemon.url + "/v2/models/fusion/infer", json=v2_request(fusion_inputs())).status_code == 200
     wait_for(lambda: (metric_value(httpx.get(daemon.url + "/metrics").text, "edge_sync_outbox_records") or 0) >= 2,
              timeout=30, what="telemetry queued")
+    text = httpx.get(daemon.url + "/metrics").text
+    assert metric_value(text, "edge_sync_outbox_bytes") > 0
+    assert metric_value(text, "edge_sync_last_success_timestamp_seconds") is None  # nothing synced yet
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(30) == 0
     # Queued records survive the restart on disk (the outbox is a SQLite file).
@@ -171,5 +177,54 @@ def test_sigterm_during_a_download_exits_cleanly_and_keeps_the_old_release(
     mosquitto.kill()
     daemon = start_daemon(config).wait_ready(timeout=60)
     assert httpx.get(daemon.url + "/v2/models/fusion").json()["versions"] == ["1"]
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(30) == 0
+
+
+def _make_certs(folder: Path) -> Path:
+    """A throw-away CA and a server certificate for 127.0.0.1; returns the CA file."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, srv_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edge-sdk daemon test CA")])
+
+    def cert(subject: x509.Name, key, ca: bool, san=None) -> x509.Certificate:
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+                   .not_valid_after(now + datetime.timedelta(days=2))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return builder.sign(ca_key, hashes.SHA256())
+
+    pem = serialization.Encoding.PEM
+    (folder / "ca.crt").write_bytes(cert(ca_name, ca_key, True).public_bytes(pem))
+    server = cert(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]), srv_key, False,
+                  [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    (folder / "server.crt").write_bytes(server.public_bytes(pem))
+    (folder / "server.key").write_bytes(srv_key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL,
+                                                              serialization.NoEncryption()))
+    return folder / "ca.crt"
+
+
+def test_daemon_connects_over_tls(fusion_release: Path, mosquitto_factory, tmp_path: Path, start_daemon) -> None:
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    ca = _make_certs(certs)
+    # The broker's one listener speaks TLS only.
+    broker = mosquitto_factory(extra_conf=f"certfile {certs / 'server.crt'}\nkeyfile {certs / 'server.key'}\n")
+    config = write_config(tmp_path, [{"name": "fusion", "release": str(fusion_release)}],
+                          sync={"broker": f"mqtts://127.0.0.1:{broker.port}", "tls": {"ca": str(ca)}, "fleet": FLEET,
+                                "allow_unsigned": True, "telemetry_interval_s": 0.3})
+    daemon = start_daemon(config).wait_ready(timeout=60)
+    wait_for(lambda: metric_value(httpx.get(daemon.url + "/metrics").text, "edge_sync_connected") == 1.0,
+             timeout=30, what="a TLS connection to the broker")
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(30) == 0

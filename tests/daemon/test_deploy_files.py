@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import configparser
 import os
+import re
 import shutil
 import signal
 import socket
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_sdk.daemon.config import load_config
+from edge_sdk.daemon.config import DaemonConfig, load_config
 
 from .conftest import write_config
 
@@ -54,7 +55,34 @@ def test_dockerfile_contract() -> None:
             assert (ROOT / src).exists(), src
             assert src.split("/")[0] not in ignored, src
     assert ".venv" in ignored and ".git" in ignored
-    load_config(ROOT / "deploy" / "docker" / "edge.yaml")  # the image's default config is valid
+    image_config = load_config(ROOT / "deploy" / "docker" / "edge.yaml")  # the image's default config is valid
+    # The HEALTHCHECK and EXPOSE use the port the image's own config serves on.
+    health = re.search(r"HEALTHCHECK .*?http://127\.0\.0\.1:(\d+)/v2/health/ready", text, re.S)
+    assert health and int(health.group(1)) == image_config.http.port
+    assert f"EXPOSE {image_config.http.port}" in text
+    assert image_config.http.host == "0.0.0.0"  # reachable through the published port
+    assert image_config.shutdown_timeout_s < 10  # `docker stop` SIGKILLs after 10 s by default
+
+
+def _arch_case(targetarch: str, variant: str = "") -> subprocess.CompletedProcess:
+    """Run the runtime stage's per-architecture `case` the way the image build would."""
+    text = (ROOT / "Dockerfile.multiarch").read_text()
+    block = re.search(r"^RUN (case .*?esac) \\$", text, re.S | re.M)
+    assert block, "the per-architecture case statement is gone"
+    script = block.group(1).replace("\\\n", "\n") + '\necho "extras=${extras}"'
+    env = {"PATH": os.environ["PATH"], "TARGETARCH": targetarch, "TARGETVARIANT": variant,
+           "EXTRAS_amd64": "amd64-extras", "EXTRAS_arm64": "arm64-extras"}
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env)
+
+
+def test_dockerfile_refuses_arm_v7_and_picks_extras_per_arch() -> None:
+    refused = _arch_case("arm", "v7")
+    assert refused.returncode == 1
+    assert "linux/arm/v7 is not supported" in refused.stderr and "linux/arm64" in refused.stderr
+    assert "linux/arm/v7 is NOT supported" in (ROOT / "Dockerfile.multiarch").read_text()  # and documented
+    for arch in ("amd64", "arm64"):
+        ok = _arch_case(arch)
+        assert ok.returncode == 0 and ok.stdout.strip() == f"extras={arch}-extras", ok.stderr
 
 
 def test_systemd_unit() -> None:
@@ -66,6 +94,14 @@ def test_systemd_unit() -> None:
     assert service["User"] == "edge-sdk" and service["StateDirectory"] == "edge-sdk"
     assert "daemon --config" in service["ExecStart"] and service["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert int(service["WatchdogSec"]) > 0 and service["NoNewPrivileges"] == "yes" and service["ProtectSystem"] == "strict"
+    # systemd leaves the config dir root-owned: User=edge-sdk must still be able to reach edge.yaml.
+    assert service["ConfigurationDirectory"] == "edge-sdk" and service["ConfigurationDirectoryMode"] == "0755"
+    # SIGKILL only after the daemon's own overall shutdown deadline, with headroom.
+    default_deadline = DaemonConfig.model_fields["shutdown_timeout_s"].default
+    assert int(service["TimeoutStopSec"]) >= default_deadline + 5
+    # The install steps create /etc/edge-sdk before writing the config into it.
+    steps = (ROOT / "deploy" / "systemd" / "edge-sdk.service").read_text()
+    assert 0 <= steps.index("install -d -m 0755 /etc/edge-sdk") < steps.index("tee /etc/edge-sdk/edge.yaml")
     assert unit["Install"]["WantedBy"] == "multi-user.target"
     sysusers = (ROOT / "deploy" / "systemd" / "edge-sdk.sysusers.conf").read_text()
     assert "u edge-sdk - " in sysusers and "/var/lib/edge-sdk" in sysusers

@@ -83,7 +83,8 @@ def test_info_reports_what_serves(cnn_release: Path) -> None:
         assert info.backend == "onnxruntime" and info["precision"] == "fp16" and info.variant == "onnx-fp16"
         assert info.target == "onnx" and info.threads == 1 and info.pinned is True
         assert info.profile == PROFILE and info.model == "cnn" and info.version == 1
-        assert info.load_time_ms > 0 and info.memory_mb >= 0
+        weights_mb = sum(f.size for f in model.plan.candidates[Precision.FP16][0].files) / 2**20
+        assert info.load_time_ms > 0 and info.memory_mb >= round(weights_mb, 2) > 0
         assert info.last_decision["kind"] == "initial" and info.last_decision["to_precision"] == "fp16"
         assert "fp32" in info.available_precisions
         assert json.dumps(info.as_dict())  # serialisable for telemetry
@@ -355,3 +356,44 @@ def test_background_policy_does_not_flap_inside_the_hysteresis_band(cnn_release:
         switches = [e for e in model.events if e.kind in (EventKind.STEP_DOWN, EventKind.STEP_UP)]
         assert [(e.from_precision, e.to_precision) for e in switches] == [(Precision.FP32, Precision.FP16)]
         assert model.precision == Precision.FP16
+
+
+# --- runtime policy set live (the twin's desired policy), NaN inputs -------------------------
+
+
+def test_set_policy_pins_and_overrides_thresholds_live(cnn_release: Path) -> None:
+    source = FakeSource(available_memory_mb=8192)
+    with load(cnn_release, monitor=source, interval_s=3600) as model:
+        assert model.precision == Precision.FP32
+        # Raising FP32's memory bar steps down at once, without a reload or a new sample.
+        event = model.set_policy({"thresholds": {"fp32": {"min_free_memory_mb": 100_000}}})
+        assert event.kind == EventKind.STEP_DOWN and model.precision == Precision.FP16
+        assert model.policy.thresholds(Precision.FP32).max_cpu_percent == 85  # the profile's other limits stay
+        event = model.set_policy({"pin_precision": "int8"})
+        assert event.kind == EventKind.PIN and model.precision == Precision.INT8 and model.info().pinned
+        # A policy without the pin releases the pin it made; thresholds back to the profile's: FP32 again.
+        model.set_policy({"hysteresis": {"memory_mb": 0}, "min_dwell_s": 0})
+        assert not model.info().pinned and model.precision == Precision.FP32
+        assert model.policy.settings.min_dwell_s == 0 and model.policy.settings.hysteresis.memory_mb == 0
+        with pytest.raises(ConfigError, match="unknown key"):
+            model.set_policy({"max_cpu": 80})
+        with pytest.raises(ConfigError, match="cannot pin mixed"):
+            model.set_policy({"pin_precision": "mixed"})
+        assert model.precision == Precision.FP32 and not model.info().pinned  # nothing changed
+
+
+def test_non_finite_inputs_are_refused_by_quantized_variants(cnn_release: Path) -> None:
+    bad = image()
+    bad[0, 1, 2, 3] = np.nan
+    with load(cnn_release, precision="int8") as model:
+        with pytest.raises(InputError, match="input 'image': 1 of 3072 values are NaN.*int8"):
+            model.run({"image": bad})
+        with pytest.raises(InputError, match="NaN"):
+            model.run_traced({"image": bad})
+        model.pin("fp32")  # a float variant propagates NaN as is
+        assert np.isnan(model.run({"image": bad})["logits"]).any()
+    with load(cnn_release, precision="int8", reject_non_finite=False) as model:  # the opt-out
+        assert model.run({"image": bad})["logits"].shape == (1, 10)
+    with load(cnn_release, precision="fp32", reject_non_finite=True) as model:
+        with pytest.raises(InputError, match="NaN"):
+            model.run({"image": bad})

@@ -144,7 +144,9 @@ def test_cgroup_memory_pressure_steps_down_and_back(cnn_release: Path) -> None:
 def test_host_memory_pressure_steps_down_and_back(cnn_release: Path) -> None:
     import psutil
 
-    if psutil.virtual_memory().available < 3 * 2**30:
-        pytest.skip("needs 3 GB of free memory for a 1 GB hog")
-    report = run_child(cnn_release, hog_mb=1024, cgroup=None)
+    # The thresholds scale with the hog, so any size well above background noise works: a third
+    # of what is free (at most 1 GB) keeps the machine out of swap and the OOM killer's way.
+    hog_mb = int(min(1024, psutil.virtual_memory().available / 2**20 / 3))
+    assert hog_mb >= 128, f"only {hog_mb * 3} MB free: too little to run any real-pressure test"
+    report = run_child(cnn_release, hog_mb=hog_mb, cgroup=None)
     check(report)

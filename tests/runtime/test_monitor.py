@@ -224,3 +224,14 @@ def test_monitor_samples_in_background_and_survives_bad_subscribers() -> None:
 def test_monitor_interval_must_be_positive() -> None:
     with pytest.raises(ConfigError, match="interval"):
         ResourceMonitor(FakeSource(), interval_s=0)
+
+
+def test_fake_source_refuses_misspelt_readings() -> None:
+    with pytest.raises(ConfigError, match="available_mem_mb"):
+        FakeSource(available_mem_mb=10)
+    source = FakeSource(script=[{"cpu_percent": 50.0}, {"temprature_c": 90.0}])
+    with pytest.raises(ConfigError, match="temprature_c"):
+        source.set(temprature_c=90.0)
+    assert source.sample().cpu_percent == 50.0
+    with pytest.raises(ConfigError, match="temprature_c"):
+        source.sample()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from edge_sdk.cli import main
+from edge_sdk.manifest import load_manifest
 from edge_sdk.runtime.model import EdgeModel
 
 
@@ -90,10 +91,11 @@ def test_bench_json_has_figures_per_variant(cnn_release: Path, capsys) -> None:
     report = json.loads(out)
     rows = {r["variant"]: r for r in report["results"]}
     assert set(rows) == {"onnx-fp32", "onnx-fp16", "onnx-int8"}
+    weights_mb = {v.id: sum(f.size for f in v.files) / 2**20 for v in load_manifest(cnn_release).variants}
     for row in rows.values():
         assert row["error"] is None and row["runs"] == 20
         assert 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
-        assert row["throughput_per_s"] > 0 and row["rss_mb"] >= 0
+        assert row["throughput_per_s"] > 0 and row["rss_mb"] >= weights_mb[row["variant"]] > 0
 
 
 def test_bench_table_and_all_variants(cnn_release: Path, capsys) -> None:

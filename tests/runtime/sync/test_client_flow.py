@@ -88,6 +88,16 @@ def test_update_flow_moves_only_changed_chunks(published, sync_releases, release
         assert reported["backend"] == "onnxruntime" and reported["sync"]["state"] == "idle"
     finally:
         client.transport.stop()
+    # backend/precision are what EdgeModel selects for the profile (not the manifest's first
+    # variant), and a restarted client still reports them
+    from edge_sdk import EdgeModel
+
+    model = EdgeModel.load(client.releases.active(), profile=PROFILE, monitor=False, public_key=release_keypair[1])
+    serving = model.info()
+    model.close()
+    assert (reported["backend"], reported["precision"]) == (serving.backend, serving.precision.value)
+    restarted = _client(published, tmp_path / "dev", release_keypair[1])
+    assert restarted.twin.snapshot()["precision"] == serving.precision.value
 
 
 def test_replayed_older_release_is_refused(published, release_keypair, tmp_path):
@@ -216,30 +226,65 @@ def test_release_for_another_profile_is_refused(published, release_keypair, tmp_
     assert client.twin.errors["wrong_profile"] == 1 and client.chunks.shas() == set()
 
 
-def test_follows_desired_state_device_wins(published, release_keypair, tmp_path):
-    from edge_sdk.cloud.desire import build_desired, write_desired
+def test_follows_desired_state_device_wins(published, sync_releases, release_keypair, tmp_path):
+    """Desired policy reaches a real EdgeModel live: a threshold override steps it down, a pin
+    changes what serves; unknown keys and malformed messages are counted, the client keeps going."""
+    import time
 
+    from edge_sdk.cloud.desire import build_desired, write_desired
+    from edge_sdk.runtime.model import EdgeModel
+    from edge_sdk.runtime.monitor import FakeSource
+    from edge_sdk.types import Precision
+
+    # 8 GB free: intel-nuc's thresholds let FP32 run until the cloud raises FP32's bar.
+    model = EdgeModel.load(sync_releases["v1"], profile=PROFILE, monitor=FakeSource(available_memory_mb=8192),
+                           interval_s=3600)
+    assert model.precision == Precision.FP32
     policies = []
+
+    def on_policy(policy):
+        policies.append(policy.as_dict())
+        model.set_policy(policy)
+
+    def wait_for(predicate, timeout=30.0):
+        deadline = time.monotonic() + timeout
+        while not predicate() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return predicate()
+
     config = SyncConfig(broker=published.url, fleet=FLEET, device="cam-1", root=tmp_path / "dev", profile=PROFILE,
                         public_key=release_keypair[1], retry_min_s=0.2)
-    client = SyncClient(config, on_policy=policies.append)
-    write_desired(published.url, FLEET, build_desired("cnn", 1, {"max_cpu_percent": 80}))
+    client = SyncClient(config, on_policy=on_policy)
+    fp32_bar = {"thresholds": {"fp32": {"min_free_memory_mb": 100_000}}}
+    write_desired(published.url, FLEET, build_desired("cnn", 1, fp32_bar))
     client.start()
     try:
         assert client.wait_active("cnn", 1, timeout=60)
-        # Malformed desired state: counted, and the client keeps following.
+        assert wait_for(lambda: model.precision == Precision.FP16)  # the threshold override took effect
+        assert not model.info().pinned
+        # Malformed desired state and an unknown policy key: counted, and the client keeps following.
         writer = Transport(TransportConfig.from_url(published.url, client_id="evil", session_expiry_s=0))
         writer.start()
         assert writer.wait_connected(5)
         writer.publish(Topics(FLEET).desired("cam-1"), b"{not json", qos=1, retain=True, wait=5)
+        assert wait_for(lambda: client.twin.errors["bad_desired"] == 1)
+        writer.publish(Topics(FLEET).desired("cam-1"), b'{"policy": {"max_cpu": 80}}', qos=1, retain=True, wait=5)
+        assert wait_for(lambda: client.twin.errors["bad_desired"] == 2)
+        assert "policy.max_cpu" in client.twin.snapshot()["last_error"]["reason"]
         writer.stop()
         write_desired(published.url, FLEET, build_desired("cnn", 2, {"pin_precision": "int8"}), device="cam-1")
         assert client.wait_active("cnn", 2, timeout=60)
-        assert client.twin.errors["bad_desired"] == 1
-        assert {"max_cpu_percent": 80, "pin_precision": "int8"} in policies  # merged, device key added
-        _reported(published, "cam-1", lambda r: r.get("policy") == {"max_cpu_percent": 80, "pin_precision": "int8"})
+        assert wait_for(lambda: model.precision == Precision.INT8) and model.info().pinned
+        merged = {**fp32_bar, "pin_precision": "int8"}
+        assert merged in policies  # merged: the fleet's thresholds kept, the device's pin added
+        assert client.twin.errors["bad_desired"] == 2 and client.twin.errors["policy"] == 0
+        _reported(published, "cam-1", lambda r: r.get("policy") == merged)
+        # The device withdraws its pin with an explicit null: back to the policy (FP32 still barred).
+        write_desired(published.url, FLEET, build_desired("cnn", 2, {"pin_precision": None}), device="cam-1")
+        assert wait_for(lambda: not model.info().pinned and model.precision == Precision.FP16)
     finally:
         client.stop()
+        model.close()
 
 
 def test_broker_killed_mid_download_resumes(mosquitto, sync_releases, release_keypair, tmp_path):
@@ -294,3 +339,142 @@ def test_disk_full_while_staging_activates_nothing_and_recovers(published, relea
     finally:
         signal.signal(signal.SIGXFSZ, previous_handler)
         client.transport.stop()
+
+
+def _retain(broker, topic: str, payload: bytes) -> None:
+    writer = Transport(TransportConfig.from_url(broker.url, client_id="evil", session_expiry_s=0))
+    writer.start()
+    assert writer.wait_connected(5)
+    assert writer.publish(topic, payload, qos=1, retain=True, wait=5)
+    writer.stop()
+
+
+def _wait(predicate, timeout: float = 30.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def test_signed_manifest_with_oversized_chunk_list_is_refused_end_to_end(published, sync_releases, release_keypair,
+                                                                          tmp_path):
+    """A correctly signed manifest whose chunk list covers more than a file's declared size:
+    refused before any chunk is fetched, counted as ``bad_chunk_list``; the client goes on."""
+    from edge_sdk.cloud.desire import build_desired, write_desired
+
+    v1 = sync_releases["v1"]
+    data = json.loads((v1 / "manifest.json").read_bytes())
+    data["version"] = 7
+    victim = select_variants(load_manifest(v1), PROFILE)[0].files[0].path
+    for variant in data["variants"]:
+        for entry in variant["files"]:
+            if entry["path"] == victim:
+                entry["chunks"].append(dict(entry["chunks"][0]))  # real chunk, on the broker; too many bytes
+    raw = json.dumps(data).encode()
+    _retain(published, Topics(FLEET).manifest("cnn", 7), seal(raw, sign(raw, load_private_key(release_keypair[0]))))
+
+    config = SyncConfig(broker=published.url, fleet=FLEET, device="cam-1", root=tmp_path / "dev", profile=PROFILE,
+                        public_key=release_keypair[1], retry_min_s=0.2, manifest_timeout_s=5.0)
+    client = SyncClient(config)
+    write_desired(published.url, FLEET, build_desired("cnn", 7, {}), device="cam-1")
+    client.start()
+    try:
+        assert _wait(lambda: client.twin.errors["bad_chunk_list"] >= 1)
+        assert client.releases.active() is None and client.chunks.shas() == set()
+        assert client.releases.highest_accepted("cnn") == 0
+        reason = client.twin.snapshot()["last_error"]["reason"]
+        assert victim in reason and "declared size" in reason
+        # still following desired state
+        write_desired(published.url, FLEET, build_desired("cnn", 1, {}), device="cam-1")
+        assert client.wait_active("cnn", 1, timeout=60)
+        assert client.twin.errors["bad_chunk_list"] == 1  # a refused release is not retried
+    finally:
+        client.stop()
+
+
+def test_garbage_fleet_desired_and_cleared_blob_keep_the_client_running(published, sync_releases, release_keypair,
+                                                                         tmp_path):
+    """Malformed fleet-level desired state is counted and ignored; a blob cleared on the broker
+    (empty retained payload) mid-update is waited for, not stored; once republished the update completes."""
+    from edge_sdk.cloud.desire import build_desired, write_desired
+
+    topics = Topics(FLEET)
+    manifest = load_manifest(sync_releases["v1"])
+    victim = files_for(manifest, select_variants(manifest, PROFILE))[-1].chunks[-1]
+    _retain(published, topics.blob(victim.sha256), b"")  # cleared, as gc does
+    config = SyncConfig(broker=published.url, fleet=FLEET, device="cam-1", root=tmp_path / "dev", profile=PROFILE,
+                        public_key=release_keypair[1], retry_min_s=0.2, stall_timeout_s=0.5)
+    client = SyncClient(config)
+    client.start()
+    try:
+        for garbage in (b"{not json", b"\x00\xff\xfe", b"[1, 2]", b'{"model": "cnn", "version": "two"}'):
+            before = client.twin.errors["bad_desired"]
+            _retain(published, topics.desired(), garbage)
+            assert _wait(lambda: client.twin.errors["bad_desired"] == before + 1), garbage
+        write_desired(published.url, FLEET, build_desired("cnn", 1, {}))  # fleet level, well-formed
+        assert _wait(lambda: client.twin.snapshot()["sync"].get("chunks_done", 0) >= 1)
+        assert not client.wait_active("cnn", 1, timeout=3)  # waits for the cleared chunk …
+        _retain(published, topics.blob(victim.sha256), b"")  # cleared again, now delivered live: ignored
+        assert not client.wait_active("cnn", 1, timeout=1)
+        assert not client.chunks.has(victim.sha256) and client.releases.active() is None
+        publish_release(sync_releases["v1"], published.url, FLEET, force=True)  # … until it is back
+        assert client.wait_active("cnn", 1, timeout=60)
+        client.releases.verify(client.releases.active())
+        assert client.twin.errors["bad_desired"] == 4
+    finally:
+        client.stop()
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 1 MiB tmpfs (real ENOSPC); ``grow()`` remounts it bigger, keeping its content."""
+    import subprocess
+
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs is not permitted here (needs root)")
+
+    class Tiny:
+        path = folder
+
+        @staticmethod
+        def grow() -> None:
+            subprocess.run(["mount", "-o", "remount,size=64m", str(folder)], check=True)
+
+    yield Tiny
+    subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_disk_full_while_storing_chunks_activates_nothing_and_resumes(published, sync_releases, release_keypair,
+                                                                      tmp_path, tiny_fs):
+    from edge_sdk.cloud.desire import build_desired, write_desired
+
+    root = tmp_path / "dev"
+    root.mkdir()
+    (root / "chunks").symlink_to(tiny_fs.path)  # the chunk store lives on the tiny file system
+    config = SyncConfig(broker=published.url, fleet=FLEET, device="cam-1", root=root, profile=PROFILE,
+                        public_key=release_keypair[1], retry_min_s=0.2, retry_max_s=0.5)
+    client = SyncClient(config)
+    write_desired(published.url, FLEET, build_desired("cnn", 1, {}), device="cam-1")
+    client.start()
+    try:
+        assert _wait(lambda: client.twin.errors["storage"] >= 2)  # refused, retried, refused again
+        last = client.twin.snapshot()["last_error"]
+        assert last["kind"] == "storage" and "disk full" in last["reason"] and "storing chunk" in last["reason"]
+        assert client.releases.active() is None and client.releases.highest_accepted("cnn") == 0
+        assert not list(tiny_fs.path.glob("*/*.part"))  # no half-written chunk left behind
+        stored = len(client.chunks.shas())
+        assert 0 < stored < len(_device_chunks(sync_releases["v1"]))
+        tiny_fs.grow()  # space is freed: the next retry resumes from the stored chunks
+        assert client.wait_active("cnn", 1, timeout=60)
+        assert _wait(lambda: bool(client.results))  # appended when sync() returns, just after the switch
+        result = client.results[-1]
+        assert result.status == "activated" and result.chunks_reused >= stored  # a smaller chunk may have fitted later
+        client.releases.verify(client.releases.active())
+    finally:
+        client.stop()

@@ -123,6 +123,30 @@ def test_malformed_and_foreign_acks_are_ignored(mosquitto, tmp_path):
     up.stop(); tr.stop()
 
 
+def test_quota_drops_are_reported_in_the_twin(mosquitto, tmp_path):
+    """drop_oldest overflow with no ingest running: the retained reported state counts the drops."""
+    from edge_sdk.runtime.sync.twin import Twin
+    from edge_sdk.types import OutboxPolicy
+
+    box = Outbox(OutboxConfig(path=tmp_path / "d1.db", max_rows=10, on_full=OutboxPolicy.DROP_OLDEST))
+    tr = transport(mosquitto, "d1")
+    twin = Twin(T.reported("d1"), lambda topic, payload: tr.publish(topic, payload, qos=1, retain=True))
+    up = TelemetryUploader(box, tr, T, "d1", UploaderConfig(report_interval_s=0.1), twin=twin)
+    seen: list[dict] = []
+    with transport(mosquitto, "cloud") as cloud:
+        cloud.subscribe(T.reported("d1"), lambda m: seen.append(json.loads(m.payload)))
+        tr.start()
+        up.start()
+        for i in range(15):
+            box.append({"i": i})
+        up.notify()
+        assert wait_until(lambda: any((s.get("telemetry") or {}).get("dropped") == 5 for s in seen), 10), seen[-1:]
+        up.stop()
+        tr.stop()
+    last = seen[-1]["telemetry"]
+    assert (last["dropped"], last["appended"], last["queued_rows"], last["boot"]) == (5, 15, 10, box.boot_id)
+
+
 DEVICE = textwrap.dedent("""
     import sys, time
     from pathlib import Path
@@ -242,6 +266,10 @@ def test_ten_thousand_records_exactly_once_through_broker_and_device_kills(mosqu
     assert len(per_boot[runs[-1].boot]) == 4000
     assert total == sum(map(len, per_boot.values())) >= 10_000
     assert counters["records"] == total and counters["malformed"] == 0
+    # Exact accounting: every record ingest received was committed once or dropped as a duplicate.
+    # Duplicates > 0 is not asserted: a resend of a committed record is likely here but not
+    # guaranteed (acks queued in the device's persistent session can arrive before its rewind).
+    assert counters["received"] == counters["records"] + counters["duplicates"] >= total
     print(f"\n{total} records in 3 boots; duplicates dropped by ingest: {counters['duplicates']}, batches: {counters['batches']}")
     with sqlite3.connect(out) as conn:
         assert conn.execute("SELECT COUNT(*) FROM records").fetchone()[0] == 0

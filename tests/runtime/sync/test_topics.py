@@ -35,6 +35,7 @@ def test_parse_round_trips():
         t.desired(): TopicMatch(TopicKind.FLEET_DESIRED),
         t.reported("d"): TopicMatch(TopicKind.REPORTED, device="d"),
         t.manifest("m", 12): TopicMatch(TopicKind.MANIFEST, model="m", version=12),
+        t.pending("m", 12): TopicMatch(TopicKind.PENDING, model="m", version=12),
         t.blob(SHA): TopicMatch(TopicKind.BLOB, sha256=SHA),
         t.telemetry("d"): TopicMatch(TopicKind.TELEMETRY, device="d"),
         t.telemetry_ack("d"): TopicMatch(TopicKind.TELEMETRY_ACK, device="d"),

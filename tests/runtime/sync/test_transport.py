@@ -241,8 +241,9 @@ def test_shared_subscription_splits_messages_between_workers(mosquitto):
 DEPLOY = __import__("pathlib").Path(__file__).resolve().parents[3] / "deploy" / "mosquitto"
 
 
-def _make_certs(folder):
-    """A throw-away CA and a server certificate for 127.0.0.1 (cryptography is a core dependency)."""
+def _make_certs(folder, clients=("d1",)):
+    """A throw-away CA, a server certificate for 127.0.0.1 and ``<cn>.crt``/``<cn>.key`` client
+    certificates (cryptography is a core dependency)."""
     import datetime
     import ipaddress
 
@@ -268,10 +269,18 @@ def _make_certs(folder):
     ca_cert = cert(ca_name, ca_name, ca_key, ca_key, True)
     srv_cert = cert(srv_name, ca_name, srv_key, ca_key, False, [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
     pem = serialization.Encoding.PEM
+
+    def write_key(path, key):
+        path.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()))
+
     (folder / "ca.crt").write_bytes(ca_cert.public_bytes(pem))
     (folder / "server.crt").write_bytes(srv_cert.public_bytes(pem))
-    (folder / "server.key").write_bytes(srv_key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL,
-                                                              serialization.NoEncryption()))
+    write_key(folder / "server.key", srv_key)
+    for cn in clients:  # the CN is the user name under use_identity_as_username
+        key = ec.generate_private_key(ec.SECP256R1())
+        (folder / f"{cn}.crt").write_bytes(cert(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]), ca_name,
+                                                key, ca_key, False).public_bytes(pem))
+        write_key(folder / f"{cn}.key", key)
     return folder / "ca.crt"
 
 
@@ -282,7 +291,7 @@ def test_shipped_config_tls_passwords_and_device_acls(mosquitto_factory, tmp_pat
         pytest.skip("mosquitto_passwd not installed")
     ca = _make_certs(tmp_path)
     passwd = tmp_path / "passwd"
-    for i, (user, pw) in enumerate([("d1", "pw1"), ("d2", "pw2"), ("ingest", "pwi")]):
+    for i, (user, pw) in enumerate([("d1", "pw1"), ("d2", "pw2"), ("ingest", "pwi"), ("publisher", "pwp")]):
         subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if i == 0 else []), str(passwd), user, pw], check=True)
     broker = mosquitto_factory(start=False)
     conf = (DEPLOY / "mosquitto.conf").read_text()
@@ -297,23 +306,38 @@ def test_shipped_config_tls_passwords_and_device_acls(mosquitto_factory, tmp_pat
         url = f"mqtts://{user}:{pw}@127.0.0.1:{broker.port}"
         return Transport(TransportConfig.from_url(url, client_id=cid, tls=TlsConfig(ca_certs=ca), reconnect_min_s=0.05, reconnect_max_s=0.3))
 
-    acks, seen = Inbox(), Inbox()
+    acks, seen, desired, reported = Inbox(), Inbox(), Inbox(), Inbox()
     ingest = tls("ingest-1", "ingest", "pwi")
     ingest.subscribe(T.telemetry_shared("g"), seen)
+    ops = tls("ops-1", "publisher", "pwp")
+    ops.subscribe(T.reported("d1"), reported)
     d1 = tls("d1", "d1", "pw1")
     d1.subscribe(T.telemetry_ack("d1"), acks)
-    with ingest, d1:
-        assert ingest.wait_connected(10) and d1.wait_connected(10)
+    d1.subscribe(T.desired("d1"), desired)
+    d1.subscribe(T.desired(), desired)
+    d1.subscribe(T.all_blobs(), desired)
+    sha = "ab" * 32
+    with ingest, ops, d1:
+        assert ingest.wait_connected(10) and ops.wait_connected(10) and d1.wait_connected(10)
         time.sleep(0.3)
-        assert d1.publish(T.telemetry("d1"), b"batch", qos=1, wait=5)  # its own subtree
+        # the normal flow: telemetry out, acks in, reported out, desired state and blobs in
+        assert d1.publish(T.telemetry("d1"), b"batch", qos=1, wait=5)
         assert seen.wait_for(1)[0] == Message(T.telemetry("d1"), b"batch", 1, False)
         assert ingest.publish(T.telemetry_ack("d1"), b"ack", qos=1, wait=5)
         assert acks.wait_for(1)[0].payload == b"ack"
-        with pytest.raises(SyncError, match="(?i)not authori"):
-            d1.publish(T.telemetry("d2"), b"spoofed", qos=1, wait=5)  # another device's topic
-        with pytest.raises(SyncError, match="(?i)not authori"):
-            d1.publish(T.desired(), b"{}", qos=1, wait=5)  # devices only read desired state
-        assert len(seen.items) == 1
+        assert d1.publish(T.reported("d1"), b'{"release": null}', qos=1, retain=True, wait=5)
+        assert reported.wait_for(1)[0].payload == b'{"release": null}'
+        for topic in (T.desired("d1"), T.desired(), T.blob(sha)):
+            assert ops.publish(topic, b"from-ops", qos=1, wait=5)
+        assert sorted(m.topic for m in desired.wait_for(3)) == sorted([T.desired("d1"), T.desired(), T.blob(sha)])
+        # what a device may not write: another device's topics, any desired state (its own
+        # included), its own telemetry acks, release data
+        for topic in (T.telemetry("d2"), T.desired(), T.desired("d1"), T.telemetry_ack("d1"),
+                      T.blob(sha), T.manifest("m", 1), T.reported("d2")):
+            with pytest.raises(SyncError, match="(?i)not authori"):
+                d1.publish(topic, b"{}", qos=1, wait=5)
+        time.sleep(0.3)
+        assert len(seen.items) == 1 and len(acks.items) == 1 and len(desired.items) == 3
     # wrong password, or plain TCP to the TLS port: no session, and last_error says why
     bad_pw = tls("d2", "d2", "nope")
     plain = Transport(TransportConfig.from_url(f"mqtt://d2:pw2@127.0.0.1:{broker.port}", client_id="d2",
@@ -324,3 +348,83 @@ def test_shipped_config_tls_passwords_and_device_acls(mosquitto_factory, tmp_pat
         assert t.last_error and str(broker.port) in t.last_error
         t.stop()
     assert "refused" in bad_pw.last_error
+
+
+def test_client_certificate_auth_device_and_cli(mosquitto_factory, tmp_path):
+    """``require_certificate`` + ``use_identity_as_username``: the certificate is the identity,
+    for a device's Transport (TlsConfig.certfile/keyfile) and for the CLI (--cert/--key)."""
+    from edge_sdk.cli import main
+    from edge_sdk.runtime.sync.transport import TlsConfig
+
+    ca = _make_certs(tmp_path, clients=("d1", "publisher"))
+    broker = mosquitto_factory(start=False)
+    broker.conf_path.write_text(
+        f"per_listener_settings false\nallow_anonymous false\nacl_file {DEPLOY / 'acl'}\nuser root\n"
+        f"listener {broker.port} 127.0.0.1\ncafile {ca}\ncertfile {tmp_path}/server.crt\nkeyfile {tmp_path}/server.key\n"
+        f"require_certificate true\nuse_identity_as_username true\nlog_dest file {broker.log_path}\n")
+    broker.start()
+    url = f"mqtts://127.0.0.1:{broker.port}"
+
+    def device(**tls) -> Transport:
+        return Transport(TransportConfig.from_url(url, client_id="d1", tls=TlsConfig(ca_certs=ca, **tls),
+                                                  reconnect_min_s=0.05, reconnect_max_s=0.3))
+
+    desired = Inbox()
+    dev = device(certfile=tmp_path / "d1.crt", keyfile=tmp_path / "d1.key")
+    dev.subscribe(T.desired("d1"), desired)
+    with dev:
+        assert dev.wait_connected(10), dev.last_error
+        assert dev.publish(T.reported("d1"), b"{}", qos=1, wait=5)  # user d1 by certificate: its ACLs apply
+        with pytest.raises(SyncError, match="(?i)not authori"):
+            dev.publish(T.desired("d1"), b"{}", qos=1, wait=5)
+        time.sleep(0.2)
+        with pytest.raises(SystemExit) as done:
+            main(["cloud", "desire", "--broker", url, "--fleet", "f", "--device", "d1", "--model", "cnn",
+                  "--version", "2", "--ca", str(ca), "--cert", str(tmp_path / "publisher.crt"),
+                  "--key", str(tmp_path / "publisher.key")])
+        assert done.value.code == 0
+        assert b'"version": 2' in desired.wait_for(1)[0].payload
+    no_cert = device()
+    no_cert.start()
+    assert not no_cert.wait_connected(1.5) and no_cert.last_error
+    no_cert.stop()
+    with pytest.raises(SystemExit) as refused:  # --key alone is a usage error, caught before connecting
+        main(["cloud", "desire", "--broker", url, "--fleet", "f", "--model", "cnn", "--ca", str(ca),
+              "--key", str(tmp_path / "publisher.key")])
+    assert refused.value.code == 1
+
+
+def test_reconnect_backoff_grows_with_full_jitter_up_to_the_cap(monkeypatch):
+    """Each delay is drawn from [min, min·2^attempt] capped at max; a successful connect resets it."""
+    t = Transport(TransportConfig(host="127.0.0.1", client_id="d1", reconnect_min_s=0.5, reconnect_max_s=8.0))
+    delays: list[tuple[float, float]] = []
+    monkeypatch.setattr(t._client, "reconnect_delay_set", lambda lo, hi: delays.append((lo, hi)))
+    draws: list[tuple[float, float]] = []
+    real_uniform = __import__("random").uniform
+
+    def uniform(lo: float, hi: float) -> float:
+        draws.append((lo, hi))
+        return real_uniform(lo, hi)
+
+    monkeypatch.setattr("edge_sdk.runtime.sync.transport.random.uniform", uniform)
+    for _ in range(12):
+        t._backoff()
+    # the jitter range doubles each attempt from min, and stops at the cap
+    assert [hi for _, hi in draws] == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0, 8.0, 8.0, 8.0, 8.0, 8.0]
+    assert all(lo == 0.5 for lo, _ in draws)
+    # paho is told to wait exactly the drawn delay (min = max), always within the bounds
+    assert all(lo == hi and 0.5 <= lo <= 8.0 for lo, hi in delays) and len(delays) == 12
+    assert len({d for d, _ in delays[4:]}) > 1  # jittered, not lock-step
+    # a successful CONNACK resets the schedule
+    class Ok:
+        is_failure = False
+
+    monkeypatch.setattr(t._client, "subscribe", lambda *a, **k: None)
+    t._on_connect(t._client, None, type("F", (), {"session_present": False})(), Ok(), None)
+    draws.clear()
+    t._backoff()
+    assert draws == [(0.5, 0.5)]
+    # huge attempt counts do not overflow
+    t._attempt = 10_000
+    t._backoff()
+    assert draws[-1] == (0.5, 8.0)

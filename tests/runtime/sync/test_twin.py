@@ -14,11 +14,18 @@ from edge_sdk.runtime.sync.twin import DesiredState, Twin, merge_desired, parse_
 
 
 def test_device_level_wins_and_policies_merge():
-    fleet = DesiredState(model="cnn", version=3, policy={"pin_precision": "fp16", "max_cpu_percent": 90})
-    device = DesiredState(version=2, policy={"pin_precision": None})
+    fleet = DesiredState(model="cnn", version=3, policy={"pin_precision": "fp16", "min_dwell_s": 5,
+                                                         "thresholds": {"fp32": {"max_cpu_percent": 90}}})
+    device = DesiredState(version=2, policy={"pin_precision": None,
+                                             "thresholds": {"fp32": {"min_free_memory_mb": 512}, "fp16": {"max_cpu_percent": 95}}})
     merged = merge_desired(fleet, device)
     assert (merged.model, merged.version) == ("cnn", 2)
-    assert merged.policy == {"pin_precision": None, "max_cpu_percent": 90}
+    # Key by key, nested keys too; an explicit null (unpin) is kept and wins.
+    assert merged.policy.as_dict() == {"pin_precision": None, "min_dwell_s": 5,
+                                       "thresholds": {"fp32": {"max_cpu_percent": 90, "min_free_memory_mb": 512},
+                                                      "fp16": {"max_cpu_percent": 95}}}
+    assert merged.policy.sets_pin and merged.policy.pin_precision is None
+    assert merge_desired(fleet, DesiredState()).policy.pin_precision.value == "fp16"  # no device opinion
     assert merge_desired(fleet, None) == fleet
     # A device pinned to another model does not inherit the fleet's version of a different model.
     other = merge_desired(fleet, DesiredState(model="detector"))
@@ -30,7 +37,12 @@ def test_device_level_wins_and_policies_merge():
     (b"[1, 2]", "must be a JSON object"),
     (b'{"version": 0}', "version"),
     (b'{"model": "cnn", "policy": {"pin_precision": "int4"}}', "pin_precision"),
-    (b'{"model": "cnn", "colour": "red"}', "colour"),
+    (b'{"model": "cnn", "colour": "red"}', "unknown key 'colour'"),
+    (b'{"model": "cnn", "policy": {"max_cpu": 80}}', "unknown key 'policy.max_cpu'"),
+    (b'{"policy": {"thresholds": {"fp32": {"max_cpu": 80}}}}', "unknown key 'policy.thresholds.fp32.max_cpu'"),
+    (b'{"policy": {"thresholds": {"fp64": {"max_cpu_percent": 80}}}}', "policy.thresholds.fp64"),
+    (b'{"policy": {"thresholds": {"fp32": {"max_cpu_percent": 180}}}}', "max_cpu_percent"),
+    (b'{"policy": {"hysteresis": {"memory_mb": -1}}}', "hysteresis.memory_mb"),
     (b"\xff\xfe", "not JSON"),
 ])
 def test_bad_desired_payloads_name_the_problem(payload, message):
@@ -40,14 +52,24 @@ def test_bad_desired_payloads_name_the_problem(payload, message):
 
 def test_empty_payload_means_cleared():
     assert DesiredState.from_payload(b"", "t") is None
-    state = DesiredState(model="cnn", version=2, policy={"x": 1})
-    assert DesiredState.from_payload(state.to_payload(), "t") == state
+    state = DesiredState(model="cnn", version=2, policy={"pin_precision": None, "hysteresis": {"memory_mb": 64}})
+    again = DesiredState.from_payload(state.to_payload(), "t")
+    assert again == state and again.policy.sets_pin  # the explicit null survives the round trip
 
 
 def test_parse_set_is_typed():
     assert parse_set(["pin_precision=int8", "max_cpu_percent=80", "ratio=0.5", "enabled=true", "off=null",
                       "name=cam 7"]) == {"pin_precision": "int8", "max_cpu_percent": 80, "ratio": 0.5, "enabled": True,
                                          "off": None, "name": "cam 7"}
+    # Dotted keys reach nested policy keys, so every key can be set from the command line.
+    policy = parse_set(["thresholds.fp32.max_cpu_percent=80", "thresholds.fp32.min_free_memory_mb=512",
+                        "hysteresis.memory_mb=64"])
+    assert DesiredState(policy=policy).policy.as_dict() == {
+        "thresholds": {"fp32": {"max_cpu_percent": 80, "min_free_memory_mb": 512}}, "hysteresis": {"memory_mb": 64}}
+    with pytest.raises(ConfigError, match="already"):
+        parse_set(["thresholds=1", "thresholds.fp32.max_cpu_percent=80"])
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_set(["thresholds..x=1"])
     with pytest.raises(ConfigError, match="key=value"):
         parse_set(["novalue"])
     with pytest.raises(ConfigError, match="scalar"):
