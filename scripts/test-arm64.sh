@@ -13,7 +13,8 @@ ROOTFS=${ROOTFS:-/var/tmp/edge-sdk-arm64-rootfs}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 PHASE=${1:-all}
-TESTS=${ARM64_TESTS:-"tests/runtime tests/edge_sdk tests/daemon"}
+# Deployment-file lint (hadolint, systemd unit text) is not architecture-dependent: host only.
+TESTS=${ARM64_TESTS:-"tests/runtime tests/edge_sdk tests/daemon --ignore=tests/daemon/test_deploy_files.py"}
 # onnxruntime >= 1.28 (1.28.0, 1.31.1, 1.32.0 tried) dies with SIGSEGV at import under qemu-user 7.2
 # (Debian bookworm's qemu-user-static), before any model is loaded: an emulator limitation, not a
 # device one. 1.26.0 is the newest release verified to work under emulation; real arm64 boards
@@ -68,9 +69,12 @@ in_chroot() { chroot "$ROOTFS" /usr/bin/env -i HOME=/root PATH=/usr/bin:/bin:/us
   PIP_CERT=/etc/host-ca.crt PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=300 "$@"; }
 
 sync_source() {
-  # Only what the tests need; no venvs, caches or build output.
+  # Only what the tests need; no venvs, caches or build output, and not the package sources: the
+  # tests (and the `python -m edge_sdk` subprocesses they start in /src) must import the
+  # installed wheel, as on a device, never a source folder that happens to be in the cwd.
   tar -C "$REPO" --exclude=.venv --exclude=.git --exclude='*.egg-info' --exclude=build --exclude=dist \
-      --exclude=__pycache__ --exclude=demo-out -cf - . | (rm -rf "$ROOTFS/src" && mkdir -p "$ROOTFS/src" && tar -C "$ROOTFS/src" -xf -)
+      --exclude=__pycache__ --exclude=demo-out --exclude=./edge_sdk --exclude=./converters \
+      --exclude=./runtime --exclude=./device_profiles -cf - . | (rm -rf "$ROOTFS/src" && mkdir -p "$ROOTFS/src" && tar -C "$ROOTFS/src" -xf -)
 }
 
 build_wheel() {
@@ -88,7 +92,9 @@ make_venv() {
   fi
   log "pip install (aarch64 wheels: numpy, onnxruntime, psutil, ...)"
   # No editable install: the tests import the installed package like a device would.
-  in_chroot /opt/venv/bin/pip install -q --prefer-binary "$WHEEL[daemon,align]" "$ORT_UNDER_QEMU" pytest hypothesis httpx
+  # sympy: onnxruntime 1.26's quantization tools import it on load, and the test fixtures build
+  # their releases with the converter.
+  in_chroot /opt/venv/bin/pip install -q --prefer-binary "$WHEEL[daemon,align]" "$ORT_UNDER_QEMU" sympy pytest hypothesis httpx
 }
 
 run_tests() {
@@ -96,7 +102,6 @@ run_tests() {
   # The tests import the installed package: reinstall it from the current source (no deps).
   build_wheel
   in_chroot /opt/venv/bin/pip install -q --no-deps --force-reinstall "$WHEEL"
-  # `pytest`, not `python -m pytest`: the latter puts /src on sys.path, shadowing the installed package.
   log "arch inside: $(in_chroot uname -m); python: $(in_chroot /opt/venv/bin/python -c 'import platform; print(platform.machine(), platform.python_version())')"
   log "pytest $TESTS"
   in_chroot /usr/bin/timeout "$PYTEST_TIMEOUT" /bin/sh -c \

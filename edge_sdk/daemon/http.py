@@ -144,7 +144,7 @@ def _tensor_from_json(item: Any, index: int, binary: memoryview | None, offset: 
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape)):
         raise RequestError(400, f"{where}: 'shape' must be a list of at most 16 non-negative integers, got {shape!r}")
     datatype = item.get("datatype")
-    if datatype == "BYTES" or datatype not in _V2_TO_NP:
+    if not isinstance(datatype, str) or datatype == "BYTES" or datatype not in _V2_TO_NP:
         raise RequestError(400, f"{where}: unsupported datatype {datatype!r} (use one of {sorted(_V2_TO_NP)})")
     dtype = _V2_TO_NP[datatype]
     count = math.prod(shape)
