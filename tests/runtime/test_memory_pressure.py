@@ -110,8 +110,10 @@ def check(report: dict) -> None:
     assert report["recovered"], report
     kinds = [(e["kind"], e["to_precision"]) for e in report["events"]]
     assert kinds[0] == ("initial", "fp32")
-    assert ("step_down", "int8") in kinds or [k for k in kinds if k[0] == "step_down"][-1][1] == "int8"
-    assert kinds[-1] == ("step_up", "fp32")
+    first_int8 = kinds.index(("step_down", "int8"))
+    # Back to fp32 once the hog is gone. Not necessarily the last event: these thresholds have no
+    # dwell time, and inside a small cgroup the page cache of the reloaded variant counts too.
+    assert ("step_up", "fp32") in kinds[first_int8:], kinds
     down = next(e for e in report["events"] if e["kind"] == "step_down")
     assert "free memory" in down["reason"]
     assert report["calls"] > 0
