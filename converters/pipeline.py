@@ -51,6 +51,9 @@ class ConvertConfig:
     validation_limit: int = 64  # at most this many samples are used for validation
     random_samples: int = 16
     mixed_precision: bool = True
+    # Off when the build machine says nothing about the device's speed (cross-building, emulation):
+    # latencies are still measured and reported, only not used to reject.
+    speed_gate: bool = True
 
     def __post_init__(self) -> None:
         if not self.profiles:
@@ -95,6 +98,7 @@ def convert(
     per_channel: bool = True,
     latency_runs: int = 50,
     validation_limit: int = 64,
+    speed_gate: bool = True,
 ) -> Manifest:
     """Convert ``model`` into a validated release folder at ``output`` and return its manifest.
 
@@ -106,7 +110,9 @@ def convert(
     :class:`~edge_sdk.converters.validate.TaskMetric` over the validation outputs. ``prune`` is ``"METHOD:AMOUNT"``
     (e.g. ``"channel:0.3"``). ``max_accuracy_drop`` is in points (task metric when labels are
     given, else top-1 agreement with FP32, else cosine similarity × 100). Nothing is written at
-    ``output`` unless the whole conversion succeeds.
+    ``output`` unless the whole conversion succeeds. ``speed_gate=False`` keeps variants slower than
+    FP32 on this machine (measured and reported all the same) for builds whose machine is not
+    representative of the device.
     """
     started = time.perf_counter()
     resolved, profile_notes = _resolve_profiles(profiles)
@@ -118,6 +124,7 @@ def convert(
         per_channel=per_channel,
         latency_runs=latency_runs,
         validation_limit=validation_limit,
+        speed_gate=speed_gate,
     )
     if release_version < 1:
         raise ConfigError(f"release version {release_version}: must be an integer >= 1")
@@ -370,7 +377,8 @@ class _Run:
         reasons = []
         if planned.precision in _QUANTIZED and result.nodes_quantized == 0:
             reasons.append("nothing was quantized (the file is still FP32)")
-        reason = validate.gate(validation, latency, ref_ms, planned.precision, max_drop=self.config.max_accuracy_drop)
+        reason = validate.gate(validation, latency if self.config.speed_gate else None, ref_ms, planned.precision,
+                               max_drop=self.config.max_accuracy_drop)
         if reason:
             reasons.append(reason)
         if planned.precision in (Precision.FP32, Precision.INT8):

@@ -30,6 +30,7 @@ def convert_command(
     version: int = typer.Option(1, "--version", "--release-version", help="Release version (monotonic integer)."),
     model_name: str = typer.Option(None, "--name", help="Model name in the manifest (default: the file name)."),
     latency_runs: int = typer.Option(50, "--latency-runs", help="Runs per latency median."),
+    speed_gate: bool = typer.Option(True, "--speed-gate/--no-speed-gate", help="Reject variants slower than FP32 here; turn off when this machine is unlike the device (cross-build, emulation)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Check, prune, quantize, export, validate and write a release folder."""
@@ -46,7 +47,7 @@ def convert_command(
             model, profile, output, calibration=calibration, labels=labels, input_shapes=input_shape, prune=prune,
             max_accuracy_drop=max_accuracy_drop, targets=[t.strip() for item in targets for t in item.split(",") if t.strip()] or None, sign_key=sign_key, release_version=version,
             model_name=model_name, progress=progress, calibration_method=calibration_method,
-            per_channel=not per_tensor, latency_runs=latency_runs,
+            per_channel=not per_tensor, latency_runs=latency_runs, speed_gate=speed_gate,
         )
     rows = report_rows(manifest)
     if as_json:

@@ -95,6 +95,24 @@ def test_gate_rejects_a_bad_variant_and_never_makes_it_default(cnn_path, cnn_cal
     assert manifest.variant("onnx-fp32").ok
 
 
+@pytest.mark.parametrize("speed_gate", [True, False])
+def test_speed_gate_rejects_slow_variants_unless_turned_off(cnn_path, cnn_calibration_dir, tmp_path, monkeypatch,
+                                                            speed_gate):
+    from edge_sdk.converters import validate
+
+    monkeypatch.setattr(validate, "paired_latency_ms", lambda *a, **k: (1.0, 3.0))  # every variant 3x FP32
+    manifest = edge_sdk.convert(cnn_path, ["intel-nuc"], tmp_path / "rel", calibration=cnn_calibration_dir,
+                                targets=["onnx"], max_accuracy_drop=100, latency_runs=1, speed_gate=speed_gate)
+    for precision in ("fp16", "int8"):
+        variant = manifest.variant(f"onnx-{precision}")
+        assert variant.latency_ms == 3.0  # measured and reported either way
+        if speed_gate:
+            assert variant.status == "rejected" and variant.reason.startswith("slower than FP32 on the build machine")
+        else:
+            assert variant.ok, variant.reason
+    assert manifest.variant("onnx-fp32").ok  # the yardstick is never speed-gated
+
+
 def _if_model() -> onnx.ModelProto:
     from onnx import TensorProto, helper
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,8 @@ from edge_sdk.errors import ConfigError
 from edge_sdk.profiles import MachineFacts, builtin_profiles, detect_profile, get_profile, load_profile_file
 from edge_sdk.types import Arch, Precision, Target
 
-GOOD = Path(__file__).resolve().parents[2] / "device_profiles" / "raspberry-pi-4.yaml"
+# From the installed package, not the source tree: the arm64 proof runs these against the wheel.
+GOOD = Path(str(resources.files("edge_sdk.device_profiles") / "raspberry-pi-4.yaml"))
 
 
 def test_builtin_profiles_load_and_cover_the_fleet():

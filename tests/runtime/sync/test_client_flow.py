@@ -84,8 +84,9 @@ def test_update_flow_moves_only_changed_chunks(published, sync_releases, release
         assert client.releases.highest_accepted("cnn") == 2
         # Same version again: nothing moves.
         assert client.sync("cnn", 2).status == "already-active"
-        reported = _reported(published, "cam-1", lambda r: r["release"] == {"model": "cnn", "version": 2})
-        assert reported["backend"] == "onnxruntime" and reported["sync"]["state"] == "idle"
+        reported = _reported(published, "cam-1", lambda r: r["release"] == {"model": "cnn", "version": 2}
+                             and r["sync"]["state"] == "idle")
+        assert reported["backend"] == "onnxruntime"
     finally:
         client.transport.stop()
     # backend/precision are what EdgeModel selects for the profile (not the manifest's first
