@@ -129,6 +129,7 @@ class Daemon:
         sample = self._resources.sample()
         gauges: dict[str, Any] = {
             "available_memory_bytes": sample.available_memory_mb * 2**20,
+            "process_rss_bytes": sample.process_rss_mb * 2**20,
             "cpu_percent": sample.cpu_percent,
         }
         if sample.temperature_c is not None:
@@ -137,6 +138,7 @@ class Daemon:
             gauges["throttled"] = float(sample.throttled)
         return Snapshot(gauges=gauges, help={
             "available_memory_bytes": "Free memory the policy sees: min(host available, cgroup headroom)",
+            "process_rss_bytes": "Resident memory of the daemon (models included)",
             "cpu_percent": "CPU utilisation of the CPUs this process may use",
             "temperature_celsius": "SoC temperature", "throttled": "1 if the SoC caps its clock now"})
 

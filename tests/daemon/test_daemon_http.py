@@ -168,5 +168,7 @@ def test_concurrent_calls_all_answered_and_counted(daemon, reference) -> None:
     assert count is not None and count >= statuses.count(200)
     assert metric_value(after, "edge_model_active", model="fusion", version="1", backend="onnxruntime", precision="fp32") == 1.0
     assert metric_value(after, "edge_resource_available_memory_bytes") > 0
-    assert metric_value(after, "process_resident_memory_bytes") > 0
+    assert metric_value(after, "edge_resource_process_rss_bytes") > 50 * 2**20  # Python + onnxruntime at least
+    # prometheus_client's own process collector is there too (it reads 0 under qemu-user, hence only "is there").
+    assert metric_value(after, "process_resident_memory_bytes") is not None
     assert metric_value(after, "edge_inference_errors_total", model="fusion", reason="bad_request") is not None

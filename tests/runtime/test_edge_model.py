@@ -14,7 +14,7 @@ import edge_sdk
 from edge_sdk.chunking import sha256_file
 from edge_sdk.errors import BackendError, ConfigError, EdgeSDKError, InputError, IntegrityError
 from edge_sdk.manifest import load_manifest
-from edge_sdk.profiles import Hysteresis, PolicySettings, Thresholds
+from edge_sdk.profiles import Hysteresis, PolicySettings, Thresholds, detect_profile
 from edge_sdk.runtime.model import EdgeModel
 from edge_sdk.runtime.monitor import FakeSource
 from edge_sdk.runtime.policy import EventKind
@@ -97,10 +97,16 @@ def test_auto_precision_starts_at_fp32_with_plenty_of_memory(cnn_release: Path) 
         assert model.precision == Precision.FP16  # intel-nuc: FP32 needs 2048 MB free
 
 
-def test_auto_profile_detection_runs_the_release(cnn_release: Path) -> None:
-    with EdgeModel.load(cnn_release, monitor=False) as model:
+def test_auto_profile_detection_runs_the_release(cnn_path: Path, tmp_path: Path) -> None:
+    # Converted with --profile auto on this machine, loaded with profile auto: whatever it is
+    # (x86_64 here, aarch64 in the arm64 proof), the two detections agree.
+    release = edge_sdk.convert(cnn_path, ["auto"], tmp_path / "rel", calibration="random", targets=["onnx"],
+                               latency_runs=3, speed_gate=False)
+    with EdgeModel.load(tmp_path / "rel", monitor=False) as model:
         assert model.run({"image": image()})["logits"].shape == (1, 10)
         assert model.info().selection
+        here = detect_profile().profile.id
+        assert model.info().variant in {v.id for v in release.variants if here in v.profiles}
 
 
 def test_signature_checked_when_a_public_key_is_given(cnn_release: Path, release_keypair, tmp_path: Path, monkeypatch) -> None:
