@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test test-arm64 venv system-deps toolchains clean
 
-$(BIN)/python:
+$(BIN)/python: | system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
@@ -19,7 +19,7 @@ venv: $(BIN)/python
 
 # Mosquitto for the sync tests and the demo (apt-get as root; otherwise says what to install).
 system-deps:
-	@bash scripts/install-system-deps.sh
+	@PYTHON=$(PYTHON) bash scripts/install-system-deps.sh
 
 demo: venv system-deps
 	$(BIN)/python examples/demo.py
