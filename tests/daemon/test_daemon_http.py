@@ -24,7 +24,12 @@ def daemon(fusion_release: Path, tmp_path_factory: pytest.TempPathFactory):
     folder = tmp_path_factory.mktemp("daemon-http")
     config = write_config(folder, [{"name": "fusion", "release": str(fusion_release), "precision": "fp32"}],
                           http={"port": 0, "max_body_bytes": 200_000, "max_concurrent_infer": 2})
-    proc = DaemonProcess(config).wait_ready()
+    proc = DaemonProcess(config)
+    try:
+        proc.wait_ready()
+    except BaseException:
+        proc.kill()  # no teardown runs when the fixture fails: never leave the daemon behind
+        raise
     yield proc
     proc.signal(signal.SIGTERM)
     assert proc.wait(30) == 0
