@@ -176,8 +176,8 @@ def _tensor_from_json(item: Any, index: int, binary: memoryview | None, offset: 
     return name, array.reshape(shape), 0
 
 
-def parse_infer_request(body: bytes, header_length: int | None) -> tuple[dict[str, np.ndarray], list[str] | None, Any, set[str]]:
-    """Request body → (inputs, requested output names or None, request id, outputs wanted binary)."""
+def _split_body(body: bytes, header_length: int | None, expected: str) -> tuple[dict[str, Any], memoryview | None]:
+    """(JSON header object, binary section or None) of a request, per the binary-data extension."""
     if header_length is not None:
         if header_length < 0 or header_length > len(body):
             raise RequestError(400, f"Inference-Header-Content-Length {header_length} is outside the {len(body)}-byte body")
@@ -191,7 +191,13 @@ def parse_infer_request(body: bytes, header_length: int | None) -> tuple[dict[st
     except RecursionError:  # "[[[[…" nested deeper than the parser's stack
         raise RequestError(400, "request body is nested too deeply") from None
     if not isinstance(request, dict):
-        raise RequestError(400, "request body must be a JSON object with an 'inputs' list")
+        raise RequestError(400, f"request body must be a JSON object with {expected}")
+    return request, binary
+
+
+def parse_infer_request(body: bytes, header_length: int | None) -> tuple[dict[str, np.ndarray], list[str] | None, Any, set[str]]:
+    """Request body → (inputs, requested output names or None, request id, outputs wanted binary)."""
+    request, binary = _split_body(body, header_length, "an 'inputs' list")
     unknown = set(request) - {"id", "inputs", "outputs", "parameters"}
     if unknown:
         raise RequestError(400, f"unknown request keys {sorted(unknown)}")
@@ -226,20 +232,7 @@ MAX_PUSH_SAMPLES = 100_000
 
 def parse_stream_push(body: bytes, header_length: int | None) -> tuple[np.ndarray, np.ndarray]:
     """``{"ts": [...], "shape": [N, ...], "datatype", "data"|parameters.binary_data_size}`` → (ts, samples)."""
-    if header_length is not None:
-        if header_length < 0 or header_length > len(body):
-            raise RequestError(400, f"Inference-Header-Content-Length {header_length} is outside the {len(body)}-byte body")
-        head, binary = body[:header_length], memoryview(body)[header_length:]
-    else:
-        head, binary = body, None
-    try:
-        request = json.loads(head)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RequestError(400, f"request body is not valid JSON: {exc}") from None
-    except RecursionError:  # "[[[[…" nested deeper than the parser's stack
-        raise RequestError(400, "request body is nested too deeply") from None
-    if not isinstance(request, dict):
-        raise RequestError(400, "request body must be a JSON object with ts, shape, datatype and data")
+    request, binary = _split_body(body, header_length, "ts, shape, datatype and data")
     ts = request.pop("ts", None)
     if not isinstance(ts, list) or not ts or len(ts) > MAX_PUSH_SAMPLES:
         raise RequestError(400, f"'ts' must be a non-empty list of at most {MAX_PUSH_SAMPLES} timestamps (seconds)")
