@@ -39,6 +39,13 @@ class ImageOptions:
     layout: Layout | None = None  # None: guess from where the input shape has 3 channels
     bgr: bool = False
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layout", Layout(self.layout) if self.layout is not None else None)
+        if len(self.mean) != len(self.std) or len(self.mean) not in (1, 3):
+            raise ConfigError(f"image mean {self.mean} and std {self.std}: give 1 or 3 values each, as many of both")
+        if any(v <= 0 for v in self.std):
+            raise ConfigError(f"image std {self.std}: every value must be > 0")
+
 
 @dataclass
 class SampleSet:

@@ -26,7 +26,7 @@ from ..profiles import DeviceProfile, detect_profile, get_profile
 from ..runtime.backends.base import BackendOptions, Session, check_inputs, get_backend
 from ..types import PRECISION_LADDER, TARGET_BACKEND, Precision, Target
 from . import mixed_precision, validate
-from .calibration import SampleSet, load_labels, load_samples, random_samples
+from .calibration import ImageOptions, SampleSet, load_labels, load_samples, random_samples
 from .loader import LoadedModel, load_model, parse_input_shapes
 from .release import Staging, fatal_write_error
 from .targets.base import CalibrationMethod, ExportRequest, ExportResult, ExportTarget, Feeds, get_target
@@ -54,6 +54,7 @@ class ConvertConfig:
     # Off when the build machine says nothing about the device's speed (cross-building, emulation):
     # latencies are still measured and reported, only not used to reject.
     speed_gate: bool = True
+    image_options: ImageOptions = ImageOptions()  # for calibration/validation folders of images
 
     def __post_init__(self) -> None:
         if not self.profiles:
@@ -99,6 +100,7 @@ def convert(
     latency_runs: int = 50,
     validation_limit: int = 64,
     speed_gate: bool = True,
+    image_options: ImageOptions | None = None,
 ) -> Manifest:
     """Convert ``model`` into a validated release folder at ``output`` and return its manifest.
 
@@ -112,7 +114,8 @@ def convert(
     given, else top-1 agreement with FP32, else cosine similarity × 100). Nothing is written at
     ``output`` unless the whole conversion succeeds. ``speed_gate=False`` keeps variants slower than
     FP32 on this machine (measured and reported all the same) for builds whose machine is not
-    representative of the device.
+    representative of the device. ``image_options`` say how image folders become tensors (mean,
+    std, layout, BGR).
     """
     started = time.perf_counter()
     resolved, profile_notes = _resolve_profiles(profiles)
@@ -125,6 +128,7 @@ def convert(
         latency_runs=latency_runs,
         validation_limit=validation_limit,
         speed_gate=speed_gate,
+        image_options=image_options or ImageOptions(),
     )
     if release_version < 1:
         raise ConfigError(f"release version {release_version}: must be an integer >= 1")
@@ -432,9 +436,9 @@ def _remove_empty_dirs(folder: Path) -> None:
 
 def _samples(calibration, validation, inputs: Sequence[TensorSpec], config: ConvertConfig) -> tuple[SampleSet | None, SampleSet]:
     """(calibration set or None, validation set). Validation defaults to the calibration samples."""
-    calib = _sample_set(calibration, inputs, "calibration") if calibration is not None else None
+    calib = _sample_set(calibration, inputs, "calibration", config) if calibration is not None else None
     if validation is not None:
-        held_out = _sample_set(validation, inputs, "validation")
+        held_out = _sample_set(validation, inputs, "validation", config)
         held_out.warnings = []  # random validation inputs only compare variants with FP32: no range fitting
         return calib, _limit(held_out, config.validation_limit)
     if calib is None:
@@ -447,9 +451,9 @@ def _samples(calibration, validation, inputs: Sequence[TensorSpec], config: Conv
     return calib, _limit(calib, config.validation_limit)
 
 
-def _sample_set(spec, inputs: Sequence[TensorSpec], what: str) -> SampleSet:
+def _sample_set(spec, inputs: Sequence[TensorSpec], what: str, config: ConvertConfig) -> SampleSet:
     if isinstance(spec, (str, Path)):
-        return load_samples(spec, inputs)
+        return load_samples(spec, inputs, image_options=config.image_options)
     samples = [dict(s) for s in spec]
     if not samples:
         raise ConfigError(f"{what}: the list of samples is empty")

@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ..errors import ConfigError
 from .app import app, console, err_console
 
 
@@ -30,6 +31,10 @@ def convert_command(
     version: int = typer.Option(1, "--version", "--release-version", help="Release version (monotonic integer)."),
     model_name: str = typer.Option(None, "--name", help="Model name in the manifest (default: the file name)."),
     latency_runs: int = typer.Option(50, "--latency-runs", help="Runs per latency median."),
+    image_mean: str = typer.Option(None, "--image-mean", help="Image calibration: per-channel mean after scaling to [0, 1], e.g. 0.485,0.456,0.406."),
+    image_std: str = typer.Option(None, "--image-std", help="Image calibration: per-channel std, e.g. 0.229,0.224,0.225."),
+    image_layout: str = typer.Option(None, "--image-layout", help="Image calibration: nchw or nhwc (default: where the input has 3 channels)."),
+    image_bgr: bool = typer.Option(False, "--image-bgr", help="Image calibration: feed channels as BGR."),
     speed_gate: bool = typer.Option(True, "--speed-gate/--no-speed-gate", help="Reject variants slower than FP32 here; turn off when this machine is unlike the device (cross-build, emulation)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
@@ -48,6 +53,7 @@ def convert_command(
             max_accuracy_drop=max_accuracy_drop, targets=[t.strip() for item in targets for t in item.split(",") if t.strip()] or None, sign_key=sign_key, release_version=version,
             model_name=model_name, progress=progress, calibration_method=calibration_method,
             per_channel=not per_tensor, latency_runs=latency_runs, speed_gate=speed_gate,
+            image_options=_image_options(image_mean, image_std, image_layout, image_bgr),
         )
     rows = report_rows(manifest)
     if as_json:
@@ -147,3 +153,25 @@ def _metric(row: dict) -> str:
     if row["metric"] is None:
         return "-"
     return f"{row['metric']:.4f} (fp32 {row['metric_fp32']:.4f})"
+
+
+def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected comma-separated numbers") from None
+
+
+def _image_options(mean: str | None, std: str | None, layout: str | None, bgr: bool):
+    """The image flags as typed :class:`ImageOptions` (defaults where a flag is not given)."""
+    from ..converters.calibration import ImageOptions, Layout
+
+    defaults = ImageOptions()
+    try:
+        layout_value = Layout(layout.lower()) if layout else None
+    except ValueError:
+        raise ConfigError(f"--image-layout {layout!r}: expected nchw or nhwc") from None
+    return ImageOptions(mean=_floats(mean, "--image-mean") or defaults.mean, std=_floats(std, "--image-std") or defaults.std,
+                        layout=layout_value, bgr=bgr)

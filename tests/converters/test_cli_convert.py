@@ -143,7 +143,29 @@ BAD_INPUTS = [
                                               str(_npy_folder(t, "f64", np.zeros((1, 3, 32, 32), np.float64)))],
      "input 'image' has dtype float64, the model expects float32"),
     ("bad-prune", lambda t, m: ["convert", str(m), "-p", "intel-nuc", "--prune", "channel:2"], "METHOD:AMOUNT"),
+    ("image-std-zero", lambda t, m: ["convert", str(m), "-p", "intel-nuc", "--image-std", "0.2,0,0.2"], "every value must be > 0"),
+    ("image-mean-not-numbers", lambda t, m: ["convert", str(m), "-p", "intel-nuc", "--image-mean", "red"],
+     "--image-mean 'red': expected comma-separated numbers"),
+    ("image-layout-unknown", lambda t, m: ["convert", str(m), "-p", "intel-nuc", "--image-layout", "chw"],
+     "--image-layout 'chw': expected nchw or nhwc"),
 ]
+
+
+def test_image_options_shape_the_calibration_tensors(cnn_path, tmp_path):
+    from PIL import Image
+
+    images = _mkdir(tmp_path / "images")
+    pixels = np.zeros((32, 32, 3), np.uint8)
+    pixels[..., 0] = 255  # pure red
+    for i in range(4):
+        Image.fromarray(pixels).save(images / f"red{i}.png")
+    out = tmp_path / "rel"
+    result = _cli("convert", str(cnn_path), "-p", "intel-nuc", "-t", "onnx", "-c", str(images), "--image-mean", "0.5",
+                  "--image-std", "0.25", "--image-bgr", "--no-speed-gate", "--latency-runs", "1", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    image = np.load(out / "self_test" / "inputs.npz")["image"]  # the first validation sample
+    np.testing.assert_allclose(image[0, 2], 2.0, atol=1e-6)  # red, now last (BGR): (1 - 0.5) / 0.25
+    np.testing.assert_allclose(image[0, :2], -2.0, atol=1e-6)
 
 
 @pytest.mark.parametrize("build,message", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
