@@ -26,9 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import onnx
-from onnx import numpy_helper
 
 import edge_sdk
 from edge_sdk import samples
@@ -65,16 +63,6 @@ class Broker:
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(10)
-
-
-def retrain_last_layer(model: onnx.ModelProto, seed: int) -> onnx.ModelProto:
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    for i, init in enumerate(model.graph.initializer):
-        if init.name == "fc.weight":
-            w = numpy_helper.to_array(init)
-            new = (np.random.default_rng(seed).standard_normal(w.shape) * w.std()).astype(np.float32)
-            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(new, "fc.weight"))
-    return model
 
 
 def fixed_chunks(data: bytes, size: int = 64 * 1024) -> list[tuple[str, int]]:
@@ -179,7 +167,7 @@ def main() -> None:
     try:
         key, pub = generate_keypair(work / "k.key")
         base = samples.make_cnn(width=args.width)
-        updated = retrain_last_layer(base, 7)
+        updated = samples.with_new_last_layer(base, 7)
         for version, model in ((1, base), (2, updated)):
             path = samples.save(model, work / f"cnn-v{version}.onnx")
             edge_sdk.convert(path, [PROFILE], work / f"v{version}", calibration="random", targets=["onnx"],

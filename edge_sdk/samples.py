@@ -118,6 +118,37 @@ def make_multimodal(seed: int = 0, image_size: int = 32, audio_window: int = 4, 
     return model
 
 
+def make_if_model(seed: int = 0) -> onnx.ModelProto:
+    """All compute inside ``If`` branches (inputs ``x`` [1, 4] and ``cond``): quantizers skip
+    subgraphs, so an "INT8" build of it comes out unquantized."""
+    w = numpy_helper.from_array(np.random.default_rng(seed).standard_normal((4, 4)).astype(np.float32), "w")
+
+    def branch(name: str) -> onnx.GraphProto:
+        return helper.make_graph([helper.make_node("MatMul", ["x", "w"], [f"{name}_y"], name=f"{name}_mm")], name, [],
+                                 [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, [1, 4])])
+
+    # The condition is an input: a constant one would let the optimizer fold the If away.
+    node = helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=branch("then"), else_branch=branch("else"))
+    graph = helper.make_graph([node], "ifmodel", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
+                                                  helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def with_new_last_layer(model: onnx.ModelProto, seed: int) -> onnx.ModelProto:
+    """A copy of a :func:`make_cnn` model whose final ``fc.weight`` is re-drawn: an update that
+    touches one layer (what incremental sync should move cheaply)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for i, init in enumerate(model.graph.initializer):
+        if init.name == "fc.weight":
+            w = numpy_helper.to_array(init)
+            new = (np.random.default_rng(seed).standard_normal(w.shape) * w.std()).astype(np.float32)
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(new, "fc.weight"))
+    return model
+
+
 def save(model: onnx.ModelProto, path: Path | str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

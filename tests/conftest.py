@@ -174,20 +174,6 @@ def multimodal_release(tmp_path_factory: pytest.TempPathFactory, multimodal_path
 # --- release sync (H6): a v1 → v2 update that changes only the last layer ----------------------
 
 
-def _with_new_last_layer(model, seed: int):
-    """A copy of a sample CNN whose final ``fc.weight`` is re-drawn: an update touching one layer."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    for i, init in enumerate(model.graph.initializer):
-        if init.name == "fc.weight":
-            w = numpy_helper.to_array(init)
-            new = (np.random.default_rng(seed).standard_normal(w.shape) * w.std()).astype(np.float32)
-            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(new, "fc.weight"))
-    return model
-
-
 def build_cnn_release(out: Path, model, version: int, sign_key: Path | None) -> Path:
     """Convert a sample CNN into a release (intel-nuc, onnx fp32/fp16/int8) at ``out``."""
     import edge_sdk
@@ -215,7 +201,7 @@ def sync_releases(tmp_path_factory: pytest.TempPathFactory, release_keypair: tup
     folder = tmp_path_factory.mktemp("sync-releases")
     base = samples.make_cnn(width=96)
     v1 = build_cnn_release(folder / "v1", base, 1, release_keypair[0])
-    v2 = build_cnn_release(folder / "v2", _with_new_last_layer(base, 7), 2, release_keypair[0])
+    v2 = build_cnn_release(folder / "v2", samples.with_new_last_layer(base, 7), 2, release_keypair[0])
     v3 = folder / "v3"
     shutil.copytree(v2, v3)
     manifest = load_manifest(v3)

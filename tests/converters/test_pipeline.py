@@ -12,6 +12,7 @@ import pytest
 from onnx import numpy_helper
 
 import edge_sdk
+from edge_sdk import samples
 from edge_sdk.converters.pipeline import ConvertConfig, plan_variants
 from edge_sdk.converters.targets.base import TARGETS, ExportRequest, ExportResult
 from edge_sdk.converters.targets.onnx import OnnxTarget
@@ -113,27 +114,9 @@ def test_speed_gate_rejects_slow_variants_unless_turned_off(cnn_path, cnn_calibr
     assert manifest.variant("onnx-fp32").ok  # the yardstick is never speed-gated
 
 
-def _if_model() -> onnx.ModelProto:
-    from onnx import TensorProto, helper
-
-    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32), "w")
-
-    def branch(name):
-        return helper.make_graph([helper.make_node("MatMul", ["x", "w"], [f"{name}_y"], name=f"{name}_mm")], name, [],
-                                 [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, [1, 4])])
-
-    node = helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=branch("then"), else_branch=branch("else"))
-    graph = helper.make_graph([node], "ifmodel", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
-                                                  helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
-
-
 def test_nothing_quantized_is_rejected(tmp_path):
     source = tmp_path / "if.onnx"
-    onnx.save(_if_model(), str(source))
+    onnx.save(samples.make_if_model(), str(source))
     manifest = edge_sdk.convert(source, ["intel-nuc"], tmp_path / "rel", calibration="random", targets=["onnx"],
                                 latency_runs=5)
     int8 = manifest.variant("onnx-int8")

@@ -8,8 +8,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
 
+from edge_sdk import samples
 from edge_sdk.converters import quantize
 from edge_sdk.converters.targets.base import CalibrationMethod
 
@@ -80,30 +81,12 @@ def test_excluded_nodes_stay_float(cnn_path, tmp_path, calib):
     assert producers.get(stem.input[1]) is None or producers[stem.input[1]].op_type != "DequantizeLinear"
 
 
-def _if_model() -> onnx.ModelProto:
-    """All compute inside If branches: quantizers skip subgraphs."""
-    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32), "w")
-
-    def branch(name):
-        return helper.make_graph([helper.make_node("MatMul", ["x", "w"], [f"{name}_y"], name=f"{name}_mm")], name, [],
-                                 [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, [1, 4])])
-
-    # The condition is an input: a constant one would let the optimizer fold the If away.
-    node = helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=branch("then"), else_branch=branch("else"))
-    graph = helper.make_graph([node], "ifmodel", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
-                                                  helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
-
-
 def test_nothing_quantized_is_noticed(tmp_path):
     src = tmp_path / "if.onnx"
-    onnx.save(_if_model(), str(src))
-    samples = [{"x": np.random.default_rng(i).standard_normal((1, 4)).astype(np.float32), "cond": np.array(i % 2 == 0)}
-               for i in range(4)]
-    report = quantize.quantize_static_int8(src, tmp_path / "q.onnx", samples)
+    onnx.save(samples.make_if_model(), str(src))
+    feeds = [{"x": np.random.default_rng(i).standard_normal((1, 4)).astype(np.float32), "cond": np.array(i % 2 == 0)}
+             for i in range(4)]
+    report = quantize.quantize_static_int8(src, tmp_path / "q.onnx", feeds)
     assert report.nodes_quantized == 0
     assert any("nothing was quantized" in n for n in report.notes)
     assert any("subgraphs" in n for n in report.notes)
