@@ -191,7 +191,9 @@ class InferenceApi:
             "inputs": tensor_metadata(variant.inputs),
             "outputs": tensor_metadata(variant.outputs),
             "parameters": {"backend": backend, "precision": precision, "release_version": view.version,
-                           "variant": variant.id, "loaded": view.served is not None},
+                           "variant": variant.id, "loaded": view.served is not None,
+                           "release_dir": str(view.served.release_dir if view.served is not None
+                                              else view.release.release_dir)},
         }
 
     def model_config(self, name: str, version: str | None) -> dict[str, Any]:

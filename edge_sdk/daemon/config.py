@@ -103,7 +103,9 @@ class ModelConfig(StrictModel):
     """One model served under ``name``: from a local release folder and/or kept in sync over MQTT."""
 
     name: str
-    release: Path | None = Field(None, description="a release folder to serve until sync brings a newer one")
+    release: Path | None = Field(None, description="a release folder to serve until sync brings a newer one; or a "
+                                                   "folder of release folders: the newest is served, every one can "
+                                                   "be called by its version")
     profile: str = "auto"
     precision: str = "auto"
     backend: str | None = None
@@ -349,16 +351,40 @@ device_id: pi-kitchen-01
 # Where the daemon keeps synced releases, the telemetry outbox and its port file.
 state_dir: /var/lib/edge-sdk
 
+api:
+  # Who may call the local API (HTTP and gRPC). TCP callers send "Authorization: Bearer <token>"
+  # with a token from this file (mode 0600; created with one random token when missing). The
+  # Unix sockets (their file permissions) and TLS client certificates authenticate by themselves.
+  auth:
+    # tokens_file: /var/lib/edge-sdk/api-tokens   # default: <state_dir>/api-tokens
+    metrics: token          # token | open (let anyone who can connect scrape /metrics)
+  allowed_origins: []       # browser origins allowed to call; others get 403 (no CSRF)
+  allowed_hosts: []         # Host names accepted besides loopback ones (no DNS rebinding)
+  max_body_bytes: 16777216  # larger requests (after inflating gzip/deflate) get 413
+  max_concurrent_infer: 4   # inferences running at once
+  max_queue: 64             # calls waiting for a slot; more get 503 with Retry-After
+  queue_timeout_s: 30
+  header_timeout_s: 10      # a connection that does not finish its headers in time is closed
+  body_timeout_s: 30        # a body that does not arrive in time gets 408
+  max_connections: 1024     # beyond, the connections idle longest are closed first
+
 http:
-  # Local inference API (KServe v2 / Open Inference Protocol). No auth: keep it on loopback.
+  # KServe v2 / Open Inference Protocol over HTTP.
   host: 127.0.0.1
   port: 8080              # 0 = pick a free port, written to <state_dir>/http.port
   # unix_socket: /run/edge-sdk/api.sock   # serve on a Unix socket instead of TCP
-  max_body_bytes: 16777216  # larger requests get 413
-  max_concurrent_infer: 4   # more in-flight calls get 503
+  # tls: {cert: ./api.crt, key: ./api.key, client_ca: ./clients-ca.crt}   # client_ca = mutual TLS
+
+grpc:
+  # The same API over gRPC (inference.GRPCInferenceService, as KServe and Triton serve it).
+  enabled: true
+  host: 127.0.0.1
+  port: 8081              # 0 = pick a free port, written to <state_dir>/grpc.port
+  # unix_socket: /run/edge-sdk/grpc.sock
 
 models:
-  # Served as /v2/models/<name>. `release` is served until sync brings a newer version.
+  # Served as /v2/models/<name>. `release` is served until sync brings a newer version; it may
+  # also be a folder of release folders: the newest is served, each is /v2/models/<name>/versions/<v>.
   - name: fusion
     release: ./releases/fusion
     profile: auto         # a device profile id, or auto-detect

@@ -19,8 +19,8 @@ from ..errors import MissingDependencyError
 from .api import InferenceApi
 from .auth import Authenticator
 from .http import Listener
-from .kserve import BYTES, ApiError, InferRequest, InferResult, Status, bad, check_datatype, check_shape, \
-    decode_tensor, raw_bytes, requested_output, v2_datatype
+from .kserve import BYTES, ApiError, InferRequest, InferResult, bad, check_datatype, check_repository_parameters, \
+    check_shape, decode_tensor, raw_bytes, requested_output, v2_datatype
 
 log = logging.getLogger(__name__)
 
@@ -209,13 +209,12 @@ class GrpcServer:
         return pb.RepositoryIndexResponse(models=rows)
 
     async def _load(self, request: Any, pb: Any) -> Any:
-        if request.parameters:
-            raise bad(f"repository parameters {sorted(request.parameters)} are not supported: "
-                      "models come from their releases")
+        check_repository_parameters(dict(request.parameters))
         await self.api.repository.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
     async def _unload(self, request: Any, pb: Any) -> Any:
+        check_repository_parameters(dict(request.parameters))
         self.api.repository.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 

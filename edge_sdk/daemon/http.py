@@ -29,8 +29,8 @@ from typing import Any
 from ..errors import EdgeSDKError, MissingDependencyError
 from .api import InferenceApi
 from .auth import Authenticator
-from .kserve import ApiError, BodyDecoder, Status, bad, infer_request_from_json, result_to_http, split_header, \
-    stream_push_from_json
+from .kserve import ApiError, BodyDecoder, Status, bad, check_repository_parameters, infer_request_from_json, \
+    result_to_http, split_header, stream_push_from_json
 
 log = logging.getLogger(__name__)
 
@@ -281,8 +281,7 @@ def create_app(api: InferenceApi, auth: Authenticator, listener: Listener):
             return
         document, _ = await decoded(request, held)
         params = document.get("parameters") if isinstance(document, dict) else None
-        if params:
-            raise bad(f"repository parameters {sorted(params)} are not supported: models come from their releases")
+        check_repository_parameters(params or {})
 
     @route("repository")
     async def repository_load(request: Request) -> Response:

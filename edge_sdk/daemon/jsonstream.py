@@ -3,8 +3,8 @@
 ``json.loads`` on a 16 MB body of numbers holds the body and ~32 bytes of Python objects per
 number: about ten times the tensor it describes. :class:`JsonStream` is fed a body chunk by chunk
 instead. The small envelope (names, shapes, parameters) becomes ordinary Python values; the
-``data`` array of an object for which ``plan(obj)`` names a dtype is decoded straight into a numpy
-array, one comma-aligned slice at a time, each slice by the C ``json`` decoder. Nested data
+array under a key of an object for which ``plan(obj, key)`` names a dtype is decoded straight into a
+numpy array, one comma-aligned slice at a time, each slice by the C ``json`` decoder. Nested data
 (``[[1, 2], [3, 4]]``) is read in row-major order, as KServe allows.
 
 Beyond strict JSON it accepts what Python's ``json`` and rapidjson (``tritonclient``) write for
@@ -43,8 +43,10 @@ MAX_DEPTH = 32
 #: extension) or number is refused, so a hostile body cannot make each chunk rescan megabytes.
 _MAX_PARTIAL = 1 << 20
 
-#: ``plan(obj)`` → (dtype, element count or None) to decode ``obj["data"]`` in bulk, or None.
-Plan = Callable[[dict[str, Any]], "tuple[np.dtype, int | None] | None"]
+#: ``plan(obj, key)`` → (dtype, element count or None) to decode the array ``obj[key]`` in bulk, or None.
+Plan = Callable[[dict[str, Any], str], "tuple[np.dtype, int | None] | None"]
+#: Tokens outside bulk arrays: a request's envelope is small, and each token costs Python time.
+MAX_TOKENS = 200_000
 
 
 class _BulkArray:
@@ -110,8 +112,8 @@ class _BulkArray:
 class JsonStream:
     """Push decoder of one JSON object: :meth:`feed` bytes as they come, then :meth:`close`."""
 
-    def __init__(self, plan: Plan | None = None, bulk_key: str = "data") -> None:
-        self._plan, self._bulk_key = plan, bulk_key
+    def __init__(self, plan: Plan | None = None, max_tokens: int = MAX_TOKENS) -> None:
+        self._plan, self._tokens_left = plan, max_tokens
         self._buf = b""
         self._offset = 0  # of _buf[0] in the whole document
         self._stack: list[list[Any]] = []  # [container, pending key, expect]
@@ -159,6 +161,10 @@ class JsonStream:
             if self._done:
                 raise JsonStreamError(f"unexpected data after the JSON document at byte {self._offset + match.start(0)}")
             pos = match.end()
+            self._tokens_left -= 1
+            if self._tokens_left < 0:
+                raise JsonStreamError("the JSON outside tensor data is too large (more than "
+                                      f"{MAX_TOKENS} tokens; send big arrays as tensor data)")
             punct, string, scalar = match.groups()
             if punct is not None:
                 self._punct(punct, pos)
@@ -187,8 +193,8 @@ class JsonStream:
                 raise JsonStreamError("the request body must be a JSON object")
             if len(self._stack) >= MAX_DEPTH:
                 raise JsonStreamError(f"the JSON document is nested too deeply (byte {self._offset + pos - 1})")
-            if char == b"[" and self._stack and self._stack[-1][1] == self._bulk_key and self._plan is not None:
-                plan = self._plan(self._stack[-1][0])
+            if char == b"[" and self._plan is not None and self._stack and isinstance(self._stack[-1][0], dict):
+                plan = self._plan(self._stack[-1][0], self._stack[-1][1])
                 if plan is not None:
                     self._bulk = _BulkArray(*plan)
                     return

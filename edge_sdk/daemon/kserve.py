@@ -200,7 +200,11 @@ def json_plan(max_elements: int, reserve: Callable[[int], Any] | None = None):
     preallocated from its shape (``reserve(nbytes)`` first), refusing a shape no body within the
     cap could fill."""
 
-    def plan(obj: dict[str, Any]) -> tuple[np.dtype, int | None] | None:
+    def plan(obj: dict[str, Any], key: str) -> tuple[np.dtype, int | None] | None:
+        if key == "ts":  # a stream push's timestamps
+            return np.dtype(np.float64), None
+        if key != "data":
+            return None
         dtype = NUMERIC.get(obj.get("datatype")) if isinstance(obj.get("datatype"), str) else None
         if dtype is None:
             return None
@@ -372,7 +376,7 @@ def stream_push_from_json(request: Any, binary: memoryview | None) -> tuple[np.n
     if not isinstance(request, dict):
         raise bad("request body must be a JSON object with ts, shape, datatype and data")
     ts = request.pop("ts", None)
-    if not isinstance(ts, list) or not ts or len(ts) > MAX_PUSH_SAMPLES:
+    if not isinstance(ts, (list, np.ndarray)) or not len(ts) or len(ts) > MAX_PUSH_SAMPLES:
         raise bad(f"'ts' must be a non-empty list of at most {MAX_PUSH_SAMPLES} timestamps (seconds)")
     try:
         stamps = np.asarray(ts, dtype=np.float64)
@@ -444,7 +448,7 @@ def classify(array: np.ndarray, count: int, labels: list[str] | None) -> np.ndar
     out = np.empty(order.shape, dtype=object)
     for row, indices in enumerate(order):
         for k, index in enumerate(indices):
-            text = f"{flat[row, index]}:{index}"
+            text = f"{str(flat[row, index])}:{index}"  # str(): the shortest repr of the value in its own dtype
             if labels is not None and index < len(labels):
                 text += f":{labels[index]}"
             out[row, k] = text.encode()
@@ -504,6 +508,14 @@ def result_to_http(result: InferResult) -> tuple[bytes, dict[str, str]]:
         return text, {"Content-Type": "application/json"}
     return text + b"".join(blobs), {"Content-Type": "application/octet-stream",
                                     "Inference-Header-Content-Length": str(len(text))}
+
+
+def check_repository_parameters(params: dict[str, Any]) -> None:
+    """Load/unload parameters: ``unload_dependents`` is accepted (there are no ensembles); a model
+    config or files to load from are not: models come from their releases."""
+    unknown = sorted(set(params) - {"unload_dependents"})
+    if unknown:
+        raise bad(f"repository parameters {unknown} are not supported: models come from their signed releases")
 
 
 # ---- metadata and config -------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """What the API can address: each configured model, by release version, and the repository calls.
 
 A model's versions are the releases present on the device (what sync keeps — the active and the
-previous one — and the configured folder), found through ``releases(name)``. The active version
+previous one — and the configured ``release``: one release folder, or a folder of them), found
+through ``releases(name)``. The active version
 is the one the :class:`~.models.ModelTable` serves; another present version is loaded on the first
 inference that names it and kept (at most ``max_inactive`` per model, least recently used first
 out). ``unload`` stops serving a model until ``load`` (or a newly synced release) brings it back.
@@ -10,6 +11,7 @@ out). ``unload`` stops serving a model until ``load`` (or a newly synced release
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 from collections import OrderedDict
@@ -18,13 +20,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import EdgeSDKError
-from ..manifest import Manifest, load_manifest
+from ..manifest import MANIFEST_NAME, Manifest, load_manifest
 from .kserve import ApiError, Status
 from .models import ModelTable, ServedModel
 
 log = logging.getLogger(__name__)
 
 UNLOADED = "unloaded through the repository API (POST /v2/repository/models/{name}/load serves it again)"
+
+
+def release_folders(path: Path) -> list[Path]:
+    """``path`` if it is a release folder; if it is a folder of release folders (a local model
+    repository, as Triton's ``<model>/<version>/``), those, newest release version first."""
+    if (path / MANIFEST_NAME).exists() or not path.is_dir():
+        return [path]
+    found = []
+    for sub in path.iterdir():
+        try:
+            found.append((int(json.loads((sub / MANIFEST_NAME).read_bytes())["version"]), sub))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a release: the loader says why when it is the only candidate
+    return [folder for _, folder in sorted(found, reverse=True)] or [path]
 
 
 @dataclass(frozen=True)
@@ -61,7 +77,6 @@ class Repository:
         self.max_inactive = max_inactive
         self._manifests: dict[tuple[Path, int], Manifest] = {}
         self._inactive: OrderedDict[tuple[str, int], ServedModel] = OrderedDict()
-        self._failed: dict[tuple[str, int], str] = {}
         self._loading: dict[tuple[str, int], asyncio.Future] = {}
         self._lock = threading.Lock()
 

@@ -34,7 +34,7 @@ from .config import DaemonConfig, ModelConfig, load_config
 from .api import InferenceApi
 from .auth import Authenticator, ensure_tokens_file, is_loopback
 from .http import Listener, create_app, protocol_class
-from .repository import Repository
+from .repository import Repository, release_folders
 from .logs import setup_logging
 from .metrics import DaemonMetrics, Snapshot
 from .models import ModelTable, ServedModel, load_served
@@ -158,7 +158,7 @@ class Daemon:
         if self.sync is not None:
             found += [p for p in self.sync.local_releases(model.name) if p is not None]
         if model.release is not None:
-            found.append(model.release)
+            found += release_folders(model.release)
         return found
 
     def _model_config(self, name: str) -> ModelConfig | None:
