@@ -177,6 +177,27 @@ def make_certs():
     return make_test_certs
 
 
+# --- a tiny file system that fills up (disk-full tests) ----------------------------------------
+@pytest.fixture
+def tiny_disk(tmp_path: Path):
+    """``tiny_disk(size="1m")`` mounts a tmpfs of that size and returns its folder (needs root, as CI
+    runs); unmounted at teardown."""
+    mounts: list[Path] = []
+
+    def mount(size: str = "1m") -> Path:
+        if _os.geteuid() != 0:
+            missing("mounting a tmpfs for disk-full tests needs root")
+        folder = tmp_path / f"disk{len(mounts)}"
+        folder.mkdir()
+        _subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(folder)], check=True)
+        mounts.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounts:
+        _subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
 # --- converter releases (H1): real release folders other tests load, sync and serve -----------
 
 
