@@ -4,7 +4,6 @@ shipped inventory; every refusal is shown by the MQTT 5 reason code the broker s
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import threading
@@ -12,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+from needs import need_binary
+from servers import free_port
 
 from edge_sdk.cli import main
 from edge_sdk.cloud.acl import load_inventory, render_acl
@@ -45,25 +46,18 @@ class Inbox:
             return {m.topic for m in self.items}
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def fleet_broker(mosquitto_factory, tmp_path: Path, make_certs):
     """The shipped config on two loopback ports: ``broker.port`` (devices) and ``broker.services``."""
-    if not shutil.which("mosquitto_passwd"):
-        pytest.fail("mosquitto_passwd is not installed (scripts/install-system-deps.sh installs mosquitto)")
+    passwd_exe = str(need_binary("mosquitto_passwd"))
     ca = make_certs(tmp_path, clients=())
     for name, users in (("passwd", PASSWORDS), ("passwd.services", SERVICES)):
         for i, (user, pw) in enumerate(users.items()):
-            subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if i == 0 else []), str(tmp_path / name), user, pw],
+            subprocess.run([passwd_exe, "-b", *(["-c"] if i == 0 else []), str(tmp_path / name), user, pw],
                            check=True, capture_output=True)
     (tmp_path / "acl").write_text(render_acl(load_inventory(DEPLOY / "fleets.yaml")))
     broker = mosquitto_factory(start=False)
-    broker.services = _port()
+    broker.services = free_port()
     conf = ((DEPLOY / "mosquitto.conf").read_text()
             .replace("listener 8883", f"listener {broker.port} 127.0.0.1")
             .replace("listener 8884", f"listener {broker.services} 127.0.0.1")
