@@ -102,6 +102,7 @@ TOOLCHAINS: dict[str, Toolchain] = {
     "ncnn": Toolchain(
         name="ncnn",
         kind=ToolchainKind.VENV,
+        # INT8 needs no extra tool: converters/targets/ncnn_int8.py calibrates with the ncnn package itself.
         purpose="ONNX -> NCNN (pnnx binary, no torch)",
         no_deps=("pnnx==20261020",),
         executable=f"lib/{_PY}/site-packages/pnnx/pnnx",
