@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import signal
 import tempfile
 from pathlib import Path
 
@@ -60,14 +59,14 @@ class NcnnTarget(ExportTarget):
                                           "ncnnparam=model.ncnn.param", "ncnnbin=model.ncnn.bin"], cwd=work, timeout=TIMEOUT_S)
             out_param, out_bin = work / "model.ncnn.param", work / "model.ncnn.bin"
             if run.returncode != 0:
-                raise ConversionError(f"ncnn: {_pnnx_failure(run.returncode, run.output)}", log=run.output)
+                raise ConversionError(f"ncnn: {run.failure('pnnx', _unsupported(run.output))}", log=run.output)
             if not out_param.is_file() or not out_bin.is_file() or out_param.stat().st_size == 0:
                 raise ConversionError("ncnn: pnnx exited 0 but wrote no .param/.bin", log=run.output)
             inputs, outputs = _blob_names(out_param.read_text(encoding="utf-8"))
             if len(inputs) != len(request.inputs) or len(outputs) != len(request.outputs):
                 raise ConversionError(f"ncnn: pnnx produced inputs {inputs} / outputs {outputs} for a model with "
-                                      f"{[s.name for s in request.inputs]} / {[s.name for s in request.outputs]}"
-                                      f"{_unsupported(run.output)}", log=run.output)
+                                      f"{[s.name for s in request.inputs]} / {[s.name for s in request.outputs]}",
+                                      log=run.output)
             if request.precision is Precision.INT8:
                 quantized = ncnn_int8.quantize(out_param, out_bin, request.calibration,
                                                {s.name: blob for s, blob in zip(request.inputs, inputs)},
@@ -83,8 +82,8 @@ class NcnnTarget(ExportTarget):
             try:
                 offsets = ncnn_int8.tensor_offsets(out_param, out_bin)
             except ConversionError as exc:
-                raise ConversionError(f"ncnn: pnnx wrote a model ncnn cannot load ({exc}){_unsupported(run.output)}",
-                                      log=run.output) from None
+                cause = _unsupported(run.output) or str(exc).removeprefix("ncnn int8: ")
+                raise ConversionError(f"ncnn: pnnx wrote a model ncnn cannot load ({cause})", log=run.output) from None
             shutil.move(str(out_param), param)
             shutil.move(str(out_bin), bin_)
         return ExportResult(
@@ -125,24 +124,7 @@ def _blob_names(param_text: str) -> tuple[list[str], list[str]]:
     return ordered("in"), ordered("out")
 
 
-def _pnnx_failure(returncode: int, output: str) -> str:
-    """One line: how pnnx ended, and the op it could not convert or its last error line."""
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        how = f"pnnx crashed ({name})"
-    else:
-        how = f"pnnx failed (exit {returncode})"
-    unsupported = _unsupported(output)
-    if unsupported:
-        return how + unsupported
-    errors = [ln.strip() for ln in output.splitlines() if re.search(r"error|failed|cannot|unsupported|not supported", ln, re.I)]
-    return how + (f": {errors[-1][:200]}" if errors else "")
-
-
 def _unsupported(output: str) -> str:
     """Name the ops pnnx could not convert, when its log says so."""
     ops = sorted(set(re.findall(r"(?:unsupported|not supported|ignore)\w*\s+(?:op\s+)?(\S+)", output, flags=re.I)))
-    return f" (ops not expressible in ncnn: {', '.join(ops[:10])})" if ops else ""
+    return f"ops not expressible in ncnn: {', '.join(ops[:10])}" if ops else ""
