@@ -5,9 +5,9 @@ Exactly one row per record however many workers share the ``$share`` subscriptio
 commit takes the watermark rows of its (device, boot) keys with one ``INSERT … ON CONFLICT DO
 UPDATE`` in sorted key order, which serialises two workers committing batches of one device
 (the second sees the first's rows and moves the watermark over both) without deadlocks; a
-deadlock or serialization failure anyway is retried. Records go in with one multi-row
-``INSERT … SELECT FROM unnest(arrays)`` per commit, and one commit carries every batch that
-arrived while the previous one ran.
+deadlock or serialization failure anyway is retried. Records go in with one ``COPY`` per commit
+(into a temporary table first, then ``INSERT … ON CONFLICT DO NOTHING``, only when the direct
+COPY hits a duplicate), and one commit carries every batch that arrived while the previous ran.
 
 Counters are kept per worker (``counters(worker, name)``), so concurrent workers never wait on a
 shared counter row; :meth:`PostgresSink.counters` adds them up. Retention deletes by ``received``
@@ -62,12 +62,13 @@ ON CONFLICT (device, boot) DO UPDATE SET updated = now()
 RETURNING device, boot, upto
 """
 
-_INSERT_RECORDS = """
-INSERT INTO records (device, boot, seq, ts, priority, kind, data)
-SELECT r.device, r.boot, r.seq, r.ts, r.priority, r.kind, r.data::jsonb
-FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::float8[], %s::int[], %s::text[], %s::text[])
-     AS r(device, boot, seq, ts, priority, kind, data)
-ON CONFLICT DO NOTHING
+_COPY_RECORDS = "COPY records (device, boot, seq, ts, priority, kind, data) FROM STDIN"
+_STAGING = """
+CREATE TEMP TABLE IF NOT EXISTS staging (device text, boot text, seq bigint, ts double precision,
+                                         priority integer, kind text, data jsonb) ON COMMIT DELETE ROWS
+"""
+_FROM_STAGING = """
+INSERT INTO records (device, boot, seq, ts, priority, kind, data) SELECT * FROM staging ON CONFLICT DO NOTHING
 """
 
 _INSERT_REJECTED = """
@@ -191,31 +192,40 @@ class PostgresSink:
         cur = conn.cursor()
         cur.execute(_LOCK_WATERMARKS, ([k[0] for k in keys], [k[1] for k in keys]))
         upto = {(d, b): max(u, floors[(d, b)]) for d, b, u in cur.fetchall()}
-        rows: list[list] = [[], [], [], [], [], [], []]
+        rows = [(i.device, i.boot, r.seq, r.ts, r.priority, r.kind, r.data) for i in batches for r in i.records]
         rejected: list[list] = [[], [], [], [], []]
-        received = 0
         for item in batches:
-            received += item.received
-            for r in item.records:
-                for column, value in zip(rows, (item.device, item.boot, r.seq, r.ts, r.priority, r.kind, r.data)):
-                    column.append(value)
             for x in item.rejected:
                 for column, value in zip(rejected, (item.device, item.boot, x.seq, x.size, x.reason)):
                     column.append(value)
-        new = 0
-        if rows[0]:
-            cur.execute(_INSERT_RECORDS, rows)
-            new = cur.rowcount
+        new = self._insert_records(conn, rows) if rows else 0
         if rejected[0]:
             cur.execute(_INSERT_REJECTED, rejected)
         cur.execute(_ADVANCE, ([k[0] for k in keys], [k[1] for k in keys], [upto[k] for k in keys]))
         result = CommitResult(new=new, rejected=sum(len(i.rejected) for i in batches),
                               upto={(d, b): u for d, b, u in cur.fetchall()})
         result.duplicates = sum(len(i.records) for i in batches) - new
-        counts = {"batches": len(batches), "received": received, "records": new,
+        counts = {"batches": len(batches), "received": sum(i.received for i in batches), "records": new,
                   "duplicates": result.duplicates, "rejected": result.rejected}
         cur.execute(_COUNT, (self.worker, list(counts), list(counts.values())))
         return result
+
+    def _insert_records(self, conn, rows: list[tuple]) -> int:
+        """COPY straight into ``records`` (the common case: no duplicates); when some row is already
+        there, COPY into a temporary table and insert from it skipping duplicates. Returns rows added."""
+        psycopg = self._psycopg
+        try:
+            with conn.transaction(), conn.cursor().copy(_COPY_RECORDS) as copy:  # a savepoint
+                for row in rows:
+                    copy.write_row(row)
+            return len(rows)
+        except psycopg.errors.UniqueViolation:
+            pass
+        conn.execute(_STAGING)
+        with conn.cursor().copy("COPY staging FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        return conn.execute(_FROM_STAGING).rowcount
 
     def count_malformed(self, device: str | None, reason: str) -> None:
         def work(conn) -> None:
