@@ -191,8 +191,8 @@ def ingest(
     prefix: str = _PREFIX,
     client_id: str = typer.Option(None, "--client-id", help="MQTT client id (default: ingest-<group>-<host>-<pid>)."),
     retention_days: float = typer.Option(None, "--retention-days", min=0.0, help="Delete records older than this."),
-    max_record_kb: int = typer.Option(64, "--max-record-kb", min=1, help="Refuse (ack as rejected) larger records."),
-    max_batch_kb: int = typer.Option(4096, "--max-batch-kb", min=1, help="Refuse (ack as rejected) larger batches."),
+    max_record_kb: int = typer.Option(512, "--max-record-kb", min=1, help="Refuse (ack as rejected) larger records."),
+    max_batch_kb: int = typer.Option(1088, "--max-batch-kb", min=1, max=1088, help="Refuse (ack as rejected) larger batches."),
     ca: Path = _CA,
     cert: Path = _CERT,
     key: Path = _KEY,
@@ -204,7 +204,7 @@ def ingest(
 
     from ..cloud.ingest import IngestLimits, run_ingest
 
-    limits = IngestLimits(max_record_bytes=max_record_kb * 1024, max_batch_bytes=max(max_batch_kb, 1) * 1024)
+    limits = IngestLimits(max_record_bytes=max_record_kb * 1024, max_batch_bytes=max_batch_kb * 1024)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

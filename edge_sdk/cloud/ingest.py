@@ -36,8 +36,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_sdk.errors import SyncError
-from edge_sdk.runtime.sync.telemetry import MAX_RECORDS_PER_BATCH, WireBatch, decode_batch, encode_ack
+from edge_sdk.errors import ConfigError, SyncError
+from edge_sdk.runtime.sync.outbox import MAX_RECORD_BYTES
+from edge_sdk.runtime.sync.telemetry import MAX_BATCH_BYTES, MAX_RECORDS_PER_BATCH, WireBatch, decode_batch, encode_ack
 from edge_sdk.runtime.sync.topics import TopicKind, Topics, check_level
 from edge_sdk.runtime.sync.transport import Message, TlsConfig, Transport, TransportConfig
 
@@ -53,12 +54,12 @@ __all__ = ["IngestLimits", "IngestWorker", "SqliteSink", "open_sink", "prepare",
 class IngestLimits:
     """Sizes past which ingest refuses telemetry instead of holding it in memory and storage."""
 
-    max_record_bytes: int = 64 * 1024  # one record's data as JSON text
-    max_batch_bytes: int = 4 * 1024 * 1024  # one MQTT payload; the device uploader sends ≤ 256 KiB
+    max_record_bytes: int = MAX_RECORD_BYTES  # one record's data as JSON text (devices refuse larger ones)
+    max_batch_bytes: int = MAX_BATCH_BYTES  # one MQTT payload (the uploader sends ≤ 256 KiB + one record)
 
     def __post_init__(self) -> None:
-        if self.max_record_bytes < 1 or self.max_batch_bytes < 1024:
-            raise SyncError("ingest limits: max_record_bytes must be ≥ 1 and max_batch_bytes ≥ 1024")
+        if self.max_record_bytes < 1 or not 1024 <= self.max_batch_bytes <= MAX_BATCH_BYTES:
+            raise ConfigError(f"ingest limits: max_record_bytes must be ≥ 1 and max_batch_bytes 1024-{MAX_BATCH_BYTES}")
 
 
 # -- checking one payload ---------------------------------------------------------------------------
