@@ -24,7 +24,7 @@ import onnx
 from ...errors import ConversionError, MissingDependencyError
 from ...runtime.backends.openvino import import_openvino
 from ...types import Precision, Target
-from ..quantize import quiet
+from ..toollog import quiet
 from .base import CalibrationMethod, ExportRequest, ExportResult, ExportTarget
 
 _AUTO_NAME = re.compile(r"\b([A-Z][A-Za-z0-9]*)_(\d+)\b")  # OpenVINO's <OpType>_<instance counter>
@@ -122,7 +122,8 @@ def _quantize(model, request: ExportRequest, transformer: bool):
     if estimator is not None:
         kwargs["advanced_parameters"] = AdvancedQuantizationParameters(activations_range_estimator_params=estimator)
     try:
-        quantized = quiet(lambda: nncf.quantize(model, dataset, **kwargs))
+        with quiet():
+            quantized = nncf.quantize(model, dataset, **kwargs)
     except Exception as exc:  # NNCF raises many types; all mean "this model did not quantize"
         raise ConversionError(f"openvino: NNCF quantization failed: {_first_line(exc)}") from None
     count = sum(1 for op in quantized.get_ops() if op.get_type_name() == "FakeQuantize")

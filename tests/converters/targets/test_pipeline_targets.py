@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from needs import need_toolchain, not_applicable
 
 import edge_sdk
 from edge_sdk.converters.targets import tflite
@@ -27,9 +28,9 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 
 
 @pytest.fixture(scope="module")
-def release(cnn_path, cnn_calibration_dir, tmp_path_factory, require_toolchain):
-    require_toolchain("tflite")
-    require_toolchain("ncnn")
+def release(cnn_path, cnn_calibration_dir, tmp_path_factory):
+    need_toolchain("tflite")
+    need_toolchain("ncnn")
     out = tmp_path_factory.mktemp("targets") / "release"
     profile_args = [arg for p in PROFILES for arg in ("--profile", p)]
     result = _cli("convert", str(cnn_path), *profile_args, "-o", str(out), "--calibration", str(cnn_calibration_dir),
@@ -100,8 +101,8 @@ def test_missing_toolchains_are_rejected_rows_and_onnx_still_completes(cnn_path,
     assert_release_lists_every_file(out)
 
 
-def test_a_converter_timeout_is_a_rejected_row(cnn_path, tmp_path, monkeypatch, require_toolchain):
-    require_toolchain("tflite")
+def test_a_converter_timeout_is_a_rejected_row(cnn_path, tmp_path, monkeypatch):
+    need_toolchain("tflite")
     monkeypatch.setattr(tflite, "TIMEOUT_S", 1.0)  # onnx2tf needs far longer just to import TensorFlow
     manifest = edge_sdk.convert(cnn_path, ["raspberry-pi-4"], tmp_path / "release", targets=["tflite", "onnx"],
                                 latency_runs=3, max_accuracy_drop=100)
