@@ -52,9 +52,6 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
     nodes_quantized: int | None = None
     nodes_kept_fp32: list[str] = field(default_factory=list)
-    # file name -> ascending byte offsets at which a tensor's data begins: where a chunker may cut so
-    # that one changed tensor changes only its own chunks.
-    tensor_offsets: dict[str, list[int]] = field(default_factory=dict)
 
 
 class ExportTarget(ABC):

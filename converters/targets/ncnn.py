@@ -77,10 +77,10 @@ class NcnnTarget(ExportTarget):
                              f"samples: {len(quantized.quantized)} layers INT8")
                 notes.extend(f"kept fp32: {why}" for why in quantized.skipped)
                 nodes_quantized = len(quantized.quantized)
-            # Loading every layer with ncnn's own loaders proves the pair loads (pnnx can write layers ncnn
-            # refuses) and locates each tensor in the .bin, for chunk cuts at tensor boundaries.
+            # Loading every layer with ncnn's own loaders proves the pair loads: pnnx can write layers
+            # (an LSTM without its sizes) that ncnn refuses, and ncnn crashes when such a net is run.
             try:
-                offsets = ncnn_int8.tensor_offsets(out_param, out_bin)
+                ncnn_int8.layer_bytes(out_param, out_bin.read_bytes())
             except ConversionError as exc:
                 cause = _unsupported(run.output) or str(exc).removeprefix("ncnn int8: ")
                 raise ConversionError(f"ncnn: pnnx wrote a model ncnn cannot load ({cause})", log=run.output) from None
@@ -92,7 +92,6 @@ class NcnnTarget(ExportTarget):
             outputs=[s.model_copy(update={"artifact_name": n}) for s, n in zip(request.outputs, outputs)],
             notes=notes,
             nodes_quantized=nodes_quantized,
-            tensor_offsets={bin_.name: offsets},
         )
 
 

@@ -285,17 +285,3 @@ def quantize(param: Path, weights: Path, calibration: Sequence[Feeds], input_blo
         out += replaced.get(layer.name, data[where.start:where.end])
     text = "\n".join([*header, *(layer.format() for layer in layers)]) + "\n"
     return Int8Result(text, bytes(out), [c.name for c in candidates], skipped, table)
-
-
-def tensor_offsets(param: Path, weights: Path) -> list[int]:
-    """Byte offsets in ``weights`` at which a tensor's data begins (chunk cut points for sync)."""
-    offsets = set()
-    for layer in layer_bytes(param, weights.read_bytes()):
-        previous = None
-        for offset, size in layer.reads:
-            # A 4-byte read right before another is a weight's type tag: the tensor starts at the tag.
-            if size and not (previous is not None and previous[1] == 4 and previous[0] + 4 == offset):
-                offsets.add(offset)
-            previous = (offset, size)
-    return sorted(offsets)
-

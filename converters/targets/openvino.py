@@ -12,6 +12,9 @@ An FP32 IR says so itself: OpenVINO's CPU plugin computes in bf16 by default whe
 FP32 can come out wrong that way. Each op of an FP32 IR is marked precision-sensitive (OpenVINO's own
 ``disable_fp16_compression`` attribute, which its CPU plugin also honours for bf16) and the model's
 ``runtime_options`` record ``INFERENCE_PRECISION_HINT=f32`` for any consumer that reads them.
+(Measured on OpenVINO 2026.4: Convolution and most ops then stay f32 under a plain ``compile_model``;
+a MatMul the CPU plugin rewrites into a FullyConnected can lose the mark and still run bf16, so
+the runtime backend keeps setting the f32 hint itself.)
 """
 
 from __future__ import annotations
@@ -78,8 +81,7 @@ class OpenVINOTarget(ExportTarget):
             raise ConversionError(f"openvino: cannot save IR: {_first_line(exc)}") from None
         return ExportResult(files=[xml, bin_], inputs=list(request.inputs), outputs=list(request.outputs),
                             notes=notes, nodes_quantized=nodes_quantized,
-                            nodes_kept_fp32=list(request.nodes_to_exclude),
-                            tensor_offsets={bin_.name: constant_offsets(xml)})
+                            nodes_kept_fp32=list(request.nodes_to_exclude))
 
 
 def is_transformer(graph: onnx.GraphProto) -> bool:
@@ -152,12 +154,6 @@ def canonical_names(model, keep: set[str]) -> None:
 def _onnx_names(graph: onnx.GraphProto) -> set[str]:
     names = {node.name for node in graph.node} | {o for node in graph.node for o in node.output}
     return names | {v.name for v in (*graph.input, *graph.output, *graph.initializer)}
-
-
-def constant_offsets(xml: Path) -> list[int]:
-    """Byte offsets in the IR's ``.bin`` at which a Const's data begins (chunk cut points)."""
-    text = xml.read_text(encoding="utf-8")
-    return sorted({int(m) for m in re.findall(r'<data [^>]*\boffset="(\d+)"', text)})
 
 
 def _first_line(exc: BaseException) -> str:

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from needs import need_toolchain
 
 from edge_sdk.converters.targets import ncnn_int8
 from edge_sdk.converters.targets.base import CalibrationMethod, get_target
@@ -17,8 +18,8 @@ pytestmark = [pytest.mark.toolchain, pytest.mark.requires("ncnn")]
 
 
 @pytest.fixture(autouse=True)
-def _toolchain(require_toolchain):
-    require_toolchain("ncnn")
+def _toolchain():
+    need_toolchain("ncnn")
 
 
 @pytest.mark.parametrize("precision", [Precision.FP32, Precision.FP16], ids=str)
@@ -79,17 +80,15 @@ def test_entropy_threshold_clips_a_long_tail_and_keeps_a_uniform_range():
     assert 150 <= ncnn_int8.entropy_threshold_bin(decaying) <= 1000
 
 
-def test_tensor_offsets_are_where_ncnn_reads_each_tensor(cases, tmp_path):
+def test_layer_bytes_are_where_ncnn_reads_each_layer(cases, tmp_path):
     result = get_target("ncnn").export(cases["cnn"].request(Precision.FP32, tmp_path))
-    bin_ = result.files[1]
-    offsets = result.tensor_offsets[bin_.name]
-    assert offsets == sorted(set(offsets)) and offsets[0] == 0 and offsets[-1] < bin_.stat().st_size
-    weights = bin_.read_bytes()
-    # Every Convolution/InnerProduct starts with a float32 weight tag, then its bias follows.
-    for layer in ncnn_int8.layer_bytes(result.files[0], weights):
-        if layer.reads:
-            assert layer.start in offsets and weights[layer.start:layer.start + 4] == b"\0\0\0\0"
-    assert len(offsets) == 2 * 6  # 6 layers with weights, each weights + bias
+    weights = result.files[1].read_bytes()
+    layers = ncnn_int8.layer_bytes(result.files[0], weights)
+    assert layers[-1].end == len(weights) and all(a.end == b.start for a, b in zip(layers, layers[1:]))
+    with_weights = [layer for layer in layers if layer.reads]
+    assert {layer.type for layer in with_weights} == {"Convolution", "InnerProduct"} and len(with_weights) == 6
+    for layer in with_weights:  # a float32 type tag, the weights, the bias
+        assert weights[layer.start:layer.start + 4] == b"\0\0\0\0" and len(layer.reads) == 3
 
 
 def test_int8_without_calibration_says_why(cases, tmp_path):

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from needs import need_toolchain
 
 from edge_sdk.converters.targets.base import get_target
 from edge_sdk.errors import ConversionError
@@ -15,8 +16,8 @@ pytestmark = [pytest.mark.toolchain, pytest.mark.requires("ai_edge_litert")]
 
 
 @pytest.fixture(autouse=True)
-def _toolchain(require_toolchain):
-    require_toolchain("tflite")
+def _toolchain():
+    need_toolchain("tflite")
 
 
 @pytest.fixture(scope="module")
