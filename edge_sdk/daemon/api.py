@@ -217,7 +217,7 @@ class InferenceApi:
     def label(self, name: str) -> str:
         # Metric labels only for configured models: a client sending random names must not be
         # able to grow the metrics registry without bound.
-        return name if name in self.repository.names() else "_unknown"
+        return name if self.repository.has(name) else "_unknown"
 
     # ---- inference -----------------------------------------------------------------------------
 
@@ -235,9 +235,9 @@ class InferenceApi:
             await self.admission.acquire()
             elapsed = None
             try:
-                backend, precision = served.backend_precision()
                 started = time.perf_counter()
-                outputs = await asyncio.get_running_loop().run_in_executor(self._executor, served.run, feed)
+                outputs, variant = await asyncio.get_running_loop().run_in_executor(self._executor, served.run_traced,
+                                                                                    feed)
                 elapsed = time.perf_counter() - started
             finally:
                 self.admission.release(elapsed)
@@ -259,7 +259,7 @@ class InferenceApi:
             raise ApiError(Status.INTERNAL, f"internal error: {type(exc).__name__}: {exc}") from None
         finally:
             served.release()
-        self.metrics.infer_latency.labels(name, backend, precision).observe(elapsed)
+        self.metrics.infer_latency.labels(name, variant.backend, variant.precision.value).observe(elapsed)
         if self.on_infer is not None:
             try:
                 self.on_infer(name, request.inputs, outputs, elapsed)
