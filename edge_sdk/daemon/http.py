@@ -370,22 +370,60 @@ def create_app(api: InferenceApi, auth: Authenticator, listener: Listener):
     return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found, 500: internal})
 
 
+#: After answering a request whose body is still coming (408, 413, 401 …), the connection sends its
+#: FIN and discards what the client still sends for up to this long (this long between two reads at
+#: most), as nginx's lingering close: closing at once would make the kernel answer the unread bytes
+#: with a reset, and a client still writing its body then loses the response.
+_LINGER_S = 10.0
+_LINGER_IDLE_S = 2.0
+
+
+class _LingeringTransport:
+    """The transport as uvicorn's protocol sees it: ``close()`` lingers when the request body is unread."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: Any) -> None:
+        self._transport, self._protocol = transport, protocol
+        self._closing = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self._closing or self._transport.is_closing()
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        cycle = self._protocol.cycle
+        if cycle is None or not cycle.more_body or self._transport.is_closing():
+            self._transport.close()
+            return
+        if self._transport.can_write_eof():  # (TLS cannot: the response's length tells the end)
+            self._transport.write_eof()
+        self._protocol.linger()
+
+
 def protocol_class(header_timeout_s: float, max_connections: int, on_timeout=None):
-    """uvicorn's HTTP protocol with the two defences it lacks against starving clients:
+    """uvicorn's HTTP protocol with the defences it lacks against starving clients, and a lingering close:
 
     * a connection must complete its request headers within ``header_timeout_s`` of connecting
       (or of its previous response), else it is closed: half-open and slowloris connections go;
     * beyond ``max_connections``, the connection idle longest (no request in progress) is closed
-      to make room, so a flood of idle connections never locks out a new caller.
+      to make room, so a flood of idle connections never locks out a new caller;
+    * a response sent before its request's body was read reaches the client (:data:`_LINGER_S`).
     """
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
     class GuardedProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         _header_timer: asyncio.TimerHandle | None = None
         _idle_since: float = 0.0
+        _linger_until: float | None = None
+        _linger_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport) -> None:
-            super().connection_made(transport)
+            self._raw = transport
+            super().connection_made(_LingeringTransport(transport, self))
             self._arm()
             if len(self.connections) > max_connections:
                 idle = [c for c in self.connections if c is not self and getattr(c, "_idle_since", None)
@@ -396,6 +434,9 @@ def protocol_class(header_timeout_s: float, max_connections: int, on_timeout=Non
                     transport.close()
 
         def data_received(self, data: bytes) -> None:
+            if self._linger_until is not None:  # the rest of an answered request: dropped
+                self._linger_step()
+                return
             before = self.cycle
             super().data_received(data)
             if self.cycle is not before:  # a request's headers are complete
@@ -409,7 +450,21 @@ def protocol_class(header_timeout_s: float, max_connections: int, on_timeout=Non
 
         def connection_lost(self, exc) -> None:
             self._disarm()
+            if self._linger_timer is not None:
+                self._linger_timer.cancel()
             super().connection_lost(exc)
+
+        def linger(self) -> None:
+            self._disarm()
+            self._linger_until = self.loop.time() + _LINGER_S
+            self._raw.resume_reading()  # (uvicorn pauses reading while a body waits to be consumed)
+            self._linger_step()
+
+        def _linger_step(self) -> None:
+            if self._linger_timer is not None:
+                self._linger_timer.cancel()
+            when = min(self.loop.time() + _LINGER_IDLE_S, self._linger_until)
+            self._linger_timer = self.loop.call_at(when, self._raw.close)
 
         def _arm(self) -> None:
             self._disarm()

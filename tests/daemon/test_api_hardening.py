@@ -85,6 +85,37 @@ def test_slow_bodies_do_not_hold_the_inference_slots(daemon) -> None:
     assert metric_value(text, "edge_api_timeouts_total", phase="body") >= 6
 
 
+def test_a_408_or_413_reaches_a_client_still_sending_its_body(daemon) -> None:
+    # Old daemon: it closed the connection with the body unread, so the kernel answered the client's
+    # next bytes with a reset (and, with unread bytes at close, dropped what was not yet sent): a
+    # client still writing its body got a broken pipe, and on a real network often no 408/413 at all.
+    # Now the connection half-closes after the answer and discards the rest of the body.
+    def request(length: int, first: bytes) -> socket.socket:
+        s = socket.create_connection((daemon.host, daemon.port), timeout=15)
+        s.sendall(f"POST /v2/models/fusion/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {daemon.token}\r\n"
+                  f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n".encode() + first)
+        return s
+
+    def keep_sending_then_read(s: socket.socket, pieces: int) -> bytes:
+        for _ in range(pieces):  # old daemon: BrokenPipeError / ConnectionResetError here
+            s.sendall(b" " * 4096)
+            time.sleep(0.01)
+        reply = b""
+        while chunk := s.recv(65536):  # an orderly end (FIN), not a reset
+            reply += chunk
+        s.close()
+        return reply
+
+    s = request(1_000_000, b'{"inputs": [')
+    time.sleep(LIMITS["body_timeout_s"] + 1)  # the 408 is sent meanwhile
+    reply = keep_sending_then_read(s, 50)
+    assert reply.startswith(b"HTTP/1.1 408") and b"api.body_timeout_s" in reply, reply[:200]
+    s = request(20 * 1024 * 1024, b"")  # past api.max_body_bytes: refused on its Content-Length alone
+    reply = keep_sending_then_read(s, 250)
+    assert reply.startswith(b"HTTP/1.1 413") and b"exceeds the" in reply, reply[:200]
+    assert infer(daemon).status_code == 200
+
+
 def test_half_open_connections_do_not_take_the_api_down(daemon) -> None:
     # Old daemon: 300 idle connections passed uvicorn's limit_concurrency (256): 503 for everyone.
     idle = []
