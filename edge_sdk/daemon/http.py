@@ -454,6 +454,12 @@ def protocol_class(header_timeout_s: float, max_connections: int, on_timeout=Non
                 self._linger_timer.cancel()
             super().connection_lost(exc)
 
+        def shutdown(self) -> None:
+            if self._linger_until is not None:  # the server stops: no more waiting for the rest of a body
+                self._raw.close()
+                return
+            super().shutdown()
+
         def linger(self) -> None:
             self._disarm()
             self._linger_until = self.loop.time() + _LINGER_S
