@@ -86,3 +86,14 @@ class OutboxPolicy(str, Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+class SpeedVerdict(str, Enum):
+    """How a variant's paired latency compares with FP32's, against its precision's allowed ratio."""
+
+    OK = "ok"  # the whole confidence interval of the ratio is within the limit
+    SLOWER = "slower"  # the whole interval is above the limit: rejected
+    INCONCLUSIVE = "inconclusive"  # the interval straddles the limit: kept, marked, never a default
+
+    def __str__(self) -> str:
+        return self.value
