@@ -32,7 +32,8 @@ from edge_sdk.manifest import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Manifest
 from edge_sdk.runtime.sync.envelope import open_envelope, seal
 from edge_sdk.runtime.sync.topics import Topics
 from edge_sdk.runtime.sync.transport import TlsConfig, Transport
-from edge_sdk.signing import load_private_key, sign
+from edge_sdk.signing import load_private_key
+from edge_sdk.trust import sign_release
 
 from .connection import collect_retained, connect, retained_sizes
 
@@ -164,7 +165,7 @@ def publish_release(release_dir: Path | str, broker: str, fleet: str, *, prefix:
         raise IntegrityError(f"{release_dir}: no {MANIFEST_NAME}; is this a release folder?") from None
     sig_path = release_dir / SIGNATURE_NAME
     if sign_key is not None:
-        signature: bytes | None = sign(data, load_private_key(sign_key))
+        signature: bytes | None = sign_release(data, [load_private_key(sign_key)])
     else:
         signature = sig_path.read_bytes() if sig_path.exists() else None
         if signature is None:

@@ -139,8 +139,10 @@ class SyncConfig(StrictModel):
     tls: TlsConfig | None = Field(None, description="required with mqtts://")
     fleet: str = "default"
     topic_prefix: str | None = Field(None, description="defaults to edge/<fleet>")
-    public_key: Path | None = Field(None, description="Ed25519 public key (PEM) releases must be signed with")
-    allow_unsigned: bool = Field(False, description="accept unsigned releases (only when no public_key is set)")
+    public_key: Path | None = Field(
+        None, description="the keys releases must be signed with: a trust root (root.json, edge-sdk keys root) "
+                          "or an Ed25519 public key (PEM)")
+    allow_unsigned: bool = Field(False, description="serve unsigned releases (development only; without public_key)")
     telemetry_interval_s: float = Field(10.0, gt=0, le=86400)
 
     @model_validator(mode="after")
@@ -220,9 +222,6 @@ class DaemonConfig(StrictModel):
             if pipeline.model not in names:
                 raise FieldError(("pipelines", i, "model"), f"pipeline for model {pipeline.model!r}, which is not "
                                                             f"configured (models: {names})")
-        if self.sync.broker is not None and self.sync.public_key is None and not self.sync.allow_unsigned:
-            raise FieldError(("sync", "public_key"), "sync.broker is set but sync.public_key is not: set public_key "
-                                                     "(or allow_unsigned: true)")
         offline = [i for i, m in enumerate(self.models) if m.release is None]
         if offline and self.sync.broker is None:
             raise FieldError(("models", offline[0], "release"),
@@ -231,6 +230,10 @@ class DaemonConfig(StrictModel):
         if self.drain_timeout_s >= self.shutdown_timeout_s:
             raise FieldError(("drain_timeout_s",), f"must be less than shutdown_timeout_s ({self.shutdown_timeout_s:g}): "
                                                    "the HTTP server, sync and outbox need time to stop after the drain")
+        if self.sync.public_key is None and not self.sync.allow_unsigned:
+            # Local releases too: a release folder someone dropped on the device is no more trusted.
+            raise FieldError(("sync", "public_key"), "releases must be signed: set sync.public_key (a root.json "
+                                                     "or PEM public key), or allow_unsigned: true for development")
         return self
 
 
@@ -316,8 +319,8 @@ sync:
   #   cert: ./device.crt    # optional: client-certificate authentication
   #   key: ./device.key
   fleet: default
-  # public_key: ./release-signing.pub   # refuse releases not signed with this Ed25519 key
-  allow_unsigned: false   # true accepts unsigned releases (only without public_key)
+  public_key: ./trust/root.json   # releases must be signed by these keys (root.json or a PEM public key)
+  allow_unsigned: false   # true serves unsigned releases (development only, without public_key)
   telemetry_interval_s: 10
 
 outbox:

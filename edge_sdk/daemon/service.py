@@ -63,6 +63,13 @@ def check_state_dir(path: Path, sync: bool = False) -> None:
             with target.open("r+b"):  # opened for writing, not written: proves SQLite can use it
                 pass
     except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            # A full disk must not stop serving: the releases on it are intact; the outbox and
+            # sync apply their own disk-full rules and report what they lose.
+            log.warning("state_dir %s: the disk is full (%s); serving anyway", path, exc.strerror or exc)
+            with contextlib.suppress(OSError):
+                (target / f".write-test-{os.getpid()}").unlink()
+            return
         raise ConfigError(f"state_dir {path}: {target} is not usable ({exc.strerror or exc})") from None
 
 
@@ -379,8 +386,13 @@ class Daemon:
             return
         path = self.config.state_dir / PORT_FILE
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(f"{sock.getsockname()[1]}\n")
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(f"{sock.getsockname()[1]}\n")
+            os.replace(tmp, path)
+        except OSError as exc:  # a full disk: the port file is a convenience, serving is not
+            log.error("cannot write %s (%s); serving on port %s anyway", path, exc.strerror or exc,
+                      sock.getsockname()[1])
+            tmp.unlink(missing_ok=True)
 
     async def _watchdog(self) -> None:
         interval = systemd.watchdog_interval()

@@ -31,7 +31,7 @@ from pydantic import Field
 from edge_sdk.config import StrictModel
 from edge_sdk.errors import ConfigError, EdgeSDKError, IntegrityError, SyncError
 from edge_sdk.manifest import FileEntry, Manifest, Variant
-from edge_sdk.signing import load_public_key
+from edge_sdk.trust import load_trust
 
 from ..policy import PolicyOverride
 from .chunk_store import ChunkStore
@@ -153,7 +153,7 @@ class SyncClient:
         self.topics = Topics(config.fleet, config.prefix)
         self.topics.status(config.device)  # validates the device id
         if config.public_key is not None:
-            self.public_key = load_public_key(config.public_key)
+            self.public_key = load_trust(config.public_key)
         elif config.allow_unsigned:
             self.public_key = None
         else:
