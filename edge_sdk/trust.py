@@ -162,7 +162,7 @@ class TrustRoot:
         result = self.root.get_verification_result(Targets.type, md.signed_bytes, md.signatures)
         if not result.verified:
             raise IntegrityError(
-                f"release statement has {len(result.signed)} valid signature(s) of trusted release keys, "
+                f"signature does not verify: {len(result.signed)} valid signature(s) of trusted release keys, "
                 f"{result.threshold} needed (signed by {sorted(md.signatures) or 'nobody'}; trusted: "
                 f"{self.keyids()}; root v{self.version} from {self.source})")
         targets = md.signed.targets
@@ -173,7 +173,8 @@ class TrustRoot:
         try:
             next(iter(targets.values())).verify_length_and_hashes(manifest_bytes)
         except tuf_errors.LengthOrHashMismatchError as exc:
-            raise IntegrityError(f"manifest does not match its signed statement ({exc})") from None
+            raise IntegrityError(f"signature does not verify: the manifest does not match its signed statement "
+                                 f"({exc})") from None
         trust = ReleaseTrust(match["model"], md.signed.version, tuple(sorted(result.signed)), md.signed.expires,
                              self.version)
         if trust.expired and not allow_expired:
