@@ -6,6 +6,8 @@ and our onnx, so no isolated toolchain is needed. Telemetry is off (see ``import
 
 from __future__ import annotations
 
+import re
+
 from ...errors import ConversionError, MissingDependencyError
 from ...runtime.backends.openvino import import_openvino
 from ...types import Precision, Target
@@ -41,6 +43,7 @@ class OpenVINOTarget(ExportTarget):
                 raise ConversionError("openvino int8 needs calibration data (NNCF post-training quantization)")
             model, nodes_quantized = _quantize(model, request)
             notes.append(f"NNCF INT8 on {len(request.calibration)} calibration samples")
+        _stable_names(model, request.model_path)
         try:
             # save_model compresses weights to FP16 by default; only the fp16 variant wants that.
             ov.save_model(model, str(xml), compress_to_fp16=request.precision is Precision.FP16)
@@ -51,6 +54,27 @@ class OpenVINOTarget(ExportTarget):
         return ExportResult(files=[xml, bin_], inputs=list(request.inputs), outputs=list(request.outputs),
                             notes=notes, nodes_quantized=nodes_quantized,
                             nodes_kept_fp32=list(request.nodes_to_exclude))
+
+
+def _stable_names(model, onnx_path) -> None:
+    """Renumber names OpenVINO generated from its process-wide counter (``Multiply_2650``) in graph
+    order, so two builds of one model write the same bytes and sync reuses every chunk."""
+    import onnx
+
+    source = onnx.load(str(onnx_path), load_external_data=False)
+    kept = {n.name for n in source.graph.node} | {v for n in source.graph.node for v in (*n.input, *n.output)}
+    numbers: dict[str, int] = {}
+
+    def renumber(match: re.Match) -> str:  # one-to-one, so distinct names stay distinct
+        return f"{match[1]}_{numbers.setdefault(match[2], len(numbers))}"
+
+    for op in model.get_ordered_ops():
+        name = op.get_friendly_name()
+        if name not in kept:
+            op.set_friendly_name(_GENERATED.sub(renumber, name))
+
+
+_GENERATED = re.compile(r"\b([A-Za-z][A-Za-z0-9]*)_(\d+)\b")
 
 
 def _quantize(model, request: ExportRequest):
