@@ -269,3 +269,43 @@ def require_toolchain():
             missing(f"toolchain {name!r} {status.detail}: run `edge-sdk toolchain install {name}` (make toolchains)")
 
     return check
+
+
+# --- chunk stores: SeaweedFS (S3) and nginx (HTTP/CDN), real servers on free ports --------------
+import sys as _sys
+
+_sys.path.insert(0, str(Path(__file__).parent))  # `import servers` (tests/servers.py), also from test modules
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory):
+    """One SeaweedFS S3 server for the session (``.url``, ``.env(who)``, ``.store_url(prefix)``,
+    ``.requests()``); tests keep apart by using their own prefix."""
+    from servers import SeaweedS3
+
+    try:
+        server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
+    except FileNotFoundError as exc:
+        missing(f"{exc} is not installed")
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def nginx_factory(tmp_path_factory: pytest.TempPathFactory):
+    """``nginx_factory(root, limit_rate=None, put=False, tls=None)`` starts nginx serving ``root``; all killed after."""
+    from servers import Nginx
+
+    servers: list = []
+
+    def make(root: Path, limit_rate: str | None = None, put: bool = False, tls: tuple[Path, Path] | None = None):
+        try:
+            server = Nginx(tmp_path_factory.mktemp("nginx"), root, limit_rate=limit_rate, put=put, tls=tls)
+        except FileNotFoundError as exc:
+            missing(f"{exc} is not installed")
+        servers.append(server)
+        return server.start()
+
+    yield make
+    for server in servers:
+        server.kill()
