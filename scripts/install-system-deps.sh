@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # System packages the tests and the demo use: Mosquitto (a real MQTT broker, started by the
 # tests on a free port with their own config) and, on a Debian Python, the venv module the
-# Makefile creates .venv with. Installs with apt-get when run as root.
+# Makefile creates .venv with. nginx is the static server of the http chunk-store tests. Installs with apt-get when run as root.
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 missing=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+# nginx: the static server/CDN of the http chunk-store tests (started by them on a free port).
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
 # Debian splits venv/ensurepip out of python3 (python3.11-venv for 3.11).
 "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1 ||
   missing+=("python$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')-venv")
@@ -16,7 +18,9 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # The Debian package starts a system broker on port 1883; the tests start their own.
-  (systemctl disable --now mosquitto 2>/dev/null || service mosquitto stop 2>/dev/null || true) >/dev/null 2>&1
+  for service in mosquitto nginx; do
+    (systemctl disable --now "$service" 2>/dev/null || service "$service" stop 2>/dev/null || true) >/dev/null 2>&1
+  done
 else
   echo "please install: ${missing[*]} (e.g. sudo apt-get install ${missing[*]})" >&2
   exit 1
