@@ -17,6 +17,7 @@ from pathlib import Path  # noqa: E402
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn  # noqa: E402
 
+from ..runtime.sync.stores.base import DEFAULT_MAX_MESSAGE_BYTES  # noqa: E402
 from .app import console  # noqa: E402
 
 _BROKER = typer.Option(..., "--broker", help="mqtt://[user:pass@]host[:port] or mqtts://…")
@@ -49,27 +50,35 @@ def publish(
     broker: str = _BROKER,
     fleet: str = _FLEET,
     sign_key: Path = typer.Option(None, "--sign-key", help="Ed25519 private key (PEM) to sign the manifest with."),
-    force: bool = typer.Option(False, "--force", help="Publish every chunk, even those already on the broker."),
+    force: bool = typer.Option(False, "--force", help="Publish every chunk, even those already in the store."),
+    store: str = typer.Option("mqtt", "--store", help="Where chunks go: mqtt (retained on the broker), "
+                              "s3://bucket/prefix (AWS credentials/endpoint from the environment), "
+                              "http(s)://base (PUT), or file:///dir (a folder a web server or CDN serves)."),
+    store_ca: Path = typer.Option(None, "--store-ca", help="CA certificate of an https:// store or S3 endpoint."),
+    max_message_bytes: int = typer.Option(DEFAULT_MAX_MESSAGE_BYTES, "--max-message-bytes", min=1024,
+                                          help="Largest MQTT message the broker takes (mqtt store)."),
     prefix: str = _PREFIX,
     ca: Path = _CA,
     cert: Path = _CERT,
     key: Path = _KEY,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Publish a release: missing chunks as retained blobs, then the signed manifest."""
+    """Publish a release: chunks the store lacks, then the signed manifest (retained on the broker)."""
     from ..cloud.publish import publish_release
+    from ..runtime.sync.stores import StoreOptions
 
     with _bytes_bar(f"publishing {release.name}") as bar:
         task = bar.add_task(f"publishing {release.name}", total=None)
         report = publish_release(release, broker, fleet, prefix=prefix, sign_key=sign_key, force=force,
-                                 tls=_tls(ca, cert, key),
+                                 tls=_tls(ca, cert, key), store=store,
+                                 store_options=StoreOptions(ca_certs=store_ca, max_message_bytes=max_message_bytes),
                                  progress=lambda done, total: bar.update(task, completed=done, total=total))
     if as_json:
         console.print_json(_json.dumps(report.to_dict()))
         return
     console.print(f"{report.model} v{report.version} → {report.manifest_topic} ({'signed' if report.signed else 'UNSIGNED'}): "
                   f"{report.chunks_published} chunks / {report.bytes_published} bytes published, "
-                  f"{report.chunks_skipped} chunks already on the broker", highlight=False)
+                  f"{report.chunks_skipped} chunks already in {report.store}", highlight=False)
 
 
 @cloud_app.command("desire")
