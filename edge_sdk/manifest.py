@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import signing
 from .chunking import chunk_file, sha256_file
+from .config import describe_validation_error
 from .errors import IntegrityError
 from .types import Precision, Target
 
@@ -142,11 +143,9 @@ class Manifest(_Model):
     def from_bytes(cls, data: bytes, source: str = MANIFEST_NAME) -> Manifest:
         try:
             return cls.model_validate(json.loads(data))
+        except ValidationError as exc:
+            raise IntegrityError(describe_validation_error(source, exc)) from None
         except (ValueError, UnicodeDecodeError) as exc:
-            if isinstance(exc, ValidationError):
-                first = exc.errors()[0]
-                where = ".".join(str(p) for p in first["loc"])
-                raise IntegrityError(f"{source}: {where}: {first['msg']}") from None
             raise IntegrityError(f"{source}: not valid JSON ({exc})") from None
 
 

@@ -48,9 +48,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 
-from edge_sdk.config import StrictModel
+from edge_sdk.config import StrictModel, describe_validation_error
 from edge_sdk.errors import ConfigError, MissingDependencyError, SyncError
 
 log = logging.getLogger(__name__)
@@ -105,8 +105,8 @@ class TransportConfig(StrictModel):
         values.update(fields)
         try:
             return cls(**values)
-        except ValueError as exc:  # pydantic.ValidationError is a ValueError
-            raise ConfigError(f"broker settings for {url!r}: {exc}") from None
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(f"broker settings for {url!r}", exc)) from None
 
 
 @dataclass(frozen=True)

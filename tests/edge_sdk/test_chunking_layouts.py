@@ -11,6 +11,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from needs import need_module, need_toolchain
+
 from edge_sdk import samples
 from edge_sdk.chunking import BLOCK, ChunkSizes, chunk_bytes, chunk_file, cut_points, sha256_file
 from edge_sdk.layouts import onnx_tensors, tensor_spans
@@ -153,9 +155,8 @@ def _export(target: str, model: onnx.ModelProto, out: Path, precision: Precision
     ("ncnn", Precision.FP32, ".bin"), ("ncnn", Precision.FP16, ".bin"),
     ("tflite", Precision.FP32, ".tflite"),
 ])
-def test_export_targets_cut_at_tensors_and_rebuild_identically(tmp_path, require_toolchain, require_module,
-                                                                target, precision, tensor_file):
-    require_module("openvino") if target == "openvino" else require_toolchain(target)
+def test_export_targets_cut_at_tensors_and_rebuild_identically(tmp_path, target, precision, tensor_file):
+    need_module("openvino", "the openvino extra") if target == "openvino" else need_toolchain(target)
     base = samples.make_cnn(width=64)
     builds = {name: _export(target, m, tmp_path / name, precision)
               for name, m in (("v1", base), ("v1-again", base), ("v2", samples.with_new_last_layer(base, 7)))}

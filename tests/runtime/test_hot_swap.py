@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from needs import missing
 from edge_sdk.chunking import sha256_file
 from edge_sdk.errors import BackendError
 from edge_sdk.manifest import load_manifest
@@ -293,7 +294,7 @@ def all_backends_release(tmp_path_factory, cnn_path: Path, cnn_calibration_dir: 
 def test_hundred_switches_under_load_on_each_backend(all_backends_release: Path, backend: str) -> None:
     why = missing_runtime(backend)
     if why is not None:
-        pytest.skip(f"{backend}: {why}")
+        missing(f"{backend}: {why}")
     manifest = load_manifest(all_backends_release)
     variants = [v for v in manifest.variants if v.backend == backend and v.ok]
     # Installed means built: a backend with no usable variant, or only one to switch between, is a

@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+from needs import need_binary
 
 from edge_sdk.errors import ConfigError, SyncError
 from edge_sdk.runtime.sync.topics import Topics
@@ -285,14 +286,11 @@ def _make_certs(folder, clients=("d1",)):
 
 
 def test_shipped_config_tls_passwords_and_device_acls(mosquitto_factory, tmp_path):
-    import shutil as _sh
-
-    if not _sh.which("mosquitto_passwd"):
-        pytest.skip("mosquitto_passwd not installed")
+    passwd_exe = str(need_binary("mosquitto_passwd"))
     ca = _make_certs(tmp_path)
     passwd = tmp_path / "passwd"
     for i, (user, pw) in enumerate([("d1", "pw1"), ("d2", "pw2"), ("ingest", "pwi"), ("publisher", "pwp")]):
-        subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if i == 0 else []), str(passwd), user, pw], check=True)
+        subprocess.run([passwd_exe, "-b", *(["-c"] if i == 0 else []), str(passwd), user, pw], check=True)
     broker = mosquitto_factory(start=False)
     conf = (DEPLOY / "mosquitto.conf").read_text()
     conf = (conf.replace("listener 8883", f"listener {broker.port} 127.0.0.1")
