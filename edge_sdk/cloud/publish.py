@@ -40,7 +40,7 @@ from edge_sdk.runtime.sync.topics import Topics
 from edge_sdk.runtime.sync.transport import TlsConfig, Transport
 from edge_sdk.signing import load_private_key, sign
 
-from .connection import collect_retained, connect, retained_sizes
+from .connection import collect_retained, connect
 
 log = logging.getLogger(__name__)
 
@@ -93,16 +93,6 @@ def published_chunks(transport: Transport, topics: Topics) -> tuple[set[str], di
             log.warning("ignoring unreadable manifest at %s: %s", topic, exc)
     shas = set().union(*(chunk_refs_of(m) for m in manifests.values())) if manifests else set()
     return shas, manifests
-
-
-def retained_blobs(transport: Transport, topics: Topics) -> dict[str, int]:
-    """sha256 → size of every chunk retained on the broker (payloads are not kept)."""
-    out = {}
-    for topic, size in retained_sizes(transport, topics, topics.all_blobs()).items():
-        match = topics.parse(topic)
-        if match is not None and match.sha256 is not None:
-            out[match.sha256] = size
-    return out
 
 
 def pending_marker(chunks: set[str], started: float | None = None) -> bytes:

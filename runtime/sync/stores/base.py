@@ -19,12 +19,12 @@ import random
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edge_sdk.errors import SyncError
+from edge_sdk.errors import ConfigError, SyncError
 from edge_sdk.manifest import ChunkRef
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -34,6 +34,13 @@ if TYPE_CHECKING:  # pragma: no cover
 #: The default cap on one MQTT chunk message: chunks are at most 128 KiB (edge_sdk.chunking);
 #: older releases were cut at up to 256 KiB.
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True)
+class StoredChunk:
+    sha256: str
+    size: int
+    modified: float  # unix time the store last wrote it
 
 
 class StoreError(SyncError):
@@ -90,6 +97,15 @@ class Store(ABC):
 
     def flush(self) -> None:
         """Return once every :meth:`put` so far is durable on the store (for stores that batch)."""
+
+    def listing(self) -> Iterator[StoredChunk]:
+        """Every chunk the store holds (for ``cloud gc``); stores that cannot list raise ConfigError."""
+        raise ConfigError(f"the {self.scheme} store cannot list its chunks: collect garbage where they are "
+                          "stored (the folder or bucket behind the server)")
+
+    def delete(self, sha256: str) -> None:
+        """Remove one chunk (for ``cloud gc``)."""
+        raise ConfigError(f"the {self.scheme} store cannot delete chunks")
 
     def close(self) -> None:
         """Release connections."""

@@ -6,15 +6,18 @@ Written atomically (temporary file, fsync, rename), so a server never serves hal
 from __future__ import annotations
 
 import os
+import re
 import tempfile
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from edge_sdk.errors import ConfigError
 from edge_sdk.manifest import ChunkRef
 
-from .base import Store, StoreError, StoreOptions
+from .base import Store, StoredChunk, StoreError, StoreOptions
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class FileStore(Store):
@@ -42,6 +45,17 @@ class FileStore(Store):
 
     def present(self, shas: Collection[str]) -> set[str]:
         return {sha for sha in shas if self._path(sha).is_file()}
+
+    def listing(self) -> Iterator[StoredChunk]:
+        if not self.root.is_dir():
+            return
+        for entry in os.scandir(self.root):
+            if _SHA256.fullmatch(entry.name) and entry.is_file():
+                stat = entry.stat()
+                yield StoredChunk(entry.name, stat.st_size, stat.st_mtime)
+
+    def delete(self, sha256: str) -> None:
+        self._path(sha256).unlink(missing_ok=True)
 
     def put(self, sha256: str, data: bytes) -> None:
         try:

@@ -16,13 +16,13 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 
 from edge_sdk.errors import ConfigError
 from edge_sdk.manifest import ChunkRef
 
 from ..transport import Message
-from .base import Store, StoreError, StoreOptions
+from .base import Store, StoredChunk, StoreError, StoreOptions
 
 #: Wait for the broker's acknowledgement after this many chunks / bytes (bounds memory in flight).
 ACK_EVERY_CHUNKS = 32
@@ -79,32 +79,40 @@ class MqttStore(Store):
 
     # -- cloud side ----------------------------------------------------------------------------
     def present(self, shas: Collection[str]) -> set[str]:
+        wanted = set(shas)
+        return {chunk.sha256 for chunk in self.listing() if chunk.sha256 in wanted}
+
+    def listing(self) -> Iterator[StoredChunk]:
         from edge_sdk.cloud.connection import retained_sizes  # cloud side only
 
-        wanted = set(shas)
-        found = set()
-        for topic in retained_sizes(self.transport, self.topics, self.topics.all_blobs()):
+        for topic, size in retained_sizes(self.transport, self.topics, self.topics.all_blobs()).items():
             match = self.topics.parse(topic)
-            if match is not None and match.sha256 in wanted:
-                found.add(match.sha256)
-        return found
+            if match is not None and match.sha256 is not None:
+                yield StoredChunk(match.sha256, size, 0.0)  # MQTT keeps no time
+
+    def delete(self, sha256: str) -> None:
+        """Clear the retained chunk (an empty retained message); :meth:`flush` waits for the broker."""
+        self._send(self.topics.blob(sha256), b"")
 
     def put(self, sha256: str, data: bytes) -> None:
         if len(data) > self.options.max_message_bytes:
             raise StoreError(f"chunk {sha256[:12]}… is {len(data)} bytes, over the broker's "
                              f"{self.options.max_message_bytes}-byte message cap: publish to an s3:// or http(s):// "
                              "store, or raise the cap", "oversized_message")
+        self._send(self.topics.blob(sha256), data)
+        self.counters["chunks_put"] += 1
+        self.counters["bytes_sent"] += len(data)
+
+    def _send(self, topic: str, payload: bytes) -> None:
         with self._lock:
             self._unacked_chunks += 1
-            self._unacked_bytes += len(data)
+            self._unacked_bytes += len(payload)
             wait = self._unacked_chunks >= ACK_EVERY_CHUNKS or self._unacked_bytes >= ACK_EVERY_BYTES
             if wait:
                 self._unacked_chunks = self._unacked_bytes = 0
-        # PUBACKs come in order, so waiting for one acknowledges every chunk sent before it.
-        if not self.transport.publish(self.topics.blob(sha256), data, qos=1, retain=True, wait=60.0 if wait else None):
-            raise StoreError(f"broker did not take chunk {sha256[:12]}… within 60s", "store_unreachable")
-        self.counters["chunks_put"] += 1
-        self.counters["bytes_sent"] += len(data)
+        # PUBACKs come in order, so waiting for one acknowledges every message sent before it.
+        if not self.transport.publish(topic, payload, qos=1, retain=True, wait=60.0 if wait else None):
+            raise StoreError(f"broker did not take {topic} within 60s", "store_unreachable")
 
     def flush(self) -> None:
         with self._lock:

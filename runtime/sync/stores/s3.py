@@ -11,14 +11,17 @@ non-AWS servers such as SeaweedFS or MinIO, ``AWS_CA_BUNDLE``). Devices read wit
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import re
+from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 from edge_sdk.errors import ConfigError, MissingDependencyError
 from edge_sdk.manifest import ChunkRef
 
-from .base import Store, StoreError, StoreOptions
+from .base import Store, StoredChunk, StoreError, StoreOptions
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
            "AllAccessDisabled", "403", "401"}
@@ -116,6 +119,25 @@ class S3Store(Store):
             raise self._translate(exc, f"uploading {sha256[:12]}…") from None
         self.counters["chunks_put"] += 1
         self.counters["bytes_sent"] += len(data)
+
+    def listing(self) -> Iterator[StoredChunk]:
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        try:
+            for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                self.counters["requests_list"] += 1
+                for item in page.get("Contents", []):
+                    name = item["Key"][len(prefix):]
+                    if _SHA256.fullmatch(name):
+                        yield StoredChunk(name, int(item["Size"]), item["LastModified"].timestamp())
+        except (self._errors.BotoCoreError, self._errors.ClientError) as exc:
+            raise self._translate(exc, "listing") from None
+
+    def delete(self, sha256: str) -> None:
+        try:
+            self.counters["requests_delete"] += 1
+            self._client.delete_object(Bucket=self.bucket, Key=self.key(sha256))
+        except (self._errors.BotoCoreError, self._errors.ClientError) as exc:
+            raise self._translate(exc, f"deleting {sha256[:12]}…") from None
 
     def close(self) -> None:
         self._client.close()

@@ -45,6 +45,15 @@ def publish(store_url: str, payloads: dict[str, bytes], options: StoreOptions = 
         store.close()
 
 
+def logged(server, at_least: int, timeout: float = 10.0) -> list:
+    """nginx's access log once it has ``at_least`` lines: nginx writes a line just after the last
+    byte of a response went out, so a client may see the whole response before its line."""
+    deadline = time.monotonic() + timeout
+    while len(records := server.requests()) < at_least and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return records
+
+
 def test_registry_names_every_store_and_refuses_unknown_schemes():
     assert [store_scheme(u) for u in ("mqtt", "s3://b/p", "http://h/c", "https://h/c", "file:///srv/c")] == \
         ["mqtt", "s3", "http", "https", "file"]
@@ -74,7 +83,7 @@ def test_http_update_fetches_only_missing_chunks(tmp_path, nginx_factory):
     before = len(server.requests())
     stats = fetch_missing(store, local, local.missing(v2_refs), time.monotonic() + 60)
     assert stats.chunks == 10
-    seen = server.requests()[before:]
+    seen = logged(server, before + 10)[before:]
     assert sorted(r.path.lstrip("/") for r in seen if r.status == 200) == sorted(r.sha256 for r in v2_refs[8:])
     assert sum(r.bytes_sent for r in seen) == sum(r.size for r in v2_refs[8:])
     assert all(local.get(r.sha256) == v2[r.sha256] for r in v2_refs)
@@ -86,7 +95,7 @@ def test_http_put_publishes_through_webdav(tmp_path, nginx_factory):
     _, payloads = make_chunks(400_000, seed=3)
     assert publish(server.url, payloads) == len(payloads)
     assert publish(server.url, payloads) == 0
-    methods = [r.method for r in server.requests()]
+    methods = [r.method for r in logged(server, 3 * len(payloads))]
     assert methods.count("PUT") == len(payloads) and methods.count("HEAD") == 2 * len(payloads)
     assert {p.name for p in (tmp_path / "www").iterdir()} == set(payloads)
 
@@ -111,7 +120,7 @@ def test_http_tampered_chunk_is_refused_counted_and_reported(tmp_path, nginx_fac
     before, still_missing = len(server.requests()), local.missing(refs)
     assert bad in still_missing and len(still_missing) < len(refs)
     stats = fetch_missing(open_store(server.url, FAST), local, still_missing, time.monotonic() + 60)
-    assert stats.chunks == len(server.requests()) - before == len(still_missing)
+    assert stats.chunks == len(logged(server, before + len(still_missing))) - before == len(still_missing)
 
 
 def test_http_404_for_one_chunk_names_it(tmp_path, nginx_factory):
@@ -153,7 +162,7 @@ def test_http_range_resume_after_nginx_is_killed_mid_chunk(tmp_path, nginx_facto
     thread.join(120)
     assert result["data"] == payloads[big.sha256]
     assert store.counters["resumes"] == 1
-    log = server.requests()  # the first, cut-off request was never logged; the resumed one was
+    log = logged(server, 1)  # the first, cut-off request was never logged; the resumed one was
     assert len(log) == 1
     first = int(log[0].range.removeprefix("bytes=").rstrip("-"))
     assert (log[0].status, log[0].path) == (206, f"/{big.sha256}") and 0 < first < big.size
