@@ -12,7 +12,7 @@ import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -21,6 +21,7 @@ from . import signing
 from .chunking import chunk_file, sha256_file
 from .config import describe_validation_error
 from .errors import IntegrityError
+from .report import ConversionReport
 from .types import Precision, Target
 
 MANIFEST_NAME = "manifest.json"
@@ -125,7 +126,7 @@ class Manifest(_Model):
     self_test: SelfTest | None = None
     variants: list[Variant]
     defaults: dict[str, str] = Field(default_factory=dict, description="profile id -> default variant id")
-    report: dict[str, Any] = Field(default_factory=dict, description="pipeline details for humans")
+    report: ConversionReport = Field(default_factory=ConversionReport, description="what the converter did and why")
 
     def variant(self, variant_id: str) -> Variant:
         for variant in self.variants:

@@ -11,6 +11,7 @@ skipped on a laptop, failed under ``CI=1``.
 from __future__ import annotations
 
 import itertools
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import pytest
 
 import servers
 from edge_sdk import samples
-from needs import missing, need_module
+from needs import missing, need_module, need_root
 from servers import MosquittoBroker, NginxServer, PostgresServer, SeaweedS3Server
 
 
@@ -78,6 +79,77 @@ def mosquitto_factory(tmp_path_factory: pytest.TempPathFactory):
 def mosquitto(mosquitto_factory) -> MosquittoBroker:
     """A fresh running broker for one test (``.url``, ``.host``, ``.port``, ``.kill()``, ``.start()``, ``.restart()``)."""
     return mosquitto_factory()
+
+
+# --- TLS: a throw-away CA and certificates for brokers started by tests --------------------------
+def make_test_certs(folder: Path, clients: tuple[str, ...] = ("d1",)) -> Path:
+    """A throw-away CA, a server certificate for 127.0.0.1 and ``<cn>.crt``/``<cn>.key`` client
+    certificates (cryptography is a core dependency); returns the CA file."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    valid = (now - datetime.timedelta(days=1), now + datetime.timedelta(days=2))
+
+    def cert(subject, issuer, key, sign_key, ca: bool, san=None):
+        b = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(key.public_key())
+             .serial_number(x509.random_serial_number()).not_valid_before(valid[0]).not_valid_after(valid[1])
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return b.sign(sign_key, hashes.SHA256())
+
+    ca_key, srv_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edge-sdk test CA")])
+    srv_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    ca_cert = cert(ca_name, ca_name, ca_key, ca_key, True)
+    srv_cert = cert(srv_name, ca_name, srv_key, ca_key, False, [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    pem = serialization.Encoding.PEM
+
+    def write_key(path, key):
+        path.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()))
+
+    (folder / "ca.crt").write_bytes(ca_cert.public_bytes(pem))
+    (folder / "server.crt").write_bytes(srv_cert.public_bytes(pem))
+    write_key(folder / "server.key", srv_key)
+    for cn in clients:  # the CN is the user name under use_identity_as_username
+        key = ec.generate_private_key(ec.SECP256R1())
+        (folder / f"{cn}.crt").write_bytes(cert(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]), ca_name,
+                                                key, ca_key, False).public_bytes(pem))
+        write_key(folder / f"{cn}.key", key)
+    return folder / "ca.crt"
+
+
+@pytest.fixture(scope="session")
+def make_certs():
+    """``make_certs(folder, clients=("d1",))`` writes ca.crt, server.crt/.key (127.0.0.1) and
+    ``<cn>.crt``/``<cn>.key`` per client; returns the CA file."""
+    return make_test_certs
+
+
+# --- a tiny file system that fills up (disk-full tests) ----------------------------------------
+@pytest.fixture
+def tiny_disk(tmp_path: Path):
+    """``tiny_disk(size="1m")`` mounts a tmpfs of that size and returns its folder (needs root, as CI
+    runs); unmounted at teardown."""
+    mounts: list[Path] = []
+
+    def mount(size: str = "1m") -> Path:
+        need_root("mounting a tmpfs for disk-full tests")
+        folder = tmp_path / f"disk{len(mounts)}"
+        folder.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(folder)], check=True)
+        mounts.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounts:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 @pytest.fixture

@@ -167,7 +167,7 @@ class SyncConfig(StrictModel):
 class OutboxConfig(StrictModel):
     """The durable telemetry queue (SQLite file under the state dir)."""
 
-    max_bytes: int = Field(64 * 1024 * 1024, ge=64 * 1024)
+    max_bytes: int = Field(64 * 1024 * 1024, ge=256 * 1024, description="the whole file on disk, WAL included")
     policy: OutboxPolicy = Field(OutboxPolicy.DROP_OLDEST, description="what to do when full")
 
 
@@ -321,7 +321,7 @@ sync:
   telemetry_interval_s: 10
 
 outbox:
-  max_bytes: 67108864     # telemetry kept on disk while offline
+  max_bytes: 67108864     # telemetry kept on disk while offline (database + WAL)
   policy: drop_oldest     # or: reject
 
 policy:
