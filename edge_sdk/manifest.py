@@ -127,6 +127,8 @@ class Manifest(_Model):
     variants: list[Variant]
     defaults: dict[str, str] = Field(default_factory=dict, description="profile id -> default variant id")
     report: ConversionReport = Field(default_factory=ConversionReport, description="what the converter did and why")
+    labels: dict[str, list[str]] = Field(
+        default_factory=dict, description="output name -> class names by index (the API's classification extension)")
 
     def variant(self, variant_id: str) -> Variant:
         for variant in self.variants:

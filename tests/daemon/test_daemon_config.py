@@ -53,7 +53,7 @@ def test_relative_paths_resolve_against_the_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize("snippet, key, line", [
     ("http:\n  port: 70000\n", "http.port", 7),                   # int out of range
     ("http:\n  port: eighty\n", "http.port", 7),                  # int of the wrong type
-    ("http:\n  max_body_bytes: 10\n", "http.max_body_bytes", 7),  # below the minimum
+    ("api:\n  max_body_bytes: 10\n", "api.max_body_bytes", 7),  # below the minimum
     ("drain_timeout_s: -1\n", "drain_timeout_s", 6),              # float must be > 0
     ("logging:\n  format: xml\n", "logging.format", 7),           # enum
     ("logging:\n  level: loud\n", "logging.level", 7),            # enum
