@@ -48,10 +48,11 @@ class FileEntry(_Model):
 
     @classmethod
     def from_file(cls, release_dir: Path, path: Path) -> FileEntry:
-        """Describe ``path`` (inside ``release_dir``) with its hash and content-defined chunks."""
+        """Describe ``path`` (inside ``release_dir``) with its hash and chunks (one streamed read)."""
         rel = path.resolve().relative_to(release_dir.resolve()).as_posix()
-        chunks = [ChunkRef(sha256=c.sha256, size=c.size) for c in chunk_file(path)]
-        return cls(path=rel, size=path.stat().st_size, sha256=sha256_file(path), chunks=chunks)
+        chunked = chunk_file(path)
+        return cls(path=rel, size=chunked.size, sha256=chunked.sha256,
+                   chunks=[ChunkRef(sha256=c.sha256, size=c.size) for c in chunked.chunks])
 
 
 class TensorSpec(_Model):

@@ -248,9 +248,10 @@ class SyncClient:
             desired = self.desired()
             self._apply_policy(desired.policy)
             timeout = None
-            if desired.model is None or desired.version is None:
+            if len(desired.wanted) != 1:  # one model per device until the multi-model client (issue 13)
                 continue
-            target = (desired.model, desired.version)
+            (model, entry), = desired.wanted.items()
+            target = (model, entry.version)
             if target != self._target:  # a new desired release: earlier refusals no longer apply
                 self._failed.clear()
                 self._target = target
