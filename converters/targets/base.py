@@ -100,6 +100,7 @@ class ExportRequest:
     calibration_method: CalibrationMethod = CalibrationMethod.MINMAX
     per_channel: bool = True
     nodes_to_exclude: Sequence[str] = ()  # ONNX node names kept in FP32 (sensitivity search)
+    float_ops: Sequence[str] = ()  # TFLite op types kept float in full-integer INT8 (e.g. "SOFTMAX")
     recipe: Recipe | None = None  # None: the target's plain recipe for ``precision``
 
 

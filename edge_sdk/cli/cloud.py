@@ -17,6 +17,7 @@ from pathlib import Path  # noqa: E402
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn  # noqa: E402
 
+from ..runtime.sync.stores.base import DEFAULT_MAX_MESSAGE_BYTES  # noqa: E402
 from .app import console  # noqa: E402
 
 _BROKER = typer.Option(..., "--broker", help="mqtt://[user:pass@]host[:port] or mqtts://…")
@@ -49,27 +50,35 @@ def publish(
     broker: str = _BROKER,
     fleet: str = _FLEET,
     sign_key: Path = typer.Option(None, "--sign-key", help="Ed25519 private key (PEM) to sign the manifest with."),
-    force: bool = typer.Option(False, "--force", help="Publish every chunk, even those already on the broker."),
+    force: bool = typer.Option(False, "--force", help="Publish every chunk, even those already in the store."),
+    store: str = typer.Option("mqtt", "--store", help="Where chunks go: mqtt (retained on the broker), "
+                              "s3://bucket/prefix (AWS credentials/endpoint from the environment), "
+                              "http(s)://base (PUT), or file:///dir (a folder a web server or CDN serves)."),
+    store_ca: Path = typer.Option(None, "--store-ca", help="CA certificate of an https:// store or S3 endpoint."),
+    max_message_bytes: int = typer.Option(DEFAULT_MAX_MESSAGE_BYTES, "--max-message-bytes", min=1024,
+                                          help="Largest MQTT message the broker takes (mqtt store)."),
     prefix: str = _PREFIX,
     ca: Path = _CA,
     cert: Path = _CERT,
     key: Path = _KEY,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Publish a release: missing chunks as retained blobs, then the signed manifest."""
+    """Publish a release: chunks the store lacks, then the signed manifest (retained on the broker)."""
     from ..cloud.publish import publish_release
+    from ..runtime.sync.stores import StoreOptions
 
     with _bytes_bar(f"publishing {release.name}") as bar:
         task = bar.add_task(f"publishing {release.name}", total=None)
         report = publish_release(release, broker, fleet, prefix=prefix, sign_key=sign_key, force=force,
-                                 tls=_tls(ca, cert, key),
+                                 tls=_tls(ca, cert, key), store=store,
+                                 store_options=StoreOptions(ca_certs=store_ca, max_message_bytes=max_message_bytes),
                                  progress=lambda done, total: bar.update(task, completed=done, total=total))
     if as_json:
         console.print_json(_json.dumps(report.to_dict()))
         return
     console.print(f"{report.model} v{report.version} → {report.manifest_topic} ({'signed' if report.signed else 'UNSIGNED'}): "
                   f"{report.chunks_published} chunks / {report.bytes_published} bytes published, "
-                  f"{report.chunks_skipped} chunks already on the broker", highlight=False)
+                  f"{report.chunks_skipped} chunks already in {report.store}", highlight=False)
 
 
 @cloud_app.command("desire")
@@ -77,8 +86,11 @@ def desire(
     broker: str = _BROKER,
     fleet: str = _FLEET,
     device: str = typer.Option(None, "--device", help="One device (default: the whole fleet)."),
-    model: str = typer.Option(None, "--model", help="Model name of the desired release."),
-    version: int = typer.Option(None, "--version", min=1, help="Desired release version."),
+    model: str = typer.Option(None, "--model", help="Model whose desired release to set (others are kept)."),
+    version: int = typer.Option(None, "--version", min=1, help="Desired release version of --model."),
+    store: str = typer.Option(None, "--store", help="Where devices fetch --model's chunks: mqtt, s3://bucket/prefix, "
+                              "http(s)://base (a web server or CDN serving <base>/<sha256>)."),
+    remove: bool = typer.Option(False, "--remove", help="Take --model out of the desired state at this level."),
     set_: list[str] = typer.Option([], "--set", help="Runtime policy key=value (JSON-typed), repeatable."),
     clear: bool = typer.Option(False, "--clear", help="Remove the desired state at this level."),
     prefix: str = _PREFIX,
@@ -86,15 +98,25 @@ def desire(
     cert: Path = _CERT,
     key: Path = _KEY,
 ) -> None:
-    """Write the desired state (retained) of a fleet or one device; the device level wins."""
-    from ..cloud.desire import build_desired, write_desired
+    """Change the desired state (retained) of a fleet or one device: one model's release and store,
+    or the policy; the other models are kept. The device level wins."""
+    from ..cloud.desire import build_desired, read_desired, write_desired
     from ..errors import ConfigError
     from ..runtime.sync.twin import parse_set
 
-    if clear and (model or version or set_):
-        raise ConfigError("--clear takes no --model/--version/--set")
-    state = None if clear else build_desired(model, version, parse_set(set_))
-    topic = write_desired(broker, fleet, state, device=device, prefix=prefix, tls=_tls(ca, cert, key))
+    if clear and (model or version or set_ or store or remove):
+        raise ConfigError("--clear takes no --model/--version/--store/--remove/--set")
+    if remove and (model is None or version is not None or store is not None):
+        raise ConfigError("--remove takes --model and no --version/--store")
+    tls = _tls(ca, cert, key)
+    state = None
+    if not clear:
+        current = read_desired(broker, fleet, device=device, prefix=prefix, tls=tls)
+        if remove:
+            state = (current or build_desired()).without_model(model)
+        else:
+            state = build_desired(model, version, parse_set(set_), store=store, base=current)
+    topic = write_desired(broker, fleet, state, device=device, prefix=prefix, tls=tls)
     console.print(f"{topic}: {'cleared' if state is None else state.to_payload().decode()}", highlight=False)
 
 
@@ -104,21 +126,25 @@ def gc(
     fleet: str = _FLEET,
     keep: int = typer.Option(None, "--keep", min=1, help="Keep only the newest N versions per model (and desired ones)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be removed."),
+    store: str = typer.Option("mqtt", "--store", help="The chunk store to collect: mqtt, s3://bucket/prefix or file:///dir."),
+    store_ca: Path = typer.Option(None, "--store-ca", help="CA certificate of the S3 endpoint."),
     prefix: str = _PREFIX,
     ca: Path = _CA,
     cert: Path = _CERT,
     key: Path = _KEY,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Clear retained chunks no remaining release references (and old manifests with --keep)."""
+    """Remove chunks no remaining release references from the chunk store (and old manifests with --keep)."""
     from rich.progress import MofNCompleteColumn
 
     from ..cloud.gc import collect_garbage
+    from ..runtime.sync.stores import StoreOptions
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as bar:
         task = bar.add_task("clearing unreferenced chunks", total=None)
         report = collect_garbage(broker, fleet, prefix=prefix, keep=keep, dry_run=dry_run, tls=_tls(ca, cert, key),
+                                 store=store, store_options=StoreOptions(ca_certs=store_ca),
                                  progress=lambda done, total: bar.update(task, completed=done, total=total))
     if as_json:
         console.print_json(_json.dumps(report.to_dict()))
@@ -165,12 +191,14 @@ def sync(
             raise SyncError(f"cannot reach the broker at {broker}")
         if model is None or version is None:
             deadline = time.monotonic() + min(timeout, 10.0)
-            while time.monotonic() < deadline and (client.desired().model is None or client.desired().version is None):
+            while time.monotonic() < deadline and not client.desired().wanted:
                 time.sleep(0.05)
-            desired = client.desired()
-            if desired.model is None or desired.version is None:
-                raise SyncError(f"no desired release for device {device} in fleet {fleet}; pass --model/--version")
-            model, version = desired.model, desired.version
+            wanted = client.desired().wanted
+            if len(wanted) != 1:
+                raise SyncError(f"device {device} in fleet {fleet} should run {len(wanted)} models "
+                                f"({', '.join(sorted(wanted)) or 'none'}); pass --model/--version")
+            (model, entry), = wanted.items()
+            version = entry.version
         result = client.sync(model, version, timeout=timeout)
     finally:
         client.transport.stop()
@@ -181,37 +209,43 @@ def sync(
         raise IntegrityError(result.reason or result.status)
 
 
-# --- telemetry: `edge-sdk cloud ingest` (H5) ------------------------------------------------------
+# --- telemetry: `edge-sdk cloud ingest` ---------------------------------------------------------
 @cloud_app.command("ingest")
 def ingest(
-    broker: str = typer.Option(..., "--broker", help="mqtt://[user:pass@]host[:port] or mqtts://…"),
-    fleet: str = typer.Option(..., "--fleet", help="Fleet name (topic prefix edge/<fleet>)."),
-    db: Path = typer.Option(..., "--db", help="SQLite file the records are committed to (created if missing)."),
+    broker: str = _BROKER,
+    fleet: str = _FLEET,
+    db: str = typer.Option(..., "--db", help="SQLite file (created if missing) or postgresql://user@host/db URL."),
     group: str = typer.Option("ingest", "--group", help="Shared-subscription group; workers of one group split the load."),
-    prefix: str = typer.Option("", "--prefix", help="Topic prefix instead of edge/<fleet>."),
+    prefix: str = _PREFIX,
     client_id: str = typer.Option(None, "--client-id", help="MQTT client id (default: ingest-<group>-<host>-<pid>)."),
+    retention_days: float = typer.Option(None, "--retention-days", min=0.0, help="Delete records older than this."),
+    max_record_kb: int = typer.Option(512, "--max-record-kb", min=1, help="Refuse (ack as rejected) larger records."),
+    max_batch_kb: int = typer.Option(1088, "--max-batch-kb", min=1, max=1088, help="Refuse (ack as rejected) larger batches."),
     ca: Path = _CA,
     cert: Path = _CERT,
     key: Path = _KEY,
     report_every: float = typer.Option(10.0, "--report-every", help="Seconds between progress lines (0: none)."),
 ) -> None:
-    """Commit device telemetry to SQLite (duplicates dropped), ack each device; runs until SIGINT/SIGTERM."""
+    """Commit device telemetry (duplicates dropped), ack each device after commit; runs until SIGINT/SIGTERM."""
     import signal
     import threading
 
-    from ..cloud.ingest import run_ingest
+    from ..cloud.ingest import IngestLimits, run_ingest
 
+    limits = IngestLimits(max_record_bytes=max_record_kb * 1024, max_batch_bytes=max_batch_kb * 1024)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
 
     def line(w) -> None:
         console.print(f"ingest: {w.batches} batches, {w.records} records, {w.duplicates} duplicates, "
-                      f"{w.malformed} malformed, {w.errors} errors", highlight=False)
+                      f"{w.rejected} rejected, {w.malformed} malformed, {w.errors} errors", highlight=False)
 
-    console.print(f"ingest: {broker} fleet {fleet} → {db} (group {group})", highlight=False)
-    worker = run_ingest(broker, fleet, db, group=group, prefix=prefix, client_id=client_id,
-                        tls=_tls(ca, cert, key), stop=stop, report_every_s=report_every, report=line)
+    where = db if "://" not in db else db.split("@")[-1]  # never print a password
+    console.print(f"ingest: {broker} fleet {fleet} → {where} (group {group})", highlight=False)
+    worker = run_ingest(broker, fleet, db, group=group, prefix=prefix, client_id=client_id, tls=_tls(ca, cert, key),
+                        limits=limits, retention_s=retention_days * 86400 if retention_days else None,
+                        stop=stop, report_every_s=report_every, report=line)
     line(worker)
 
 
