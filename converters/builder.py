@@ -368,7 +368,12 @@ def _where(exc: BaseException) -> str:
 
 
 def _traceback(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(exc)).rstrip()
+    """What a failure leaves in the tool log: every tool output a ConversionError carries, then the traceback."""
+    outputs, current = [], exc
+    while current is not None:
+        outputs.append(getattr(current, "log", "") or "")
+        current = current.__cause__
+    return "\n".join([*(o.rstrip() for o in outputs if o.strip()), "".join(traceback.format_exception(exc)).rstrip()])
 
 
 def _first_line(exc: BaseException) -> str:

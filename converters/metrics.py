@@ -7,8 +7,9 @@ validation outputs of a variant; the gate compares it with the same figure of FP
 - ``top1``: class scores -> how often the top class (per sample, per position, per pixel) agrees
   with FP32 (with ``--labels``: top-1 accuracy against the labels);
 - ``cosine``: embeddings and other values -> mean per-sample cosine similarity to FP32;
-- ``f1``: dense probability maps (detectors, segmenters) -> F1 of the thresholded maps against
-  FP32's, averaged over thresholds 0.3/0.5/0.7 (what a detector keeps, not every pixel's value);
+- ``f1``: dense probability maps (detectors, segmenters) -> F1 of the maps thresholded at
+  0.3/0.5/0.7 against FP32's, tolerant of one-pixel shifts and of values right at a threshold
+  (:func:`map_f1`: what a detector keeps, not every pixel's value);
 - ``module:function``: a user's own ``function(outputs) -> float`` over the list of output dicts.
 
 Without ``--metric`` the default follows the first output's kind (:func:`output_kind`): class
@@ -36,6 +37,7 @@ Outputs = dict[str, np.ndarray]
 
 BUILTIN = ("top1", "cosine", "f1")
 MAP_THRESHOLDS = (0.3, 0.5, 0.7)
+MAP_MARGIN = 0.05  # a pixel is found where the other map is above threshold - margin (within one pixel)
 _SHAPE_OPS = frozenset({"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Cast"})
 _CLASS_WORDS = ("logit", "prob", "class", "score", "label", "pred", "softmax", "cls")
 _EMBEDDING_WORDS = ("embed", "hidden", "pool", "feature", "vector", "sentence", "encod", "token", "feat")
@@ -175,19 +177,45 @@ def cosine(reference: Sequence[Outputs], output: str) -> TaskMetric:
     return TaskMetric("cosine similarity", similarity)
 
 
-def map_f1(reference: Sequence[Outputs], output: str, thresholds: Sequence[float] = MAP_THRESHOLDS) -> TaskMetric:
+def map_f1(reference: Sequence[Outputs], output: str, thresholds: Sequence[float] = MAP_THRESHOLDS,
+           margin: float = MAP_MARGIN) -> TaskMetric:
+    """Agreement of thresholded maps, tolerant where a detector or segmenter cannot tell the difference.
+
+    For each threshold ``t``, a pixel above ``t`` in one map is found when the other map is above
+    ``t - margin`` at that pixel or one of its 8 neighbours: an object right at the threshold, or an
+    edge moved by a pixel, is not a lost detection. F1 = found pixels of both maps / pixels above
+    ``t`` in both, averaged over the thresholds where either map has any.
+    """
+
     def f1(outputs: Sequence[Outputs]) -> float:
-        ref = np.concatenate([np.asarray(r[output], np.float64).ravel() for r in reference])
-        got = np.concatenate([np.asarray(o[output], np.float64).ravel() for o in outputs])
         scores = []
         for threshold in thresholds:
-            a, b = ref > threshold, got > threshold
-            total = int(a.sum()) + int(b.sum())
+            found = total = 0
+            for r, o in zip(reference, outputs):
+                for a, b in zip(_planes(r[output]), _planes(o[output])):
+                    if not np.all(np.isfinite(b)):
+                        b = np.zeros_like(b)
+                    found += int(np.sum((a > threshold) & (_dilate(b) > threshold - margin)))
+                    found += int(np.sum((b > threshold) & (_dilate(a) > threshold - margin)))
+                    total += int(np.sum(a > threshold)) + int(np.sum(b > threshold))
             if total:
-                scores.append(2.0 * int(np.logical_and(a, b).sum()) / total)
+                scores.append(found / total)
         return float(np.mean(scores)) if scores else 1.0
 
     return TaskMetric("thresholded-map F1", f1)
+
+
+def _planes(array: np.ndarray) -> list[np.ndarray]:
+    """The 2-D maps of an [..., H, W] output (every batch item and channel on its own)."""
+    values = np.asarray(array, np.float64)
+    return list(values.reshape(-1, *values.shape[-2:])) if values.ndim >= 2 else [values.reshape(1, -1)]
+
+
+def _dilate(plane: np.ndarray) -> np.ndarray:
+    """Each pixel's maximum over its 3x3 neighbourhood."""
+    padded = np.pad(plane, 1, mode="edge")
+    height, width = plane.shape
+    return np.max([padded[dy:dy + height, dx:dx + width] for dy in range(3) for dx in range(3)], axis=0)
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:

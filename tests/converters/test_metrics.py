@@ -62,6 +62,21 @@ def test_defaults_measure_what_each_kind_means():
     assert f1([{"m": np.zeros((1, 1, 32, 32))} for _ in maps]) == 0.0
 
 
+def test_map_agreement_ignores_what_no_detector_sees_and_counts_what_it_loses():
+    heat = np.zeros((1, 1, 48, 48))
+    heat[0, 0, 10:13, 10:13] = 0.9  # a confident object
+    heat[0, 0, 30:32, 30:32] = 0.52  # an object right at the 0.5 threshold
+    reference = [{"heat": heat}]
+    metric = metrics.map_f1(reference, "heat")
+    moved = np.roll(heat, 1, axis=-1)  # every edge one pixel over
+    flicker = heat.copy()
+    flicker[0, 0, 30:32, 30:32] = 0.48  # falls just under the threshold
+    assert metric([{"heat": moved}]) == 1.0 and metric([{"heat": flicker}]) == 1.0
+    lost = heat.copy()
+    lost[0, 0, 10:13, 10:13] = 0.1  # the confident object is gone
+    assert metric([{"heat": lost}]) < 0.7
+
+
 def test_a_user_metric_entry_point(tmp_path, monkeypatch):
     (tmp_path / "my_metrics.py").write_text(textwrap.dedent("""
         def mean_score(outputs):

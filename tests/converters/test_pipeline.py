@@ -151,6 +151,10 @@ def test_a_crashing_export_is_a_rejected_row_and_the_rest_completes(cnn_path, cn
     # One clause per recipe, naming it and where the crash happened; never the raw exception text.
     assert int8.reason.startswith("qdq-per-channel: export failed: RuntimeError in tests (test_pipeline.py, export); ")
     assert "simulated crash" not in int8.reason and "Traceback" not in int8.reason
+    for recipe in ("qdq-per-channel-no-bias-adjust", "qdq-conv-matmul", "qdq-per-tensor", "qdq-per-tensor-conv-matmul",
+                   "dynamic"):  # every recipe was tried, each failure is one clause
+        assert f"; {recipe}: export failed: RuntimeError in tests" in int8.reason
+    assert {a.outcome for a in manifest.report.recipes["onnx-int8"] if a.recipe != "dynamic-matmul"} == {"failed"}
     log = (tmp_path / "rel" / manifest.report.logs["onnx-int8"]).read_text()
     assert "simulated crash in the middle of a conversion" in log and "Traceback" in log
     assert manifest.variant("onnx-fp32").ok
@@ -335,6 +339,18 @@ def test_signed_release_verifies_and_tampering_is_detected(cnn_path, tmp_path):
     edge_sdk.convert(cnn_path, ["intel-nuc"], out, targets=["onnx"], sign_key=other_private, latency_runs=2)
     with pytest.raises(IntegrityError, match="signature"):
         load_manifest(out, key)
+
+
+def test_the_same_conversion_twice_gives_the_same_statuses_and_identical_artifacts(cnn_path, cnn_calibration_dir,
+                                                                                  tmp_path):
+    def convert(out):
+        manifest = edge_sdk.convert(cnn_path, ["intel-nuc"], out, calibration=cnn_calibration_dir, targets=["onnx"],
+                                    latency_runs=5, max_accuracy_drop=20)
+        return {v.id: (v.status, v.validation.recipe, [f.sha256 for f in v.files]) for v in manifest.variants}
+
+    first = convert(tmp_path / "a")
+    assert first == convert(tmp_path / "b")
+    assert first["onnx-int8"][0] == "ok"
 
 
 def test_interrupt_leaves_no_output(cnn_path, tmp_path):
