@@ -33,7 +33,7 @@ from edge_sdk import samples
 from edge_sdk.chunking import chunk_bytes, sha256_bytes
 from edge_sdk.cloud.publish import publish_release
 from edge_sdk.manifest import load_manifest
-from edge_sdk.runtime.sync.client import SyncClient, SyncConfig, files_for, select_variants
+from edge_sdk.runtime.sync.client import SyncClient, SyncConfig, select_variants
 from edge_sdk.signing import generate_keypair
 
 PROFILE = "intel-nuc"
@@ -175,7 +175,7 @@ def main() -> None:
                              max_accuracy_drop=100.0)
         publish = [publish_release(work / f"v{v}", broker.url, FLEET).to_dict() for v in (1, 2)]
         manifest = load_manifest(work / "v1")
-        device_bytes = sum(e.size for e in files_for(manifest, select_variants(manifest, PROFILE)))
+        device_bytes = sum(e.size for e in manifest.files(select_variants(manifest, PROFILE)))
         figures = {
             "release_bytes_v1": device_bytes,
             "publish": [{k: p[k] for k in ("version", "chunks_published", "chunks_skipped", "bytes_published", "duration_s")}

@@ -22,9 +22,9 @@ import numpy as np
 from .. import __version__
 from ..errors import BackendError, ConfigError, EdgeSDKError, InputError, MissingDependencyError, ToolchainError
 from ..manifest import FileEntry, Manifest, TensorSpec, Validation, Variant
-from ..profiles import DeviceProfile, detect_profile, get_profile
+from ..profiles import AUTO, DeviceProfile, resolve_profile
 from ..runtime.backends.base import BackendOptions, Session, check_inputs, get_backend
-from ..types import PRECISION_LADDER, TARGET_BACKEND, Precision, Target
+from ..types import PRECISION_LADDER, TARGET_BACKEND, Precision, Target, VariantStatus
 from . import mixed_precision, validate
 from .calibration import ImageOptions, SampleSet, load_labels, load_samples, random_samples
 from .loader import LoadedModel, load_model, parse_input_shapes
@@ -80,7 +80,7 @@ class _Planned:
 
 def convert(
     model: Path | str,
-    profiles: Sequence[str] | str = ("auto",),
+    profiles: Sequence[str] | str = (AUTO,),
     output: Path | str = "release",
     *,
     calibration: Path | str | Sequence[Feeds] | None = None,
@@ -354,7 +354,7 @@ class _Run:
         variant = self._validated(planned, target, found.result)
         variant.validation.nodes_kept_fp32 = list(found.kept_fp32)
         if not found.reached and variant.ok:
-            variant.status, variant.reason = "rejected", "even with every ranked node in FP32 the accuracy target is missed"
+            variant.status, variant.reason = VariantStatus.REJECTED, "even with every ranked node in FP32 the accuracy target is missed"
         return [variant]
 
     def _validated(self, planned: _Planned, target: ExportTarget, result: ExportResult) -> Variant:
@@ -366,7 +366,7 @@ class _Run:
             session = self._load(target, result, planned.precision)
             outputs = validate.run_all(session, self.validation_set.samples)
         except Exception as exc:  # noqa: BLE001 - a backend that cannot run it rejects this variant only
-            variant.status, variant.reason = "rejected", f"does not run in {target.backend}: {_describe(exc)}"
+            variant.status, variant.reason = VariantStatus.REJECTED, f"does not run in {target.backend}: {_describe(exc)}"
             return variant
         validation = validate.compare(self.reference.outputs, outputs, self.metric)
         validation.notes = list(result.notes)
@@ -389,7 +389,7 @@ class _Run:
             drops = self.fp32_drop if planned.precision == Precision.FP32 else self.int8_drop
             drops[planned.target] = validate.accuracy_drop(validation)[1]
         if reasons:
-            variant.status, variant.reason = "rejected", "; ".join(reasons)
+            variant.status, variant.reason = VariantStatus.REJECTED, "; ".join(reasons)
         return variant
 
     def _load(self, target: ExportTarget, result: ExportResult, precision: Precision) -> Session:
@@ -414,7 +414,7 @@ class _Run:
     def _rejected(self, planned: _Planned, backend: str, reason: str) -> Variant:
         return Variant(id=planned.id, profiles=list(planned.profiles), target=planned.target, precision=planned.precision,
                        backend=backend, files=[], inputs=self.loaded.inputs, outputs=self.loaded.outputs,
-                       status="rejected", reason=reason)
+                       status=VariantStatus.REJECTED, reason=reason)
 
 
 def _describe(exc: Exception) -> str:
@@ -483,13 +483,10 @@ def _resolve_profiles(profiles: Sequence[str] | str) -> tuple[tuple[DeviceProfil
     resolved: dict[str, DeviceProfile] = {}
     notes = []
     for profile_id in ids:
-        if profile_id == "auto":
-            detection = detect_profile()
-            profile = detection.profile
-            notes.append(f"--profile auto: {detection.explain()}")
-        else:
-            profile = get_profile(profile_id)
-        resolved.setdefault(profile.id, profile)
+        choice = resolve_profile(profile_id)
+        if choice.detection is not None:
+            notes.append(f"--profile auto: {choice.detection.explain()}")
+        resolved.setdefault(choice.profile.id, choice.profile)
     return tuple(resolved.values()), notes
 
 

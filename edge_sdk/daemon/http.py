@@ -16,6 +16,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,8 +26,12 @@ from .. import __version__
 from ..errors import BackendError, EdgeSDKError, InputError, MissingDependencyError
 from .metrics import DaemonMetrics
 from .models import ModelTable, ServedModel
+from .pipeline import Pipelines
 
 log = logging.getLogger(__name__)
+
+#: (model name, inputs, outputs, seconds) after every successful inference
+InferHook = Callable[[str, dict[str, np.ndarray] | None, dict[str, np.ndarray], float], None]
 
 # KServe v2 datatypes <-> numpy.
 _V2_TO_NP: dict[str, np.dtype] = {
@@ -71,9 +76,9 @@ class ApiState:
     running: int = 0
     _cond: threading.Condition = field(default_factory=threading.Condition)
     #: Called after every successful inference (model name, inputs, outputs, seconds).
-    on_infer: Any = None
-    #: The daemon's sensor pipelines (edge_sdk.daemon.pipeline.Pipelines), if any.
-    pipelines: Any = None
+    on_infer: InferHook | None = None
+    #: The daemon's sensor pipelines, if any.
+    pipelines: Pipelines | None = None
 
     def enter(self) -> bool:
         """Count a call from its first byte (so a slow upload is drained too); False when draining."""

@@ -304,7 +304,7 @@ def test_shipped_config_tls_passwords_and_device_acls(mosquitto_factory, tmp_pat
 
     def tls(cid: str, user: str, pw: str) -> Transport:
         url = f"mqtts://{user}:{pw}@127.0.0.1:{broker.port}"
-        return Transport(TransportConfig.from_url(url, client_id=cid, tls=TlsConfig(ca_certs=ca), reconnect_min_s=0.05, reconnect_max_s=0.3))
+        return Transport(TransportConfig.from_url(url, client_id=cid, tls=TlsConfig(ca=ca), reconnect_min_s=0.05, reconnect_max_s=0.3))
 
     acks, seen, desired, reported = Inbox(), Inbox(), Inbox(), Inbox()
     ingest = tls("ingest-1", "ingest", "pwi")
@@ -352,7 +352,7 @@ def test_shipped_config_tls_passwords_and_device_acls(mosquitto_factory, tmp_pat
 
 def test_client_certificate_auth_device_and_cli(mosquitto_factory, tmp_path):
     """``require_certificate`` + ``use_identity_as_username``: the certificate is the identity,
-    for a device's Transport (TlsConfig.certfile/keyfile) and for the CLI (--cert/--key)."""
+    for a device's Transport (TlsConfig.cert/key) and for the CLI (--cert/--key)."""
     from edge_sdk.cli import main
     from edge_sdk.runtime.sync.transport import TlsConfig
 
@@ -366,11 +366,11 @@ def test_client_certificate_auth_device_and_cli(mosquitto_factory, tmp_path):
     url = f"mqtts://127.0.0.1:{broker.port}"
 
     def device(**tls) -> Transport:
-        return Transport(TransportConfig.from_url(url, client_id="d1", tls=TlsConfig(ca_certs=ca, **tls),
+        return Transport(TransportConfig.from_url(url, client_id="d1", tls=TlsConfig(ca=ca, **tls),
                                                   reconnect_min_s=0.05, reconnect_max_s=0.3))
 
     desired = Inbox()
-    dev = device(certfile=tmp_path / "d1.crt", keyfile=tmp_path / "d1.key")
+    dev = device(cert=tmp_path / "d1.crt", key=tmp_path / "d1.key")
     dev.subscribe(T.desired("d1"), desired)
     with dev:
         assert dev.wait_connected(10), dev.last_error
