@@ -13,14 +13,15 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 from collections.abc import Iterable
-from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import signing
 from .chunking import chunk_file, sha256_file
+from .config import describe_validation_error
 from .errors import IntegrityError
+from .report import ConversionReport
 from .types import Precision, Target, VariantStatus
 
 MANIFEST_NAME = "manifest.json"
@@ -133,7 +134,7 @@ class Manifest(_Model):
     self_test: SelfTest | None = None
     variants: list[Variant]
     defaults: dict[str, str] = Field(default_factory=dict, description="profile id -> default variant id")
-    report: dict[str, Any] = Field(default_factory=dict, description="pipeline details for humans")
+    report: ConversionReport = Field(default_factory=ConversionReport, description="what the converter did and why")
 
     def variant(self, variant_id: str) -> Variant:
         for variant in self.variants:
@@ -162,11 +163,9 @@ class Manifest(_Model):
     def from_bytes(cls, data: bytes, source: str = MANIFEST_NAME) -> Manifest:
         try:
             return cls.model_validate(json.loads(data))
+        except ValidationError as exc:
+            raise IntegrityError(describe_validation_error(source, exc)) from None
         except (ValueError, UnicodeDecodeError) as exc:
-            if isinstance(exc, ValidationError):
-                first = exc.errors()[0]
-                where = ".".join(str(p) for p in first["loc"])
-                raise IntegrityError(f"{source}: {where}: {first['msg']}") from None
             raise IntegrityError(f"{source}: not valid JSON ({exc})") from None
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
+from ..config import describe_validation_error
 from ..errors import BackendError, ConfigError, EdgeSDKError, InputError, IntegrityError, MissingDependencyError
 from ..manifest import Manifest, Variant, load_manifest, verify_file
 from ..profiles import AUTO, DeviceProfile, PolicySettings, ResolvedProfile, resolve_profile
@@ -535,9 +536,7 @@ class EdgeModel:
             try:
                 policy = PolicyOverride.model_validate(policy)
             except ValidationError as exc:
-                first = exc.errors()[0]
-                where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-                raise ConfigError(f"policy {where}: {'unknown key' if first['type'] == 'extra_forbidden' else first['msg']}") from None
+                raise ConfigError(describe_validation_error("policy", exc)) from None
         pin = policy.pin_precision
         if pin is not None and pin not in self.plan.candidates:
             raise ConfigError(f"cannot pin {pin}: no usable {pin} variant in this release for profile "

@@ -9,7 +9,7 @@ from __future__ import annotations
 from ...errors import ConversionError, MissingDependencyError
 from ...runtime.backends.openvino import import_openvino
 from ...types import Precision, Target
-from ..quantize import quiet
+from ..toollog import quiet
 from .base import ExportRequest, ExportResult, ExportTarget
 
 
@@ -71,7 +71,8 @@ def _quantize(model, request: ExportRequest):
     if not request.per_channel:
         kwargs["preset"] = nncf.QuantizationPreset.PERFORMANCE
     try:
-        quantized = quiet(lambda: nncf.quantize(model, dataset, **kwargs))
+        with quiet():
+            quantized = nncf.quantize(model, dataset, **kwargs)
     except Exception as exc:  # NNCF raises many types; all mean "this model did not quantize"
         raise ConversionError(f"openvino: NNCF quantization failed: {_first_lines(exc)}") from None
     count = sum(1 for op in quantized.get_ops() if op.get_type_name() == "FakeQuantize")

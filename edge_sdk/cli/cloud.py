@@ -214,3 +214,21 @@ def ingest(
     worker = run_ingest(broker, fleet, db, group=group, prefix=prefix, client_id=client_id,
                         tls=_tls(ca, cert, key), stop=stop, report_every_s=report_every, report=line)
     line(worker)
+
+
+# --- broker edge: ACLs from the fleet inventory (issue 15) -------------------------------------
+@cloud_app.command("acl")
+def acl(
+    inventory: Path = typer.Argument(..., help="Fleet inventory YAML (see deploy/mosquitto/fleets.yaml)."),
+    output: Path = typer.Option(None, "--output", "-o", help="Write the acl file here (default: print it)."),
+) -> None:
+    """Render the Mosquitto acl_file: each device reads and writes only its own topics in its own fleet."""
+    from ..cloud.acl import load_inventory, render_acl
+    from ..runtime.sync.releases import write_atomic
+
+    text = render_acl(load_inventory(inventory))
+    if output is None:
+        typer.echo(text, nl=False)
+    else:
+        write_atomic(output, text.encode())
+        console.print(f"acl: {output} (reload Mosquitto with SIGHUP)", highlight=False)

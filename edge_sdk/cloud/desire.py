@@ -6,10 +6,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from edge_sdk.config import describe_validation_error
 from edge_sdk.errors import ConfigError, SyncError
 from edge_sdk.runtime.sync.topics import Topics
 from edge_sdk.runtime.sync.transport import TlsConfig
-from edge_sdk.runtime.sync.twin import DesiredState, describe_desired_error
+from edge_sdk.runtime.sync.twin import DesiredState
 
 from .connection import connect
 
@@ -22,7 +23,7 @@ def build_desired(model: str | None = None, version: int | None = None,
     try:
         return DesiredState(model=model, version=version, policy=policy or {})
     except ValidationError as exc:
-        raise ConfigError(describe_desired_error(exc)) from None
+        raise ConfigError(describe_validation_error("desired state", exc)) from None
 
 
 def write_desired(broker: str, fleet: str, state: DesiredState | None, *, device: str | None = None,

@@ -152,7 +152,7 @@ class DaemonSyncConfig(StrictModel):
 class DaemonOutboxConfig(StrictModel):
     """The daemon's ``outbox`` section: the durable telemetry queue (SQLite file under the state dir)."""
 
-    max_bytes: int = Field(64 * 1024 * 1024, ge=64 * 1024)
+    max_bytes: int = Field(64 * 1024 * 1024, ge=256 * 1024, description="the whole file on disk, WAL included")
     policy: OutboxPolicy = Field(OutboxPolicy.DROP_OLDEST, description="what to do when full")
 
 
@@ -306,7 +306,7 @@ sync:
   telemetry_interval_s: 10
 
 outbox:
-  max_bytes: 67108864     # telemetry kept on disk while offline
+  max_bytes: 67108864     # telemetry kept on disk while offline (database + WAL)
   policy: drop_oldest     # or: reject
 
 policy:

@@ -30,7 +30,8 @@ Behaviour:
   ``publish(..., wait=…)`` (the ack it waits for is read by that same thread); plain
   ``publish`` from a handler is fine.
 * Counters: ``connects`` (successful CONNACKs), ``refused`` (publishes/subscriptions the broker
-  refused), ``handler_errors``; ``last_error`` describes the latest connection problem.
+  refused), ``handler_errors``, ``oversized`` (incoming messages above ``max_message_bytes``,
+  dropped before any handler sees them); ``last_error`` describes the latest connection problem.
 * A publish refused by the broker (e.g. denied by an ACL: MQTT 5 reports it in the PUBACK,
   3.1.1 would drop it silently) makes ``publish(..., wait=…)`` raise :class:`SyncError`.
 """
@@ -48,9 +49,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from edge_sdk.config import FieldError, StrictModel
+from edge_sdk.config import FieldError, StrictModel, describe_validation_error
 from edge_sdk.errors import ConfigError, MissingDependencyError, SyncError
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,9 @@ class TransportConfig(StrictModel):
     #: QoS 1 messages in flight (sent, not yet PUBACKed) before paho queues further ones.
     max_inflight: int = Field(100, ge=1)
     status_topic: str | None = None
+    #: Larger incoming messages are dropped unparsed and counted in ``oversized`` (the shipped
+    #: broker refuses packets above 8 MiB; a broker without a cap must not make us parse more).
+    max_message_bytes: int = Field(8 << 20, ge=1024)
 
     @classmethod
     def from_url(cls, url: str, **fields: object) -> TransportConfig:
@@ -112,8 +116,8 @@ class TransportConfig(StrictModel):
         values.update(fields)
         try:
             return cls(**values)
-        except ValueError as exc:  # pydantic.ValidationError is a ValueError
-            raise ConfigError(f"broker settings for {url!r}: {exc}") from None
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(f"broker settings for {url!r}", exc)) from None
 
 
 @dataclass(frozen=True)
@@ -161,6 +165,7 @@ class Transport:
         #: successful connects (CONNACK success), publishes and subscriptions the broker refused
         self.connects = 0
         self.refused = 0
+        self.oversized = 0
         #: the latest connection problem in words (None until one happens), for status reports
         self.last_error: str | None = None
         self._connack_failed = False
@@ -393,6 +398,11 @@ class Transport:
                 log.warning("broker refused a subscription (mid %s): %s", mid, code)
 
     def _on_message(self, client, userdata, msg) -> None:
+        if len(msg.payload) > self.config.max_message_bytes:
+            self.oversized += 1
+            log.warning("dropped a %d-byte message on %s (limit %d bytes)", len(msg.payload), msg.topic,
+                        self.config.max_message_bytes)
+            return
         message = Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain))
         # Overlapping filters make the broker deliver one copy per matching subscription, each
         # tagged with its subscription identifier: route each copy only to its own handler.

@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError
 
-from edge_sdk.config import StrictModel
+from edge_sdk.config import StrictModel, describe_validation_error
 from edge_sdk.errors import ConfigError
 from edge_sdk.types import ErrorKind, SyncState
 
@@ -56,7 +56,7 @@ class DesiredState(StrictModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(f"{source}: {describe_desired_error(exc)}") from None
+            raise ConfigError(describe_validation_error(f"{source}: desired state", exc)) from None
 
     def to_payload(self) -> bytes:
         data: dict[str, Any] = {k: v for k, v in (("model", self.model), ("version", self.version)) if v is not None}
@@ -64,15 +64,6 @@ class DesiredState(StrictModel):
         if policy:
             data["policy"] = policy
         return json.dumps(data, sort_keys=True).encode()
-
-
-def describe_desired_error(error: ValidationError) -> str:
-    """The first problem of a desired state, naming the key (``unknown key 'policy.max_cpu'``)."""
-    first = error.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    if first["type"] == "extra_forbidden":
-        return f"desired state: unknown key {where!r}"
-    return f"desired state {where}: {first['msg']}"
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -43,7 +43,7 @@ def test_cli_writes_typed_desired_state(mosquitto, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--version", "2"], "needs --model"),
     (["--model", "cnn", "--set", "pin_precision=int4"], "pin_precision"),
-    (["--model", "cnn", "--set", "ratio=0.25"], "unknown key 'policy.ratio'"),
+    (["--model", "cnn", "--set", "ratio=0.25"], "policy.ratio: unknown key"),
     (["--model", "cnn", "--set", "oops"], "key=value"),
     (["--device", "blobs", "--model", "cnn"], "reserved"),
     (["--clear", "--model", "cnn"], "--clear"),

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from needs import missing
 from edge_sdk.chunking import sha256_file
 from edge_sdk.errors import BackendError
 from edge_sdk.manifest import load_manifest
@@ -300,7 +301,7 @@ def test_hundred_switches_under_load_on_each_backend(all_backends_release: Path,
                                                      served_by: ServedBy) -> None:
     why = missing_runtime(backend)
     if why is not None:
-        pytest.skip(f"{backend}: {why}")
+        missing(f"{backend}: {why}")
     manifest = load_manifest(all_backends_release)
     variants = [v for v in manifest.variants if v.backend == backend and v.ok]
     # Installed means built: a backend with no usable variant, or only one to switch between, is a

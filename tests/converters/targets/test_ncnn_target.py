@@ -41,7 +41,7 @@ def test_fp16_halves_the_weights(cases, tmp_path):
     assert sizes[Precision.FP16] < 0.55 * sizes[Precision.FP32]
 
 
-@pytest.mark.skipif(ncnn_int8_tools() is not None, reason="ncnn2table/ncnn2int8 are installed here")
+@pytest.mark.skipif(ncnn_int8_tools() is not None, reason="not applicable here: ncnn2table/ncnn2int8 are installed")
 def test_int8_without_ncnn_tools_says_why(cases, tmp_path, monkeypatch):
     target = get_target("ncnn")
     assert Precision.INT8 not in target.precisions()

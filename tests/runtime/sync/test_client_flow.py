@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from needs import missing, need_root
 
 from edge_sdk.cloud.publish import publish_release
 from edge_sdk.errors import SyncError
@@ -435,10 +436,12 @@ def tiny_fs(tmp_path):
     """A 1 MiB tmpfs (real ENOSPC); ``grow()`` remounts it bigger, keeping its content."""
     import subprocess
 
+    need_root("mounting a tmpfs")
     folder = tmp_path / "tiny"
     folder.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True).returncode:
-        pytest.skip("mounting a tmpfs is not permitted here (needs root)")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True, text=True)
+    if mounted.returncode:
+        missing(f"mounting a tmpfs: {mounted.stderr.strip()}")
 
     class Tiny:
         path = folder
