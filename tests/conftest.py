@@ -11,7 +11,6 @@ skipped on a laptop, failed under ``CI=1``.
 from __future__ import annotations
 
 import itertools
-import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ import pytest
 
 import servers
 from edge_sdk import samples
-from needs import missing, need_module
+from needs import missing, need_module, need_root
 from servers import MosquittoBroker, NginxServer, PostgresServer, SeaweedS3Server
 
 
@@ -141,8 +140,7 @@ def tiny_disk(tmp_path: Path):
     mounts: list[Path] = []
 
     def mount(size: str = "1m") -> Path:
-        if os.geteuid() != 0:
-            missing("mounting a tmpfs for disk-full tests needs root")
+        need_root("mounting a tmpfs for disk-full tests")
         folder = tmp_path / f"disk{len(mounts)}"
         folder.mkdir()
         subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(folder)], check=True)

@@ -182,37 +182,43 @@ def sync(
         raise IntegrityError(result.reason or result.status)
 
 
-# --- telemetry: `edge-sdk cloud ingest` (H5) ------------------------------------------------------
+# --- telemetry: `edge-sdk cloud ingest` ---------------------------------------------------------
 @cloud_app.command("ingest")
 def ingest(
-    broker: str = typer.Option(..., "--broker", help="mqtt://[user:pass@]host[:port] or mqtts://…"),
-    fleet: str = typer.Option(..., "--fleet", help="Fleet name (topic prefix edge/<fleet>)."),
-    db: Path = typer.Option(..., "--db", help="SQLite file the records are committed to (created if missing)."),
+    broker: str = _BROKER,
+    fleet: str = _FLEET,
+    db: str = typer.Option(..., "--db", help="SQLite file (created if missing) or postgresql://user@host/db URL."),
     group: str = typer.Option("ingest", "--group", help="Shared-subscription group; workers of one group split the load."),
-    prefix: str = typer.Option("", "--prefix", help="Topic prefix instead of edge/<fleet>."),
+    prefix: str = _PREFIX,
     client_id: str = typer.Option(None, "--client-id", help="MQTT client id (default: ingest-<group>-<host>-<pid>)."),
+    retention_days: float = typer.Option(None, "--retention-days", min=0.0, help="Delete records older than this."),
+    max_record_kb: int = typer.Option(512, "--max-record-kb", min=1, help="Refuse (ack as rejected) larger records."),
+    max_batch_kb: int = typer.Option(1088, "--max-batch-kb", min=1, max=1088, help="Refuse (ack as rejected) larger batches."),
     ca: Path = _CA,
     cert: Path = _CERT,
     key: Path = _KEY,
     report_every: float = typer.Option(10.0, "--report-every", help="Seconds between progress lines (0: none)."),
 ) -> None:
-    """Commit device telemetry to SQLite (duplicates dropped), ack each device; runs until SIGINT/SIGTERM."""
+    """Commit device telemetry (duplicates dropped), ack each device after commit; runs until SIGINT/SIGTERM."""
     import signal
     import threading
 
-    from ..cloud.ingest import run_ingest
+    from ..cloud.ingest import IngestLimits, run_ingest
 
+    limits = IngestLimits(max_record_bytes=max_record_kb * 1024, max_batch_bytes=max_batch_kb * 1024)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
 
     def line(w) -> None:
         console.print(f"ingest: {w.batches} batches, {w.records} records, {w.duplicates} duplicates, "
-                      f"{w.malformed} malformed, {w.errors} errors", highlight=False)
+                      f"{w.rejected} rejected, {w.malformed} malformed, {w.errors} errors", highlight=False)
 
-    console.print(f"ingest: {broker} fleet {fleet} → {db} (group {group})", highlight=False)
-    worker = run_ingest(broker, fleet, db, group=group, prefix=prefix, client_id=client_id,
-                        tls=_tls(ca, cert, key), stop=stop, report_every_s=report_every, report=line)
+    where = db if "://" not in db else db.split("@")[-1]  # never print a password
+    console.print(f"ingest: {broker} fleet {fleet} → {where} (group {group})", highlight=False)
+    worker = run_ingest(broker, fleet, db, group=group, prefix=prefix, client_id=client_id, tls=_tls(ca, cert, key),
+                        limits=limits, retention_s=retention_days * 86400 if retention_days else None,
+                        stop=stop, report_every_s=report_every, report=line)
     line(worker)
 
 

@@ -318,13 +318,16 @@ def test_losses_reach_the_telemetry_stream_as_records(mosquitto, ingest, tmp_pat
 
 
 def test_ingest_refuses_an_oversized_batch_and_counts_it(mosquitto, ingest):
+    """Not parsed, not stored, counted, and acked as rejected so the device stops resending it."""
     from edge_sdk.runtime.sync.telemetry import MAX_BATCH_BYTES
 
     worker, sink = ingest
+    acks = []
     with transport(mosquitto, "d1") as dev:
+        dev.subscribe(T.telemetry_ack("d1"), lambda m: acks.append(decode_ack(m.payload)))
         assert dev.wait_connected(5)
         huge = b'{"v": 1, "boot": "b", "floor": 1, "records": [[1, 0, 1, "k", "' + b"x" * MAX_BATCH_BYTES + b'"]]}'
         assert dev.publish(T.telemetry("d1"), huge, qos=1, wait=5)
-        assert wait_until(lambda: worker.malformed == 1)
-    assert "oversized" in sink._db.execute("SELECT reason FROM malformed").fetchone()[0]
+        assert wait_until(lambda: worker.rejected == 1 and acks == [("b", 1)])
+    assert "over the" in sink._db.execute("SELECT reason FROM rejected").fetchone()[0]
     assert sink._db.execute("SELECT COUNT(*) FROM records").fetchone()[0] == 0
