@@ -26,14 +26,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import Field
 
 from edge_sdk.config import StrictModel
 from edge_sdk.errors import ConfigError, EdgeSDKError, IntegrityError, SyncError
 from edge_sdk.manifest import FileEntry, Manifest, Variant
 from edge_sdk.profiles import AUTO
-from edge_sdk.signing import load_public_key
+from edge_sdk.trust import TrustRoot, load_trust
 from edge_sdk.types import ErrorKind, Precision, SyncState, SyncStatus
 
 from ..monitor import ResourceSource
@@ -110,7 +109,7 @@ def select_variants(manifest: Manifest, profile: str | None) -> list[Variant]:
     return variants
 
 
-def default_self_test(release_dir: Path, profile: str | None, public_key: Ed25519PublicKey | None = None) -> Selection:
+def default_self_test(release_dir: Path, profile: str | None, public_key: TrustRoot | None = None) -> Selection:
     """Load the staged release through ``EdgeModel``, which reproduces the manifest's self-test
     outputs (within each variant's tolerance) before it accepts a variant; raises if none does.
     Returns the variant it selected."""
@@ -143,7 +142,7 @@ class SyncClient:
         self.topics = Topics(config.fleet, config.prefix)
         self.topics.status(config.device)  # validates the device id
         if config.public_key is not None:
-            self.public_key = load_public_key(config.public_key)
+            self.public_key = load_trust(config.public_key)
         elif config.allow_unsigned:
             self.public_key = None
         else:
@@ -239,9 +238,10 @@ class SyncClient:
             desired = self.desired()
             self._apply_policy(desired.policy)
             timeout = None
-            if desired.model is None or desired.version is None:
+            if len(desired.wanted) != 1:  # one model per device until the multi-model client (issue 13)
                 continue
-            target = (desired.model, desired.version)
+            (model, entry), = desired.wanted.items()
+            target = (model, entry.version)
             if target != self._target:  # a new desired release: earlier refusals no longer apply
                 self._failed.clear()
                 self._target = target
