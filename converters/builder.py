@@ -22,7 +22,7 @@ from ..errors import BackendError, EdgeSDKError, MissingDependencyError, Toolcha
 from ..manifest import FileEntry, TensorSpec, Validation, Variant
 from ..report import ConversionReport, SensitivitySearch
 from ..runtime.backends.base import BackendOptions, Session, get_backend
-from ..types import TARGET_BACKEND, Precision, Target
+from ..types import TARGET_BACKEND, Precision, Target, VariantStatus
 from . import sensitivity, validate
 from .calibration import SampleSet
 from .config import ConvertConfig
@@ -172,7 +172,7 @@ class VariantBuilder:
         if planned.precision == Precision.FP32:
             self.fp32_drop[planned.target] = chosen.drop
         if search.chosen is None:
-            variant.status, variant.reason = "rejected", "; ".join(search.lines)
+            variant.status, variant.reason = VariantStatus.REJECTED, "; ".join(search.lines)
         return [variant]
 
     def _worth_keeping(self, planned: PlannedBuild, chosen: Candidate) -> bool:
@@ -318,7 +318,7 @@ class VariantBuilder:
     def _rejected(self, planned: PlannedBuild, backend: str, reason: str) -> Variant:
         return Variant(id=planned.id, profiles=list(planned.profiles), target=planned.target, precision=planned.precision,
                        backend=backend, files=[], inputs=self.loaded.inputs, outputs=self.loaded.outputs,
-                       status="rejected", reason=reason)
+                       status=VariantStatus.REJECTED, reason=reason)
 
     def _write_log(self, variant_id: str, log: list[str]) -> None:
         text = "\n".join(part.rstrip() for part in log if part and part.strip())

@@ -23,7 +23,7 @@ import numpy as np
 from .. import __version__
 from ..errors import ConfigError, InputError
 from ..manifest import Manifest, TensorSpec, Variant
-from ..profiles import DeviceProfile
+from ..profiles import AUTO, DeviceProfile
 from ..report import CalibrationInfo, ConversionReport, ReferenceInfo, SamplesInfo, SourceInfo
 from ..runtime.backends.base import check_inputs
 from ..types import PRECISION_LADDER, Precision, SpeedVerdict, Target
@@ -42,7 +42,7 @@ ProgressCallback = Callable[[str, int, int], None]
 MIN_VALIDATION_SAMPLES = 8  # fewer make every accuracy figure noisy: the report warns
 
 
-def convert(model: Path | str, profiles: Sequence[str] | str = ("auto",), output: Path | str = "release", *,
+def convert(model: Path | str, profiles: Sequence[str] | str = (AUTO,), output: Path | str = "release", *,
             progress: ProgressCallback | None = None, **options: Any) -> Manifest:
     """Convert ``model`` into a validated release folder at ``output`` and return its manifest.
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from ..manifest import Validation
 from ..report import RecipeAttempt
-from ..types import SpeedVerdict
+from ..types import RecipeOutcome, SpeedVerdict
 from .targets.base import ExportResult, ModelFacts, Recipe, When
 from .validate import SpeedComparison, accuracy_drop
 
@@ -81,21 +81,22 @@ def run_recipes(recipes: Sequence[Recipe], attempt: Callable[[Recipe], Candidate
     for recipe in recipes:
         skip = _skip_reason(recipe, search, failed, facts, has_calibration) or refuse(recipe)
         if skip is not None:
-            search.attempts.append(RecipeAttempt(recipe=recipe.name, outcome="skipped", reason=skip))
+            search.attempts.append(RecipeAttempt(recipe=recipe.name, outcome=RecipeOutcome.SKIPPED, reason=skip))
             continue
         try:
             candidate = attempt(recipe)
         except RecipeFailed as failure:
             failed.add(recipe.name)
             search.lines.append(failure.line)
-            search.attempts.append(RecipeAttempt(recipe=recipe.name, outcome="failed", reason=failure.line))
+            search.attempts.append(RecipeAttempt(recipe=recipe.name, outcome=RecipeOutcome.FAILED, reason=failure.line))
             continue
         search.candidates.append(candidate)
         if not candidate.accepted:
             search.lines.append(recipe.says(candidate.reason))
     search.chosen = choose(search.candidates)
     for candidate in search.candidates:
-        outcome = "chosen" if candidate is search.chosen else ("accepted" if candidate.accepted else "rejected")
+        outcome = (RecipeOutcome.CHOSEN if candidate is search.chosen
+                   else RecipeOutcome.ACCEPTED if candidate.accepted else RecipeOutcome.REJECTED)
         search.attempts.append(RecipeAttempt(
             recipe=candidate.recipe.name, outcome=outcome, reason=candidate.reason, size_bytes=candidate.size_bytes,
             accuracy_drop=round(candidate.drop, 4), latency_ratio=round(candidate.speed.ratio, 4) if candidate.speed else None,

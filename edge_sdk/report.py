@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .types import RecipeOutcome, SpeedVerdict
+
 
 class _Part(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -72,15 +74,15 @@ class SensitivitySearch(_Part):
 
 
 class RecipeAttempt(_Part):
-    """What one recipe of a variant's search gave (``outcome``: chosen, accepted, rejected, failed, skipped)."""
+    """What one recipe of a variant's search gave."""
 
     recipe: str
-    outcome: str
+    outcome: RecipeOutcome
     reason: str | None = None
     size_bytes: int | None = None
     accuracy_drop: float | None = Field(default=None, description="points vs FP32")
     latency_ratio: float | None = None
-    speed: str | None = None
+    speed: SpeedVerdict | None = None
 
 
 class ConversionReport(_Part):

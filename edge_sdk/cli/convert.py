@@ -16,13 +16,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..errors import ConfigError
+from ..profiles import AUTO
 from .app import app, console, err_console
 
 
 @app.command("convert")
 def convert_command(
     model: Path = typer.Argument(..., help="The FP32 ONNX model to convert."),
-    profile: list[str] = typer.Option(["auto"], "--profile", "-p", help="Device profile id (repeatable); 'auto' detects this machine."),
+    profile: list[str] = typer.Option([AUTO], "--profile", "-p", help="Device profile id (repeatable); 'auto' detects this machine."),
     output: Path = typer.Option(..., "--output", "-o", help="Release folder to create (must not exist or be empty)."),
     calibration: str = typer.Option(None, "--calibration", "-c", help="Folder/file of .npy/.npz (or images) for INT8 calibration; a held-out part validates (unless --validation); 'random' to opt into random data."),
     validation: str = typer.Option(None, "--validation", help="Folder/file of samples to validate on instead of a held-out part of --calibration."),
