@@ -48,12 +48,46 @@ def to_fp16(src: Path, dst: Path, keep_fp32: Sequence[str] = ()) -> QuantizeRepo
             converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=kept or None)
     except Exception as exc:
         raise ConversionError("onnxruntime's fp16 converter failed") from exc
+    _drop_round_trip_casts(converted)
     onnx.save(converted, str(dst))
     floats = sum(1 for t in converted.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16)
     report = QuantizeReport(nodes_quantized=floats, nodes_kept_fp32=kept)
     if floats == 0:
         report.notes.append("nothing was converted to fp16 (no float initializers in the main graph)")
     return report
+
+
+def _drop_round_trip_casts(model: onnx.ModelProto) -> None:
+    """Remove FP32 -> FP16 -> FP32 cast pairs the converter puts between two FP32-kept nodes.
+
+    ``convert_float_to_float16`` casts every kept node's output to FP16, also when the next node is
+    kept too: a value beyond 65504 passed between them would still overflow there.
+    """
+    graph = model.graph
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+
+    def cast_to(node: onnx.NodeProto) -> int | None:
+        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+    removed: list[onnx.NodeProto] = []
+    for down in list(graph.node):
+        half = down.output[0] if cast_to(down) == onnx.TensorProto.FLOAT16 else None
+        users = consumers.get(half, []) if half else []
+        if (not users or half in outputs or any(cast_to(u) != onnx.TensorProto.FLOAT or u.output[0] in outputs
+                                                for u in users)):
+            continue
+        for up in users:  # readers of the FP32 copy read the original FP32 tensor instead
+            for reader in consumers.get(up.output[0], []):
+                reader.input[:] = [down.input[0] if i == up.output[0] else i for i in reader.input]
+            removed.append(up)
+        removed.append(down)
+    kept = [n for n in graph.node if not any(n is r for r in removed)]
+    del graph.node[:]
+    graph.node.extend(kept)
 
 
 def quantize_dynamic_int8(src: Path, dst: Path, *, op_types: Sequence[str] | None = None,

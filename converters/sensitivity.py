@@ -5,9 +5,9 @@ Shared by every target (a target only has to honour ``request.nodes_to_exclude``
 - :func:`int8_ranking`: the quantized nodes of a QDQ model ranked by the relative L2 error each
   *adds* (its output's error against FP32 minus the largest error already on its inputs, plus its
   own weight's quantization error: error accumulates down the graph);
-- :func:`fp16_ranking`: every float node ranked the same way for FP16, and a node whose FP32
-  output leaves FP16's range (|x| > 65504) first of all: detectors with large intermediate
-  activations overflow there;
+- :func:`fp16_ranking`: every float node ranked the same way for FP16, and first of all a node
+  that makes or takes a value outside FP16's range (|x| > 65504 in FP32): detectors with large
+  intermediate activations overflow there;
 - :func:`keep_fp32_search`: bisect on k, the number of top-ranked nodes kept in FP32, for the
   smallest k that meets the accuracy budget (more FP32 nodes never hurt, which holds closely).
 """
@@ -102,11 +102,12 @@ def fp16_ranking(fp32_path: Path, samples: Sequence[Feeds]) -> list[tuple[str, f
     ranking = []
     for node in candidates:
         out = node.output[0]
-        if out in overflow:
+        if out in overflow or overflow.intersection(node.input):  # it makes or takes a value FP16 cannot hold
             ranking.append((node.name, float("inf")))
             continue
         inherited = max((error.get(i, 0.0) for i in node.input if i in producer), default=0.0)
-        ranking.append((node.name, max(error.get(out, 0.0) - inherited, 0.0)))
+        own = error.get(out, 0.0)
+        ranking.append((node.name, own if np.isinf(inherited) else max(own - inherited, 0.0)))
     return [item for item in sorted(ranking, key=lambda item: -item[1]) if item[1] > 0]
 
 
