@@ -1,9 +1,10 @@
 """The release manifest: the contract between converters, the cloud side and devices.
 
 Its JSON key names are read by tools outside the SDK (see DESIGN.md); change them never, add to
-them carefully. A signed release has ``manifest.sig`` beside ``manifest.json``: a detached
-Ed25519 signature over the exact bytes of ``manifest.json``, verified *before* those bytes are
-parsed.
+them carefully. A signed release has ``manifest.sig`` beside ``manifest.json``: a release
+statement (TUF targets metadata, see :mod:`edge_sdk.trust`) with Ed25519 signatures by key id and an
+expiry, binding the sha256 of the exact bytes of ``manifest.json``; it is verified *before* those
+bytes are parsed.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from . import signing
+from . import trust
 from .chunking import chunk_file, sha256_file
 from .config import describe_validation_error
 from .errors import IntegrityError
@@ -47,10 +48,11 @@ class FileEntry(_Model):
 
     @classmethod
     def from_file(cls, release_dir: Path, path: Path) -> FileEntry:
-        """Describe ``path`` (inside ``release_dir``) with its hash and content-defined chunks."""
+        """Describe ``path`` (inside ``release_dir``) with its hash and chunks (one streamed read)."""
         rel = path.resolve().relative_to(release_dir.resolve()).as_posix()
-        chunks = [ChunkRef(sha256=c.sha256, size=c.size) for c in chunk_file(path)]
-        return cls(path=rel, size=path.stat().st_size, sha256=sha256_file(path), chunks=chunks)
+        chunked = chunk_file(path)
+        return cls(path=rel, size=chunked.size, sha256=chunked.sha256,
+                   chunks=[ChunkRef(sha256=c.sha256, size=c.size) for c in chunked.chunks])
 
 
 class TensorSpec(_Model):
@@ -126,6 +128,8 @@ class Manifest(_Model):
     variants: list[Variant]
     defaults: dict[str, str] = Field(default_factory=dict, description="profile id -> default variant id")
     report: ConversionReport = Field(default_factory=ConversionReport, description="what the converter did and why")
+    labels: dict[str, list[str]] = Field(
+        default_factory=dict, description="output name -> class names by index (the API's classification extension)")
 
     def variant(self, variant_id: str) -> Variant:
         for variant in self.variants:
@@ -149,25 +153,38 @@ class Manifest(_Model):
             raise IntegrityError(f"{source}: not valid JSON ({exc})") from None
 
 
-def write_manifest(release_dir: Path, manifest: Manifest, private_key: Ed25519PrivateKey | None = None) -> None:
-    """Write ``manifest.json`` (and ``manifest.sig`` when a key is given), fsynced."""
+def write_manifest(release_dir: Path, manifest: Manifest,
+                   private_key: Ed25519PrivateKey | list[Ed25519PrivateKey] | None = None) -> None:
+    """Write ``manifest.json`` (and ``manifest.sig`` when keys are given), fsynced."""
     data = manifest.to_bytes()
     _write_synced(release_dir / MANIFEST_NAME, data)
     if private_key is not None:
-        _write_synced(release_dir / SIGNATURE_NAME, signing.sign(data, private_key))
+        keys = private_key if isinstance(private_key, list) else [private_key]
+        _write_synced(release_dir / SIGNATURE_NAME, trust.sign_release(data, keys))
 
 
-def verify_manifest_bytes(data: bytes, signature: bytes | None, public_key: Ed25519PublicKey | None) -> Manifest:
-    """Check the signature over the raw bytes first, and only then parse them."""
+def verify_manifest_bytes(data: bytes, signature: bytes | None, public_key: trust.TrustSource | None,
+                          *, allow_expired: bool = True) -> Manifest:
+    """Check the release statement against the trusted keys first, and only then parse ``data``.
+
+    ``public_key``: a :class:`~edge_sdk.trust.TrustRoot`, an Ed25519 public key, or None (no check).
+    An expired statement is refused only with ``allow_expired=False`` (activating a new release);
+    a release already installed keeps serving.
+    """
     if public_key is not None:
         if signature is None:
-            raise IntegrityError("release is not signed, but a public key is configured")
-        signing.verify(data, signature, public_key)
+            raise IntegrityError("release is not signed, but trusted keys are configured")
+        checked = trust.load_trust(public_key).verify_release(signature, data, allow_expired=allow_expired)
+        manifest = Manifest.from_bytes(data)
+        if (manifest.model, manifest.version) != (checked.model, checked.version):
+            raise IntegrityError(f"manifest of {manifest.model} v{manifest.version} came with the statement "
+                                 f"of {checked.model} v{checked.version}")
+        return manifest
     return Manifest.from_bytes(data)
 
 
-def load_manifest(release_dir: Path | str, public_key: Ed25519PublicKey | None = None) -> Manifest:
-    """Read a release folder's manifest, verifying its signature when ``public_key`` is given."""
+def load_manifest(release_dir: Path | str, public_key: trust.TrustSource | None = None) -> Manifest:
+    """Read a release folder's manifest, verifying its statement when ``public_key`` is given."""
     release_dir = Path(release_dir)
     try:
         data = (release_dir / MANIFEST_NAME).read_bytes()

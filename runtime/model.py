@@ -108,17 +108,14 @@ class ModelInfo:
 
 
 def resolve_public_key(public_key: Any) -> Any:
-    """An Ed25519 public key from a key, PEM path or bytes; ``None`` reads ``$EDGE_SDK_PUBLIC_KEY``."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-    from ..signing import load_public_key
+    """A :class:`~edge_sdk.trust.TrustRoot` from a root, key, ``root.json``/PEM path or bytes;
+    ``None`` reads ``$EDGE_SDK_PUBLIC_KEY`` (no check if unset)."""
+    from ..trust import load_trust
 
     if public_key is None:
         configured = os.environ.get(PUBLIC_KEY_ENV)
-        return load_public_key(configured) if configured else None
-    if isinstance(public_key, Ed25519PublicKey):
-        return public_key
-    return load_public_key(public_key)
+        return load_trust(configured) if configured else None
+    return load_trust(public_key)
 
 
 class EdgeModel:

@@ -18,6 +18,7 @@ from pathlib import Path  # noqa: E402
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn  # noqa: E402
 
+from ..runtime.sync.stores.base import DEFAULT_MAX_MESSAGE_BYTES  # noqa: E402
 from .app import console  # noqa: E402
 
 _BROKER = typer.Option(..., "--broker", help="mqtt://[user:pass@]host[:port] or mqtts://…")
@@ -50,27 +51,35 @@ def publish(
     broker: str = _BROKER,
     fleet: str = _FLEET,
     sign_key: Path = typer.Option(None, "--sign-key", help="Ed25519 private key (PEM) to sign the manifest with."),
-    force: bool = typer.Option(False, "--force", help="Publish every chunk, even those already on the broker."),
+    force: bool = typer.Option(False, "--force", help="Publish every chunk, even those already in the store."),
+    store: str = typer.Option("mqtt", "--store", help="Where chunks go: mqtt (retained on the broker), "
+                              "s3://bucket/prefix (AWS credentials/endpoint from the environment), "
+                              "http(s)://base (PUT), or file:///dir (a folder a web server or CDN serves)."),
+    store_ca: Path = typer.Option(None, "--store-ca", help="CA certificate of an https:// store or S3 endpoint."),
+    max_message_bytes: int = typer.Option(DEFAULT_MAX_MESSAGE_BYTES, "--max-message-bytes", min=1024,
+                                          help="Largest MQTT message the broker takes (mqtt store)."),
     prefix: str = _PREFIX,
     ca: Path = _CA,
     cert: Path = _CERT,
     key: Path = _KEY,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Publish a release: missing chunks as retained blobs, then the signed manifest."""
+    """Publish a release: chunks the store lacks, then the signed manifest (retained on the broker)."""
     from ..cloud.publish import publish_release
+    from ..runtime.sync.stores import StoreOptions
 
     with _bytes_bar(f"publishing {release.name}") as bar:
         task = bar.add_task(f"publishing {release.name}", total=None)
         report = publish_release(release, broker, fleet, prefix=prefix, sign_key=sign_key, force=force,
-                                 tls=_tls(ca, cert, key),
+                                 tls=_tls(ca, cert, key), store=store,
+                                 store_options=StoreOptions(ca_certs=store_ca, max_message_bytes=max_message_bytes),
                                  progress=lambda done, total: bar.update(task, completed=done, total=total))
     if as_json:
         console.print_json(_json.dumps(report.to_dict()))
         return
     console.print(f"{report.model} v{report.version} → {report.manifest_topic} ({'signed' if report.signed else 'UNSIGNED'}): "
                   f"{report.chunks_published} chunks / {report.bytes_published} bytes published, "
-                  f"{report.chunks_skipped} chunks already on the broker", highlight=False)
+                  f"{report.chunks_skipped} chunks already in {report.store}", highlight=False)
 
 
 @cloud_app.command("desire")
@@ -78,8 +87,11 @@ def desire(
     broker: str = _BROKER,
     fleet: str = _FLEET,
     device: str = typer.Option(None, "--device", help="One device (default: the whole fleet)."),
-    model: str = typer.Option(None, "--model", help="Model name of the desired release."),
-    version: int = typer.Option(None, "--version", min=1, help="Desired release version."),
+    model: str = typer.Option(None, "--model", help="Model whose desired release to set (others are kept)."),
+    version: int = typer.Option(None, "--version", min=1, help="Desired release version of --model."),
+    store: str = typer.Option(None, "--store", help="Where devices fetch --model's chunks: mqtt, s3://bucket/prefix, "
+                              "http(s)://base (a web server or CDN serving <base>/<sha256>)."),
+    remove: bool = typer.Option(False, "--remove", help="Take --model out of the desired state at this level."),
     set_: list[str] = typer.Option([], "--set", help="Runtime policy key=value (JSON-typed), repeatable."),
     clear: bool = typer.Option(False, "--clear", help="Remove the desired state at this level."),
     prefix: str = _PREFIX,
@@ -87,15 +99,25 @@ def desire(
     cert: Path = _CERT,
     key: Path = _KEY,
 ) -> None:
-    """Write the desired state (retained) of a fleet or one device; the device level wins."""
-    from ..cloud.desire import build_desired, write_desired
+    """Change the desired state (retained) of a fleet or one device: one model's release and store,
+    or the policy; the other models are kept. The device level wins."""
+    from ..cloud.desire import build_desired, read_desired, write_desired
     from ..errors import ConfigError
     from ..runtime.sync.twin import parse_set
 
-    if clear and (model or version or set_):
-        raise ConfigError("--clear takes no --model/--version/--set")
-    state = None if clear else build_desired(model, version, parse_set(set_))
-    topic = write_desired(broker, fleet, state, device=device, prefix=prefix, tls=_tls(ca, cert, key))
+    if clear and (model or version or set_ or store or remove):
+        raise ConfigError("--clear takes no --model/--version/--store/--remove/--set")
+    if remove and (model is None or version is not None or store is not None):
+        raise ConfigError("--remove takes --model and no --version/--store")
+    tls = _tls(ca, cert, key)
+    state = None
+    if not clear:
+        current = read_desired(broker, fleet, device=device, prefix=prefix, tls=tls)
+        if remove:
+            state = (current or build_desired()).without_model(model)
+        else:
+            state = build_desired(model, version, parse_set(set_), store=store, base=current)
+    topic = write_desired(broker, fleet, state, device=device, prefix=prefix, tls=tls)
     console.print(f"{topic}: {'cleared' if state is None else state.to_payload().decode()}", highlight=False)
 
 
@@ -105,21 +127,25 @@ def gc(
     fleet: str = _FLEET,
     keep: int = typer.Option(None, "--keep", min=1, help="Keep only the newest N versions per model (and desired ones)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be removed."),
+    store: str = typer.Option("mqtt", "--store", help="The chunk store to collect: mqtt, s3://bucket/prefix or file:///dir."),
+    store_ca: Path = typer.Option(None, "--store-ca", help="CA certificate of the S3 endpoint."),
     prefix: str = _PREFIX,
     ca: Path = _CA,
     cert: Path = _CERT,
     key: Path = _KEY,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Clear retained chunks no remaining release references (and old manifests with --keep)."""
+    """Remove chunks no remaining release references from the chunk store (and old manifests with --keep)."""
     from rich.progress import MofNCompleteColumn
 
     from ..cloud.gc import collect_garbage
+    from ..runtime.sync.stores import StoreOptions
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as bar:
         task = bar.add_task("clearing unreferenced chunks", total=None)
         report = collect_garbage(broker, fleet, prefix=prefix, keep=keep, dry_run=dry_run, tls=_tls(ca, cert, key),
+                                 store=store, store_options=StoreOptions(ca_certs=store_ca),
                                  progress=lambda done, total: bar.update(task, completed=done, total=total))
     if as_json:
         console.print_json(_json.dumps(report.to_dict()))
@@ -166,12 +192,14 @@ def sync(
             raise SyncError(f"cannot reach the broker at {broker}")
         if model is None or version is None:
             deadline = time.monotonic() + min(timeout, 10.0)
-            while time.monotonic() < deadline and (client.desired().model is None or client.desired().version is None):
+            while time.monotonic() < deadline and not client.desired().wanted:
                 time.sleep(0.05)
-            desired = client.desired()
-            if desired.model is None or desired.version is None:
-                raise SyncError(f"no desired release for device {device} in fleet {fleet}; pass --model/--version")
-            model, version = desired.model, desired.version
+            wanted = client.desired().wanted
+            if len(wanted) != 1:
+                raise SyncError(f"device {device} in fleet {fleet} should run {len(wanted)} models "
+                                f"({', '.join(sorted(wanted)) or 'none'}); pass --model/--version")
+            (model, entry), = wanted.items()
+            version = entry.version
         result = client.sync(model, version, timeout=timeout)
     finally:
         client.transport.stop()

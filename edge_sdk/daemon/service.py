@@ -31,7 +31,10 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ConfigError, EdgeSDKError, MissingDependencyError
 from . import systemd
 from .config import DaemonConfig, ModelConfig, load_config
-from .http import ApiState, create_app
+from .api import InferenceApi
+from .auth import Authenticator, ensure_tokens_file, is_loopback
+from .http import Listener, create_app, protocol_class
+from .repository import Repository, release_folders
 from .logs import setup_logging
 from .metrics import DaemonMetrics, Snapshot
 from .models import ModelTable, ServedModel, load_served
@@ -42,6 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("edge_sdk.daemon")
 
 PORT_FILE = "http.port"
+GRPC_PORT_FILE = "grpc.port"
 
 
 def check_state_dir(path: Path, sync: bool = False) -> None:
@@ -63,6 +67,13 @@ def check_state_dir(path: Path, sync: bool = False) -> None:
             with target.open("r+b"):  # opened for writing, not written: proves SQLite can use it
                 pass
     except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            # A full disk must not stop serving: the releases on it are intact; the outbox and
+            # sync apply their own disk-full rules and report what they lose.
+            log.warning("state_dir %s: the disk is full (%s); serving anyway", path, exc.strerror or exc)
+            with contextlib.suppress(OSError):
+                (target / f".write-test-{os.getpid()}").unlink()
+            return
         raise ConfigError(f"state_dir {path}: {target} is not usable ({exc.strerror or exc})") from None
 
 
@@ -106,7 +117,11 @@ class Daemon:
         self.config_path = config_path
         self.metrics = DaemonMetrics()
         self.models = ModelTable()
-        self.api = ApiState(self.models, self.metrics, config.http.max_body_bytes, config.http.max_concurrent_infer)
+        self.repository = Repository(self.models, lambda: [m.name for m in self.config.models], self._releases_of,
+                                     self._load_version, self._load_named, config.api.max_inactive_versions)
+        self.api = InferenceApi(self.models, self.repository, self.metrics, config.api)
+        self.auth = Authenticator(config.api, config.api.auth.tokens_file or config.state_dir / "api-tokens")
+        self._grpc: Any = None
         self.sync: Any = None  # the sync bridge, when a broker is configured
         self.pipelines: Any = None  # sensor pipelines (aligner → model), when configured
         self._server: Any = None
@@ -150,8 +165,25 @@ class Daemon:
         if self.sync is not None:
             found += [p for p in self.sync.local_releases(model.name) if p is not None]
         if model.release is not None:
-            found.append(model.release)
+            found += release_folders(model.release)
         return found
+
+    def _model_config(self, name: str) -> ModelConfig | None:
+        return next((m for m in self.config.models if m.name == name), None)
+
+    def _releases_of(self, name: str) -> list[Path]:
+        """The API's versions of ``name``: every release folder present for it."""
+        model = self._model_config(name)
+        return self._candidates(model) if model is not None else []
+
+    def _load_version(self, name: str, release_dir: Path) -> ServedModel:
+        """A non-active version, for the API (not activated: the table keeps serving the active one)."""
+        return load_served(self._model_config(name), release_dir, public_key=self.config.sync.public_key,
+                           policy=self.config.policy)
+
+    def _load_named(self, name: str) -> bool:
+        model = self._model_config(name)
+        return model is not None and self.load_model(model) is not None
 
     def load_model(self, model: ModelConfig, release_dir: Path | None = None) -> ServedModel | None:
         """Load and activate ``model`` (from ``release_dir`` or its best candidate); None if none
@@ -256,7 +288,7 @@ class Daemon:
                 systemd.notify("READY=1")
                 return False
             old = self.config
-            restart_only = [k for k in ("device_id", "state_dir", "http", "pipelines", "sync", "outbox") if getattr(old, k) != getattr(new, k)]
+            restart_only = [k for k in ("device_id", "state_dir", "api", "http", "grpc", "pipelines", "sync", "outbox") if getattr(old, k) != getattr(new, k)]
             if restart_only:
                 log.warning("reload: changes to %s take effect after a restart", restart_only)
                 new = new.model_copy(update={k: getattr(old, k) for k in restart_only})
@@ -269,7 +301,7 @@ class Daemon:
             for name in set(old_models) - {m.name for m in new.models}:
                 self.models.remove(name)
                 log.info("model %s: removed by reload", name)
-            self.api.max_concurrent_infer = new.http.max_concurrent_infer
+            self.api.set_concurrency(new.api.max_concurrent_infer)
             self.metrics.reloads.labels("applied").inc()
             log.info("config reloaded from %s", self.config_path)
             systemd.notify("READY=1")
@@ -289,6 +321,9 @@ class Daemon:
         try:
             setup_logging(self.config.logging)
             check_state_dir(self.config.state_dir, sync=self.config.sync.broker is not None)
+            if self._listeners_needing_tokens():
+                auth = self.config.api.auth
+                ensure_tokens_file(auth.tokens_file or self.config.state_dir / "api-tokens", auth.create_tokens_file)
             sock = bind_socket(self.config)
             try:
                 return asyncio.run(self._main(sock))
@@ -336,9 +371,24 @@ class Daemon:
             def capture_signals(self):  # the daemon handles signals itself (drain first)
                 yield
 
-        uconfig = uvicorn.Config(create_app(self.api), log_config=None, access_log=False, lifespan="off",
-                                 timeout_graceful_shutdown=5, limit_concurrency=256, timeout_keep_alive=5,
+        http = self.config.http
+        listener = Listener(loopback=http.unix_socket is None and is_loopback(http.host),
+                            transport_authenticated=http.unix_socket is not None or
+                            (http.tls is not None and http.tls.client_ca is not None))
+        limits = self.config.api
+        protocol = protocol_class(limits.header_timeout_s, limits.max_connections,
+                                  lambda: self.metrics.timeouts.labels("header").inc())
+        # limit_concurrency stays off: uvicorn would answer 503 to everyone once that many
+        # connections are open, idle ones included; the protocol evicts idle ones instead.
+        uconfig = uvicorn.Config(create_app(self.api, self.auth, listener), log_config=None, access_log=False,
+                                 lifespan="off", http=protocol,
+                                 timeout_graceful_shutdown=5, timeout_keep_alive=5,
                                  server_header=False)
+        uconfig.load()
+        if http.tls is not None and http.unix_socket is None:
+            from .auth import server_ssl_context
+
+            uconfig.ssl = server_ssl_context(http.tls)
         self._server = _Server(uconfig)
         # Checked after _server is set: a stop() from now on reaches the server via the drain thread.
         if self._stopping:
@@ -349,7 +399,49 @@ class Daemon:
         log.info("stopped")
         return 0
 
+    def _listeners_needing_tokens(self) -> list[str]:
+        found = []
+        for key, listener in (("http", self.config.http), ("grpc", self.config.grpc)):
+            if key == "grpc" and not listener.enabled:
+                continue
+            by_transport = listener.unix_socket is not None or (listener.tls is not None and listener.tls.client_ca)
+            anonymous = self.config.api.auth.anonymous_loopback and listener.unix_socket is None and is_loopback(listener.host)
+            if not by_transport and not anonymous:
+                found.append(key)
+        return found
+
+    async def _start_grpc(self) -> None:
+        """The gRPC listener (same API object, same loop); its port goes to ``grpc.port``."""
+        grpc = self.config.grpc
+        if not grpc.enabled:
+            return
+        from .grpc_server import GrpcServer, server_credentials
+
+        listener = Listener(loopback=grpc.unix_socket is None and is_loopback(grpc.host),
+                            transport_authenticated=grpc.unix_socket is not None or
+                            (grpc.tls is not None and grpc.tls.client_ca is not None))
+        if grpc.unix_socket is not None:
+            grpc.unix_socket.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                grpc.unix_socket.unlink()  # a stale socket from a previous run
+            address = f"unix:{grpc.unix_socket}"
+        else:
+            address = f"[{grpc.host}]:{grpc.port}" if ":" in grpc.host else f"{grpc.host}:{grpc.port}"
+        credentials = server_credentials(grpc.tls) if grpc.tls is not None and grpc.unix_socket is None else None
+        self._grpc = GrpcServer(self.api, self.auth, listener, address, credentials)
+        try:
+            port = await self._grpc.start()
+        except RuntimeError as exc:  # grpc: "Failed to bind to address"
+            raise ConfigError(f"grpc {address} cannot be bound (in use?): {exc}") from None
+        if grpc.unix_socket is not None:
+            os.chmod(grpc.unix_socket, 0o660)
+            log.info("gRPC listening on unix:%s", grpc.unix_socket)
+        else:
+            self._write_file(GRPC_PORT_FILE, f"{port}\n")
+            log.info("gRPC listening on %s:%d", grpc.host, port)
+
     async def _serve(self, sock: socket.socket) -> None:
+        await self._start_grpc()
         serve = asyncio.create_task(self._server.serve(sockets=[sock]))
         while not self._server.started and not serve.done():
             await asyncio.sleep(0.02)
@@ -367,6 +459,8 @@ class Daemon:
         watchdog = asyncio.create_task(self._watchdog())
         await serve
         watchdog.cancel()
+        if self._grpc is not None:
+            await self._grpc.stop(grace=1.0)
 
     def _address(self, sock: socket.socket) -> str:
         if sock.family == socket.AF_UNIX:
@@ -375,12 +469,18 @@ class Daemon:
         return f"http://{host}:{port}"
 
     def _write_port_file(self, sock: socket.socket) -> None:
-        if sock.family == socket.AF_UNIX:
-            return
-        path = self.config.state_dir / PORT_FILE
+        if sock.family != socket.AF_UNIX:
+            self._write_file(PORT_FILE, f"{sock.getsockname()[1]}\n")
+
+    def _write_file(self, name: str, text: str) -> None:
+        path = self.config.state_dir / name
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(f"{sock.getsockname()[1]}\n")
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        except OSError as exc:  # a full disk: these files are a convenience, serving is not
+            log.error("cannot write %s (%s); serving anyway", path, exc.strerror or exc)
+            tmp.unlink(missing_ok=True)
 
     async def _watchdog(self) -> None:
         interval = systemd.watchdog_interval()
@@ -452,9 +552,11 @@ class Daemon:
         for unsubscribe in self._unsubscribe:
             with contextlib.suppress(Exception):
                 unsubscribe()
+        self.api.close()
         self.models.close()
-        with contextlib.suppress(OSError):
-            (self.config.state_dir / PORT_FILE).unlink()
+        for name in (PORT_FILE, GRPC_PORT_FILE):
+            with contextlib.suppress(OSError):
+                (self.config.state_dir / name).unlink()
 
     # ---- sync -----------------------------------------------------------------------------------
 

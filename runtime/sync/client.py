@@ -31,7 +31,7 @@ from pydantic import Field
 from edge_sdk.config import StrictModel
 from edge_sdk.errors import ConfigError, EdgeSDKError, IntegrityError, SyncError
 from edge_sdk.manifest import FileEntry, Manifest, Variant
-from edge_sdk.signing import load_public_key
+from edge_sdk.trust import load_trust
 
 from ..policy import PolicyOverride
 from .chunk_store import ChunkStore
@@ -153,7 +153,7 @@ class SyncClient:
         self.topics = Topics(config.fleet, config.prefix)
         self.topics.status(config.device)  # validates the device id
         if config.public_key is not None:
-            self.public_key = load_public_key(config.public_key)
+            self.public_key = load_trust(config.public_key)
         elif config.allow_unsigned:
             self.public_key = None
         else:
@@ -248,9 +248,10 @@ class SyncClient:
             desired = self.desired()
             self._apply_policy(desired.policy)
             timeout = None
-            if desired.model is None or desired.version is None:
+            if len(desired.wanted) != 1:  # one model per device until the multi-model client (issue 13)
                 continue
-            target = (desired.model, desired.version)
+            (model, entry), = desired.wanted.items()
+            target = (model, entry.version)
             if target != self._target:  # a new desired release: earlier refusals no longer apply
                 self._failed.clear()
                 self._target = target

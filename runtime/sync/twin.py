@@ -1,11 +1,7 @@
 """The device twin: desired state (cloud → device) and reported state (device → cloud).
 
-Desired state is a retained JSON object at ``…/desired`` (fleet) and ``…/<device>/desired``
-(device); :func:`merge_desired` combines them key by key, the device level winning, and the
-``policy`` mappings merge key by key the same way (nested keys too). ``policy`` is a typed
-:class:`~edge_sdk.runtime.policy.PolicyOverride` (``pin_precision``, per-precision
-``thresholds``, ``hysteresis``, ``min_dwell_s``) that the device applies to its models without a
-restart; an unknown key makes the whole message a ``bad_desired`` error naming the key.
+Desired state (the models to run, each with its version and chunk store, and the runtime
+policy) is in :mod:`edge_sdk.runtime.sync.desired`.
 
 Reported state is one retained JSON object at ``…/<device>/reported``: the active release,
 backend, precision, resource figures, the last error, per-kind error counters and sync
@@ -22,68 +18,11 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import Field, ValidationError
-
-from edge_sdk.config import StrictModel, describe_validation_error
 from edge_sdk.errors import ConfigError
 
-from ..policy import PolicyOverride
+from .desired import DesiredState, ModelDesired, merge_desired  # noqa: F401  (the twin's desired side)
 
 log = logging.getLogger(__name__)
-
-
-class DesiredState(StrictModel):
-    """What the cloud wants a device (or the whole fleet) to run. Every field is optional."""
-
-    model: str | None = Field(None, min_length=1)
-    version: int | None = Field(None, ge=1)
-    policy: PolicyOverride = PolicyOverride()
-
-    @classmethod
-    def from_payload(cls, payload: bytes, source: str) -> DesiredState | None:
-        """Parse a desired-state message; an empty payload (cleared retained message) is None."""
-        if not payload:
-            return None
-        try:
-            data = json.loads(payload)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{source}: desired state is not JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: desired state must be a JSON object")
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise ConfigError(describe_validation_error(f"{source}: desired state", exc)) from None
-
-    def to_payload(self) -> bytes:
-        data: dict[str, Any] = {k: v for k, v in (("model", self.model), ("version", self.version)) if v is not None}
-        policy = self.policy.as_dict()
-        if policy:
-            data["policy"] = policy
-        return json.dumps(data, sort_keys=True).encode()
-
-
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def merge_desired(fleet: DesiredState | None, device: DesiredState | None) -> DesiredState:
-    """Device-level fields override fleet-level ones; policies merge key by key, nested keys too."""
-    fleet = fleet or DesiredState()
-    device = device or DesiredState()
-    if device.model is not None and device.model != fleet.model:
-        model, version = device.model, device.version  # another model: ignore the fleet's version
-    else:
-        model = device.model or fleet.model
-        version = device.version if device.version is not None else fleet.version
-    policy = PolicyOverride.model_validate(_deep_merge(fleet.policy.as_dict(), device.policy.as_dict()))
-    return DesiredState(model=model, version=version, policy=policy)
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:

@@ -99,7 +99,9 @@ def test_sync_hot_swap_telemetry_and_offline(fusion_release: Path, fusion_v2: Pa
         caller.start()
         publish_release(fusion_v2, mosquitto.url, FLEET, sign_key=keys[0])
         write_desired(mosquitto.url, FLEET, build_desired("fusion", 2))
-        wait_for(lambda: httpx.get(daemon.url + "/v2/models/fusion").json()["versions"] == ["2"], timeout=120, what="v2 served")
+        # (versions lists every release on the device: v2 active, v1 kept as previous)
+        wait_for(lambda: httpx.get(daemon.url + "/v2/models/fusion").json()["parameters"]["release_version"] == 2,
+                 timeout=120, what="v2 served")
         stop.set()
         caller.join(30)
         assert statuses and set(statuses) == {200}  # no call failed during the swap
@@ -111,7 +113,7 @@ def test_sync_hot_swap_telemetry_and_offline(fusion_release: Path, fusion_v2: Pa
         # 4. Offline-first: broker gone; the daemon starts from the synced store and queues telemetry.
         mosquitto.kill()
         daemon = start_daemon(sync_config(tmp_path, mosquitto, keys)).wait_ready(timeout=60)
-        assert httpx.get(daemon.url + "/v2/models/fusion").json()["versions"] == ["2"]
+        assert httpx.get(daemon.url + "/v2/models/fusion").json()["parameters"]["release_version"] == 2
         assert httpx.post(daemon.url + "/v2/models/fusion/infer", json=v2_request(fusion_inputs())).status_code == 200
         wait_for(lambda: (metric_value(httpx.get(daemon.url + "/metrics").text, "edge_sync_outbox_records") or 0) >= 3,
                  timeout=30, what="telemetry queued offline")

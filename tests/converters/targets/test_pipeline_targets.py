@@ -77,14 +77,11 @@ def test_each_profile_defaults_to_its_preferred_target(release):
         assert default.ok and default.target is get_profile(profile_id).targets[0], (profile_id, default.id)
 
 
-def test_ncnn_int8_without_its_tools_is_a_rejected_row_naming_them(release):
-    from edge_sdk.converters.targets.ncnn import ncnn_int8_tools
-
-    if ncnn_int8_tools() is not None:
-        not_applicable("ncnn2table/ncnn2int8 are installed here, so ncnn int8 is built")
+def test_ncnn_int8_is_built_and_validated(release):
     variant = load_manifest(release[0]).variant("ncnn-int8")
-    assert variant.status == "rejected" and not variant.files
-    assert "ncnn2table/ncnn2int8 are not on PATH" in variant.reason and "EDGE_SDK_NCNN_TOOLS" in variant.reason
+    assert variant.files and variant.validation.nodes_quantized == 6  # 5 Convolution + 1 InnerProduct
+    fp32 = load_manifest(release[0]).variant("ncnn-fp32")
+    assert variant.size_bytes < 0.35 * fp32.size_bytes
 
 
 def test_missing_toolchains_are_rejected_rows_and_onnx_still_completes(cnn_path, tmp_path, assert_release_lists_every_file):

@@ -17,7 +17,8 @@ from edge_sdk.runtime.sync.client import SyncClient, SyncConfig, files_for, sele
 from edge_sdk.runtime.sync.envelope import seal
 from edge_sdk.runtime.sync.topics import Topics
 from edge_sdk.runtime.sync.transport import Transport, TransportConfig
-from edge_sdk.signing import generate_keypair, load_private_key, sign
+from edge_sdk.signing import generate_keypair, load_private_key
+from edge_sdk.trust import sign_release
 
 FLEET = "plant1"
 PROFILE = "intel-nuc"
@@ -124,7 +125,7 @@ def test_bad_signature_rejected_before_parsing(published, sync_releases, release
     data = (v1 / "manifest.json").read_bytes()
     other_key, _ = generate_keypair(tmp_path / "other.key")
     payload = {
-        "wrong_key": seal(data, sign(data, load_private_key(other_key))),
+        "wrong_key": seal(data, sign_release(data, [load_private_key(other_key)])),
         "unsigned": seal(data, None),
         "flipped_byte": seal(data.replace(b'"version": 1', b'"version": 9'), (v1 / "manifest.sig").read_bytes()),
         "garbage": b"\x00\xffnot an envelope",
@@ -377,7 +378,7 @@ def test_signed_manifest_with_oversized_chunk_list_is_refused_end_to_end(publish
             if entry["path"] == victim:
                 entry["chunks"].append(dict(entry["chunks"][0]))  # real chunk, on the broker; too many bytes
     raw = json.dumps(data).encode()
-    _retain(published, Topics(FLEET).manifest("cnn", 7), seal(raw, sign(raw, load_private_key(release_keypair[0]))))
+    _retain(published, Topics(FLEET).manifest("cnn", 7), seal(raw, sign_release(raw, [load_private_key(release_keypair[0])])))
 
     config = SyncConfig(broker=published.url, fleet=FLEET, device="cam-1", root=tmp_path / "dev", profile=PROFILE,
                         public_key=release_keypair[1], retry_min_s=0.2, manifest_timeout_s=5.0)
