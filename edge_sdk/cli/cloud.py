@@ -378,6 +378,7 @@ def rollout_start(
     canary: str = typer.Option(None, "--canary", help="First wave: these devices (comma-separated)."),
     wave: list[str] = typer.Option([], "--wave", help="Next wave: N% (cumulative), label=value, or device ids; repeatable."),
     group: list[str] = _GROUP,
+    store_url: str = typer.Option(None, "--store", help="Chunk store of the release (default: each device's own)."),
     max_failure: float = typer.Option(0.0, "--max-failure", help="Halt when more than this share of a wave fails (0-1)."),
     max_error_rate: float = typer.Option(0.05, "--max-error-rate", help="A device with more failed calls fails (0-1)."),
     max_p99_ms: float = typer.Option(None, "--max-p99-ms", help="A device whose measured p99 is higher fails."),
@@ -410,7 +411,7 @@ def rollout_start(
         from ..config import describe_validation_error
 
         raise ConfigError(describe_validation_error("rollout bounds", exc)) from None
-    spec = RolloutSpec.build(model=model, version=version, waves=waves, group=parse_group(group),
+    spec = RolloutSpec.build(model=model, version=version, waves=waves, group=parse_group(group), store=store_url,
                              max_failure=max_failure, bounds=bounds)
     store = _store(state)
     with connect(broker, "rollout", _tls(ca, cert, key)) as transport:

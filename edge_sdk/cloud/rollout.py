@@ -44,7 +44,7 @@ from edge_sdk.config import StrictModel, describe_validation_error
 from edge_sdk.errors import ConfigError, SyncError
 from edge_sdk.runtime.sync.topics import TopicKind, Topics, check_device, check_level
 from edge_sdk.runtime.sync.transport import Transport
-from edge_sdk.runtime.sync.twin import DesiredState
+from edge_sdk.runtime.sync.desired import DesiredState
 
 from .connection import collect_retained
 from .fleet import DeviceReport, FleetView, read_fleet
@@ -123,6 +123,7 @@ class RolloutSpec(StrictModel):
     version: int = Field(ge=1)
     waves: list[Wave] = Field(min_length=1)
     group: dict[str, str] = Field(default_factory=dict, description="only devices with these labels")
+    store: str | None = Field(None, description="chunk store of the release (default: what each device's desired state names)")
     max_failure: float = Field(0.0, ge=0.0, le=1.0, description="failure share of a wave above which the rollout halts")
     bounds: HealthBounds = HealthBounds()
 
@@ -343,10 +344,12 @@ class RolloutStore:
 
 
 # -- desired state ----------------------------------------------------------------------------------
-def desired_with(previous: bytes | None, model: str, version: int, source: str = "desired state") -> bytes:
-    """A device's desired state ``previous`` with ``model`` at ``version``, the rest kept."""
-    current = DesiredState.from_payload(previous or b"", source) or DesiredState()
-    return current.model_copy(update={"model": model, "version": version}).to_payload()
+def desired_with(previous: bytes | None, model: str, version: int, store: str | None = None) -> bytes:
+    """A device's desired state ``previous`` with ``model`` at ``version`` (from ``store``, else the
+    store that entry named before), every other model and the policy kept."""
+    current = DesiredState.from_payload(previous or b"", "desired state") or DesiredState()
+    entry = current.models.get(model)
+    return current.with_model(model, version, store or (entry.store if entry is not None else None)).to_payload()
 
 
 def desired_restored(record: DeviceRecord, model: str) -> bytes:
@@ -450,7 +453,8 @@ class RolloutController:
         if not self._rewritten:  # after a restart: a desired state may not have reached the broker
             for record in records:
                 if record.step is DeviceStep.TOUCHED:
-                    self._publish_desired(record.device, desired_with(record.previous_desired, spec.model, spec.version))
+                    self._publish_desired(record.device, desired_with(record.previous_desired, spec.model, spec.version,
+                                                                      spec.store))
             self._rewritten = True
         pending = [r for r in records if r.step is DeviceStep.PENDING]
         if pending:
@@ -461,7 +465,7 @@ class RolloutController:
                 previous = desired.get(record.device)
                 if not self.store.touch(rollout.id, record.device, previous, running.version if running else None):
                     return self.store.get(rollout.id).state  # paused or aborted meanwhile
-                self._publish_desired(record.device, desired_with(previous, spec.model, spec.version))
+                self._publish_desired(record.device, desired_with(previous, spec.model, spec.version, spec.store))
             self.store.event(rollout.id, f"wave {rollout.wave + 1}/{rollout.waves}: desired "
                                          f"{spec.model} v{spec.version} for {len(pending)} devices")
             state = self.store.get(rollout.id).state

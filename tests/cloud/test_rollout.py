@@ -27,7 +27,7 @@ from edge_sdk.cloud.rollout import (
 from edge_sdk.errors import ConfigError
 from edge_sdk.manifest import FileEntry, load_manifest, write_manifest
 from edge_sdk.runtime.sync.topics import Topics
-from edge_sdk.runtime.sync.twin import DesiredState
+from edge_sdk.runtime.sync.desired import DesiredState
 from edge_sdk.signing import load_private_key
 
 FLEET = "f"
@@ -201,7 +201,7 @@ def test_fifty_devices_rollout_halts_at_the_first_wave_with_the_bad_profile_and_
         cli = [sys.executable, "-m", "edge_sdk", "cloud", "rollout"]
         start = subprocess.Popen([*cli, "start", "--broker", mosquitto.url, "--fleet", FLEET, "--model", "cnn",
                                   "--version", "2", "--canary", "dev01,dev02", "--wave", "20%", "--wave", "100%",
-                                  "--max-failure", "0.1", "--soak", "2", "--wave-timeout", "180", "--poll", "0.5",
+                                  "--max-failure", "0.1", "--soak", "2", "--wave-timeout", "120", "--poll", "0.5",
                                   "--id", "r1", "--state", str(state)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True)
 
@@ -216,7 +216,10 @@ def test_fifty_devices_rollout_halts_at_the_first_wave_with_the_bad_profile_and_
             finally:
                 store.close()
 
-        assert wait_until(touched_in_wave_2, 240, 0.2), start.communicate(timeout=5)
+        if not wait_until(touched_in_wave_2, 240, 0.2):
+            store = RolloutStore(state)
+            raise AssertionError((start.communicate(timeout=5), rollout_status(store, "r1")["devices"][:3],
+                                  reported(mosquitto, ["dev01"])))
         start.send_signal(signal.SIGKILL)  # mid-wave
         start.wait()
         resumed = subprocess.run([*cli, "resume", "r1", "--broker", mosquitto.url, "--state", str(state), "--poll", "0.5"],
@@ -235,7 +238,7 @@ def test_fifty_devices_rollout_halts_at_the_first_wave_with_the_bad_profile_and_
         with connect(mosquitto.url, "test") as t:
             desired = collect_retained(t, Topics(FLEET), f"edge/{FLEET}/+/desired")
         for d in touched:
-            assert json.loads(desired[Topics(FLEET).desired(d["device"])])["version"] == 1
+            assert json.loads(desired[Topics(FLEET).desired(d["device"])]) == {"models": {"cnn": {"version": 1}}}
         assert not any(Topics(FLEET).desired(d["device"]) in desired for d in untouched)
         now = reported(mosquitto, names)
         for d in touched:
@@ -257,21 +260,27 @@ def test_pause_resume_and_abort_from_another_process(mosquitto, tmp_path):
             t.publish(topics.reported(f"d{i}"), json.dumps({"release": {"model": "cnn", "version": 1},
                                                             "updated": time.time()}).encode(), qos=1, retain=True, wait=5)
         t.publish(topics.manifest("cnn", 2), b"x", qos=1, retain=True, wait=5)
-        t.publish(topics.desired("d0"), DesiredState(model="cnn", version=1, policy={"pin_precision": "int8"}).to_payload(),
-                  qos=1, retain=True, wait=5)
+        before = {"models": {"cnn": {"version": 1, "store": "file:///srv/chunks"}, "other": {"version": 4}},
+                  "policy": {"pin_precision": "int8"}}
+        t.publish(topics.desired("d0"), json.dumps(before).encode(), qos=1, retain=True, wait=5)
     store, other = RolloutStore(tmp_path / "r.db"), RolloutStore(tmp_path / "r.db")
     with connect(mosquitto.url, "rollout") as t:
         r = start_rollout(store, t, topics, spec(waves=[Wave.parse("d0,d1"), Wave.parse("100%")]), "r")
         controller = RolloutController(store, t, r.id)
         assert controller.step() is RolloutState.RUNNING
         assert [d.step for d in store.devices("r", 0)] == [DeviceStep.TOUCHED] * 2
+        during = collect_retained(t, topics, f"edge/{FLEET}/+/desired")
+        assert json.loads(during[topics.desired("d0")])["models"] == {"cnn": {"version": 2, "store": "file:///srv/chunks"},
+                                                                      "other": {"version": 4}}
         assert other.set_state("r", RolloutState.PAUSED, only_from=(RolloutState.RUNNING,))
         assert controller.run(poll_s=0.1) is RolloutState.PAUSED
         assert other.set_state("r", RolloutState.ABORTED, "operator", only_from=(RolloutState.PAUSED,))
         assert controller.step() is RolloutState.ABORTED
         desired = collect_retained(t, topics, f"edge/{FLEET}/+/desired")
-    assert json.loads(desired[topics.desired("d0")]) == {"model": "cnn", "version": 1, "policy": {"pin_precision": "int8"}}
-    assert json.loads(desired[topics.desired("d1")]) == {"model": "cnn", "version": 1}
+    assert json.loads(desired[topics.desired("d0")]) == {"models": {"cnn": {"version": 1, "store": "file:///srv/chunks"},
+                                                                    "other": {"version": 4}},
+                                                         "policy": {"pin_precision": "int8"}}
+    assert json.loads(desired[topics.desired("d1")]) == {"models": {"cnn": {"version": 1}}}
     assert topics.desired("d2") not in desired  # never touched
     assert [d.step for d in store.devices("r")] == [DeviceStep.REVERTED] * 2 + [DeviceStep.PENDING] * 2
     with connect(mosquitto.url, "view") as t:
