@@ -13,7 +13,7 @@ import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
+from collections.abc import Iterable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -23,7 +23,7 @@ from .chunking import chunk_file, sha256_file
 from .config import describe_validation_error
 from .errors import IntegrityError
 from .report import ConversionReport
-from .types import Precision, Target
+from .types import Precision, Target, VariantStatus
 
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
@@ -53,6 +53,12 @@ class FileEntry(_Model):
         chunked = chunk_file(path)
         return cls(path=rel, size=chunked.size, sha256=chunked.sha256,
                    chunks=[ChunkRef(sha256=c.sha256, size=c.size) for c in chunked.chunks])
+
+    def check_chunks(self) -> None:
+        """Refuse a chunk list that does not cover exactly the file's declared size."""
+        declared = sum(c.size for c in self.chunks)
+        if declared != self.size or (self.size and not self.chunks):
+            raise IntegrityError(f"{self.path}: chunk list covers {declared} bytes, declared size is {self.size}")
 
 
 class TensorSpec(_Model):
@@ -90,6 +96,9 @@ class Validation(_Model):
 
 
 class Variant(_Model):
+    """One artifact of the release. ``backend`` names a registered runtime backend: one of
+    :class:`~edge_sdk.types.BackendName` for the built-in ones, or a plugin's name."""
+
     id: str
     profiles: list[str]
     target: Target
@@ -101,12 +110,12 @@ class Variant(_Model):
     validation: Validation = Validation()
     latency_ms: float | None = None
     size_bytes: int = 0
-    status: Literal["ok", "rejected"] = "ok"
+    status: VariantStatus = VariantStatus.OK
     reason: str | None = None
 
     @property
     def ok(self) -> bool:
-        return self.status == "ok"
+        return self.status == VariantStatus.OK
 
 
 class SelfTest(_Model):
@@ -139,6 +148,17 @@ class Manifest(_Model):
 
     def variants_for(self, profile_id: str, *, ok_only: bool = True) -> list[Variant]:
         return [v for v in self.variants if profile_id in v.profiles and (v.ok or not ok_only)]
+
+    def files(self, variants: Iterable[Variant] | None = None) -> list[FileEntry]:
+        """The files of ``variants`` (default: every ok variant) and the self-test files, each path once."""
+        entries: dict[str, FileEntry] = {}
+        for variant in (v for v in self.variants if v.ok) if variants is None else variants:
+            for entry in variant.files:
+                entries.setdefault(entry.path, entry)
+        if self.self_test is not None:
+            for entry in (self.self_test.inputs, self.self_test.expected):
+                entries.setdefault(entry.path, entry)
+        return list(entries.values())
 
     def to_bytes(self) -> bytes:
         return (json.dumps(self.model_dump(mode="json"), indent=2) + "\n").encode()

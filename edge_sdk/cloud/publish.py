@@ -66,21 +66,8 @@ class PublishReport:
         return asdict(self)
 
 
-def release_files(manifest: Manifest) -> list[FileEntry]:
-    """Files devices may fetch: every ok variant's files and the self-test files, each once."""
-    entries: dict[str, FileEntry] = {}
-    for variant in manifest.variants:
-        if variant.ok:
-            for entry in variant.files:
-                entries.setdefault(entry.path, entry)
-    if manifest.self_test is not None:
-        for entry in (manifest.self_test.inputs, manifest.self_test.expected):
-            entries.setdefault(entry.path, entry)
-    return list(entries.values())
-
-
 def chunk_refs_of(manifest: Manifest) -> set[str]:
-    return {c.sha256 for entry in release_files(manifest) for c in entry.chunks}
+    return {c.sha256 for entry in manifest.files() for c in entry.chunks}
 
 
 def published_chunks(transport: Transport, topics: Topics) -> tuple[set[str], dict[str, Manifest]]:
@@ -166,7 +153,7 @@ def publish_release(release_dir: Path | str, broker: str, fleet: str, *, prefix:
         if signature is None:
             log.warning("publishing %s unsigned: devices with a public key will refuse it", release_dir)
     manifest = Manifest.from_bytes(data, str(release_dir / MANIFEST_NAME))
-    files = release_files(manifest)
+    files = manifest.files()
     for entry in files:
         verify_file(release_dir, entry)  # fail before anything goes out
     topics = Topics(fleet, prefix)

@@ -150,10 +150,6 @@ class ReleaseStore:
         active = self.active()
         return parse_name(active.name) if active else None
 
-    def active_manifest(self) -> Manifest | None:
-        active = self.active()
-        return Manifest.from_bytes((active / MANIFEST_NAME).read_bytes(), str(active)) if active else None
-
     def path_of(self, model: str, version: int) -> Path:
         return self.releases / release_name(model, version)
 
@@ -278,10 +274,7 @@ class ReleaseStore:
             if folder is None:
                 continue
             manifest = Manifest.from_bytes((folder / MANIFEST_NAME).read_bytes(), str(folder))
-            entries = [e for v in manifest.variants for e in v.files]
-            if manifest.self_test is not None:
-                entries += [manifest.self_test.inputs, manifest.self_test.expected]
-            for entry in entries:
+            for entry in manifest.files(manifest.variants):
                 if resolve_inside(folder, entry.path).exists():
                     shas.update(c.sha256 for c in entry.chunks)
         return shas
