@@ -223,10 +223,15 @@ class FleetView:
                 "garbage": self.garbage}
 
 
+def every_device(topics: Topics, leaf: str) -> str:
+    """The filter of one device-level topic of every device: ``<prefix>/+/<leaf>``."""
+    return f"{topics.prefix}/+/{leaf}"
+
+
 def read_fleet(transport: Transport, topics: Topics, stale_after_s: float = 300.0, timeout: float = 30.0) -> FleetView:
     """Collect every retained status and reported state of the fleet into a :class:`FleetView`."""
     online: dict[str, bool] = {}
-    for topic, payload in collect_retained(transport, topics, topics.all_status(), timeout).items():
+    for topic, payload in collect_retained(transport, topics, every_device(topics, "status"), timeout).items():
         device = topics.device_of(topic, TopicKind.STATUS)
         try:
             flag = json.loads(payload).get("online")
@@ -236,7 +241,7 @@ def read_fleet(transport: Transport, topics: Topics, stale_after_s: float = 300.
             online[device] = flag
     devices: dict[str, DeviceReport] = {}
     garbage: dict[str, str] = {}
-    for topic, payload in collect_retained(transport, topics, topics.all_reported(), timeout).items():
+    for topic, payload in collect_retained(transport, topics, every_device(topics, "reported"), timeout).items():
         device = topics.device_of(topic, TopicKind.REPORTED)
         if device is None:
             continue

@@ -47,7 +47,7 @@ from edge_sdk.runtime.sync.transport import Transport
 from edge_sdk.runtime.sync.desired import DesiredState
 
 from .connection import collect_retained
-from .fleet import DeviceReport, FleetView, read_fleet
+from .fleet import DeviceReport, FleetView, every_device, read_fleet
 
 log = logging.getLogger(__name__)
 
@@ -424,7 +424,7 @@ class RolloutController:
             raise SyncError(f"broker did not acknowledge desired state at {topic}")
 
     def _current_desired(self) -> dict[str, bytes]:
-        found = collect_retained(self.transport, self.topics, f"{self.topics.prefix}/+/desired")
+        found = collect_retained(self.transport, self.topics, every_device(self.topics, "desired"))
         return {d: payload for topic, payload in found.items()
                 if (d := self.topics.device_of(topic, TopicKind.DEVICE_DESIRED)) is not None}
 

@@ -164,7 +164,7 @@ def rollout_releases(tmp_path_factory, release_keypair):
 
 def reported(broker, devices: list[str]) -> dict[str, dict]:
     with connect(broker.url, "test") as t:
-        found = collect_retained(t, Topics(FLEET), Topics(FLEET).all_reported())
+        found = collect_retained(t, Topics(FLEET), f"edge/{FLEET}/+/reported")
     return {d: json.loads(found[Topics(FLEET).reported(d)]) for d in devices if Topics(FLEET).reported(d) in found}
 
 
