@@ -2,7 +2,7 @@
 
 Each runs as a child process on free loopback ports, with its config, data and logs in a folder of
 its own, and is stopped (or killed) by whoever started it: the fixtures in ``tests/conftest.py``,
-or a benchmark (``sys.path.insert(0, "tests")``). No pytest here: a missing program raises
+or a benchmark (``sys.path.insert(0, "tests/support")``). No pytest here: a missing program raises
 :class:`ServerUnavailable`, which the fixtures turn into the CI guard's :func:`needs.missing`.
 
 Every class has ``start()`` (waits until it answers), ``stop()`` (clean, SIGTERM), ``kill()``
@@ -349,9 +349,11 @@ class SeaweedS3Server(Server):
     def command(self) -> list[str]:
         p = self.ports
         # gRPC ports default to HTTP port + 10000, which may be taken: give each one explicitly.
+        # Every bucket is a collection that grows several volumes of its own (files are not
+        # preallocated): -volume.max leaves room for the buckets of a whole session.
         grpc = {name: free_port() for name in ("master", "volume", "filer", "s3")}
         return [self.exe, "server", f"-dir={self.folder / 'data'}", f"-ip={self.host}", f"-ip.bind={self.host}",
-                "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=16", "-volume.preStopSeconds=0",
+                "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=256", "-volume.preStopSeconds=0",
                 "-master.resumeState=false", "-master.electionTimeout=1s",
                 f"-master.port={p['master']}", f"-master.port.grpc={grpc['master']}",
                 f"-volume.port={p['volume']}", f"-volume.port.grpc={grpc['volume']}",
