@@ -155,7 +155,7 @@ def side_state_recovery(release: Path, work: Path, timeout: float) -> dict[str, 
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        config = {"device_id": "bench", "state_dir": str(state), "http": {"port": port},
+        config = {"device_id": "bench", "state_dir": str(state), "http": {"port": port}, "grpc": {"port": 0},
                   "api": {"auth": {"anonymous_loopback": True}},
                   "models": [{"name": "fusion", "profile": "generic-x86_64", "precision": "fp32"}],
                   "sync": {"broker": "mqtt://127.0.0.1:1", "allow_unsigned": True},

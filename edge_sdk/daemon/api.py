@@ -236,9 +236,9 @@ class InferenceApi:
             elapsed = None
             try:
                 started = time.perf_counter()
-                outputs, variant = await asyncio.get_running_loop().run_in_executor(self._executor, served.run_traced,
-                                                                                    feed)
+                outputs = await asyncio.get_running_loop().run_in_executor(self._executor, served.run, feed)
                 elapsed = time.perf_counter() - started
+                backend, precision = served.labels()
             finally:
                 self.admission.release(elapsed)
             result = make_result(name, served.version, request, outputs, served.manifest.labels)
@@ -259,7 +259,7 @@ class InferenceApi:
             raise ApiError(Status.INTERNAL, f"internal error: {type(exc).__name__}: {exc}") from None
         finally:
             served.release()
-        self.metrics.infer_latency.labels(name, variant.backend, variant.precision.value).observe(elapsed)
+        self.metrics.infer_latency.labels(name, backend, precision).observe(elapsed)
         if self.on_infer is not None:
             try:
                 self.on_infer(name, request.inputs, outputs, elapsed)

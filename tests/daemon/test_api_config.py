@@ -17,11 +17,12 @@ from edge_sdk.errors import ConfigError
 _load_commands()
 
 BASE = "device_id: dev-1\nstate_dir: state\nmodels:\n  - name: fusion\n    release: rel/fusion\n"
+UNSIGNED = "sync:\n  allow_unsigned: true\n"  # (after the case's lines: their line numbers stay)
 
 
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "edge.yaml"
-    path.write_text(BASE + text)
+    path.write_text(BASE + text + UNSIGNED)
     return path
 
 
