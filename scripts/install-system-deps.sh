@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # System packages the tests and the demo use: Mosquitto (a real MQTT broker, started by the
-# tests on a free port with their own config) and, on a Debian Python, the venv module the
-# Makefile creates .venv with. Installs with apt-get when run as root.
+# tests on a free port with their own config), espeak-ng (speech for the model corpus) and, on a
+# Debian Python, the venv module the Makefile creates .venv with. Installs with apt-get when run as root.
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 missing=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+# espeak-ng synthesizes the speech the real-model corpus scores a voice-activity model on (tests/zoo).
+command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
 # Debian splits venv/ensurepip out of python3 (python3.11-venv for 3.11).
 "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1 ||
   missing+=("python$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')-venv")

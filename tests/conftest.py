@@ -259,6 +259,17 @@ def require_module():
 
 
 @pytest.fixture(scope="session")
+def require_program():
+    """``require_program(name, install)``: for an executable from the system (e.g. Debian's espeak-ng)."""
+
+    def check(name: str, install: str) -> None:
+        if _shutil.which(name) is None:
+            missing(f"program {name!r} is not installed: {install}")
+
+    return check
+
+
+@pytest.fixture(scope="session")
 def require_toolchain():
     """``require_toolchain(name)`` skips (naming the install command) unless ``name`` is installed."""
     from edge_sdk.converters import toolchains

@@ -1,0 +1,98 @@
+"""One conversion per corpus model per session, shared by every test of the corpus."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from edge_sdk.manifest import Manifest, Variant
+
+from . import CASES
+from .cases import Run, ZooCase, ZooData
+
+TARGETS = ("onnx", "tflite", "ncnn", "openvino")
+PROFILE = "generic-x86_64"  # runs all four targets
+TOOLCHAINS = ("tflite", "ncnn")  # isolated converter venvs (make toolchains)
+BACKEND_MODULES = ("ai_edge_litert", "ncnn", "openvino", "nncf")
+
+
+@dataclass
+class Converted:
+    case: ZooCase
+    data: ZooData
+    release: Path
+    manifest: Manifest
+    fp32_test_metric: float
+    _runs: dict[str, Run] = field(default_factory=dict)
+
+    def run(self, variant: Variant) -> Run:
+        """The artifact loaded by its own runtime backend (one thread)."""
+        if variant.id not in self._runs:
+            from edge_sdk.runtime.backends.base import BackendOptions, get_backend
+
+            files = [self.release / f.path for f in variant.files]
+            session = get_backend(variant.backend).load(files, variant.inputs, variant.outputs,
+                                                        BackendOptions(threads=1, precision=variant.precision))
+            self._runs[variant.id] = session.run
+        return self._runs[variant.id]
+
+    def test_drop(self, variant: Variant) -> float:
+        """Task-metric drop (points) of an artifact on the held-out test split."""
+        return self.case.drop_points(self.fp32_test_metric, self.case.evaluate(self.run(variant), self.data.test))
+
+    @property
+    def source_size(self) -> int:
+        return self.case.model().stat().st_size
+
+
+def convert(case: ZooCase, data: ZooData, out: Path, **options) -> Manifest:
+    """The corpus model through the converter as a user would call it, all four targets."""
+    import edge_sdk
+    from edge_sdk.converters.validate import TaskMetric
+
+    metric = TaskMetric(case.metric_name, lambda outputs: case.score(outputs, data.validation.truth))
+    return edge_sdk.convert(case.model(), [PROFILE], out, calibration=data.calibration, validation=data.validation.feeds,
+                            metric=metric, input_shapes=dict(case.input_shapes), targets=list(TARGETS),
+                            model_name=case.name, validation_limit=len(data.validation.feeds), **options)
+
+
+@pytest.fixture(scope="session")
+def require_case(require_module, require_toolchain, require_program):
+    """``require_case(case)``: the wheels and programs the case needs, every target's backend and toolchain."""
+
+    def check(case: ZooCase) -> None:
+        for module in (*case.modules, *BACKEND_MODULES):
+            require_module(module)
+        for program in case.programs:
+            require_program(program, "scripts/install-system-deps.sh installs it")
+        for toolchain in TOOLCHAINS:
+            require_toolchain(toolchain)
+
+    return check
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory, require_case):
+    """``zoo(name)`` → :class:`Converted`: the model converted once per session (speed gate off:
+    these tests assert accuracy, sizes, statuses and reasons; speed is measured in benchmarks/zoo.py)."""
+    import onnxruntime as ort
+
+    from .measure import onnx_session
+
+    ort.set_default_logger_severity(3)
+    done: dict[str, Converted] = {}
+
+    def get(name: str) -> Converted:
+        if name not in done:
+            case = CASES[name]
+            require_case(case)
+            data = case.data()
+            release = tmp_path_factory.mktemp(f"zoo-{name}") / "release"
+            manifest = convert(case, data, release, speed_gate=False, latency_runs=5)
+            fp32 = case.evaluate(onnx_session(case.static_model()), data.test)
+            done[name] = Converted(case, data, release, manifest, fp32)
+        return done[name]
+
+    return get
