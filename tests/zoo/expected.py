@@ -1,0 +1,10 @@
+"""What the converter does not achieve yet on the corpus: each entry is a strict xfail of
+``test_zoo.py`` naming the gap (issue 11). When a change closes a gap, that test XPASSes and
+fails: delete the entry (the corpus ratchets up). ``benchmarks/zoo.py`` has the figures."""
+
+from __future__ import annotations
+
+# Models the tests convert (all four targets each); benchmarks/zoo.py runs every model in CASES.
+TESTED = ("centerface", "magika", "ocr-cls", "ocr-det")
+
+GAPS: dict[tuple[str, str], str] = {}
