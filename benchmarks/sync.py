@@ -1,14 +1,18 @@
-"""Release sync figures, measured side by side in one run against a real Mosquitto; prints JSON.
+"""Release sync figures, measured side by side in one run against real servers; prints JSON.
 
-* ``update``: bytes a device moves for an update that re-trains only the last layer, vs the full
-  size of its files (goal ≤ 0.15×), and the time of the first full sync and of the update.
-* ``chunking``: FastCDC vs fixed-size chunks: bytes an update must move under each, for the same
-  last-layer change with and without a small insertion near the start of the file (metadata
-  growing by a few bytes shifts every offset after it, which defeats fixed-size chunks).
-* ``fleet``: N device clients in one process fetching one ~10 MB release from one broker: total
-  time, bytes through the broker, per-device p50/p95.
+* ``release_delta``: new bytes / release bytes after a last-layer change, on a ~2.5 MB release
+  (small CNN, every target) and a ~10 MB one (goals ≤ 0.15× and ≤ 0.03×), with tensor-following
+  chunks and, for reference, plain content-defined chunks (16/64/256 KiB, what shipped before);
+  a rebuild of the unchanged model (every chunk reused); adding one variant (only its own new
+  chunks: bytes of the variant vs bytes it adds to the store).
+* ``broker_rss``: Mosquitto's RSS after publishing a ~50 MB release and one device fetching it,
+  with the ``mqtt`` store vs the ``http`` (nginx) and ``s3`` (SeaweedFS) stores, where MQTT carries
+  only the manifest (goal: broker RSS independent of release size).
+* ``update``: one device syncing v1 then the last-layer v2 over MQTT: bytes moved vs its files.
+* ``fleet``: N device clients in one process fetching one release from one broker.
 
-Run: ``python benchmarks/sync.py [--devices 100] [--width 192]`` (needs ``mosquitto`` on PATH).
+Run: ``python benchmarks/sync.py [--sections release_delta,broker_rss,update,fleet] [--devices 100]``
+(needs ``mosquitto``, ``nginx`` and the dev extra's ``weed``; converter toolchains for every target).
 """
 
 from __future__ import annotations
@@ -16,90 +20,183 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-import onnx
 
-import edge_sdk
-from edge_sdk import samples
-from edge_sdk.chunking import chunk_bytes, sha256_bytes
-from edge_sdk.cloud.publish import publish_release
-from edge_sdk.manifest import load_manifest
-from edge_sdk.runtime.sync.client import SyncClient, SyncConfig, files_for, select_variants
-from edge_sdk.signing import generate_keypair
+def _load_servers():
+    """tests/servers.py (real servers), loaded by path: with tests/ on sys.path, the namespace
+    folder tests/edge_sdk would shadow the installed package."""
+    import importlib.util
 
-PROFILE = "intel-nuc"
+    spec = importlib.util.spec_from_file_location("servers", Path(__file__).resolve().parents[1] / "tests" / "servers.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["servers"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+servers = _load_servers()
+
+import edge_sdk  # noqa: E402
+from edge_sdk import samples  # noqa: E402
+from edge_sdk.chunking import ChunkSizes, chunk_bytes  # noqa: E402
+from edge_sdk.cloud.publish import publish_release  # noqa: E402
+from edge_sdk.manifest import Manifest, load_manifest  # noqa: E402
+from edge_sdk.runtime.sync.chunk_store import ChunkStore  # noqa: E402
+from edge_sdk.runtime.sync.client import SyncClient, SyncConfig, select_variants  # noqa: E402
+from edge_sdk.runtime.sync.fetch import fetch_missing  # noqa: E402
+from edge_sdk.runtime.sync.stores import StoreOptions, open_store  # noqa: E402
+from edge_sdk.runtime.sync.topics import Topics  # noqa: E402
+from edge_sdk.runtime.sync.transport import Transport, TransportConfig  # noqa: E402
+from edge_sdk.signing import generate_keypair  # noqa: E402
+
+PROFILES = ["intel-nuc", "raspberry-pi-4"]  # together they take every target
+DEVICE_PROFILE = "intel-nuc"
 FLEET = "bench"
+ALL_TARGETS = ["onnx", "tflite", "ncnn", "openvino"]
+BEFORE = ChunkSizes(16 * 1024, 64 * 1024, 256 * 1024)  # the chunker before tensor-following cuts
 
 
-class Broker:
-    def __init__(self, folder: Path) -> None:
-        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"mqtt://127.0.0.1:{self.port}"
-        conf = folder / "mosquitto.conf"
-        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\nuser root\npersistence false\n"
-                        f"max_queued_messages 100000\nmax_inflight_messages 100\n")
-        self.proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("mosquitto did not start")
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(10)
+def build(work: Path, name: str, model, version: int, targets: list[str], key: Path | None = None) -> Path:
+    path = samples.save(model, work / f"{name}.onnx")
+    edge_sdk.convert(path, PROFILES, work / name, calibration="random", targets=targets, model_name="cnn",
+                     release_version=version, sign_key=key, latency_runs=3, max_accuracy_drop=100.0, speed_gate=False)
+    return work / name
 
 
-def fixed_chunks(data: bytes, size: int = 64 * 1024) -> list[tuple[str, int]]:
-    return [(sha256_bytes(data[i:i + size]), len(data[i:i + size])) for i in range(0, len(data), size)]
+def chunk_map(release: Path, manifest: Manifest | None = None) -> dict[str, int]:
+    manifest = manifest or load_manifest(release)
+    return {c.sha256: c.size for e in manifest.files() for c in e.chunks}
 
 
-def cdc_chunks(data: bytes) -> list[tuple[str, int]]:
-    return [(c.sha256, c.size) for c in chunk_bytes(data)]
-
-
-def moved(old: bytes, new: bytes, chunker) -> int:
-    have = {sha for sha, _ in chunker(old)}
-    return sum(size for sha, size in dict(chunker(new)).items() if sha not in have)
-
-
-def chunking_comparison(base: onnx.ModelProto, updated: onnx.ModelProto) -> dict:
-    old = base.SerializeToString()
-    new = updated.SerializeToString()
-    shifted_model = onnx.ModelProto.FromString(new)
-    shifted_model.doc_string = "retrained on site 7, 2026-11-23 (build 4711)"  # serialized before the graph
-    shifted = shifted_model.SerializeToString()
-    out = {"file_bytes": len(new)}
-    for name, data in (("last_layer", new), ("last_layer_plus_metadata_shift", shifted)):
-        cdc, fixed = moved(old, data, cdc_chunks), moved(old, data, fixed_chunks)
-        out[name] = {"fastcdc_bytes": cdc, "fixed_64k_bytes": fixed,
-                     "fastcdc_ratio": round(cdc / len(data), 4), "fixed_ratio": round(fixed / len(data), 4),
-                     "fixed_over_fastcdc": round(fixed / max(cdc, 1), 2)}
+def plain_chunk_map(release: Path) -> dict[str, int]:
+    """The release's files cut as before: content-defined only, one size for every file."""
+    out = {}
+    for entry in load_manifest(release).files():
+        data = (release / entry.path).read_bytes()
+        out.update({c.sha256: c.size for c in chunk_bytes(data, sizes=BEFORE)})
     return out
 
 
-def device_config(broker: Broker, root: Path, pub: Path, device: str, self_test: bool = True) -> SyncConfig:
-    return SyncConfig(broker=broker.url, fleet=FLEET, device=device, root=root, profile=PROFILE, public_key=pub,
+def delta(old: dict[str, int], new: dict[str, int], file_bytes: int) -> dict:
+    moved = sum(size for sha, size in new.items() if sha not in old)
+    return {"new_bytes": moved, "ratio": round(moved / file_bytes, 4)}
+
+
+def release_delta(work: Path, width: int, goal: float) -> dict:
+    base = samples.make_cnn(width=width)
+    v1 = build(work, f"w{width}-v1", base, 1, ALL_TARGETS)
+    v2 = build(work, f"w{width}-v2", samples.with_new_last_layer(base, 7), 2, ALL_TARGETS)
+    again = build(work, f"w{width}-v1-again", base, 1, ALL_TARGETS)
+    manifest = load_manifest(v1)
+    files = manifest.files()
+    file_bytes = sum(e.size for e in files)
+    now = {name: chunk_map(path) for name, path in (("v1", v1), ("v2", v2), ("again", again))}
+    before = {name: plain_chunk_map(path) for name, path in (("v1", v1), ("v2", v2))}
+    variants = {}
+    for variant in (v for v in manifest.variants if v.ok):
+        own = {c.sha256: c.size for e in variant.files for c in e.chunks}
+        others = {c.sha256 for v in manifest.variants if v.ok and v.id != variant.id for e in v.files for c in e.chunks}
+        variants[variant.id] = {"variant_bytes": sum(e.size for e in variant.files),
+                                "new_bytes_when_added": sum(n for sha, n in own.items() if sha not in others)}
+    return {
+        "width": width, "release_file_bytes": file_bytes, "files": len(files),
+        "release_chunk_bytes": sum(now["v1"].values()), "chunks": len(now["v1"]),
+        "last_layer": {**delta(now["v1"], now["v2"], file_bytes), "goal_ratio": goal},
+        "last_layer_plain_cdc_before": delta(before["v1"], before["v2"], file_bytes),
+        "rebuild_of_unchanged_model": delta(now["v1"], now["again"], file_bytes),
+        "add_one_variant": variants,
+    }
+
+
+# --- broker RSS: mqtt store vs http / s3 --------------------------------------------------------------
+def broker_rss(work: Path, width: int) -> dict:
+    MosquittoBroker, NginxServer, SeaweedS3Server = servers.MosquittoBroker, servers.NginxServer, servers.SeaweedS3Server
+    release = build(work, f"rss-w{width}", samples.make_cnn(width=width), 1, ["onnx"])
+    manifest = load_manifest(release)
+    refs = list({c.sha256: c for e in manifest.files(select_variants(manifest, DEVICE_PROFILE))
+                 for c in e.chunks}.values())
+    out: dict = {"release_bytes": sum(e.size for e in manifest.files())}
+    seaweed = SeaweedS3Server(work / "seaweedfs").start()
+    nginx = NginxServer(work / "nginx", work / "www").start()
+    try:
+        stores = {"mqtt": ("mqtt", "mqtt"), "http": (f"file://{work / 'www'}", nginx.url),
+                  "s3": (f"s3://{_bucket(seaweed)}/chunks", None)}
+        for name, (publish_to, fetch_from) in stores.items():
+            broker = MosquittoBroker(work / f"mosquitto-{name}").start()
+            try:
+                idle = broker.rss_bytes()
+                with _aws_env(seaweed if name == "s3" else None):
+                    report = publish_release(release, broker.url, FLEET, store=publish_to)
+                    published = broker.rss_bytes()
+                    fetched = _device_fetch(broker, fetch_from or publish_to, refs, work / f"device-{name}")
+                out[name] = {"broker_rss_idle_mb": _mb(idle), "after_publish_mb": _mb(published),
+                             "after_device_fetch_mb": _mb(broker.rss_bytes()),
+                             "growth_mb": _mb(max(published, broker.rss_bytes()) - idle),
+                             "bytes_published": report.bytes_published, "device_bytes_fetched": fetched}
+            finally:
+                broker.kill()
+    finally:
+        nginx.kill()
+        seaweed.kill()
+    return out
+
+
+def _bucket(seaweed) -> str:
+    seaweed.client().create_bucket(Bucket="bench")
+    return "bench"
+
+
+class _aws_env:
+    """The S3 server's AWS_* variables for the duration of the block (boto3 reads them)."""
+
+    def __init__(self, server) -> None:
+        self.values = server.environ() if server is not None else {}
+        self.saved: dict = {}
+
+    def __enter__(self) -> None:
+        import os
+
+        for key, value in self.values.items():
+            self.saved[key] = os.environ.get(key)
+            os.environ[key] = value
+
+    def __exit__(self, *exc) -> None:
+        import os
+
+        for key, value in self.saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+
+
+def _device_fetch(broker, store_url: str, refs, root: Path) -> int:
+    transport = Transport(TransportConfig.from_url(broker.url, client_id="bench-device"))
+    transport.start()
+    try:
+        transport.wait_connected(10)
+        store = open_store(store_url, StoreOptions(transport=transport, topics=Topics(FLEET)))
+        stats = fetch_missing(store, ChunkStore(root), refs, time.monotonic() + 600, workers=16)
+        return stats.bytes
+    finally:
+        transport.stop()
+
+
+def _mb(n: int) -> float:
+    return round(n / 2**20, 1)
+
+
+# --- one device over MQTT, and a fleet ------------------------------------------------------------------
+def device_config(broker_url: str, root: Path, pub: Path, device: str, self_test: bool = True) -> SyncConfig:
+    return SyncConfig(broker=broker_url, fleet=FLEET, device=device, root=root, profile=DEVICE_PROFILE, public_key=pub,
                       self_test=self_test, stall_timeout_s=10.0, sync_timeout_s=600.0)
 
 
-def update_figures(broker: Broker, work: Path, pub: Path) -> dict:
-    client = SyncClient(device_config(broker, work / "device", pub, "bench-dev"))
+def update_figures(broker_url: str, work: Path, pub: Path) -> dict:
+    client = SyncClient(device_config(broker_url, work / "device", pub, "bench-dev"))
     client.transport.start()
     try:
         client.transport.wait_connected(10)
@@ -120,8 +217,8 @@ def update_figures(broker: Broker, work: Path, pub: Path) -> dict:
     }
 
 
-def fleet_figures(broker: Broker, work: Path, pub: Path, devices: int, fleet_version: int) -> dict:
-    clients = [SyncClient(device_config(broker, work / f"fleet-{i}", pub, f"dev-{i:04d}", self_test=False))
+def fleet_figures(broker_url: str, work: Path, pub: Path, devices: int, fleet_version: int) -> dict:
+    clients = [SyncClient(device_config(broker_url, work / f"fleet-{i}", pub, f"dev-{i:04d}", self_test=False))
                for i in range(devices)]
     for c in clients:
         c.transport.start()
@@ -157,36 +254,47 @@ def fleet_figures(broker: Broker, work: Path, pub: Path, devices: int, fleet_ver
     }
 
 
+def mqtt_figures(work: Path, devices: int, width: int) -> dict:
+    MosquittoBroker = servers.MosquittoBroker
+    key, pub = generate_keypair(work / "k.key")
+    base = samples.make_cnn(width=width)
+    for version, model in ((1, base), (2, samples.with_new_last_layer(base, 7))):
+        build(work, f"mqtt-v{version}", model, version, ["onnx"], key)
+    broker = MosquittoBroker(work / "mosquitto-update").start()
+    try:
+        publish = [publish_release(work / f"mqtt-v{v}", broker.url, FLEET).to_dict() for v in (1, 2)]
+        figures = {"publish": [{k: p[k] for k in ("version", "chunks_published", "chunks_skipped", "bytes_published",
+                                                  "duration_s")} for p in publish],
+                   "update": update_figures(broker.url, work, pub)}
+        if devices:
+            figures["fleet"] = fleet_figures(broker.url, work, pub, devices, 1)
+        return figures
+    finally:
+        broker.kill()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--devices", type=int, default=100)
-    parser.add_argument("--width", type=int, default=192, help="CNN width (192 ≈ 10 MB of artifacts)")
+    parser.add_argument("--sections", default="release_delta,broker_rss,update",
+                        help="comma-separated: release_delta, broker_rss, update (with --devices: fleet)")
+    parser.add_argument("--devices", type=int, default=0, help="fleet clients for the fleet figures (0: none)")
+    parser.add_argument("--small-width", type=int, default=44, help="CNN width of the ~2.5 MB every-target release")
+    parser.add_argument("--large-width", type=int, default=92, help="CNN width of the ~10 MB every-target release")
+    parser.add_argument("--rss-width", type=int, default=420, help="CNN width of the ~50 MB release (onnx)")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
     work = Path(tempfile.mkdtemp(prefix="edge-sdk-sync-bench-"))
-    broker = Broker(work)
+    figures: dict = {}
     try:
-        key, pub = generate_keypair(work / "k.key")
-        base = samples.make_cnn(width=args.width)
-        updated = samples.with_new_last_layer(base, 7)
-        for version, model in ((1, base), (2, updated)):
-            path = samples.save(model, work / f"cnn-v{version}.onnx")
-            edge_sdk.convert(path, [PROFILE], work / f"v{version}", calibration="random", targets=["onnx"],
-                             model_name="cnn", release_version=version, sign_key=key, latency_runs=3,
-                             max_accuracy_drop=100.0)
-        publish = [publish_release(work / f"v{v}", broker.url, FLEET).to_dict() for v in (1, 2)]
-        manifest = load_manifest(work / "v1")
-        device_bytes = sum(e.size for e in files_for(manifest, select_variants(manifest, PROFILE)))
-        figures = {
-            "release_bytes_v1": device_bytes,
-            "publish": [{k: p[k] for k in ("version", "chunks_published", "chunks_skipped", "bytes_published", "duration_s")}
-                        for p in publish],
-            "update": update_figures(broker, work, pub),
-            "chunking": chunking_comparison(base, updated),
-            "fleet": fleet_figures(broker, work, pub, args.devices, 1),
-        }
+        if "release_delta" in sections:
+            figures["release_delta"] = {"small": release_delta(work, args.small_width, 0.15),
+                                        "large": release_delta(work, args.large_width, 0.03)}
+        if "broker_rss" in sections:
+            figures["broker_rss"] = broker_rss(work, args.rss_width)
+        if "update" in sections:
+            figures["mqtt"] = mqtt_figures(work, args.devices, 96)
         print(json.dumps(figures, indent=2))
     finally:
-        broker.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 

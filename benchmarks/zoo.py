@@ -91,7 +91,7 @@ def bench_model(case: ZooCase, runs: int, with_peers: bool, work: Path) -> dict:
     try:
         manifest = convert(case, data, release)
         entry["conversion_seconds"] = round(time.perf_counter() - started, 1)
-        entry["warnings"] = manifest.report.get("warnings", [])
+        entry["warnings"] = list(manifest.report.warnings)
     except Exception as exc:  # noqa: BLE001 - a model the converter cannot take at all is a finding
         manifest = None
         entry["conversion_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

@@ -17,7 +17,6 @@ import numpy as np
 
 from ..errors import ConfigError, MissingDependencyError
 from ..manifest import TensorSpec
-from ..registry import Registry
 from .targets.base import Feeds
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -58,17 +57,13 @@ class SampleSet:
 
 
 class CalibrationSource(Protocol):
-    """Where calibration/validation samples come from. Registered by name in :data:`SOURCES`."""
+    """Where calibration/validation samples come from (:func:`source_for` picks one)."""
 
     def read(self, inputs: Sequence[TensorSpec]) -> SampleSet:
         """Samples for a model with these inputs; ConfigError naming the file when one does not fit."""
         ...
 
 
-SOURCES: Registry[type] = Registry("calibration source")
-
-
-@SOURCES.register("arrays")
 @dataclass(frozen=True)
 class ArrayFiles:
     """A folder of ``.npy`` (single-input models) / ``.npz`` (keyed by input name), or one such file.
@@ -88,7 +83,6 @@ class ArrayFiles:
         return SampleSet(samples, source=str(self.path), names=names)
 
 
-@SOURCES.register("images")
 @dataclass(frozen=True)
 class ImageFiles:
     """A folder of images, resized to the input's H×W, scaled, normalized and laid out as the input."""
@@ -102,7 +96,6 @@ class ImageFiles:
                          names=[f.stem for f in files])
 
 
-@SOURCES.register("random")
 @dataclass(frozen=True)
 class RandomInputs:
     """Standard-normal inputs of the model's shapes: an explicit opt-in, reported as a warning."""

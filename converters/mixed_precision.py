@@ -20,8 +20,8 @@ import onnx
 from onnx import helper
 
 from ..manifest import Validation
-from .quantize import quiet
 from .targets.base import ExportResult, Feeds
+from .toollog import quiet
 from .validate import accuracy_drop
 
 
@@ -96,7 +96,8 @@ def rank_nodes(fp32_path: Path, quantized_path: Path, samples: Sequence[Feeds]) 
     with tempfile.TemporaryDirectory(prefix="edge-sdk-mixed-") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         try:
-            quiet(lambda: quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True))
+            with quiet():
+                quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         except Exception:  # same fallback as quantize.py: the quantizer then saw the plain model
             prepared = fp32_path
         reference = onnx.load(str(prepared))

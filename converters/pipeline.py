@@ -13,23 +13,27 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .. import __version__
 from ..errors import BackendError, ConfigError, EdgeSDKError, InputError, MissingDependencyError, ToolchainError
 from ..manifest import FileEntry, Manifest, TensorSpec, Validation, Variant
-from ..profiles import DeviceProfile, detect_profile, get_profile
+from ..profiles import AUTO, DeviceProfile
+from ..report import CalibrationInfo, ConversionReport, MixedSearch, ReferenceInfo, SamplesInfo, SourceInfo
 from ..runtime.backends.base import BackendOptions, Session, check_inputs, get_backend
-from ..types import PRECISION_LADDER, TARGET_BACKEND, Precision, Target
+from ..types import PRECISION_LADDER, TARGET_BACKEND, Precision, Target, VariantStatus
 from . import mixed_precision, validate
-from .calibration import ImageOptions, SampleSet, load_labels, load_samples, random_samples
-from .loader import LoadedModel, load_model, parse_input_shapes
+from .calibration import SampleSet, load_labels, load_samples, random_samples
+from .config import ConvertConfig, DataSource, ValidationConfig
+from .loader import LoadedModel, load_model
+from .prune import prune_model
 from .release import Staging, fatal_write_error
-from .targets.base import CalibrationMethod, ExportRequest, ExportResult, ExportTarget, Feeds, get_target
+from .targets.base import ExportRequest, ExportResult, ExportTarget, Feeds, get_target
 
 ProgressCallback = Callable[[str, int, int], None]
 """``progress(step, done, total)``: called as the pipeline advances (the CLI draws a bar)."""
@@ -37,38 +41,10 @@ ProgressCallback = Callable[[str, int, int], None]
 _QUANTIZED = (Precision.INT8, Precision.MIXED)
 
 
-@dataclass(frozen=True)
-class ConvertConfig:
-    """Everything ``convert`` was asked to do, checked before any heavy work starts."""
-
-    profiles: tuple[DeviceProfile, ...]
-    targets: frozenset[Target] | None
-    max_accuracy_drop: float = 1.0
-    calibration_method: CalibrationMethod = CalibrationMethod.MINMAX
-    per_channel: bool = True
-    latency_runs: int = 50
-    latency_threads: int | None = 1  # one thread: ratios are stabler on a shared build machine
-    validation_limit: int = 64  # at most this many samples are used for validation
-    random_samples: int = 16
-    mixed_precision: bool = True
-    # Off when the build machine says nothing about the device's speed (cross-building, emulation):
-    # latencies are still measured and reported, only not used to reject.
-    speed_gate: bool = True
-    image_options: ImageOptions = ImageOptions()  # for calibration/validation folders of images
-
-    def __post_init__(self) -> None:
-        if not self.profiles:
-            raise ConfigError("no device profile given")
-        if not 0 <= self.max_accuracy_drop <= 100:
-            raise ConfigError(f"max_accuracy_drop {self.max_accuracy_drop}: expected points between 0 and 100")
-        if self.latency_runs < 1:
-            raise ConfigError(f"latency_runs {self.latency_runs}: must be >= 1")
-        if self.validation_limit < 1:
-            raise ConfigError(f"validation_limit {self.validation_limit}: must be >= 1")
-
-
 @dataclass
-class _Planned:
+class PlannedBuild:
+    """One (target, precision) to export, and the profiles that run it."""
+
     target: Target
     precision: Precision
     profiles: list[str] = field(default_factory=list)
@@ -78,115 +54,80 @@ class _Planned:
         return f"{self.target.value}-{self.precision.value}"
 
 
-def convert(
-    model: Path | str,
-    profiles: Sequence[str] | str = ("auto",),
-    output: Path | str = "release",
-    *,
-    calibration: Path | str | Sequence[Feeds] | None = None,
-    labels: Path | str | Sequence[int] | np.ndarray | None = None,
-    metric: validate.TaskMetric | None = None,
-    validation: Path | str | Sequence[Feeds] | None = None,
-    input_shapes: Sequence[str] | Mapping[str, Sequence[int]] | None = None,
-    prune: str | None = None,
-    max_accuracy_drop: float = 1.0,
-    targets: Sequence[str | Target] | None = None,
-    sign_key: Path | str | None = None,
-    release_version: int = 1,
-    model_name: str | None = None,
-    progress: ProgressCallback | None = None,
-    calibration_method: CalibrationMethod | str = CalibrationMethod.MINMAX,
-    per_channel: bool = True,
-    latency_runs: int = 50,
-    validation_limit: int = 64,
-    speed_gate: bool = True,
-    image_options: ImageOptions | None = None,
-) -> Manifest:
+def convert(model: Path | str, profiles: Sequence[str] | str = (AUTO,), output: Path | str = "release", *,
+            progress: ProgressCallback | None = None, **options: Any) -> Manifest:
     """Convert ``model`` into a validated release folder at ``output`` and return its manifest.
 
-    ``profiles``: device profile ids (or ``"auto"``); ``calibration``: a folder/file of
-    ``.npy``/``.npz`` (or images), a list of feeds dicts, or ``"random"`` (explicit opt-in, warned
-    about in the report); without it INT8 falls back to dynamic quantization. ``labels`` give
-    a task metric (top-1 accuracy) on the validation samples (``validation``, by default the
-    calibration samples); ``metric`` is any other
-    :class:`~edge_sdk.converters.validate.TaskMetric` over the validation outputs. ``prune`` is ``"METHOD:AMOUNT"``
-    (e.g. ``"channel:0.3"``). ``max_accuracy_drop`` is in points (task metric when labels are
-    given, else top-1 agreement with FP32, else cosine similarity × 100). Nothing is written at
-    ``output`` unless the whole conversion succeeds. ``speed_gate=False`` keeps variants slower than
-    FP32 on this machine (measured and reported all the same) for builds whose machine is not
-    representative of the device. ``image_options`` say how image folders become tensors (mean,
-    std, layout, BGR).
+    ``profiles``: device profile ids (or ``"auto"``). ``options`` are the keywords of
+    :data:`~edge_sdk.converters.config.OPTIONS`, each a field of :class:`ConvertConfig`:
+    ``calibration`` (a folder/file of ``.npy``/``.npz`` or images, a list of feeds dicts, or
+    ``"random"``, an explicit opt-in warned about in the report; without it INT8 is dynamic);
+    ``validation`` (held-out samples; default: the calibration samples); ``labels`` (top-1
+    accuracy as the task metric) or ``metric`` (any :class:`~edge_sdk.converters.validate.TaskMetric`);
+    ``max_accuracy_drop`` in points (task metric, else top-1 agreement with FP32, else cosine x 100);
+    ``prune`` (``"METHOD:AMOUNT"``, e.g. ``"channel:0.3"``); ``targets``; ``input_shapes``;
+    ``calibration_method``; ``per_channel``; ``latency_runs``; ``validation_limit``; ``speed_gate``
+    (False keeps variants slower than FP32 here, for builds whose machine is unlike the device);
+    ``image_options``; ``sign_key``; ``release_version``; ``model_name``. Nothing is written at
+    ``output`` unless the whole conversion succeeds.
     """
+    return run(ConvertConfig.from_options(model, profiles, output, **options), progress)
+
+
+def run(config: ConvertConfig, progress: ProgressCallback | None = None) -> Manifest:
+    """Carry out ``config``: check, prune, export and validate every planned variant, write the release."""
     started = time.perf_counter()
-    resolved, profile_notes = _resolve_profiles(profiles)
-    config = ConvertConfig(
-        profiles=resolved,
-        targets=_resolve_targets(targets),
-        max_accuracy_drop=float(max_accuracy_drop),
-        calibration_method=_method(calibration_method),
-        per_channel=per_channel,
-        latency_runs=latency_runs,
-        validation_limit=validation_limit,
-        speed_gate=speed_gate,
-        image_options=image_options or ImageOptions(),
-    )
-    if release_version < 1:
-        raise ConfigError(f"release version {release_version}: must be an integer >= 1")
-    shapes = parse_input_shapes(input_shapes)
-    prune_spec = _parse_prune(prune) if prune else None
-    plan = plan_variants(config)
-    model_path = Path(model)
+    plan = plan_builds(config.profiles, config.targets, mixed_precision=config.quantization.mixed_precision)
     notify = progress or (lambda step, done, total: None)
     total = 3 + len(plan)
-    report: dict = {"profiles": [p.id for p in config.profiles], "warnings": [], "notes": list(profile_notes)}
+    quantization, checks = config.quantization, config.validation
+    report = ConversionReport(profiles=[p.id for p in config.profiles], notes=list(config.notes))
 
-    with Staging(Path(output), sign_key) as stage, tempfile.TemporaryDirectory(prefix="edge-sdk-convert-") as tmp:
+    with Staging(config.release.output, config.release.sign_key) as stage, \
+            tempfile.TemporaryDirectory(prefix="edge-sdk-convert-") as tmp:
         work = Path(tmp)
         notify("checking model", 0, total)
-        loaded = load_model(model_path, work, shapes)
-        report["notes"].extend(loaded.notes)
-        report["source"] = {"path": str(model_path), "opset": loaded.source_opset, "opset_used": loaded.opset}
+        loaded = load_model(config.model, work, config.intake.input_shapes)
+        report.notes.extend(loaded.notes)
+        report.source = SourceInfo(path=str(config.model), opset=loaded.source_opset, opset_used=loaded.opset)
         notify("loading calibration data", 1, total)
-        calib, validation_set = _samples(calibration, validation, loaded.inputs, config)
-        report["warnings"].extend(calib.warnings if calib else [])
-        report["calibration"] = {"source": calib.source if calib else None, "samples": len(calib.samples) if calib else 0,
-                                 "method": config.calibration_method.value, "per_channel": config.per_channel}
-        report["validation"] = {"source": validation_set.source, "samples": len(validation_set.samples)}
+        calib, validation_set = _samples(config, loaded.inputs)
+        report.warnings.extend(calib.warnings if calib else [])
+        report.calibration = CalibrationInfo(source=calib.source if calib else None, samples=len(calib.samples) if calib else 0,
+                                             method=quantization.method.value, per_channel=quantization.per_channel)
+        report.validation = SamplesInfo(source=validation_set.source, samples=len(validation_set.samples))
         if calib is None:
-            report["notes"].append("no calibration data: INT8 is dynamic (weights only, often slower than FP32 on "
-                                   "conv nets); pass calibration for static INT8")
-        if labels is not None:
-            if calib is None and validation is None:
-                raise ConfigError("labels name the calibration (or validation) samples; pass those samples too")
-            if metric is not None:
-                raise ConfigError("give labels or a task metric, not both")
-            named = validation_set if validation is not None else calib
-            metric = validate.top1_metric(load_labels(labels, named.names)[: len(validation_set.samples)])
+            report.notes.append("no calibration data: INT8 is dynamic (weights only, often slower than FP32 on "
+                                "conv nets); pass calibration for static INT8")
+        metric = checks.metric
+        if checks.labels is not None:
+            named = validation_set if checks.data is not None else calib
+            metric = validate.top1_metric(load_labels(checks.labels, named.names)[: len(validation_set.samples)])
 
         # The reference is the user's model as given: a pruned FP32 variant shows what pruning cost.
         notify("running FP32 reference", 2, total)
-        reference = _Reference.build(loaded, validation_set.samples, config)
+        reference = _Reference.build(loaded, validation_set.samples, checks)
         # Ratios in the report table are against this, whether or not an onnx-fp32 variant is built.
-        report["reference"] = {"what": "source model, FP32 ONNX in onnxruntime",
-                               "size_bytes": loaded.path.stat().st_size, "latency_ms": round(reference.latency_ms, 4)}
-        if prune_spec is not None:
-            notify(f"pruning ({prune_spec[0]}:{prune_spec[1]:g})", 2, total)
-            loaded, report["prune"] = _prune(loaded, prune_spec, work)
+        report.reference = ReferenceInfo(size_bytes=loaded.path.stat().st_size, latency_ms=round(reference.latency_ms, 4))
+        prune = config.intake.prune
+        if prune is not None:
+            notify(f"pruning ({prune})", 2, total)
+            loaded, report.prune = prune_model(loaded, prune.method, prune.options, work)
 
-        run = _Run(stage.dir, loaded, calib, validation_set, metric, reference, config, report)
+        build = _Run(stage.dir, loaded, calib, validation_set, metric, reference, config, report)
         variants: list[Variant] = []
         for index, planned in enumerate(plan):
             notify(f"{planned.id}: export + validate", 3 + index, total)
-            variants.extend(run.build(planned))
-        if run.reference_ms:
+            variants.extend(build.build(planned))
+        if build.reference_ms:
             # The reference timed alongside each variant (warm, under the same load) is the fairer yardstick.
-            report["reference"]["latency_ms"] = round(statistics.median(run.reference_ms), 4)
+            report.reference.latency_ms = round(statistics.median(build.reference_ms), 4)
         notify("writing release", total, total)
 
         self_test = stage.write_self_test(validation_set.samples[0], reference.outputs[0])
         manifest = Manifest(
-            model=model_name or model_path.stem,
-            version=release_version,
+            model=config.release.model_name or config.model.stem,
+            version=config.release.version,
             source_sha256=loaded.source_sha256,
             sdk_version=__version__,
             self_test=self_test,
@@ -196,26 +137,27 @@ def convert(
         )
         for profile in config.profiles:
             if profile.id not in manifest.defaults:
-                report["warnings"].append(f"profile {profile.id}: no variant passed validation; it has no default")
-        report["conversion_seconds"] = round(time.perf_counter() - started, 3)
+                report.warnings.append(f"profile {profile.id}: no variant passed validation; it has no default")
+        report.conversion_seconds = round(time.perf_counter() - started, 3)
         stage.commit(manifest)
     return manifest
 
 
-def plan_variants(config: ConvertConfig) -> list[_Planned]:
-    """One entry per (target, precision) some profile runs; profiles sharing it are listed on it."""
-    planned: dict[tuple[Target, Precision], _Planned] = {}
-    for profile in config.profiles:
-        targets = [t for t in profile.targets if config.targets is None or t in config.targets]
-        if not targets:
+def plan_builds(profiles: Sequence[DeviceProfile], targets: frozenset[Target] | None, *,
+                mixed_precision: bool = True) -> list[PlannedBuild]:
+    """One build per (target, precision) some profile runs; profiles sharing it are listed on it."""
+    planned: dict[tuple[Target, Precision], PlannedBuild] = {}
+    for profile in profiles:
+        runnable = [t for t in profile.targets if targets is None or t in targets]
+        if not runnable:
             raise ConfigError(f"profile {profile.id} runs {[t.value for t in profile.targets]}, none of the requested "
-                              f"targets {sorted(t.value for t in config.targets or [])}")
+                              f"targets {sorted(t.value for t in targets or [])}")
         precisions = list(profile.precisions)
-        if Precision.INT8 in precisions and Precision.MIXED not in precisions and config.mixed_precision:
+        if Precision.INT8 in precisions and Precision.MIXED not in precisions and mixed_precision:
             precisions.append(Precision.MIXED)  # only materialises when plain INT8 misses the accuracy target
-        for target in targets:
+        for target in runnable:
             for precision in precisions:
-                entry = planned.setdefault((target, precision), _Planned(target, precision))
+                entry = planned.setdefault((target, precision), PlannedBuild(target, precision))
                 entry.profiles.append(profile.id)
     order = {p: i for i, p in enumerate((Precision.FP32, Precision.FP16, Precision.INT8, Precision.MIXED))}
     return sorted(planned.values(), key=lambda e: (e.target.value, order[e.precision]))
@@ -259,7 +201,7 @@ class _Reference:
     latency_ms: float
 
     @classmethod
-    def build(cls, loaded: LoadedModel, samples: Sequence[Feeds], config: ConvertConfig) -> _Reference:
+    def build(cls, loaded: LoadedModel, samples: Sequence[Feeds], config: ValidationConfig) -> _Reference:
         session = get_backend("onnxruntime").load([loaded.path], loaded.inputs, loaded.outputs,
                                                   BackendOptions(threads=config.latency_threads))
         outputs = validate.run_all(session, samples)
@@ -278,13 +220,13 @@ class _Run:
     metric: validate.TaskMetric | None
     reference: _Reference
     config: ConvertConfig
-    report: dict
+    report: ConversionReport
     # Accuracy drop (points) of plain FP32 and INT8 per target: decides whether MIXED is searched.
     fp32_drop: dict[Target, float] = field(default_factory=dict)
     int8_drop: dict[Target, float] = field(default_factory=dict)
     reference_ms: list[float] = field(default_factory=list)  # the reference's paired latency per variant
 
-    def build(self, planned: _Planned) -> list[Variant]:
+    def build(self, planned: PlannedBuild) -> list[Variant]:
         """Export and validate one planned variant; whatever fails becomes its rejected entry.
 
         Only a full or read-only disk aborts (the whole release is then removed). Files the
@@ -306,7 +248,7 @@ class _Run:
         _remove_empty_dirs(self.stage_dir)
         return variants
 
-    def _build(self, planned: _Planned) -> list[Variant]:
+    def _build(self, planned: PlannedBuild) -> list[Variant]:
         try:
             target = get_target(planned.target)
             target.check_available()
@@ -324,14 +266,14 @@ class _Run:
             return self._build_mixed(planned, target)
         return [self._validated(planned, target, target.export(self._request(planned)))]
 
-    def _build_mixed(self, planned: _Planned, target: ExportTarget) -> list[Variant]:
+    def _build_mixed(self, planned: PlannedBuild, target: ExportTarget) -> list[Variant]:
         """Accuracy-aware INT8: only when plain INT8 misses ``max_accuracy_drop`` and calibration exists."""
         drop = self.int8_drop.get(planned.target)
-        if self.calib is None or drop is None or drop <= self.config.max_accuracy_drop:
+        if self.calib is None or drop is None or drop <= self.config.validation.max_accuracy_drop:
             return []  # plain INT8 already meets the target (or could not be built at all)
         fp32_drop = self.fp32_drop.get(planned.target, 0.0)
-        if fp32_drop > self.config.max_accuracy_drop:
-            self.report["notes"].append(f"{planned.target.value}: no mixed-precision search: FP32 itself (after pruning) "
+        if fp32_drop > self.config.validation.max_accuracy_drop:
+            self.report.notes.append(f"{planned.target.value}: no mixed-precision search: FP32 itself (after pruning) "
                                         f"misses max_accuracy_drop ({fp32_drop:.2f} points)")
             return []
 
@@ -343,21 +285,20 @@ class _Run:
             return validate.compare(self.reference.outputs, validate.run_all(session, self.validation_set.samples), self.metric)
 
         found = mixed_precision.search(export, evaluate, self.loaded.path, self.validation_set.samples,
-                                       self.config.max_accuracy_drop)
-        self.report.setdefault("mixed_precision", {})[planned.target.value] = {
-            "reached": found.reached, "kept_fp32": found.kept_fp32, "trials": found.trials,
-            "ranking": [[name, round(err, 6)] for name, err in found.ranking[:20]],
-        }
+                                       self.config.validation.max_accuracy_drop)
+        self.report.mixed_precision[planned.target.value] = MixedSearch(
+            reached=found.reached, kept_fp32=found.kept_fp32, trials=found.trials,
+            ranking=[(name, round(err, 6)) for name, err in found.ranking[:20]])
         if found.result is None or found.result.nodes_quantized == 0:
-            self.report["notes"].append(f"{planned.target.value}: mixed precision would keep every node in FP32; no mixed variant")
+            self.report.notes.append(f"{planned.target.value}: mixed precision would keep every node in FP32; no mixed variant")
             return []
         variant = self._validated(planned, target, found.result)
         variant.validation.nodes_kept_fp32 = list(found.kept_fp32)
         if not found.reached and variant.ok:
-            variant.status, variant.reason = "rejected", "even with every ranked node in FP32 the accuracy target is missed"
+            variant.status, variant.reason = VariantStatus.REJECTED, "even with every ranked node in FP32 the accuracy target is missed"
         return [variant]
 
-    def _validated(self, planned: _Planned, target: ExportTarget, result: ExportResult) -> Variant:
+    def _validated(self, planned: PlannedBuild, target: ExportTarget, result: ExportResult) -> Variant:
         files = [FileEntry.from_file(self.stage_dir, f) for f in result.files]
         variant = Variant(id=planned.id, profiles=list(planned.profiles), target=planned.target, precision=planned.precision,
                           backend=target.backend, files=files, inputs=result.inputs, outputs=result.outputs,
@@ -366,7 +307,7 @@ class _Run:
             session = self._load(target, result, planned.precision)
             outputs = validate.run_all(session, self.validation_set.samples)
         except Exception as exc:  # noqa: BLE001 - a backend that cannot run it rejects this variant only
-            variant.status, variant.reason = "rejected", f"does not run in {target.backend}: {_describe(exc)}"
+            variant.status, variant.reason = VariantStatus.REJECTED, f"does not run in {target.backend}: {_describe(exc)}"
             return variant
         validation = validate.compare(self.reference.outputs, outputs, self.metric)
         validation.notes = list(result.notes)
@@ -375,21 +316,21 @@ class _Run:
         validation.self_test_tolerance = validate.self_test_tolerance(validation, self.reference.outputs)
         variant.validation = validation
         ref_ms, latency = validate.paired_latency_ms(self.reference.session, session, self.validation_set.samples[0],
-                                                     runs=self.config.latency_runs)
+                                                     runs=self.config.validation.latency_runs)
         variant.latency_ms = round(latency, 4)
         self.reference_ms.append(ref_ms)
         reasons = []
         if planned.precision in _QUANTIZED and result.nodes_quantized == 0:
             reasons.append("nothing was quantized (the file is still FP32)")
-        reason = validate.gate(validation, latency if self.config.speed_gate else None, ref_ms, planned.precision,
-                               max_drop=self.config.max_accuracy_drop)
+        reason = validate.gate(validation, latency if self.config.validation.speed_gate else None, ref_ms, planned.precision,
+                               max_drop=self.config.validation.max_accuracy_drop)
         if reason:
             reasons.append(reason)
         if planned.precision in (Precision.FP32, Precision.INT8):
             drops = self.fp32_drop if planned.precision == Precision.FP32 else self.int8_drop
             drops[planned.target] = validate.accuracy_drop(validation)[1]
         if reasons:
-            variant.status, variant.reason = "rejected", "; ".join(reasons)
+            variant.status, variant.reason = VariantStatus.REJECTED, "; ".join(reasons)
         return variant
 
     def _load(self, target: ExportTarget, result: ExportResult, precision: Precision) -> Session:
@@ -399,22 +340,22 @@ class _Run:
         except ImportError as exc:  # the backend's module or native package is missing
             raise BackendError(f"runtime backend {target.backend!r} is not available: {exc}") from None
         return backend.load(result.files, result.inputs, result.outputs,
-                            BackendOptions(threads=self.config.latency_threads, precision=precision))
+                            BackendOptions(threads=self.config.validation.latency_threads, precision=precision))
 
-    def _request(self, planned: _Planned, nodes_to_exclude: Sequence[str] = ()) -> ExportRequest:
+    def _request(self, planned: PlannedBuild, nodes_to_exclude: Sequence[str] = ()) -> ExportRequest:
         quantized = planned.precision in _QUANTIZED
         return ExportRequest(
             model_path=self.loaded.path, precision=planned.precision, out_dir=self.stage_dir / planned.target.value,
             variant_id=planned.id, inputs=self.loaded.inputs, outputs=self.loaded.outputs,
             calibration=self.calib.samples if self.calib is not None and quantized else (),
-            calibration_method=self.config.calibration_method, per_channel=self.config.per_channel,
+            calibration_method=self.config.quantization.method, per_channel=self.config.quantization.per_channel,
             nodes_to_exclude=tuple(nodes_to_exclude),
         )
 
-    def _rejected(self, planned: _Planned, backend: str, reason: str) -> Variant:
+    def _rejected(self, planned: PlannedBuild, backend: str, reason: str) -> Variant:
         return Variant(id=planned.id, profiles=list(planned.profiles), target=planned.target, precision=planned.precision,
                        backend=backend, files=[], inputs=self.loaded.inputs, outputs=self.loaded.outputs,
-                       status="rejected", reason=reason)
+                       status=VariantStatus.REJECTED, reason=reason)
 
 
 def _describe(exc: Exception) -> str:
@@ -434,26 +375,28 @@ def _remove_empty_dirs(folder: Path) -> None:
             path.rmdir()
 
 
-def _samples(calibration, validation, inputs: Sequence[TensorSpec], config: ConvertConfig) -> tuple[SampleSet | None, SampleSet]:
+def _samples(config: ConvertConfig, inputs: Sequence[TensorSpec]) -> tuple[SampleSet | None, SampleSet]:
     """(calibration set or None, validation set). Validation defaults to the calibration samples."""
+    checks = config.validation
+    calibration = config.quantization.calibration
     calib = _sample_set(calibration, inputs, "calibration", config) if calibration is not None else None
-    if validation is not None:
-        held_out = _sample_set(validation, inputs, "validation", config)
+    if checks.data is not None:
+        held_out = _sample_set(checks.data, inputs, "validation", config)
         held_out.warnings = []  # random validation inputs only compare variants with FP32: no range fitting
-        return calib, _limit(held_out, config.validation_limit)
+        return calib, _limit(held_out, checks.limit)
     if calib is None:
         # No calibration: INT8 is dynamic. Validation still needs inputs; random ones only compare
         # variants with FP32 (no range fitting), so they are a note, not a warning.
-        validation_set = random_samples(inputs, config.random_samples, seed=1)
+        validation_set = random_samples(inputs, checks.random_samples, seed=1)
         validation_set.warnings = []
         validation_set.source = "random (no calibration data given)"
         return None, validation_set
-    return calib, _limit(calib, config.validation_limit)
+    return calib, _limit(calib, checks.limit)
 
 
-def _sample_set(spec, inputs: Sequence[TensorSpec], what: str, config: ConvertConfig) -> SampleSet:
+def _sample_set(spec: DataSource, inputs: Sequence[TensorSpec], what: str, config: ConvertConfig) -> SampleSet:
     if isinstance(spec, (str, Path)):
-        return load_samples(spec, inputs, image_options=config.image_options)
+        return load_samples(spec, inputs, image_options=config.intake.image_options)
     samples = [dict(s) for s in spec]
     if not samples:
         raise ConfigError(f"{what}: the list of samples is empty")
@@ -473,59 +416,3 @@ def _check_feeds(samples: list[Feeds], inputs: Sequence[TensorSpec], what: str) 
             check_inputs(inputs, sample)
         except InputError as exc:
             raise ConfigError(f"{what} sample {index}: {exc}") from None
-
-
-def _resolve_profiles(profiles: Sequence[str] | str) -> tuple[tuple[DeviceProfile, ...], list[str]]:
-    """(profiles, notes): the notes say which profile ``auto`` picked and why."""
-    ids = [profiles] if isinstance(profiles, str) else list(profiles)
-    if not ids:
-        raise ConfigError("no device profile given (use 'auto' to detect this machine's)")
-    resolved: dict[str, DeviceProfile] = {}
-    notes = []
-    for profile_id in ids:
-        if profile_id == "auto":
-            detection = detect_profile()
-            profile = detection.profile
-            notes.append(f"--profile auto: {detection.explain()}")
-        else:
-            profile = get_profile(profile_id)
-        resolved.setdefault(profile.id, profile)
-    return tuple(resolved.values()), notes
-
-
-def _resolve_targets(targets: Sequence[str | Target] | None) -> frozenset[Target] | None:
-    if targets is None:
-        return None
-    resolved = set()
-    for name in [targets] if isinstance(targets, str) else targets:
-        try:
-            resolved.add(Target(name))
-        except ValueError:
-            raise ConfigError(f"unknown target {name!r} (known: {', '.join(t.value for t in Target)})") from None
-    if not resolved:
-        raise ConfigError("targets: empty list")
-    return frozenset(resolved)
-
-
-def _method(method: CalibrationMethod | str) -> CalibrationMethod:
-    try:
-        return CalibrationMethod(method)
-    except ValueError:
-        raise ConfigError(f"unknown calibration method {method!r} (known: {', '.join(m.value for m in CalibrationMethod)})") from None
-
-
-def _parse_prune(spec: str) -> tuple[str, float]:
-    method, sep, amount = spec.partition(":")
-    try:
-        value = float(amount)
-    except ValueError:
-        value = -1.0
-    if not sep or not method or not 0 < value < 1:
-        raise ConfigError(f"--prune {spec!r}: expected METHOD:AMOUNT with 0 < AMOUNT < 1 (e.g. magnitude:0.5, channel:0.3)")
-    return method, value
-
-
-def _prune(loaded: LoadedModel, spec: tuple[str, float], work: Path) -> tuple[LoadedModel, dict]:
-    from .prune import prune_model
-
-    return prune_model(loaded, spec[0], spec[1], work)

@@ -25,6 +25,7 @@ from onnx import numpy_helper, shape_inference
 
 from ..errors import ConfigError, ConversionError
 from ..registry import Registry
+from ..report import PruneReport
 from .loader import LoadedModel
 
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
@@ -59,25 +60,6 @@ class PruneConfig:
             raise ConfigError(f"prune amount {self.amount}: must be between 0 and 1 (exclusive)")
         if self.min_channels < 1:
             raise ConfigError(f"prune min_channels {self.min_channels}: must be >= 1")
-
-
-@dataclass
-class PruneReport:
-    method: str
-    amount: float
-    params_before: int
-    params_after: int
-    nonzero_before: int
-    nonzero_after: int
-    flops_before: int
-    flops_after: int
-    size_before: int = 0
-    size_after: int = 0
-    pruned: dict[str, str] = field(default_factory=dict)  # layer -> what was removed
-    skipped: dict[str, str] = field(default_factory=dict)  # layer -> why it was left alone
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
 
 
 class Pruner(ABC):
@@ -302,9 +284,10 @@ def count_flops(model: onnx.ModelProto) -> int:
     return flops
 
 
-def prune_model(loaded: LoadedModel, method: str, amount: float, work_dir: Path, **options) -> tuple[LoadedModel, dict]:
-    """Prune ``loaded`` with the named method; return the pruned model (saved in ``work_dir``) and a report."""
-    pruner = PRUNERS.get(method)(PruneConfig(amount=amount, **options))
+def prune_model(loaded: LoadedModel, method: str, config: PruneConfig, work_dir: Path) -> tuple[LoadedModel, PruneReport]:
+    """Prune ``loaded`` with the named method; return the pruned model (saved in ``work_dir``) and what was removed."""
+    pruner = PRUNERS.get(method)(config)
+    amount = config.amount
     model = loaded.load()
     params_before, nonzero_before = count_params(model)
     flops_before = count_flops(model)
@@ -328,7 +311,7 @@ def prune_model(loaded: LoadedModel, method: str, amount: float, work_dir: Path,
                          size_after=out.stat().st_size, pruned=pruned, skipped=skipped)
     result = LoadedModel(path=out, inputs=loaded.inputs, outputs=loaded.outputs, source_sha256=loaded.source_sha256,
                          opset=loaded.opset, source_opset=loaded.source_opset, notes=list(loaded.notes))
-    return result, report.as_dict()
+    return result, report
 
 
 def _check_runs(path: Path, method: str) -> None:

@@ -9,22 +9,17 @@ so every result counts what was really quantized and says so when nothing was.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import onnx
 
 from ..errors import ConversionError
 from .targets.base import CalibrationMethod, Feeds
+from .toollog import quiet
 
-T = TypeVar("T")
-QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _SUBGRAPH_OPS = ("If", "Loop", "Scan")
 
 
@@ -57,7 +52,8 @@ def quantize_dynamic_int8(src: Path, dst: Path) -> QuantizeReport:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     try:
-        quiet(lambda: quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8))
+        with quiet():
+            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
     except Exception as exc:
         dst.unlink(missing_ok=True)
         raise ConversionError(f"dynamic int8 quantization failed: {_first_line(exc)}") from exc
@@ -91,18 +87,20 @@ def quantize_static_int8(src: Path, dst: Path, calibration: Sequence[Feeds], *,
     with tempfile.TemporaryDirectory(prefix="edge-sdk-quant-") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         try:
-            quiet(lambda: quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True))
+            with quiet():
+                quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
         except Exception as exc:  # pre-processing is an optimisation; quantize the plain model instead
             notes.append(f"quant_pre_process failed ({_first_line(exc)}); quantized the model as is")
             prepared = src
         excluded = _existing_nodes(prepared, nodes_to_exclude)
         try:
-            quiet(lambda: quantize_static(
-                str(prepared), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=ort_method,
-                nodes_to_exclude=excluded,
-                extra_options={"CalibTensorRangeSymmetric": False, "CalibMovingAverage": False},
-            ))
+            with quiet():
+                quantize_static(
+                    str(prepared), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=ort_method,
+                    nodes_to_exclude=excluded,
+                    extra_options={"CalibTensorRangeSymmetric": False, "CalibMovingAverage": False},
+                )
         except Exception as exc:
             dst.unlink(missing_ok=True)  # e.g. a full disk mid-write: no half-written model stays behind
             raise ConversionError(f"static int8 quantization ({method.value}) failed: {_first_line(exc)}") from exc
@@ -112,11 +110,6 @@ def quantize_static_int8(src: Path, dst: Path, calibration: Sequence[Feeds], *,
                         f"{method.value} calibration on {len(calibration)} samples")
     report.nodes_kept_fp32 = list(excluded)
     return report
-
-
-def quantizable_nodes(model: onnx.ModelProto) -> list[str]:
-    """Names of main-graph nodes the INT8 quantizers turn into integer ops (mixed-precision candidates)."""
-    return [n.name for n in model.graph.node if n.op_type in QUANTIZABLE_OPS and n.name]
 
 
 def _existing_nodes(path: Path, names: Sequence[str]) -> list[str]:
@@ -141,21 +134,6 @@ def _count(path: Path, kind: str) -> QuantizeReport:
     if not quantized:
         report.notes.append(f"{kind} int8: nothing was quantized (no quantizable ops in the main graph)")
     return report
-
-
-def quiet(call: Callable[[], T]) -> T:
-    # onnxruntime's quantizer logs per-tensor chatter at INFO/WARNING and its entropy/percentile
-    # calibrators (and NNCF's progress bars) print to stdout; keep the CLI output (and `--json`) clean.
-    import onnxruntime as ort
-
-    ort.set_default_logger_severity(3)  # sessions the quantizer opens: no C++ warnings on stderr
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            return call()
-    finally:
-        logging.disable(previous)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -74,10 +74,6 @@ class Staging:
         return SelfTest(inputs=FileEntry.from_file(self.dir, self.dir / SELF_TEST_INPUTS),
                         expected=FileEntry.from_file(self.dir, expected_path), digest=sha256_file(expected_path))
 
-    def entries(self, files: list[Path]) -> list[FileEntry]:
-        assert self.dir is not None  # noqa: S101
-        return [FileEntry.from_file(self.dir, f) for f in files]
-
     def commit(self, manifest: Manifest) -> Path:
         """Write (and sign) the manifest, sync, and move the folder into place."""
         assert self.dir is not None  # noqa: S101

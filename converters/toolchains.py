@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -33,6 +34,7 @@ from pathlib import Path
 from ..errors import ConfigError, ToolchainError
 
 MARKER = "edge-sdk-toolchain.json"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # onnx2tf colours its log lines
 TAIL_LINES = 25
 # Any URL a converter tries to fetch goes to a closed local port, so a conversion fails fast
 # instead of touching (or hanging on) the network.
@@ -102,6 +104,7 @@ TOOLCHAINS: dict[str, Toolchain] = {
     "ncnn": Toolchain(
         name="ncnn",
         kind=ToolchainKind.VENV,
+        # INT8 needs no extra tool: converters/targets/ncnn_int8.py calibrates with the ncnn package itself.
         purpose="ONNX -> NCNN (pnnx binary, no torch)",
         no_deps=("pnnx==20261020",),
         executable=f"lib/{_PY}/site-packages/pnnx/pnnx",
@@ -326,6 +329,21 @@ class ToolRun:
 
     def tail(self, n: int = TAIL_LINES) -> str:
         return _tail(self.output.splitlines(), n)
+
+    def failure(self, tool: str, cause: str = "") -> str:
+        """One line for a failed run: how ``tool`` ended, then ``cause`` or its last line that reads like an error."""
+        if self.returncode < 0:
+            try:
+                how = f"{tool} crashed ({signal.Signals(-self.returncode).name})"
+            except ValueError:
+                how = f"{tool} crashed (signal {-self.returncode})"
+        else:
+            how = f"{tool} failed (exit {self.returncode})"
+        if cause:
+            return f"{how}: {cause}"
+        errors = [ln.strip() for ln in self.output.splitlines()
+                  if re.search(r"error|failed|cannot|unsupported|not supported", ln, re.I)]
+        return how + (f": {_ANSI.sub('', errors[-1])[:200]}" if errors else "")
 
 
 def run(name: str, args: Sequence[str], cwd: Path, timeout: float = 1800.0,

@@ -50,7 +50,12 @@ def _line_of(node: yaml.Node | None, loc: tuple[object, ...]) -> int | None:
 
 
 def describe_validation_error(source: str, error: ValidationError, text: str | None = None) -> str:
-    """One readable message naming the source, each bad key path, its line and what is wrong."""
+    """The one formatter of pydantic errors: ``source: key.path (line N): what is wrong; …``.
+
+    Every place that validates outside input (YAML configs, profiles, desired state, manifests,
+    runtime policies, broker settings) reports through here, so messages read the same
+    everywhere. ``text`` (the YAML source) adds the line of each key.
+    """
     root = None
     if text is not None:
         try:

@@ -21,7 +21,11 @@ class ModelError(EdgeSDKError):
 
 
 class ConversionError(EdgeSDKError):
-    """A conversion step failed on a valid model."""
+    """A conversion step failed on a valid model: a one-line message, and the tool's full output in ``log``."""
+
+    def __init__(self, message: str, log: str = "") -> None:
+        super().__init__(message)
+        self.log = log
 
 
 class ToolchainError(EdgeSDKError):

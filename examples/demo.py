@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         write_meminfo(sysroot, 8000)
         state = out / "state"
         config = {
-            "device_id": DEVICE, "state_dir": str(state), "http": {"port": 0},
+            "device_id": DEVICE, "state_dir": str(state), "http": {"port": 0}, "grpc": {"port": 0},
             "models": [{"name": "fusion", "profile": profile}],
             "pipelines": [{"model": "fusion", "reference": "camera", "reference_input": "image", "reorder_window_s": 0.05,
                            "max_wait_s": 0.5,
@@ -220,12 +220,14 @@ def main(argv: list[str] | None = None) -> int:
         api = wait_for(lambda: port_file.exists() and f"http://127.0.0.1:{port_file.read_text().strip()}", 60,
                        "the daemon's HTTP API", daemon, daemon_log)
         wait_for(lambda: httpx.get(api + "/v2/health/ready").status_code == 200, 120, "the release to sync", daemon, daemon_log)
-        meta = httpx.get(api + "/v2/models/fusion").json()
+        # Every API call carries a bearer token from the daemon's 0600 tokens file (created on first start).
+        auth = {"Authorization": f"Bearer {(state / 'api-tokens').read_text().split()[-1]}"}
+        meta = httpx.get(api + "/v2/models/fusion", headers=auth).json()
         say("daemon", f"synced and serving fusion v{meta['versions'][0]} ({meta['parameters']['backend']}, "
                       f"{meta['parameters']['precision']}) on {api}")
 
         # 6. streams + infer calls -----------------------------------------------------------------
-        client = httpx.Client(base_url=api, timeout=30)
+        client = httpx.Client(base_url=api, timeout=30, headers=auth)
         t0 = time.monotonic()
         sent = {"camera": 0, "audio": 0, "imu": 0}
         rates = {"camera": 15.0, "audio": 25.0, "imu": 100.0}

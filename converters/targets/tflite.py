@@ -5,9 +5,15 @@ tensors (``serving_default_<name>:0``). The target reads the artifact's real sig
 (with LiteRT inside the toolchain) and records, per tensor, the artifact name and the
 permutation, so the runtime keeps taking the caller's original names and layout.
 
-Precisions: fp32 (``*_float32``), fp16 (``*_float16``: FP16 weights, FP32 compute), int8 with
-calibration data = full-integer (``*_integer_quant``: INT8 weights and activations, float I/O),
-int8 without calibration data = dynamic-range (``*_dynamic_range_quant``: INT8 weights only).
+Precisions: fp32 (``*_float32``), fp16 (``*_float16``: FP16 weights, FP32 compute). INT8 is made
+from onnx2tf's SavedModel by TensorFlow's own converter, run in the toolchain (onnx2tf's quantizer
+casts every calibration input to float, which breaks models with int32/int64 inputs): with
+calibration data it is full-integer (INT8 weights and activations, float I/O; integer inputs stay
+integer and are fed as they are; ops without an INT8 kernel and the ``float_ops`` of the request
+stay float), without it dynamic-range (INT8 weights only).
+
+onnx2tf gets a graph whose every shape is static: the intake fixes the inputs, and the stale
+``value_info`` an exporter left behind (``['unk__44', 214]``) is re-inferred from them.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from ...errors import ConversionError
 from ...manifest import TensorSpec
@@ -27,7 +34,8 @@ from .. import toolchains
 from .base import ExportRequest, ExportResult, ExportTarget
 
 TIMEOUT_S = 1800.0
-# onnx2tf downloads this for 3-channel image inputs unless it already sits in the working dir.
+# onnx2tf fetches this for any 3-channel image input unless it sits in its working dir. Our INT8
+# calibration never uses it (TensorFlow's converter gets the real samples), so any content will do.
 SAMPLE_FILE = "calibration_image_sample_data_20x128x128x3_float32.npy"
 
 _INSPECT = r"""
@@ -42,6 +50,42 @@ def d(x):
     return {"name": x["name"], "shape": [int(v) for v in x["shape"]], "dtype": x["dtype"].__name__}
 print("EDGE_SDK_SIGNATURE " + json.dumps({"inputs": [d(x) for x in it.get_input_details()],
                                          "outputs": [d(x) for x in it.get_output_details()]}))
+"""
+
+# TensorFlow's converter on onnx2tf's SavedModel: INT8 with each input's own dtype.
+_QUANTIZE = r"""
+import json, re, sys
+import numpy as np
+import onnx
+import tensorflow as tf
+config = json.load(open(sys.argv[1]))
+data = np.load(config["data"])
+norm = lambda name: re.sub(r"[^0-9a-z]", "_", name.lower())
+signature = tf.saved_model.load(config["saved_model"]).signatures["serving_default"]
+keys = list(signature.structured_input_signature[1])
+ours = {norm(name): name for name in data.files}
+by_key = {key: ours.get(norm(key)) for key in keys}
+if None in by_key.values():  # onnx2tf renamed them: its inputs keep the model's order
+    by_key = dict(zip(keys, data.files))
+converter = tf.lite.TFLiteConverter.from_saved_model(config["saved_model"])
+converter.optimizations = [tf.lite.Optimize.DEFAULT]
+converter._experimental_disable_per_channel = not config["per_channel"]
+def representative():
+    for i in range(len(data[data.files[0]])):
+        yield {key: data[name][i:i + 1] for key, name in by_key.items()}
+if config["full_integer"]:
+    converter.representative_dataset = representative
+    # INT8 kernels where TFLite has them, float kernels for the rest.
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+if config["full_integer"] and config["float_ops"]:
+    options = tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=config["float_ops"])
+    debugger = tf.lite.experimental.QuantizationDebugger(converter=converter, debug_dataset=representative,
+                                                         debug_options=options)
+    model = debugger.get_nondebug_quantized_model()
+else:
+    model = converter.convert()
+open(config["out"], "wb").write(model)
+print("EDGE_SDK_QUANTIZED", len(model))
 """
 
 
@@ -66,29 +110,31 @@ class TFLiteTarget(ExportTarget):
         for spec in request.inputs:
             if not all(isinstance(d, int) and d > 0 for d in spec.shape):
                 raise ConversionError(f"tflite: input {spec.name!r} has a dynamic shape {spec.shape}; onnx2tf needs static shapes")
+        full_integer = request.precision is Precision.INT8 and bool(request.calibration)
+        calibration = {spec.name: _stacked(request, spec) for spec in request.inputs} if full_integer else {}
         toolchains.require("tflite")
         request.out_dir.mkdir(parents=True, exist_ok=True)
         out = request.out_dir / f"{request.variant_id}.tflite"
         notes: list[str] = []
         with tempfile.TemporaryDirectory(prefix="edge-sdk-onnx2tf-") as tmp:
             work = Path(tmp)
-            shutil.copyfile(request.model_path, work / "model.onnx")
-            _write_sample_file(work, request)
-            args = ["-i", "model.onnx", "-o", "tf"]
-            if request.precision is Precision.INT8:
-                args += ["-oiqt", "-qt", "per-channel" if request.per_channel else "per-tensor"]
-                args += _calibration_args(work, request)
-                if not request.calibration:
-                    notes.append("int8 dynamic-range (no calibration data): INT8 weights, float activations")
-                else:
-                    notes.append(f"int8 full-integer, calibrated on {len(request.calibration)} samples (NHWC)")
+            static_copy(request.model_path, work / "model.onnx")
+            np.save(work / SAMPLE_FILE, np.zeros((20, 128, 128, 3), np.float32))
+            # -osd: a SavedModel with its signature, which TensorFlow's INT8 converter starts from.
+            args = ["-i", "model.onnx", "-o", "tf"] + (["-osd"] if request.precision is Precision.INT8 else [])
             run = toolchains.run("tflite", args, cwd=work, timeout=TIMEOUT_S)
-            produced = work / "tf" / f"model_{_suffix(request)}.tflite"
             if run.returncode != 0:
-                raise ConversionError(f"tflite: onnx2tf failed (exit {run.returncode}){_unsupported(run.output)}; "
-                                      f"last output:\n{run.tail()}")
-            if not produced.is_file() or produced.stat().st_size == 0:
-                raise ConversionError(f"tflite: onnx2tf exited 0 but wrote no {produced.name}; last output:\n{run.tail()}")
+                raise ConversionError(f"tflite: {run.failure('onnx2tf', _unsupported(run.output))}", log=run.output)
+            if request.precision is Precision.INT8:
+                produced = _quantize(work, request, calibration)
+                notes.append(f"int8 full-integer, calibrated on {len(request.calibration)} samples (NHWC)" if full_integer
+                             else "int8 dynamic-range (no calibration data): INT8 weights, float activations")
+                if request.float_ops:
+                    notes.append(f"kept float: {', '.join(request.float_ops)}")
+            else:
+                produced = work / "tf" / f"model_{_suffix(request)}.tflite"
+                if not produced.is_file() or produced.stat().st_size == 0:
+                    raise ConversionError(f"tflite: onnx2tf exited 0 but wrote no {produced.name}", log=run.output)
             signature = _inspect(work, produced)
             inputs = _match(request.inputs, signature["inputs"], "input")
             outputs = _match(request.outputs, signature["outputs"], "output")
@@ -97,12 +143,42 @@ class TFLiteTarget(ExportTarget):
                             nodes_quantized=None if request.precision is not Precision.INT8 else _count_quantized(out))
 
 
+def static_copy(source: Path, dest: Path) -> None:
+    """Write ``source`` to ``dest`` with every intermediate and output shape re-inferred from its inputs.
+
+    Exporters leave ``value_info`` computed for a dynamic batch (``unk__44``); once the inputs are
+    fixed, inferring again from them makes every shape static for onnx2tf.
+    """
+    try:
+        model = onnx.load(str(source))
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and OSError alike
+        raise ConversionError(f"tflite: cannot read {source.name} as ONNX ({type(exc).__name__})") from None
+    del model.graph.value_info[:]
+    for output in model.graph.output:
+        if any(not d.HasField("dim_value") for d in output.type.tensor_type.shape.dim):
+            output.type.tensor_type.ClearField("shape")
+    try:
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # noqa: BLE001 - onnx raises several types; onnx2tf can still infer shapes itself
+        pass
+    onnx.save(model, str(dest))
+
+
+def _quantize(work: Path, request: ExportRequest, calibration: dict[str, np.ndarray]) -> Path:
+    data, out = work / "calibration.npz", work / "model_int8.tflite"
+    np.savez(data, **calibration)  # empty for dynamic-range: no activation ranges needed
+    config = {"saved_model": "tf", "data": data.name, "out": out.name, "full_integer": bool(calibration),
+              "per_channel": request.per_channel, "float_ops": list(request.float_ops)}
+    (work / "quantize.json").write_text(json.dumps(config), encoding="utf-8")
+    (work / "quantize_tflite.py").write_text(_QUANTIZE, encoding="utf-8")
+    run = toolchains.run("tflite", ["quantize_tflite.py", "quantize.json"], cwd=work, timeout=TIMEOUT_S, program="bin/python")
+    if run.returncode != 0 or not out.is_file() or out.stat().st_size == 0:
+        raise ConversionError("tflite int8: " + run.failure("TensorFlow's converter"), log=run.output)
+    return out
+
+
 def _suffix(request: ExportRequest) -> str:
-    if request.precision is Precision.FP32:
-        return "float32"
-    if request.precision is Precision.FP16:
-        return "float16"
-    return "integer_quant" if request.calibration else "dynamic_range_quant"
+    return "float16" if request.precision is Precision.FP16 else "float32"
 
 
 def _stacked(request: ExportRequest, spec: TensorSpec) -> np.ndarray:
@@ -111,7 +187,11 @@ def _stacked(request: ExportRequest, spec: TensorSpec) -> np.ndarray:
     for k, feeds in enumerate(request.calibration):
         if spec.name not in feeds:
             raise ConversionError(f"tflite: calibration sample {k} has no input {spec.name!r} (has {sorted(feeds)})")
-        array = np.asarray(feeds[spec.name], dtype=np.float32)
+        array = np.asarray(feeds[spec.name])
+        if array.dtype != np.dtype(spec.dtype):
+            # Integer inputs (token ids, masks, sample rates) are calibrated with what they really receive.
+            raise ConversionError(f"tflite: calibration sample {k} gives input {spec.name!r} as {array.dtype}; "
+                                  f"the model takes {spec.dtype}")
         if list(array.shape) != list(spec.shape):
             raise ConversionError(f"tflite: calibration sample {k} input {spec.name!r} has shape {list(array.shape)}, "
                                   f"expected {spec.shape} (the model's layout, e.g. NCHW)")
@@ -121,46 +201,13 @@ def _stacked(request: ExportRequest, spec: TensorSpec) -> np.ndarray:
     return np.ascontiguousarray(stacked.transpose(perm)) if perm else stacked
 
 
-def _calibration_args(work: Path, request: ExportRequest) -> list[str]:
-    args = []
-    for i, spec in enumerate(request.inputs):
-        if request.calibration:
-            data = _stacked(request, spec)
-        else:
-            # Dynamic-range quantization ignores activations, but onnx2tf's -oiqt path still wants
-            # representative data; give it a few deterministic samples instead of its download.
-            rng = np.random.default_rng(i)
-            shape = [4, *spec.shape[1:]]
-            data = rng.standard_normal(shape).astype(np.float32)
-            perm = channel_last(data.ndim)
-            data = np.ascontiguousarray(data.transpose(perm)) if perm else data
-        path = work / f"calib_{i}.npy"
-        np.save(path, data)
-        args += ["-cind", spec.name, path.name, "0", "1"]  # mean 0, std 1: feeds are already normalised
-    return args
-
-
-def _write_sample_file(work: Path, request: ExportRequest) -> None:
-    """Put onnx2tf's sample calibration file in its working dir, so it never downloads it."""
-    image = next((s for s in request.inputs if len(s.shape) == 4 and s.shape[1] == 3), None)
-    if image is not None and request.calibration:
-        data = _stacked(request, image)  # [N, H, W, 3]
-        rows = np.linspace(0, data.shape[1] - 1, 128).astype(int)
-        cols = np.linspace(0, data.shape[2] - 1, 128).astype(int)
-        data = data[:, rows][:, :, cols]
-        data = np.resize(data, (20, 128, 128, 3)).astype(np.float32)
-    else:
-        data = np.random.default_rng(0).random((20, 128, 128, 3), dtype=np.float32)
-    np.save(work / SAMPLE_FILE, data)
-
-
 def _inspect(work: Path, tflite: Path) -> dict:
     script = work / "inspect_signature.py"
     script.write_text(_INSPECT, encoding="utf-8")
     run = toolchains.run("tflite", [script.name, str(tflite)], cwd=work, timeout=300, program="bin/python")
     line = next((ln for ln in run.output.splitlines() if ln.startswith("EDGE_SDK_SIGNATURE ")), None)
     if run.returncode != 0 or line is None:
-        raise ConversionError(f"tflite: cannot read the signature of {tflite.name}; last output:\n{run.tail()}")
+        raise ConversionError(f"tflite: cannot read the signature of {tflite.name}: {run.failure('LiteRT')}", log=run.output)
     return json.loads(line.split(" ", 1)[1])
 
 
@@ -192,7 +239,7 @@ def _match(specs, details: list[dict], kind: str) -> list[TensorSpec]:
         last = [shape[p] for p in perm] if perm else shape
 
         def fits(d: dict, shape=shape, last=last) -> bool:
-            return d["shape"] == last if kind == "input" else d["shape"] in (shape, last)
+            return _same(d["shape"], last) if kind == "input" else _same(d["shape"], shape) or _same(d["shape"], last)
 
         named = [d for d in remaining if _norm(d["name"]) == _norm(spec.name) and fits(d)]
         ordered = [d for d in remaining if fits(d)]
@@ -202,7 +249,7 @@ def _match(specs, details: list[dict], kind: str) -> list[TensorSpec]:
                                   f"form (artifact {kind}s: {[(d['name'], d['shape']) for d in remaining]})")
         remaining.remove(detail)
         # onnx2tf makes every rank >= 3 tensor channel-last, even when its shape reads the same both ways.
-        if perm is None or (kind == "output" and detail["shape"] != last):
+        if perm is None or (kind == "output" and not _same(detail["shape"], last)):
             transpose, layout = None, spec.layout
         elif kind == "input":
             transpose, layout = perm, _layout_name(len(shape))
@@ -212,13 +259,18 @@ def _match(specs, details: list[dict], kind: str) -> list[TensorSpec]:
     return result
 
 
+def _same(actual: list[int], expected: list) -> bool:
+    """Shapes agree; a dim the model left symbolic (``unk__44``) agrees with any size."""
+    return len(actual) == len(expected) and all(not isinstance(e, int) or a == e for a, e in zip(actual, expected))
+
+
 def _layout_name(rank: int) -> str:
     return {3: "NWC", 4: "NHWC", 5: "NDHWC"}.get(rank, "channel-last")
 
 
 def _unsupported(output: str) -> str:
     ops = sorted(set(re.findall(r"(?:not supported|unsupported|NotImplemented)\w*[^\n]*?\b([A-Z][A-Za-z0-9]+)\b", output)))
-    return f" (ops not expressible in TFLite: {', '.join(ops[:10])})" if ops else ""
+    return f"ops not expressible in TFLite: {', '.join(ops[:10])}" if ops else ""
 
 
 def _count_quantized(path: Path) -> int | None:

@@ -39,8 +39,20 @@ def convert_command(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Check, prune, quantize, export, validate and write a release folder."""
-    from ..converters.pipeline import convert
+    from ..converters import config as cc
+    from ..converters.pipeline import run
 
+    profiles, notes = cc.resolve_profiles(profile)
+    config = cc.ConvertConfig(
+        model=model, profiles=profiles, notes=tuple(notes),
+        targets=cc.resolve_targets(",".join(targets)) if targets else None,
+        intake=cc.IntakeConfig(input_shapes=input_shape, prune=prune,
+                               image_options=_image_options(image_mean, image_std, image_layout, image_bgr)),
+        quantization=cc.QuantizationConfig(calibration=calibration, method=calibration_method, per_channel=not per_tensor),
+        validation=cc.ValidationConfig(labels=labels, max_accuracy_drop=max_accuracy_drop, latency_runs=latency_runs,
+                                       speed_gate=speed_gate),
+        release=cc.ReleaseConfig(output=output, version=version, model_name=model_name, sign_key=sign_key),
+    )
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, transient=True, disable=as_json) as bar:
         task = bar.add_task("converting", total=1)
@@ -48,23 +60,17 @@ def convert_command(
         def progress(step: str, done: int, total: int) -> None:
             bar.update(task, description=escape(step), completed=done, total=total)
 
-        manifest = convert(
-            model, profile, output, calibration=calibration, labels=labels, input_shapes=input_shape, prune=prune,
-            max_accuracy_drop=max_accuracy_drop, targets=[t.strip() for item in targets for t in item.split(",") if t.strip()] or None, sign_key=sign_key, release_version=version,
-            model_name=model_name, progress=progress, calibration_method=calibration_method,
-            per_channel=not per_tensor, latency_runs=latency_runs, speed_gate=speed_gate,
-            image_options=_image_options(image_mean, image_std, image_layout, image_bgr),
-        )
+        manifest = run(config, progress)
     rows = report_rows(manifest)
     if as_json:
         payload = {"output": str(output), "model": manifest.model, "version": manifest.version,
-                   "defaults": manifest.defaults, "variants": rows, "report": manifest.report}
+                   "defaults": manifest.defaults, "variants": rows, "report": manifest.report.model_dump(mode="json")}
         console.print_json(json.dumps(payload, default=str))
         return
-    reference = manifest.report["reference"]
+    reference = manifest.report.reference
     table = Table(title=f"{manifest.model} v{manifest.version} -> {output}",
-                  caption=f"×fp32: ratio to the FP32 ONNX source model ({_size(reference['size_bytes'])}, "
-                          f"{_num(reference['latency_ms'], 3)} ms)")
+                  caption=f"×fp32: ratio to the FP32 ONNX source model ({_size(reference.size_bytes)}, "
+                          f"{_num(reference.latency_ms, 3)} ms)")
     table.add_column("variant", no_wrap=True)
     for column in ("size (×fp32)", "ms (×fp32)", "max err", "cosine", "top-1", "metric", "status"):
         table.add_column(column)
@@ -85,26 +91,25 @@ def convert_command(
     console.print("* = default of a profile", highlight=False)
     for line in reasons:
         console.print(escape(line), highlight=False, soft_wrap=True)
-    for profile_id in manifest.report.get("profiles", []):
+    for profile_id in manifest.report.profiles:
         console.print(f"profile {profile_id}: default {manifest.defaults.get(profile_id, '[red]none[/] (no variant passed)')}",
                       highlight=False)
-    for warning in manifest.report.get("warnings", []):
+    for warning in manifest.report.warnings:
         err_console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False)
-    for note in manifest.report.get("notes", []):
+    for note in manifest.report.notes:
         console.print(f"note: {escape(note)}", highlight=False)
-    prune_report = manifest.report.get("prune")
-    if prune_report:
-        console.print(f"pruned ({prune_report['method']}): params {prune_report['params_before']} -> {prune_report['params_after']} "
-                      f"(non-zero {prune_report['nonzero_before']} -> {prune_report['nonzero_after']}), FLOPs "
-                      f"{prune_report['flops_before']} -> {prune_report['flops_after']}; skipped: {len(prune_report['skipped'])}",
-                      highlight=False)
+    pruned = manifest.report.prune
+    if pruned:
+        console.print(f"pruned ({pruned.method}): params {pruned.params_before} -> {pruned.params_after} "
+                      f"(non-zero {pruned.nonzero_before} -> {pruned.nonzero_after}), FLOPs "
+                      f"{pruned.flops_before} -> {pruned.flops_after}; skipped: {len(pruned.skipped)}", highlight=False)
     signed = " (signed)" if sign_key else ""
     console.print(f"release written to {output}{signed}", highlight=False)
 
 
 def report_rows(manifest) -> list[dict]:
     """One dict per variant with size and latency ratios to the FP32 ONNX reference (the source model)."""
-    reference = manifest.report["reference"]
+    reference = manifest.report.reference
     default_for: dict[str, list[str]] = {}
     for profile_id, variant_id in manifest.defaults.items():
         default_for.setdefault(variant_id, []).append(profile_id)
@@ -114,9 +119,9 @@ def report_rows(manifest) -> list[dict]:
         rows.append({
             "id": v.id, "profiles": v.profiles, "target": v.target.value, "precision": v.precision.value,
             "size_bytes": v.size_bytes,
-            "size_ratio": v.size_bytes / reference["size_bytes"] if v.size_bytes else None,
+            "size_ratio": v.size_bytes / reference.size_bytes if v.size_bytes else None,
             "latency_ms": v.latency_ms,
-            "latency_ratio": v.latency_ms / reference["latency_ms"] if v.latency_ms and reference["latency_ms"] else None,
+            "latency_ratio": v.latency_ms / reference.latency_ms if v.latency_ms and reference.latency_ms else None,
             "max_abs_error": val.max_abs_error, "cosine": val.cosine_similarity, "top1_agreement": val.top1_agreement,
             "metric_name": val.metric_name, "metric": val.metric, "metric_fp32": val.metric_fp32,
             "nodes_kept_fp32": val.nodes_kept_fp32, "status": v.status, "reason": v.reason,

@@ -1,4 +1,10 @@
-"""Write desired state for a whole fleet or one device (retained, so devices get it on connect)."""
+"""Write desired state for a whole fleet or one device (retained, so devices get it on connect).
+
+Desired state lists models (see :mod:`edge_sdk.runtime.sync.desired`); :func:`update_desired`
+changes one model's entry and keeps the others, by reading the retained state and writing it
+back (a concurrent writer of the same level in between loses its change: rollouts of one device
+are serialized by their own state).
+"""
 
 from __future__ import annotations
 
@@ -6,23 +12,41 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from edge_sdk.config import describe_validation_error
 from edge_sdk.errors import ConfigError, SyncError
 from edge_sdk.runtime.sync.topics import Topics
 from edge_sdk.runtime.sync.transport import TlsConfig
-from edge_sdk.runtime.sync.twin import DesiredState, describe_desired_error
+from edge_sdk.runtime.sync.twin import DesiredState
 
-from .connection import connect
+from .connection import collect_retained, connect
 
 
-def build_desired(model: str | None = None, version: int | None = None,
-                  policy: dict[str, Any] | None = None) -> DesiredState:
-    """A validated desired state (``version`` needs ``model``)."""
-    if version is not None and model is None:
-        raise ConfigError("a desired version needs --model")
+def build_desired(model: str | None = None, version: int | None = None, policy: dict[str, Any] | None = None,
+                  store: str | None = None, base: DesiredState | None = None) -> DesiredState:
+    """``base`` (default: empty) with ``model`` set to ``version`` (and ``store``) and ``policy``
+    merged over its policy; validated."""
+    if (version is not None or store is not None) and model is None:
+        raise ConfigError("a desired version or store needs --model")
+    if model is not None and version is None:
+        raise ConfigError(f"--model {model} needs --version")
+    base = base or DesiredState()
     try:
-        return DesiredState(model=model, version=version, policy=policy or {})
+        state = base.with_model(model, version, store) if model is not None else base
+        if policy:
+            state = DesiredState(models=state.models, policy={**state.policy.as_dict(), **policy})
+        return state
     except ValidationError as exc:
-        raise ConfigError(describe_desired_error(exc)) from None
+        raise ConfigError(describe_validation_error("desired state", exc)) from None
+
+
+def read_desired(broker: str, fleet: str, *, device: str | None = None, prefix: str = "",
+                 tls: TlsConfig | None = None) -> DesiredState | None:
+    """The retained desired state at the device (or fleet) level; None if there is none."""
+    topics = Topics(fleet, prefix)
+    topic = topics.desired(device)
+    with connect(broker, "desire", tls) as transport:
+        payload = collect_retained(transport, topics, topic).get(topic, b"")
+    return DesiredState.from_payload(payload, topic)
 
 
 def write_desired(broker: str, fleet: str, state: DesiredState | None, *, device: str | None = None,

@@ -1,13 +1,18 @@
-"""Publish a release folder to a fleet: content-addressed chunks, then the signed manifest.
+"""Publish a release folder to a fleet: content-addressed chunks to a chunk store, then the signed
+manifest to the broker.
 
-Chunks go out as retained messages at ``…/blobs/<sha256>`` (QoS 1), *before* the manifest, so a
-device that sees a manifest can fetch all of it.
+Chunks go to the chunk store named by ``store`` (see :mod:`edge_sdk.runtime.sync.stores`):
+``mqtt`` (default) as retained messages at ``…/blobs/<sha256>``, or ``s3://bucket/prefix``,
+``http(s)://…`` (``PUT``) or ``file:///dir`` (a folder a web server or CDN serves), *before* the
+manifest, so a device that sees a manifest can fetch all of it. Devices learn where to fetch
+from the desired state (``edge-sdk cloud desire --store URL``); MQTT then carries only control
+messages.
 
-A chunk is skipped only if it is retained on the broker *and* a retained manifest references it:
-probing the blobs themselves catches one lost in a broker crash (``kill -9`` loses what changed
-since the last autosave) even though a manifest still lists it, and an unreferenced retained
-chunk is an orphan that a concurrent ``cloud gc`` may be clearing, so it is sent again.
-``force`` publishes every chunk regardless.
+A chunk is skipped only if the store holds it *and* a retained manifest references it: probing
+the store catches a chunk lost there (a broker ``kill -9`` loses what changed since the last
+autosave) even though a manifest still lists it, and an unreferenced chunk is an orphan that a
+concurrent ``cloud gc`` may be removing, so it is sent again. ``force`` publishes every chunk
+regardless.
 
 Against ``cloud gc``: before the first chunk, a retained marker ``…/releases/<m>/<v>/pending``
 holding the release's chunk list is stored (acknowledged), and it is cleared once the manifest
@@ -23,26 +28,24 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from edge_sdk.chunking import sha256_bytes
 from edge_sdk.errors import IntegrityError, SyncError
 from edge_sdk.manifest import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Manifest, verify_file
 from edge_sdk.runtime.sync.envelope import open_envelope, seal
+from edge_sdk.runtime.sync.stores import MQTT_STORE, StoreOptions, open_store, store_scheme
 from edge_sdk.runtime.sync.topics import Topics
 from edge_sdk.runtime.sync.transport import TlsConfig, Transport
-from edge_sdk.signing import load_private_key, sign
+from edge_sdk.signing import load_private_key
+from edge_sdk.trust import sign_release
 
-from .connection import collect_retained, connect, retained_sizes
+from .connection import collect_retained, connect
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
-
-#: Wait for the broker's acknowledgement after this many chunks / bytes (bounds memory in flight).
-ACK_EVERY_CHUNKS = 32
-ACK_EVERY_BYTES = 4 << 20
 
 
 @dataclass
@@ -57,26 +60,14 @@ class PublishReport:
     bytes_total: int
     bytes_published: int
     duration_s: float = 0.0
+    store: str = MQTT_STORE
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def release_files(manifest: Manifest) -> list[FileEntry]:
-    """Files devices may fetch: every ok variant's files and the self-test files, each once."""
-    entries: dict[str, FileEntry] = {}
-    for variant in manifest.variants:
-        if variant.ok:
-            for entry in variant.files:
-                entries.setdefault(entry.path, entry)
-    if manifest.self_test is not None:
-        for entry in (manifest.self_test.inputs, manifest.self_test.expected):
-            entries.setdefault(entry.path, entry)
-    return list(entries.values())
-
-
 def chunk_refs_of(manifest: Manifest) -> set[str]:
-    return {c.sha256 for entry in release_files(manifest) for c in entry.chunks}
+    return {c.sha256 for entry in manifest.files() for c in entry.chunks}
 
 
 def published_chunks(transport: Transport, topics: Topics) -> tuple[set[str], dict[str, Manifest]]:
@@ -90,16 +81,6 @@ def published_chunks(transport: Transport, topics: Topics) -> tuple[set[str], di
             log.warning("ignoring unreadable manifest at %s: %s", topic, exc)
     shas = set().union(*(chunk_refs_of(m) for m in manifests.values())) if manifests else set()
     return shas, manifests
-
-
-def retained_blobs(transport: Transport, topics: Topics) -> dict[str, int]:
-    """sha256 → size of every chunk retained on the broker (payloads are not kept)."""
-    out = {}
-    for topic, size in retained_sizes(transport, topics, topics.all_blobs()).items():
-        match = topics.parse(topic)
-        if match is not None and match.sha256 is not None:
-            out[match.sha256] = size
-    return out
 
 
 def pending_marker(chunks: set[str], started: float | None = None) -> bytes:
@@ -154,23 +135,25 @@ def _iter_chunks(release_dir: Path, entry: FileEntry):
 
 def publish_release(release_dir: Path | str, broker: str, fleet: str, *, prefix: str = "",
                     sign_key: Path | str | None = None, force: bool = False, tls: TlsConfig | None = None,
-                    progress: Progress | None = None) -> PublishReport:
-    """Publish ``release_dir`` to ``fleet`` on ``broker``; see the module docstring."""
+                    progress: Progress | None = None, store: str = MQTT_STORE,
+                    store_options: StoreOptions | None = None) -> PublishReport:
+    """Publish ``release_dir`` to ``fleet`` on ``broker``, its chunks to ``store``; see the module docstring."""
     release_dir = Path(release_dir)
     started = time.monotonic()
+    store_scheme(store)  # an unknown store fails before anything is read or sent
     try:
         data = (release_dir / MANIFEST_NAME).read_bytes()
     except FileNotFoundError:
         raise IntegrityError(f"{release_dir}: no {MANIFEST_NAME}; is this a release folder?") from None
     sig_path = release_dir / SIGNATURE_NAME
     if sign_key is not None:
-        signature: bytes | None = sign(data, load_private_key(sign_key))
+        signature: bytes | None = sign_release(data, [load_private_key(sign_key)])
     else:
         signature = sig_path.read_bytes() if sig_path.exists() else None
         if signature is None:
             log.warning("publishing %s unsigned: devices with a public key will refuse it", release_dir)
     manifest = Manifest.from_bytes(data, str(release_dir / MANIFEST_NAME))
-    files = release_files(manifest)
+    files = manifest.files()
     for entry in files:
         verify_file(release_dir, entry)  # fail before anything goes out
     topics = Topics(fleet, prefix)
@@ -186,35 +169,31 @@ def publish_release(release_dir: Path | str, broker: str, fleet: str, *, prefix:
         # Stored before the blobs are listed, so a concurrent gc keeps what this publish relies on.
         if not transport.publish(pending_topic, pending_marker(set(needed)), qos=1, retain=True, wait=60.0):
             raise SyncError(f"broker did not acknowledge {pending_topic} within 60s")
-        existing = set() if force else referenced & set(retained_blobs(transport, topics))
-        todo = {sha for sha in needed if sha not in existing}
-        total = sum(needed[sha] for sha in todo)
-        report = PublishReport(manifest.model, manifest.version, manifest_topic, signature is not None,
-                               chunks_total=len(needed), chunks_published=0, chunks_skipped=len(needed) - len(todo),
-                               bytes_total=sum(needed.values()), bytes_published=0)
-        if progress:
-            progress(0, total)
-        sent: set[str] = set()
-        unacked_chunks = unacked_bytes = 0
-        for entry in files:
-            for sha, chunk in _iter_chunks(release_dir, entry):
-                if sha not in todo or sha in sent:
-                    continue
-                sent.add(sha)
-                unacked_chunks += 1
-                unacked_bytes += len(chunk)
-                last = len(sent) == len(todo)
-                if last or unacked_chunks >= ACK_EVERY_CHUNKS or unacked_bytes >= ACK_EVERY_BYTES:
-                    # PUBACKs come in order, so this one acknowledges the whole batch before it.
-                    if not transport.publish(topics.blob(sha), chunk, qos=1, retain=True, wait=60.0):
-                        raise SyncError(f"broker did not acknowledge chunk {sha[:12]}… within 60s")
-                    unacked_chunks = unacked_bytes = 0
-                else:
-                    transport.publish(topics.blob(sha), chunk, qos=1, retain=True)
-                report.chunks_published += 1
-                report.bytes_published += len(chunk)
-                if progress:
-                    progress(report.bytes_published, total)
+        options = replace(store_options or StoreOptions(), transport=transport, topics=topics)
+        chunk_store = open_store(store, options)
+        try:
+            existing = set() if force else referenced & chunk_store.present(needed)
+            todo = {sha for sha in needed if sha not in existing}
+            total = sum(needed[sha] for sha in todo)
+            report = PublishReport(manifest.model, manifest.version, manifest_topic, signature is not None,
+                                   chunks_total=len(needed), chunks_published=0,
+                                   chunks_skipped=len(needed) - len(todo), bytes_total=sum(needed.values()),
+                                   bytes_published=0, store=store)
+            if progress:
+                progress(0, total)
+            for entry in files:
+                for sha, chunk in _iter_chunks(release_dir, entry):
+                    if sha not in todo:
+                        continue
+                    todo.discard(sha)
+                    chunk_store.put(sha, chunk)
+                    report.chunks_published += 1
+                    report.bytes_published += len(chunk)
+                    if progress:
+                        progress(report.bytes_published, total)
+            chunk_store.flush()  # every chunk durable on the store before the manifest names it
+        finally:
+            chunk_store.close()
         if not transport.publish(manifest_topic, seal(data, signature), qos=1, retain=True, wait=60.0):
             raise SyncError(f"broker did not acknowledge the manifest at {manifest_topic} within 60s")
         transport.publish(pending_topic, b"", qos=1, retain=True, wait=60.0)  # the manifest holds them now

@@ -13,6 +13,8 @@ from pydantic import Field, field_validator, model_validator
 
 from ..config import FieldError, StrictModel, load_yaml_model
 from ..errors import EdgeSDKError
+from ..profiles import AUTO
+from ..runtime.sync.transport import TlsConfig
 from ..types import AlignPolicy, OutboxPolicy, Precision
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -30,23 +32,84 @@ class LogLevel(str, Enum):
     ERROR = "error"
 
 
+class ServerTlsConfig(StrictModel):
+    """TLS on a TCP listener; with ``client_ca``, only clients with a certificate it signed get in
+    (mutual TLS, which then counts as authentication)."""
+
+    cert: Path = Field(description="server certificate chain (PEM); may also hold the key")
+    key: Path | None = Field(None, description="server private key (PEM), when not inside cert")
+    client_ca: Path | None = Field(None, description="CA of the client certificates to require (mutual TLS)")
+
+
 class HttpConfig(StrictModel):
-    """The local inference API. Loopback by default: it has no authentication."""
+    """The KServe v2 HTTP listener (loopback by default)."""
 
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535, description="0 picks a free port (written to state_dir/http.port)")
     unix_socket: Path | None = Field(None, description="serve on this Unix socket instead of TCP")
-    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
-    max_concurrent_infer: int = Field(4, ge=1, le=256, description="more in-flight calls get 503")
+    tls: ServerTlsConfig | None = None
+
+
+class GrpcConfig(StrictModel):
+    """The KServe v2 gRPC listener (``inference.GRPCInferenceService``), beside HTTP."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8081, ge=0, le=65535, description="0 picks a free port (written to state_dir/grpc.port)")
+    unix_socket: Path | None = Field(None, description="serve on this Unix socket instead of TCP")
+    tls: ServerTlsConfig | None = None
+
+
+class MetricsAuth(str, Enum):
+    TOKEN = "token"  # /metrics needs the same credentials as the API
+    OPEN = "open"  # anyone who can connect may scrape
+
+
+class AuthConfig(StrictModel):
+    """Who may call the API. The Unix socket (its file permissions) and mutual TLS authenticate by
+    themselves; otherwise each call needs a bearer token from ``tokens_file``."""
+
+    tokens_file: Path | None = Field(None, description="bearer tokens, one per line, mode 0600 "
+                                                      "(default <state_dir>/api-tokens)")
+    create_tokens_file: bool = Field(True, description="create tokens_file with one random token when missing")
+    anonymous_loopback: bool = Field(False, description="development only: accept calls without a token on a "
+                                                        "loopback TCP listener (any local user can then call)")
+    metrics: MetricsAuth = MetricsAuth.TOKEN
+
+
+class ApiConfig(StrictModel):
+    """What HTTP and gRPC share: authentication, browser checks, limits, timeouts, the queue."""
+
+    auth: AuthConfig = AuthConfig()
+    allowed_origins: list[str] = Field(default_factory=list, description="browser origins allowed to call "
+                                                                         "(others get 403: no CSRF)")
+    allowed_hosts: list[str] = Field(default_factory=list, description="Host names accepted besides loopback ones "
+                                                                       "(others get 403: no DNS rebinding)")
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024,
+                                description="larger requests (after inflating gzip/deflate) get 413")
+    max_concurrent_infer: int = Field(4, ge=1, le=256, description="inferences running at once")
+    max_queue: int = Field(64, ge=0, le=100_000, description="calls waiting for a slot; more get 503 + Retry-After")
+    queue_timeout_s: float = Field(30.0, gt=0, le=3600, description="a call waiting longer gets 503 + Retry-After")
+    max_buffered_bytes: int = Field(256 * 1024 * 1024, ge=1024 * 1024,
+                                    description="tensor bytes held by calls being read or waiting; more get 503")
+    header_timeout_s: float = Field(10.0, gt=0, le=600, description="a connection must send its request headers "
+                                                                    "within this, or it is closed")
+    body_timeout_s: float = Field(30.0, gt=0, le=3600, description="a request body must arrive within this (408)")
+    max_connections: int = Field(1024, ge=16, le=100_000, description="open connections; beyond, idle ones are "
+                                                                      "closed first")
+    max_inactive_versions: int = Field(1, ge=0, le=16, description="non-active versions per model kept loaded after "
+                                                                  "a call names them")
 
 
 class ModelConfig(StrictModel):
     """One model served under ``name``: from a local release folder and/or kept in sync over MQTT."""
 
     name: str
-    release: Path | None = Field(None, description="a release folder to serve until sync brings a newer one")
-    profile: str = "auto"
-    precision: str = "auto"
+    release: Path | None = Field(None, description="a release folder to serve until sync brings a newer one; or a "
+                                                   "folder of release folders: the newest is served, every one can "
+                                                   "be called by its version")
+    profile: str = AUTO
+    precision: str = AUTO
     backend: str | None = None
 
     @field_validator("name")
@@ -59,7 +122,7 @@ class ModelConfig(StrictModel):
     @field_validator("precision")
     @classmethod
     def _check_precision(cls, value: str) -> str:
-        allowed = ["auto", *(p.value for p in Precision)]
+        allowed = [AUTO, *(p.value for p in Precision)]
         if value not in allowed:
             raise ValueError(f"must be one of {allowed}")
         return value
@@ -70,7 +133,7 @@ class ModelConfig(StrictModel):
         from ..profiles import builtin_profiles
 
         # A path to a profile file is resolved and read when the model loads (as EdgeModel does).
-        if value == "auto" or value.endswith((".yaml", ".yml")):
+        if value == AUTO or value.endswith((".yaml", ".yml")):
             return value
         known = list(builtin_profiles())
         if value not in known:
@@ -117,57 +180,42 @@ class PipelineConfig(StrictModel):
         return self
 
 
-class TlsConfig(StrictModel):
-    """TLS to the broker (``mqtts://``): the CA that signed the broker's certificate, and
-    optionally this device's own certificate and key (client-certificate authentication)."""
-
-    ca: Path
-    cert: Path | None = Field(None, description="client certificate (PEM); may also hold the key")
-    key: Path | None = Field(None, description="client private key (PEM), when not inside cert")
-
-    @model_validator(mode="after")
-    def _key_needs_cert(self) -> TlsConfig:
-        if self.key is not None and self.cert is None:
-            raise FieldError(("cert",), "key is set but cert is not: a client key needs its certificate")
-        return self
-
-
-class SyncConfig(StrictModel):
-    """MQTT sync with the fleet. Leave out ``broker`` to run purely offline."""
+class DaemonSyncConfig(StrictModel):
+    """The daemon's ``sync`` section: MQTT sync with the fleet. Leave out ``broker`` to run purely offline."""
 
     broker: str | None = Field(None, description="mqtt://host:port or mqtts://host:port (then set tls)")
     tls: TlsConfig | None = Field(None, description="required with mqtts://")
     fleet: str = "default"
     topic_prefix: str | None = Field(None, description="defaults to edge/<fleet>")
-    public_key: Path | None = Field(None, description="Ed25519 public key (PEM) releases must be signed with")
-    allow_unsigned: bool = Field(False, description="accept unsigned releases (only when no public_key is set)")
+    public_key: Path | None = Field(
+        None, description="the keys releases must be signed with: a trust root (root.json, edge-sdk keys root) "
+                          "or an Ed25519 public key (PEM)")
+    allow_unsigned: bool = Field(False, description="serve unsigned releases (development only; without public_key)")
     telemetry_interval_s: float = Field(10.0, gt=0, le=86400)
 
     @model_validator(mode="after")
-    def _check_broker(self) -> SyncConfig:
+    def _check_broker(self) -> DaemonSyncConfig:
         if self.broker is None:
             if self.tls is not None:
                 raise FieldError(("tls",), "tls is set but broker is not")
             return self
-        from ..runtime.sync.transport import TlsConfig as TransportTls
         from ..runtime.sync.transport import TransportConfig
 
         if self.broker.startswith("mqtts://") and self.tls is None:
             raise FieldError(("tls",), "sync.broker uses mqtts:// but sync.tls is not set: add sync.tls.ca "
                                        "(the CA file that signed the broker's certificate)")
         # The exact parsing the transport does at connect time, so a bad URL fails here, not later.
-        tls = TransportTls(ca_certs=self.tls.ca) if self.tls is not None else None
         try:
-            TransportConfig.from_url(self.broker, client_id="config-check", tls=tls)
+            TransportConfig.from_url(self.broker, client_id="config-check", tls=self.tls)
         except EdgeSDKError as exc:
             raise FieldError(("broker",), str(exc)) from None
         return self
 
 
-class OutboxConfig(StrictModel):
-    """The durable telemetry queue (SQLite file under the state dir)."""
+class DaemonOutboxConfig(StrictModel):
+    """The daemon's ``outbox`` section: the durable telemetry queue (SQLite file under the state dir)."""
 
-    max_bytes: int = Field(64 * 1024 * 1024, ge=64 * 1024)
+    max_bytes: int = Field(64 * 1024 * 1024, ge=256 * 1024, description="the whole file on disk, WAL included")
     policy: OutboxPolicy = Field(OutboxPolicy.DROP_OLDEST, description="what to do when full")
 
 
@@ -191,11 +239,13 @@ class DaemonConfig(StrictModel):
 
     device_id: str
     state_dir: Path
+    api: ApiConfig = ApiConfig()
     http: HttpConfig = HttpConfig()
+    grpc: GrpcConfig = GrpcConfig()
     models: list[ModelConfig] = Field(min_length=1)
     pipelines: list[PipelineConfig] = Field(default_factory=list)
-    sync: SyncConfig = SyncConfig()
-    outbox: OutboxConfig = OutboxConfig()
+    sync: DaemonSyncConfig = DaemonSyncConfig()
+    outbox: DaemonOutboxConfig = DaemonOutboxConfig()
     policy: PolicyConfig = PolicyConfig()
     logging: LoggingConfig = LoggingConfig()
     drain_timeout_s: float = Field(10.0, gt=0, le=600, description="SIGTERM: how long in-flight calls may finish")
@@ -220,17 +270,20 @@ class DaemonConfig(StrictModel):
             if pipeline.model not in names:
                 raise FieldError(("pipelines", i, "model"), f"pipeline for model {pipeline.model!r}, which is not "
                                                             f"configured (models: {names})")
-        if self.sync.broker is not None and self.sync.public_key is None and not self.sync.allow_unsigned:
-            raise FieldError(("sync", "public_key"), "sync.broker is set but sync.public_key is not: set public_key "
-                                                     "(or allow_unsigned: true)")
         offline = [i for i, m in enumerate(self.models) if m.release is None]
         if offline and self.sync.broker is None:
             raise FieldError(("models", offline[0], "release"),
                              f"models {[names[i] for i in offline]} have no 'release' folder and sync.broker is not set: "
                              "nothing to serve")
+        if self.grpc.enabled and self.grpc.unix_socket is not None and self.grpc.unix_socket == self.http.unix_socket:
+            raise FieldError(("grpc", "unix_socket"), "must differ from http.unix_socket")
         if self.drain_timeout_s >= self.shutdown_timeout_s:
             raise FieldError(("drain_timeout_s",), f"must be less than shutdown_timeout_s ({self.shutdown_timeout_s:g}): "
                                                    "the HTTP server, sync and outbox need time to stop after the drain")
+        if self.sync.public_key is None and not self.sync.allow_unsigned:
+            # Local releases too: a release folder someone dropped on the device is no more trusted.
+            raise FieldError(("sync", "public_key"), "releases must be signed: set sync.public_key (a root.json "
+                                                     "or PEM public key), or allow_unsigned: true for development")
         return self
 
 
@@ -263,8 +316,16 @@ def load_config(path: Path | str) -> DaemonConfig:
         updates["sync"] = config.sync.model_copy(update=sync_updates)
     if config.policy.resource_root is not None and not config.policy.resource_root.is_absolute():
         updates["policy"] = config.policy.model_copy(update={"resource_root": fix(config.policy.resource_root)})
-    if config.http.unix_socket is not None and not config.http.unix_socket.is_absolute():
-        updates["http"] = config.http.model_copy(update={"unix_socket": fix(config.http.unix_socket)})
+    for key in ("http", "grpc"):
+        listener = getattr(config, key)
+        tls = listener.tls
+        if tls is not None:
+            tls = tls.model_copy(update={k: fix(getattr(tls, k)) or getattr(tls, k) for k in ("cert", "key", "client_ca")})
+        updates[key] = listener.model_copy(update={"unix_socket": fix(listener.unix_socket) or listener.unix_socket,
+                                                   "tls": tls})
+    tokens = config.api.auth.tokens_file
+    tokens = (updates.get("state_dir", config.state_dir) / "api-tokens") if tokens is None else (fix(tokens) or tokens)
+    updates["api"] = config.api.model_copy(update={"auth": config.api.auth.model_copy(update={"tokens_file": tokens})})
     return config.model_copy(update=updates)
 
 
@@ -278,16 +339,40 @@ device_id: pi-kitchen-01
 # Where the daemon keeps synced releases, the telemetry outbox and its port file.
 state_dir: /var/lib/edge-sdk
 
+api:
+  # Who may call the local API (HTTP and gRPC). TCP callers send "Authorization: Bearer <token>"
+  # with a token from this file (mode 0600; created with one random token when missing). The
+  # Unix sockets (their file permissions) and TLS client certificates authenticate by themselves.
+  auth:
+    # tokens_file: /var/lib/edge-sdk/api-tokens   # default: <state_dir>/api-tokens
+    metrics: token          # token | open (let anyone who can connect scrape /metrics)
+  allowed_origins: []       # browser origins allowed to call; others get 403 (no CSRF)
+  allowed_hosts: []         # Host names accepted besides loopback ones (no DNS rebinding)
+  max_body_bytes: 16777216  # larger requests (after inflating gzip/deflate) get 413
+  max_concurrent_infer: 4   # inferences running at once
+  max_queue: 64             # calls waiting for a slot; more get 503 with Retry-After
+  queue_timeout_s: 30
+  header_timeout_s: 10      # a connection that does not finish its headers in time is closed
+  body_timeout_s: 30        # a body that does not arrive in time gets 408
+  max_connections: 1024     # beyond, the connections idle longest are closed first
+
 http:
-  # Local inference API (KServe v2 / Open Inference Protocol). No auth: keep it on loopback.
+  # KServe v2 / Open Inference Protocol over HTTP.
   host: 127.0.0.1
   port: 8080              # 0 = pick a free port, written to <state_dir>/http.port
   # unix_socket: /run/edge-sdk/api.sock   # serve on a Unix socket instead of TCP
-  max_body_bytes: 16777216  # larger requests get 413
-  max_concurrent_infer: 4   # more in-flight calls get 503
+  # tls: {cert: ./api.crt, key: ./api.key, client_ca: ./clients-ca.crt}   # client_ca = mutual TLS
+
+grpc:
+  # The same API over gRPC (inference.GRPCInferenceService, as KServe and Triton serve it).
+  enabled: true
+  host: 127.0.0.1
+  port: 8081              # 0 = pick a free port, written to <state_dir>/grpc.port
+  # unix_socket: /run/edge-sdk/grpc.sock
 
 models:
-  # Served as /v2/models/<name>. `release` is served until sync brings a newer version.
+  # Served as /v2/models/<name>. `release` is served until sync brings a newer version; it may
+  # also be a folder of release folders: the newest is served, each is /v2/models/<name>/versions/<v>.
   - name: fusion
     release: ./releases/fusion
     profile: auto         # a device profile id, or auto-detect
@@ -316,12 +401,12 @@ sync:
   #   cert: ./device.crt    # optional: client-certificate authentication
   #   key: ./device.key
   fleet: default
-  # public_key: ./release-signing.pub   # refuse releases not signed with this Ed25519 key
-  allow_unsigned: false   # true accepts unsigned releases (only without public_key)
+  public_key: ./trust/root.json   # releases must be signed by these keys (root.json or a PEM public key)
+  allow_unsigned: false   # true serves unsigned releases (development only, without public_key)
   telemetry_interval_s: 10
 
 outbox:
-  max_bytes: 67108864     # telemetry kept on disk while offline
+  max_bytes: 67108864     # telemetry kept on disk while offline (database + WAL)
   policy: drop_oldest     # or: reject
 
 policy:

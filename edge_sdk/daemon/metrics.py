@@ -91,6 +91,11 @@ class DaemonMetrics:
             f"{prefix}_http_requests", "HTTP API requests by route and status code", ["route", "code"], registry=r)
         self.infer_errors = prom.Counter(
             f"{prefix}_inference_errors", "Failed inference calls by model and reason", ["model", "reason"], registry=r)
+        self.grpc_requests = prom.Counter(
+            f"{prefix}_grpc_requests", "gRPC API calls by method and status code", ["method", "code"], registry=r)
+        self.timeouts = prom.Counter(
+            f"{prefix}_api_timeouts", "Connections and requests cut for being too slow, by phase (header, body)",
+            ["phase"], registry=r)
         self.in_flight = prom.Gauge(f"{prefix}_inference_in_flight", "Inference calls running now", registry=r)
         self.precision_switches = prom.Counter(
             f"{prefix}_precision_switches", "Precision changes by model, direction and decision kind (step_down, step_up, pin, unpin)",
@@ -109,9 +114,6 @@ class DaemonMetrics:
     def add_source(self, group: str, source: Callable[[], Snapshot]) -> None:
         """Report ``group``'s figures (``<prefix>_<group>_<key>``) from ``source()`` at each scrape."""
         self._snapshots.sources[group] = source
-
-    def remove_source(self, group: str) -> None:
-        self._snapshots.sources.pop(group, None)
 
     def set_active(self, model: str, version: str, backend: str, precision: str) -> None:
         """Mark what ``model`` serves now (old label sets of that model are removed)."""

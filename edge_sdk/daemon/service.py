@@ -26,22 +26,31 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import FrameType
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, EdgeSDKError, MissingDependencyError
+from ..runtime.monitor import SystemSource
+from ..runtime.policy import PolicyEvent
 from . import systemd
 from .config import DaemonConfig, ModelConfig, load_config
-from .http import ApiState, create_app
+from .api import InferenceApi
+from .auth import Authenticator, ensure_tokens_file, is_loopback
+from .http import Listener, create_app, protocol_class
+from .repository import Repository, release_folders
 from .logs import setup_logging
 from .metrics import DaemonMetrics, Snapshot
 from .models import ModelTable, ServedModel, load_served
+from .pipeline import Pipelines
+from .sync import SyncBridge
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..runtime.policy import PolicyEvent
+if TYPE_CHECKING:  # pragma: no cover - uvicorn is imported when the server starts
+    import uvicorn
 
 log = logging.getLogger("edge_sdk.daemon")
 
 PORT_FILE = "http.port"
+GRPC_PORT_FILE = "grpc.port"
 
 
 def check_state_dir(path: Path, sync: bool = False) -> None:
@@ -63,6 +72,13 @@ def check_state_dir(path: Path, sync: bool = False) -> None:
             with target.open("r+b"):  # opened for writing, not written: proves SQLite can use it
                 pass
     except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            # A full disk must not stop serving: the releases on it are intact; the outbox and
+            # sync apply their own disk-full rules and report what they lose.
+            log.warning("state_dir %s: the disk is full (%s); serving anyway", path, exc.strerror or exc)
+            with contextlib.suppress(OSError):
+                (target / f".write-test-{os.getpid()}").unlink()
+            return
         raise ConfigError(f"state_dir {path}: {target} is not usable ({exc.strerror or exc})") from None
 
 
@@ -106,10 +122,14 @@ class Daemon:
         self.config_path = config_path
         self.metrics = DaemonMetrics()
         self.models = ModelTable()
-        self.api = ApiState(self.models, self.metrics, config.http.max_body_bytes, config.http.max_concurrent_infer)
-        self.sync: Any = None  # the sync bridge, when a broker is configured
-        self.pipelines: Any = None  # sensor pipelines (aligner → model), when configured
-        self._server: Any = None
+        self.repository = Repository(self.models, lambda: [m.name for m in self.config.models], self._releases_of,
+                                     self._load_version, self._load_named, config.api.max_inactive_versions)
+        self.api = InferenceApi(self.models, self.repository, self.metrics, config.api)
+        self.auth = Authenticator(config.api, config.api.auth.tokens_file or config.state_dir / "api-tokens")
+        self._grpc: Any = None
+        self.sync: SyncBridge | None = None  # when a broker is configured
+        self.pipelines: Pipelines | None = None  # sensor pipelines (aligner → model), when configured
+        self._server: uvicorn.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._shutdown_deadline: float | None = None  # time.monotonic() the shutdown must end by
@@ -117,17 +137,14 @@ class Daemon:
         self._unsubscribe: list[Callable[[], None]] = []
         self.bound_address: str = ""
         self.started_at = time.monotonic()
-        self._resources: Any = None
+        #: The one reader of resource figures: the precision policy, /metrics, twin and telemetry.
+        self.resources = SystemSource(config.policy.resource_root or "/")
         self.metrics.add_source("resource", self._resource_snapshot)
 
     def _resource_snapshot(self) -> Snapshot:
         """The same figures the precision policy decides on (cgroup-aware), read at scrape time."""
-        if self._resources is None:
-            from ..runtime.monitor import SystemSource
-
-            self._resources = SystemSource()
-        sample = self._resources.sample()
-        gauges: dict[str, Any] = {
+        sample = self.resources.sample()
+        gauges: dict[str, float] = {
             "available_memory_bytes": sample.available_memory_mb * 2**20,
             "process_rss_bytes": sample.process_rss_mb * 2**20,
             "cpu_percent": sample.cpu_percent,
@@ -150,8 +167,25 @@ class Daemon:
         if self.sync is not None:
             found += [p for p in self.sync.local_releases(model.name) if p is not None]
         if model.release is not None:
-            found.append(model.release)
+            found += release_folders(model.release)
         return found
+
+    def _model_config(self, name: str) -> ModelConfig | None:
+        return next((m for m in self.config.models if m.name == name), None)
+
+    def _releases_of(self, name: str) -> list[Path]:
+        """The API's versions of ``name``: every release folder present for it."""
+        model = self._model_config(name)
+        return self._candidates(model) if model is not None else []
+
+    def _load_version(self, name: str, release_dir: Path) -> ServedModel:
+        """A non-active version, for the API (not activated: the table keeps serving the active one)."""
+        return load_served(self._model_config(name), release_dir, public_key=self.config.sync.public_key,
+                           policy=self.config.policy, resources=self.resources)
+
+    def _load_named(self, name: str) -> bool:
+        model = self._model_config(name)
+        return model is not None and self.load_model(model) is not None
 
     def load_model(self, model: ModelConfig, release_dir: Path | None = None) -> ServedModel | None:
         """Load and activate ``model`` (from ``release_dir`` or its best candidate); None if none
@@ -163,7 +197,8 @@ class Daemon:
                 log.info("model %s: not loading %s: shutting down", model.name, folder)
                 return None
             try:
-                served = load_served(model, folder, public_key=self.config.sync.public_key, policy=self.config.policy)
+                served = load_served(model, folder, public_key=self.config.sync.public_key, policy=self.config.policy,
+                                     resources=self.resources)
             except EdgeSDKError as exc:
                 errors.append(f"{folder}: {exc}")
                 log.error("model %s: cannot load %s: %s", model.name, folder, exc)
@@ -207,9 +242,7 @@ class Daemon:
             kind = event.kind.value
             self.metrics.precision_switches.labels(served.name, old.value, new.value, kind).inc()
             if self.sync is not None:
-                self.sync.record("precision_switch", {"model": served.name, "from": old.value, "to": new.value,
-                                                      "kind": kind, "reason": event.reason}, high=True)
-                self.sync.client.twin.set(precision=new.value)
+                self.sync.on_precision_switch(served.name, event)
             backend, precision = served.backend_precision()
             if self.models.get(served.name) is served:
                 self.metrics.set_active(served.name, str(served.version), backend, precision)
@@ -220,20 +253,18 @@ class Daemon:
         except Exception as exc:
             log.warning("model %s: cannot watch precision changes: %s", served.name, exc)
 
-    def on_release(self, model_name: str, release_dir: Path) -> bool:
-        """Called by sync once a verified release is activated on disk: hot-swap to it."""
-        for model in self.config.models:
-            if model.name == model_name:
-                if self.load_model(model, release_dir) is not None:
-                    return True
-                if self._stopping:
-                    # Verified and active on disk, so the next start serves it; saying False
-                    # here would make sync roll the release back.
-                    log.info("model %s: %s is served after the restart (shutting down)", model_name, release_dir)
-                    return True
-                return False
-        log.warning("sync activated %s for unknown model %s; ignored", release_dir, model_name)
-        return False
+    def on_release(self, served: ServedModel) -> bool:
+        """Called by sync once a synced release, loaded and self-tested, is active on disk: hot-swap
+        to it. False (and ``served`` closed) when no configured model is called that any more."""
+        if served.name not in {m.name for m in self.config.models}:
+            log.warning("sync activated %s for model %s, which is no longer configured", served.release_dir, served.name)
+            served.retire()
+            return False
+        if not self._activate(served):
+            # Verified and active on disk, so the next start serves it; saying False here would
+            # make sync roll the release back.
+            log.info("model %s: %s is served after the restart (shutting down)", served.name, served.release_dir)
+        return True
 
     # ---- reload ---------------------------------------------------------------------------------
 
@@ -256,11 +287,13 @@ class Daemon:
                 systemd.notify("READY=1")
                 return False
             old = self.config
-            restart_only = [k for k in ("device_id", "state_dir", "http", "pipelines", "sync", "outbox") if getattr(old, k) != getattr(new, k)]
+            restart_only = [k for k in ("device_id", "state_dir", "api", "http", "grpc", "pipelines", "sync", "outbox") if getattr(old, k) != getattr(new, k)]
             if restart_only:
                 log.warning("reload: changes to %s take effect after a restart", restart_only)
                 new = new.model_copy(update={k: getattr(old, k) for k in restart_only})
             self.config = new
+            if self.sync is not None:
+                self.sync.reconfigure(new)
             setup_logging(new.logging)
             old_models = {m.name: m for m in old.models}
             for model in new.models:
@@ -269,7 +302,7 @@ class Daemon:
             for name in set(old_models) - {m.name for m in new.models}:
                 self.models.remove(name)
                 log.info("model %s: removed by reload", name)
-            self.api.max_concurrent_infer = new.http.max_concurrent_infer
+            self.api.set_concurrency(new.api.max_concurrent_infer)
             self.metrics.reloads.labels("applied").inc()
             log.info("config reloaded from %s", self.config_path)
             systemd.notify("READY=1")
@@ -289,6 +322,9 @@ class Daemon:
         try:
             setup_logging(self.config.logging)
             check_state_dir(self.config.state_dir, sync=self.config.sync.broker is not None)
+            if self._listeners_needing_tokens():
+                auth = self.config.api.auth
+                ensure_tokens_file(auth.tokens_file or self.config.state_dir / "api-tokens", auth.create_tokens_file)
             sock = bind_socket(self.config)
             try:
                 return asyncio.run(self._main(sock))
@@ -302,10 +338,10 @@ class Daemon:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
-    def _on_early_signal(self, sig: int, frame: Any) -> None:
+    def _on_early_signal(self, sig: int, frame: FrameType | None) -> None:
         self._on_stop_signal(sig)
 
-    def _on_early_hup(self, sig: int, frame: Any) -> None:
+    def _on_early_hup(self, sig: int, frame: FrameType | None) -> None:
         log.warning("SIGHUP ignored: still starting (the config was read at start; send it again once ready)")
 
     async def _main(self, sock: socket.socket) -> int:
@@ -324,8 +360,6 @@ class Daemon:
                 break
             await asyncio.to_thread(self.load_model, model)
         if self.config.pipelines and not self._stopping:
-            from .pipeline import Pipelines
-
             self.pipelines = Pipelines(self.config.pipelines, self.models,
                                        self.sync.on_result if self.sync is not None else None)
             self.api.pipelines = self.pipelines
@@ -336,9 +370,24 @@ class Daemon:
             def capture_signals(self):  # the daemon handles signals itself (drain first)
                 yield
 
-        uconfig = uvicorn.Config(create_app(self.api), log_config=None, access_log=False, lifespan="off",
-                                 timeout_graceful_shutdown=5, limit_concurrency=256, timeout_keep_alive=5,
+        http = self.config.http
+        listener = Listener(loopback=http.unix_socket is None and is_loopback(http.host),
+                            transport_authenticated=http.unix_socket is not None or
+                            (http.tls is not None and http.tls.client_ca is not None))
+        limits = self.config.api
+        protocol = protocol_class(limits.header_timeout_s, limits.max_connections,
+                                  lambda: self.metrics.timeouts.labels("header").inc())
+        # limit_concurrency stays off: uvicorn would answer 503 to everyone once that many
+        # connections are open, idle ones included; the protocol evicts idle ones instead.
+        uconfig = uvicorn.Config(create_app(self.api, self.auth, listener), log_config=None, access_log=False,
+                                 lifespan="off", http=protocol,
+                                 timeout_graceful_shutdown=5, timeout_keep_alive=5,
                                  server_header=False)
+        uconfig.load()
+        if http.tls is not None and http.unix_socket is None:
+            from .auth import server_ssl_context
+
+            uconfig.ssl = server_ssl_context(http.tls)
         self._server = _Server(uconfig)
         # Checked after _server is set: a stop() from now on reaches the server via the drain thread.
         if self._stopping:
@@ -349,7 +398,49 @@ class Daemon:
         log.info("stopped")
         return 0
 
+    def _listeners_needing_tokens(self) -> list[str]:
+        found = []
+        for key, listener in (("http", self.config.http), ("grpc", self.config.grpc)):
+            if key == "grpc" and not listener.enabled:
+                continue
+            by_transport = listener.unix_socket is not None or (listener.tls is not None and listener.tls.client_ca)
+            anonymous = self.config.api.auth.anonymous_loopback and listener.unix_socket is None and is_loopback(listener.host)
+            if not by_transport and not anonymous:
+                found.append(key)
+        return found
+
+    async def _start_grpc(self) -> None:
+        """The gRPC listener (same API object, same loop); its port goes to ``grpc.port``."""
+        grpc = self.config.grpc
+        if not grpc.enabled:
+            return
+        from .grpc_server import GrpcServer, server_credentials
+
+        listener = Listener(loopback=grpc.unix_socket is None and is_loopback(grpc.host),
+                            transport_authenticated=grpc.unix_socket is not None or
+                            (grpc.tls is not None and grpc.tls.client_ca is not None))
+        if grpc.unix_socket is not None:
+            grpc.unix_socket.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                grpc.unix_socket.unlink()  # a stale socket from a previous run
+            address = f"unix:{grpc.unix_socket}"
+        else:
+            address = f"[{grpc.host}]:{grpc.port}" if ":" in grpc.host else f"{grpc.host}:{grpc.port}"
+        credentials = server_credentials(grpc.tls) if grpc.tls is not None and grpc.unix_socket is None else None
+        self._grpc = GrpcServer(self.api, self.auth, listener, address, credentials)
+        try:
+            port = await self._grpc.start()
+        except RuntimeError as exc:  # grpc: "Failed to bind to address"
+            raise ConfigError(f"grpc {address} cannot be bound (in use?): {exc}") from None
+        if grpc.unix_socket is not None:
+            os.chmod(grpc.unix_socket, 0o660)
+            log.info("gRPC listening on unix:%s", grpc.unix_socket)
+        else:
+            self._write_file(GRPC_PORT_FILE, f"{port}\n")
+            log.info("gRPC listening on %s:%d", grpc.host, port)
+
     async def _serve(self, sock: socket.socket) -> None:
+        await self._start_grpc()
         serve = asyncio.create_task(self._server.serve(sockets=[sock]))
         while not self._server.started and not serve.done():
             await asyncio.sleep(0.02)
@@ -367,6 +458,8 @@ class Daemon:
         watchdog = asyncio.create_task(self._watchdog())
         await serve
         watchdog.cancel()
+        if self._grpc is not None:
+            await self._grpc.stop(grace=1.0)
 
     def _address(self, sock: socket.socket) -> str:
         if sock.family == socket.AF_UNIX:
@@ -375,12 +468,18 @@ class Daemon:
         return f"http://{host}:{port}"
 
     def _write_port_file(self, sock: socket.socket) -> None:
-        if sock.family == socket.AF_UNIX:
-            return
-        path = self.config.state_dir / PORT_FILE
+        if sock.family != socket.AF_UNIX:
+            self._write_file(PORT_FILE, f"{sock.getsockname()[1]}\n")
+
+    def _write_file(self, name: str, text: str) -> None:
+        path = self.config.state_dir / name
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(f"{sock.getsockname()[1]}\n")
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        except OSError as exc:  # a full disk: these files are a convenience, serving is not
+            log.error("cannot write %s (%s); serving anyway", path, exc.strerror or exc)
+            tmp.unlink(missing_ok=True)
 
     async def _watchdog(self) -> None:
         interval = systemd.watchdog_interval()
@@ -452,19 +551,19 @@ class Daemon:
         for unsubscribe in self._unsubscribe:
             with contextlib.suppress(Exception):
                 unsubscribe()
+        self.api.close()
         self.models.close()
-        with contextlib.suppress(OSError):
-            (self.config.state_dir / PORT_FILE).unlink()
+        for name in (PORT_FILE, GRPC_PORT_FILE):
+            with contextlib.suppress(OSError):
+                (self.config.state_dir / name).unlink()
 
     # ---- sync -----------------------------------------------------------------------------------
 
     def _start_sync(self) -> None:
         if self.config.sync.broker is None:
             return
-        from .sync import SyncBridge
-
         try:
-            self.sync = SyncBridge(self)
+            self.sync = SyncBridge(self.config, self.models, self.on_release, self.resources)
             self.sync.start()
             self.api.on_infer = self.sync.on_infer
         except MissingDependencyError:

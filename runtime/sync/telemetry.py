@@ -11,7 +11,10 @@ Wire format (UTF-8 JSON, QoS 1, not retained):
   committed every record of that boot with ``floor ≤ seq ≤ N``.
 
 Uploader behaviour: records leave the outbox only when an ack arrives (a broker PUBACK is not
-durable). Up to ``window`` batches are in flight; if the oldest gets no ack within
+durable), and an ack deletes only what was sent: its ``upto`` is clamped to the highest
+sequence of that boot the uploader published (a forged or confused ack beyond it is counted
+in ``clamped_acks``). Losses (quota drops, refused appends) reach the cloud twice: in the
+reported state, and as an ``outbox.loss`` record whenever the persisted totals grew. Up to ``window`` batches are in flight; if the oldest gets no ack within
 ``ack_timeout_s``, or after every reconnect, everything unacked is sent again from the start of
 the outbox (ingest drops the duplicates by ``(device, boot, seq)``). Nothing is published while
 disconnected, so an outage only grows the outbox on disk, never memory.
@@ -42,7 +45,7 @@ from pydantic import Field
 from edge_sdk.config import StrictModel
 from edge_sdk.errors import SyncError
 
-from .outbox import Batch, Outbox
+from .outbox import MAX_RECORD_BYTES, Batch, Outbox, Priority
 from .topics import Topics, check_device
 from .transport import Message
 from .twin import Twin
@@ -51,6 +54,9 @@ log = logging.getLogger(__name__)
 
 WIRE_VERSION = 1
 MAX_RECORDS_PER_BATCH = 10_000
+#: Largest telemetry batch on the wire (a batch holds at most ``batch_bytes`` plus one record).
+MAX_BATCH_BYTES = 2 * MAX_RECORD_BYTES + 64 * 1024
+LOSS_KIND = "outbox.loss"
 _BOOT = re.compile(r"[0-9A-Za-z_-]{1,64}")
 
 
@@ -106,6 +112,8 @@ def _object(payload: bytes, what: str) -> dict:
 
 def decode_batch(payload: bytes) -> WireBatch:
     """Parse and check a telemetry batch; any defect raises :class:`SyncError` naming it."""
+    if len(payload) > MAX_BATCH_BYTES:
+        raise SyncError(f"telemetry batch of {len(payload)} bytes is oversized (limit {MAX_BATCH_BYTES} bytes)")
     obj = _object(payload, "telemetry batch")
     boot = _boot(obj.get("boot"))
     floor = _int(obj.get("floor"), "floor", 1)
@@ -134,6 +142,8 @@ def encode_ack(boot: str, upto: int) -> bytes:
 
 
 def decode_ack(payload: bytes) -> tuple[str, int]:
+    if len(payload) > 1024:
+        raise SyncError(f"telemetry ack of {len(payload)} bytes is oversized")
     obj = _object(payload, "telemetry ack")
     return _boot(obj.get("boot")), _int(obj.get("upto"), "upto", 0)
 
@@ -141,7 +151,7 @@ def decode_ack(payload: bytes) -> tuple[str, int]:
 # -- uploader ------------------------------------------------------------------------------------
 class UploaderConfig(StrictModel):
     batch_records: int = Field(500, ge=1, le=MAX_RECORDS_PER_BATCH)
-    batch_bytes: int = Field(256 * 1024, ge=1024)
+    batch_bytes: int = Field(256 * 1024, ge=1024, le=MAX_RECORD_BYTES)
     #: batches sent and not yet acked by ingest before the uploader waits
     window: int = Field(8, ge=1)
     #: resend everything unacked if the oldest batch in flight got no ack for this long
@@ -183,6 +193,8 @@ class TelemetryUploader:
         self._thread: threading.Thread | None = None
         self._inflight: deque[_InFlight] = deque()
         self._cursor = 0  # outbox id of the last record sent
+        self._sent: dict[str, int] = {}  # boot -> highest seq published (what an ack may cover)
+        self._loss_reported = (0, 0)  # (dropped, rejected) totals last sent as a record
         self._seen_connects = -1
         self.twin = twin
         self._reported: dict | None = None
@@ -193,6 +205,7 @@ class TelemetryUploader:
         self.resends = 0
         self.acked = 0
         self.bad_acks = 0
+        self.clamped_acks = 0
         self.errors = 0
 
     def start(self) -> None:
@@ -218,13 +231,15 @@ class TelemetryUploader:
     def in_flight(self) -> int:
         return len(self._inflight)
 
-    def report(self) -> dict[str, int | str]:
+    def report(self) -> dict[str, Any]:
         """Outbox and upload figures for the device twin (``reported.telemetry``)."""
         s = self.outbox.stats()
         return {
-            "boot": s.boot_id, "queued_rows": s.rows, "queued_bytes": s.bytes, "appended": s.appended,
-            "acked": s.acked, "dropped": s.dropped, "rejected": s.rejected, "batches_sent": self.batches_sent,
-            "resends": self.resends, "bad_acks": self.bad_acks, "errors": self.errors, "in_flight": self.in_flight,
+            "boot": s.boot_id, "queued_rows": s.rows, "queued_bytes": s.bytes, "file_bytes": s.file_bytes,
+            "appended": s.appended, "acked": s.acked, "dropped": s.dropped, "rejected": s.rejected,
+            "batches_sent": self.batches_sent, "resends": self.resends, "bad_acks": self.bad_acks,
+            "clamped_acks": self.clamped_acks, "oversized_messages": getattr(self.transport, "oversized", 0),
+            "errors": self.errors, "in_flight": self.in_flight, "recovered": self.outbox.recovered,
         }
 
     # -- network thread ------------------------------------------------------------------------
@@ -246,15 +261,15 @@ class TelemetryUploader:
                 self.errors += 1
                 log.exception("telemetry upload step failed")
                 busy = False
-            self._report_to_twin()
+            self._report()
             if not busy:
                 self._wake.wait(self.config.idle_poll_s)
                 self._wake.clear()
         self._apply_acks()
-        self._report_to_twin(force=True)
+        self._report(force=True)
 
-    def _report_to_twin(self, force: bool = False) -> None:
-        if self.twin is None or (not force and time.monotonic() - self._reported_at < self.config.report_interval_s):
+    def _report(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self._reported_at < self.config.report_interval_s:
             return
         try:
             report = self.report()
@@ -263,9 +278,24 @@ class TelemetryUploader:
             log.exception("telemetry figures for the twin failed")
             return
         self._reported_at = time.monotonic()
-        if report != self._reported:
+        if self.twin is not None and report != self._reported:
             self._reported = report
             self.twin.set(telemetry=report)
+        self._record_losses(report)
+
+    def _record_losses(self, report: dict[str, Any]) -> None:
+        """Append an ``outbox.loss`` record when the persisted loss totals grew, so the cloud's
+        telemetry store holds them too (essential: it may use the disk reserve, skips the quota)."""
+        totals = (report["dropped"], report["rejected"])
+        if totals == self._loss_reported or totals == (0, 0):
+            return
+        try:
+            self.outbox.append_many([{"dropped": totals[0], "rejected": totals[1], "boot": report["boot"]}],
+                                    kind=LOSS_KIND, priority=Priority.HIGH, essential=True)
+        except SyncError as exc:  # the twin has the figures; the record waits for room
+            log.warning("could not record outbox losses: %s", exc)
+            return
+        self._loss_reported = totals
 
     def _apply_acks(self) -> None:
         while True:
@@ -273,7 +303,13 @@ class TelemetryUploader:
                 boot, upto = self._acks.get_nowait()
             except queue.Empty:
                 return
-            self.acked += self.outbox.ack(boot, upto)
+            sent = self._sent.get(boot, 0)
+            if upto > sent:  # never delete what was not sent: the ack is forged or confused
+                self.clamped_acks += 1
+                log.warning("telemetry ack for %s up to %d, but only %d were sent: clamped", boot, upto, sent)
+                upto = sent
+            if upto:
+                self.acked += self.outbox.ack(boot, upto)
             self._inflight = deque(f for f in self._inflight if not (f.boot == boot and f.last_seq <= upto))
 
     def _step(self) -> bool:
@@ -297,6 +333,7 @@ class TelemetryUploader:
         if not self.transport.publish(self.topic, encode_batch(batch), qos=1):
             return False
         self._cursor = batch.last_id
+        self._sent[batch.boot] = max(self._sent.get(batch.boot, 0), batch.last_seq)
         self._inflight.append(_InFlight(batch.boot, batch.last_seq, now))
         self.batches_sent += 1
         self.records_sent += len(batch.records)

@@ -30,7 +30,8 @@ Behaviour:
   ``publish(..., wait=…)`` (the ack it waits for is read by that same thread); plain
   ``publish`` from a handler is fine.
 * Counters: ``connects`` (successful CONNACKs), ``refused`` (publishes/subscriptions the broker
-  refused), ``handler_errors``; ``last_error`` describes the latest connection problem.
+  refused), ``handler_errors``, ``oversized`` (incoming messages above ``max_message_bytes``,
+  dropped before any handler sees them); ``last_error`` describes the latest connection problem.
 * A publish refused by the broker (e.g. denied by an ACL: MQTT 5 reports it in the PUBACK,
   3.1.1 would drop it silently) makes ``publish(..., wait=…)`` raise :class:`SyncError`.
 """
@@ -48,9 +49,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from pydantic import Field
+from pydantic import Field, ValidationError, model_validator
 
-from edge_sdk.config import StrictModel
+from edge_sdk.config import FieldError, StrictModel, describe_validation_error
 from edge_sdk.errors import ConfigError, MissingDependencyError, SyncError
 
 log = logging.getLogger(__name__)
@@ -60,11 +61,18 @@ OFFLINE = json.dumps({"online": False}).encode()
 
 
 class TlsConfig(StrictModel):
-    """Server verification against ``ca_certs``; ``certfile``/``keyfile`` for client-cert auth."""
+    """TLS to the broker (``mqtts://``): the CA that signed the broker's certificate, and
+    optionally this device's own certificate and key (client-certificate authentication)."""
 
-    ca_certs: Path
-    certfile: Path | None = None
-    keyfile: Path | None = None
+    ca: Path
+    cert: Path | None = Field(None, description="client certificate (PEM); may also hold the key")
+    key: Path | None = Field(None, description="client private key (PEM), when not inside cert")
+
+    @model_validator(mode="after")
+    def _key_needs_cert(self) -> TlsConfig:
+        if self.key is not None and self.cert is None:
+            raise FieldError(("cert",), "key is set but cert is not: a client key needs its certificate")
+        return self
 
 
 class TransportConfig(StrictModel):
@@ -84,6 +92,9 @@ class TransportConfig(StrictModel):
     #: QoS 1 messages in flight (sent, not yet PUBACKed) before paho queues further ones.
     max_inflight: int = Field(100, ge=1)
     status_topic: str | None = None
+    #: Larger incoming messages are dropped unparsed and counted in ``oversized`` (the shipped
+    #: broker refuses packets above 8 MiB; a broker without a cap must not make us parse more).
+    max_message_bytes: int = Field(8 << 20, ge=1024)
 
     @classmethod
     def from_url(cls, url: str, **fields: object) -> TransportConfig:
@@ -105,8 +116,8 @@ class TransportConfig(StrictModel):
         values.update(fields)
         try:
             return cls(**values)
-        except ValueError as exc:  # pydantic.ValidationError is a ValueError
-            raise ConfigError(f"broker settings for {url!r}: {exc}") from None
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(f"broker settings for {url!r}", exc)) from None
 
 
 @dataclass(frozen=True)
@@ -154,6 +165,7 @@ class Transport:
         #: successful connects (CONNACK success), publishes and subscriptions the broker refused
         self.connects = 0
         self.refused = 0
+        self.oversized = 0
         #: the latest connection problem in words (None until one happens), for status reports
         self.last_error: str | None = None
         self._connack_failed = False
@@ -164,14 +176,14 @@ class Transport:
         if config.username is not None:
             client.username_pw_set(config.username, config.password)
         if config.tls is not None:
-            for path in (config.tls.ca_certs, config.tls.certfile, config.tls.keyfile):
+            for path in (config.tls.ca, config.tls.cert, config.tls.key):
                 if path is not None and not Path(path).is_file():
                     raise ConfigError(f"TLS file {path} does not exist")
             try:
                 client.tls_set(
-                    ca_certs=str(config.tls.ca_certs),
-                    certfile=str(config.tls.certfile) if config.tls.certfile else None,
-                    keyfile=str(config.tls.keyfile) if config.tls.keyfile else None,
+                    ca_certs=str(config.tls.ca),
+                    certfile=str(config.tls.cert) if config.tls.cert else None,
+                    keyfile=str(config.tls.key) if config.tls.key else None,
                     cert_reqs=ssl.CERT_REQUIRED,
                 )
             except (ssl.SSLError, OSError, ValueError) as exc:
@@ -386,6 +398,11 @@ class Transport:
                 log.warning("broker refused a subscription (mid %s): %s", mid, code)
 
     def _on_message(self, client, userdata, msg) -> None:
+        if len(msg.payload) > self.config.max_message_bytes:
+            self.oversized += 1
+            log.warning("dropped a %d-byte message on %s (limit %d bytes)", len(msg.payload), msg.topic,
+                        self.config.max_message_bytes)
+            return
         message = Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain))
         # Overlapping filters make the broker deliver one copy per matching subscription, each
         # tagged with its subscription identifier: route each copy only to its own handler.

@@ -1,15 +1,12 @@
 """The device twin: desired state (cloud → device) and reported state (device → cloud).
 
-Desired state is a retained JSON object at ``…/desired`` (fleet) and ``…/<device>/desired``
-(device); :func:`merge_desired` combines them key by key, the device level winning, and the
-``policy`` mappings merge key by key the same way (nested keys too). ``policy`` is a typed
-:class:`~edge_sdk.runtime.policy.PolicyOverride` (``pin_precision``, per-precision
-``thresholds``, ``hysteresis``, ``min_dwell_s``) that the device applies to its models without a
-restart; an unknown key makes the whole message a ``bad_desired`` error naming the key.
+Desired state (the models to run, each with its version and chunk store, and the runtime
+policy) is in :mod:`edge_sdk.runtime.sync.desired`.
 
 Reported state is one retained JSON object at ``…/<device>/reported``: the active release,
-backend, precision, resource figures, the last error, per-kind error counters and sync
-progress. :class:`Twin` publishes it on change, throttled for progress updates.
+backend, precision, resource figures (:meth:`~edge_sdk.runtime.monitor.ResourceSample.report`),
+the last error, per-kind error counters (:class:`~edge_sdk.types.ErrorKind`) and sync progress
+(:class:`~edge_sdk.types.SyncState`). :class:`Twin` publishes it on change, throttled for progress updates.
 """
 
 from __future__ import annotations
@@ -22,77 +19,13 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import Field, ValidationError
-
-from edge_sdk.config import StrictModel
 from edge_sdk.errors import ConfigError
+from edge_sdk.types import ErrorKind, SyncState
 
-from ..policy import PolicyOverride
+from ..monitor import ResourceSource, SystemSource
+from .desired import DesiredState, ModelDesired, merge_desired  # noqa: F401  (the twin's desired side)
 
 log = logging.getLogger(__name__)
-
-
-class DesiredState(StrictModel):
-    """What the cloud wants a device (or the whole fleet) to run. Every field is optional."""
-
-    model: str | None = Field(None, min_length=1)
-    version: int | None = Field(None, ge=1)
-    policy: PolicyOverride = PolicyOverride()
-
-    @classmethod
-    def from_payload(cls, payload: bytes, source: str) -> DesiredState | None:
-        """Parse a desired-state message; an empty payload (cleared retained message) is None."""
-        if not payload:
-            return None
-        try:
-            data = json.loads(payload)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{source}: desired state is not JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: desired state must be a JSON object")
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise ConfigError(f"{source}: {describe_desired_error(exc)}") from None
-
-    def to_payload(self) -> bytes:
-        data: dict[str, Any] = {k: v for k, v in (("model", self.model), ("version", self.version)) if v is not None}
-        policy = self.policy.as_dict()
-        if policy:
-            data["policy"] = policy
-        return json.dumps(data, sort_keys=True).encode()
-
-
-def describe_desired_error(error: ValidationError) -> str:
-    """The first problem of a desired state, naming the key (``unknown key 'policy.max_cpu'``)."""
-    first = error.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    if first["type"] == "extra_forbidden":
-        return f"desired state: unknown key {where!r}"
-    return f"desired state {where}: {first['msg']}"
-
-
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def merge_desired(fleet: DesiredState | None, device: DesiredState | None) -> DesiredState:
-    """Device-level fields override fleet-level ones; policies merge key by key, nested keys too."""
-    fleet = fleet or DesiredState()
-    device = device or DesiredState()
-    if device.model is not None and device.model != fleet.model:
-        model, version = device.model, device.version  # another model: ignore the fleet's version
-    else:
-        model = device.model or fleet.model
-        version = device.version if device.version is not None else fleet.version
-    policy = PolicyOverride.model_validate(_deep_merge(fleet.policy.as_dict(), device.policy.as_dict()))
-    return DesiredState(model=model, version=version, policy=policy)
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
@@ -126,40 +59,24 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def resource_snapshot() -> dict[str, float | None]:
-    """CPU, memory and (where the kernel exposes it) temperature figures for the twin."""
-    import psutil
-
-    mem = psutil.virtual_memory()
-    temperature = None
-    try:
-        temps = psutil.sensors_temperatures() if hasattr(psutil, "sensors_temperatures") else {}
-        readings = [t.current for group in temps.values() for t in group if t.current]
-        temperature = max(readings) if readings else None
-    except (OSError, RuntimeError):
-        pass
-    return {
-        "cpu_percent": psutil.cpu_percent(interval=None),
-        "memory_available_mb": round(mem.available / 2**20, 1),
-        "memory_percent": mem.percent,
-        "temperature_c": temperature,
-    }
-
-
 class Twin:
     """Reported state of one device, published retained through ``publish(topic, payload)``.
 
     ``publish`` is any callable taking (topic, payload bytes) — normally a bound
     ``Transport.publish`` with ``retain=True`` — so the twin also works offline (paho queues it).
+    ``resources`` is read at each publish for the ``resources`` figures: the same reader the
+    precision policy decides on (cgroup-aware), so the cloud sees what the device acts on.
     """
 
-    def __init__(self, topic: str, publish: Callable[[str, bytes], Any], throttle_s: float = 0.5) -> None:
+    def __init__(self, topic: str, publish: Callable[[str, bytes], Any], throttle_s: float = 0.5,
+                 resources: ResourceSource | None = None) -> None:
         self.topic = topic
         self._publish = publish
         self.throttle_s = throttle_s
+        self.resources = resources if resources is not None else SystemSource()
         self._lock = threading.Lock()
         self._state: dict[str, Any] = {"release": None, "backend": None, "precision": None, "last_error": None,
-                                       "sync": {"state": "idle"}, "policy": {}}
+                                       "sync": {"state": SyncState.IDLE.value}, "policy": {}}
         self.errors: Counter[str] = Counter()
         self._last_sent = 0.0
         self.published = 0
@@ -176,19 +93,21 @@ class Twin:
             self._state.update(fields)
         self.publish()
 
-    def progress(self, **fields: Any) -> None:
+    def progress(self, state: SyncState, **fields: Any) -> None:
         """Update ``sync`` progress; published at most every ``throttle_s`` unless the state changes."""
+        fields["state"] = SyncState(state).value
         with self._lock:
-            changed_state = fields.get("state", self._state["sync"].get("state")) != self._state["sync"].get("state")
+            changed_state = fields["state"] != self._state["sync"].get("state")
             self._state["sync"] = {**self._state["sync"], **fields} if not changed_state else dict(fields)
         self.publish(force=changed_state)
 
-    def error(self, kind: str, reason: str) -> None:
+    def error(self, kind: ErrorKind, reason: str) -> None:
         """Count an error of ``kind`` and make it the reported ``last_error``."""
+        kind = ErrorKind(kind)
         log.warning("%s: %s", kind, reason)
         with self._lock:
-            self.errors[kind] += 1
-            self._state["last_error"] = {"kind": kind, "reason": reason, "time": time.time()}
+            self.errors[kind.value] += 1
+            self._state["last_error"] = {"kind": kind.value, "reason": reason, "time": time.time()}
         self.publish()
 
     def publish(self, force: bool = True) -> None:
@@ -198,7 +117,7 @@ class Twin:
         self._last_sent = now
         state = self.snapshot()
         try:
-            state["resources"] = resource_snapshot()
+            state["resources"] = self.resources.sample().report()
         except Exception:  # figures are a nicety; never let them stop the report
             state["resources"] = None
         state["updated"] = time.time()

@@ -7,7 +7,7 @@ import pytest
 from edge_sdk.cloud.connection import collect_retained, connect
 from edge_sdk.cloud.desire import build_desired, write_desired
 from edge_sdk.cloud.gc import collect_garbage
-from edge_sdk.cloud.publish import publish_release, release_files
+from edge_sdk.cloud.publish import publish_release
 from edge_sdk.cli import main
 
 
@@ -21,7 +21,7 @@ from edge_sdk.runtime.sync.topics import Topics
 
 
 def _chunks(release) -> set[str]:
-    return {c.sha256 for e in release_files(load_manifest(release)) for c in e.chunks}
+    return {c.sha256 for e in load_manifest(release).files() for c in e.chunks}
 
 
 def _on_broker(broker, fleet: str) -> tuple[set[str], set[str]]:
@@ -92,3 +92,33 @@ def test_gc_keeps_chunks_of_a_publish_in_progress(mosquitto, sync_releases):
     assert _on_broker(mosquitto, "p")[0] == _chunks(sync_releases["v1"]) | {fresh}
     with connect(mosquitto.url, "test") as t:
         assert set(collect_retained(t, topics, topics.all_pending())) == {topics.pending("cnn", 5)}
+
+
+def test_gc_of_an_s3_store_removes_only_unreferenced_objects(mosquitto, seaweedfs, s3_bucket, sync_releases,
+                                                             monkeypatch):
+    for name, value in seaweedfs.environ().items():
+        monkeypatch.setenv(name, value)
+    store = f"s3://{s3_bucket}/gc"
+    for name in ("v1", "v2"):
+        publish_release(sync_releases[name], mosquitto.url, "s3gc", store=store)
+    client = seaweedfs.client()
+    orphan = "cd" * 32
+    client.put_object(Bucket=s3_bucket, Key=f"gc/{orphan}", Body=b"orphan")
+    client.put_object(Bucket=s3_bucket, Key="elsewhere/not-a-chunk", Body=b"x")  # outside the prefix: untouched
+
+    def objects() -> set[str]:
+        return {o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket).get("Contents", [])}
+
+    v1, v2 = _chunks(sync_releases["v1"]), _chunks(sync_releases["v2"])
+    report = collect_garbage(mosquitto.url, "s3gc", keep=1, store=store)
+    assert report.manifests_removed == [Topics("s3gc").manifest("cnn", 1)]
+    assert report.blobs_removed == len(v1 - v2) + 1
+    assert objects() == {f"gc/{sha}" for sha in v2} | {"elsewhere/not-a-chunk"}
+    assert _on_broker(mosquitto, "s3gc") == (set(), {Topics("s3gc").manifest("cnn", 2)})
+
+
+def test_gc_of_an_http_store_says_where_to_collect(mosquitto):
+    from edge_sdk.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot list its chunks"):
+        collect_garbage(mosquitto.url, "httpgc", store="https://cdn.example.com/chunks")

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from edge_sdk.cloud.ingest import IngestWorker, SqliteSink
+from edge_sdk.cloud.ingest import IngestLimits, IngestWorker, SqliteSink, prepare
 from edge_sdk.runtime.sync.telemetry import decode_ack
 from edge_sdk.runtime.sync.topics import Topics
 from edge_sdk.runtime.sync.transport import Message, Transport, TransportConfig
@@ -92,11 +92,11 @@ def test_commit_then_ack_and_duplicates_dropped(rig):
 
 def test_ack_is_highest_contiguous_sequence(rig):
     worker, sink, dev, acks = rig
-    dev.publish(T.telemetry("d1"), batch([1, 2, 3]), qos=1, wait=5)
-    dev.publish(T.telemetry("d1"), batch([6, 7], floor=1), qos=1, wait=5)  # 4, 5 missing
-    dev.publish(T.telemetry("d1"), batch([4, 5], floor=1), qos=1, wait=5)
-    dev.publish(T.telemetry("d2"), batch([20, 21], floor=20), qos=1, wait=5)  # 1..19 settled on device
-    got = acks.wait_for(4)
+    sends = [("d1", batch([1, 2, 3])), ("d1", batch([6, 7], floor=1)),  # 4, 5 missing
+             ("d1", batch([4, 5], floor=1)), ("d2", batch([20, 21], floor=20))]  # 1..19 settled on device
+    for n, (device, payload) in enumerate(sends, 1):
+        dev.publish(T.telemetry(device), payload, qos=1, wait=5)
+        got = acks.wait_for(n)  # one at a time: each batch is its own commit
     assert got == [("d1", BOOT, 3), ("d1", BOOT, 3), ("d1", BOOT, 7), ("d2", BOOT, 21)]
     assert sink._db.execute("SELECT device, upto FROM watermarks ORDER BY device").fetchall() == [("d1", 7), ("d2", 21)]
 
@@ -192,8 +192,6 @@ def test_watermark_is_highest_contiguous_for_any_delivery_order(tmp_path):
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from edge_sdk.runtime.sync.telemetry import decode_batch
-
     counter = iter(range(10**6))
     sink = SqliteSink(tmp_path / "p.db")
 
@@ -205,12 +203,12 @@ def test_watermark_is_highest_contiguous_for_any_delivery_order(tmp_path):
         rnd.shuffle(groups)
         seen: set[int] = set()
         for g in groups:
-            result = sink.commit(device, decode_batch(batch(g, floor=1)))
+            result = sink.commit([prepare(device, batch(g, floor=1), IngestLimits())])
             seen |= set(g)
             expected = 0
             while expected + 1 in seen:
                 expected += 1
-            assert result.upto == expected
+            assert result.upto == {(device, BOOT): expected}
         stored = [s for (d, _, s, _) in rows(sink) if d == device]
         assert stored == sorted(seen)
 

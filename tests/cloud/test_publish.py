@@ -10,7 +10,7 @@ import pytest
 from edge_sdk.cli import main
 
 from edge_sdk.cloud.connection import collect_retained, connect
-from edge_sdk.cloud.publish import publish_release, release_files
+from edge_sdk.cloud.publish import publish_release
 from edge_sdk.errors import IntegrityError
 from edge_sdk.manifest import load_manifest
 from edge_sdk.runtime.sync.envelope import verify_envelope
@@ -26,7 +26,7 @@ def _ok(args: list[str]) -> None:
 
 
 def _chunks(release) -> dict[str, int]:
-    return {c.sha256: c.size for e in release_files(load_manifest(release)) for c in e.chunks}
+    return {c.sha256: c.size for e in load_manifest(release).files() for c in e.chunks}
 
 
 def test_publish_then_update_sends_only_new_chunks(mosquitto, sync_releases, release_keypair):
@@ -125,3 +125,58 @@ def test_lower_or_reused_version_is_refused_before_anything_is_sent(mosquitto, s
         assert collect_retained(t, topics, "#") == before
     # The same release again is a repair, not a replay.
     assert publish_release(sync_releases["v2"], mosquitto.url, "f5").chunks_published == 0
+
+
+# --- chunk stores other than the broker: only control messages on MQTT ------------------------
+
+def _retained_blobs(url: str, fleet: str) -> dict:
+    topics = Topics(fleet)
+    with connect(url, "test") as t:
+        return collect_retained(t, topics, topics.all_blobs())
+
+
+def test_publish_to_s3_uploads_only_chunks_the_store_lacks(mosquitto, seaweedfs, s3_bucket, sync_releases, monkeypatch,
+                                                         capsys):
+    for name, value in seaweedfs.environ().items():
+        monkeypatch.setenv(name, value)
+    store = f"s3://{s3_bucket}/publish-s3"
+    v1, v2 = _chunks(sync_releases["v1"]), _chunks(sync_releases["v2"])
+    before = seaweedfs.request_counts()
+    _ok(["cloud", "publish", str(sync_releases["v1"]), "--broker", mosquitto.url, "--fleet", "s3f", "--store", store,
+         "--json"])
+    out = capsys.readouterr().out
+    first = json.loads(out[out.index("{"):])  # after the progress bar
+    assert (first["store"], first["chunks_published"], first["bytes_published"]) == (store, len(v1), sum(v1.values()))
+    second = publish_release(sync_releases["v2"], mosquitto.url, "s3f", store=store)
+    after = seaweedfs.request_counts()
+    assert second.chunks_published == len(set(v2) - set(v1)) and second.chunks_skipped == len(set(v2) & set(v1))
+    assert after["PUT"] - before.get("PUT", 0) == len(v1) + len(set(v2) - set(v1))  # counted by the store
+    assert _retained_blobs(mosquitto.url, "s3f") == {}  # the broker holds manifests only
+    # A chunk lost in the store is uploaded again even though a manifest references it.
+    lost = sorted(v2)[0]
+    seaweedfs.client().delete_object(Bucket=s3_bucket, Key=f"publish-s3/{lost}")
+    repair = publish_release(sync_releases["v2"], mosquitto.url, "s3f", store=store)
+    assert repair.chunks_published == 1 and repair.bytes_published == v2[lost]
+
+
+def test_publish_to_a_folder_nginx_serves(mosquitto, nginx, sync_releases):
+    root, server = nginx.root, nginx
+    report = publish_release(sync_releases["v1"], mosquitto.url, "filef", store=f"file://{root}")
+    v1 = _chunks(sync_releases["v1"])
+    assert report.chunks_published == len(v1) and {p.name for p in root.iterdir()} == set(v1)
+    assert _retained_blobs(mosquitto.url, "filef") == {}
+    import urllib.request
+
+    sha = next(iter(v1))
+    assert len(urllib.request.urlopen(f"{server.url}/{sha}").read()) == v1[sha]
+
+
+def test_publish_refuses_a_chunk_over_the_mqtt_cap_and_an_unknown_store(mosquitto, sync_releases):
+    from edge_sdk.errors import ConfigError
+    from edge_sdk.runtime.sync.stores import StoreError, StoreOptions
+
+    biggest = max(_chunks(sync_releases["v1"]).values())
+    with pytest.raises(StoreError, match="message cap: publish to an s3:// or http"):
+        publish_release(sync_releases["v1"], mosquitto.url, "capf", store_options=StoreOptions(max_message_bytes=biggest - 1))
+    with pytest.raises(ConfigError, match="unknown scheme 'ftp'"):
+        publish_release(sync_releases["v1"], mosquitto.url, "capf", store="ftp://x/y")

@@ -6,18 +6,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge_sdk.converters.calibration import (SOURCES, ArrayFiles, ImageFiles, ImageOptions, RandomInputs, load_labels,
+from edge_sdk.converters.calibration import (ArrayFiles, ImageFiles, ImageOptions, load_labels,
                                              load_samples, source_for)
 from edge_sdk.errors import ConfigError
 from edge_sdk.manifest import TensorSpec
 
 IMAGE = [TensorSpec(name="image", dtype="float32", shape=[1, 3, 8, 8])]
 MULTI = [TensorSpec(name="image", dtype="float32", shape=[1, 3, 8, 8]), TensorSpec(name="imu", dtype="float32", shape=[1, 6])]
-
-
-def test_registry_names():
-    assert {"arrays", "images", "random"} <= set(SOURCES.names())
-    assert SOURCES.get("random") is RandomInputs
 
 
 def test_npy_folder_single_and_stacked(tmp_path):

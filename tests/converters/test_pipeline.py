@@ -13,7 +13,7 @@ from onnx import numpy_helper
 
 import edge_sdk
 from edge_sdk import samples
-from edge_sdk.converters.pipeline import ConvertConfig, plan_variants
+from edge_sdk.converters.pipeline import plan_builds
 from edge_sdk.converters.targets.base import TARGETS, ExportRequest, ExportResult
 from edge_sdk.converters.targets.onnx import OnnxTarget
 from edge_sdk.errors import ConfigError, ConversionError, IntegrityError, ModelError
@@ -28,15 +28,14 @@ def _leftovers(folder: Path) -> list[str]:
 
 
 def test_plan_shares_variants_across_profiles():
-    config = ConvertConfig(profiles=(get_profile("intel-nuc"), get_profile("raspberry-pi-4")), targets=frozenset({Target.ONNX}))
-    plan = plan_variants(config)
+    plan = plan_builds((get_profile("intel-nuc"), get_profile("raspberry-pi-4")), frozenset({Target.ONNX}))
     ids = [p.id for p in plan]
     assert ids == ["onnx-fp32", "onnx-fp16", "onnx-int8", "onnx-mixed"]
     assert len(ids) == len(set(ids))
     fp32 = next(p for p in plan if p.precision == Precision.FP32)
     assert fp32.profiles == ["intel-nuc", "raspberry-pi-4"]
     with pytest.raises(ConfigError, match="none of the requested targets"):
-        plan_variants(ConvertConfig(profiles=(get_profile("intel-nuc"),), targets=frozenset({Target.NCNN})))
+        plan_builds((get_profile("intel-nuc"),), frozenset({Target.NCNN}))
 
 
 def test_two_profiles_release(cnn_path, cnn_calibration_dir, tmp_path):
@@ -124,7 +123,7 @@ def test_nothing_quantized_is_rejected(tmp_path):
     assert int8.validation.nodes_quantized == 0
     assert any("subgraphs" in note for note in int8.validation.notes)
     assert manifest.defaults["intel-nuc"] != "onnx-int8"
-    assert any("random" in w for w in manifest.report["warnings"])
+    assert any("random" in w for w in manifest.report.warnings)
 
 
 class _Crash(OnnxTarget):
@@ -222,7 +221,7 @@ def test_a_mixed_search_that_keeps_nothing_leaves_no_file(cnn_path, cnn_calibrat
     assert "onnx-mixed" not in {v.id for v in manifest.variants}
     assert manifest.variant("onnx-int8").status == "rejected"  # its file stays: the manifest lists it
     assert manifest.variant("onnx-int8").files
-    assert any("mixed precision would keep every node" in n for n in manifest.report["notes"])
+    assert any("mixed precision would keep every node" in n for n in manifest.report.notes)
     assert_release_lists_every_file(tmp_path / "rel")
 
 
@@ -250,16 +249,16 @@ def test_profile_auto_says_which_profile_and_why(cnn_path, tmp_path):
     detection = detect_profile()
     manifest = edge_sdk.convert(cnn_path, ["auto"], tmp_path / "rel", targets=["onnx"], latency_runs=2,
                                 max_accuracy_drop=100)
-    assert manifest.report["profiles"] == [detection.profile.id]
-    assert f"--profile auto: {detection.explain()}" in manifest.report["notes"]
+    assert manifest.report.profiles == [detection.profile.id]
+    assert f"--profile auto: {detection.explain()}" in manifest.report.notes
 
 
 def test_report_keeps_the_fp32_reference_figures(cnn_path, tmp_path):
     manifest = edge_sdk.convert(cnn_path, ["intel-nuc"], tmp_path / "rel", targets=["onnx"], latency_runs=3,
                                 max_accuracy_drop=100)
-    reference = manifest.report["reference"]
-    assert reference["size_bytes"] == manifest.variant("onnx-fp32").size_bytes
-    assert reference["latency_ms"] > 0
+    reference = manifest.report.reference
+    assert reference.size_bytes == manifest.variant("onnx-fp32").size_bytes
+    assert reference.latency_ms > 0
 
 
 def test_disk_full_while_writing_is_one_clear_error(cnn_path, tmp_path, monkeypatch):

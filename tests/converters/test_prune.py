@@ -12,7 +12,7 @@ from onnx import numpy_helper
 
 from edge_sdk import samples
 from edge_sdk.converters.loader import load_model
-from edge_sdk.converters.prune import PRUNERS, PruneConfig, count_flops, count_params, prune_model
+from edge_sdk.converters.prune import PRUNERS, PruneConfig, Scope, count_flops, count_params, prune_model
 from edge_sdk.errors import ConfigError
 
 DEAD = {"stem": ("down", 16), "block_a": ("block_b", 32), "head_conv": ("fc", 64)}  # conv -> (consumer, channels)
@@ -69,33 +69,33 @@ def test_registry():
 def test_channel_pruning_removes_dead_channels_and_keeps_outputs(tmp_path, feeds):
     source = samples.save(_with_dead_channels(), tmp_path / "dead.onnx")
     loaded = load_model(source, tmp_path)
-    pruned, report = prune_model(loaded, "channel", 0.5, tmp_path)
-    assert set(report["pruned"]) == set(DEAD)
-    assert set(report["skipped"]) == {"down", "block_b"} and all("Add" in why for why in report["skipped"].values())
+    pruned, report = prune_model(loaded, "channel", PruneConfig(amount=0.5), tmp_path)
+    assert set(report.pruned) == set(DEAD)
+    assert set(report.skipped) == {"down", "block_b"} and all("Add" in why for why in report.skipped.values())
     model = onnx.load(str(pruned.path))
     shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
     assert shapes["stem.weight"][0] == 8 and shapes["down.weight"][1] == 8
     assert shapes["block_a.weight"][0] == 16 and shapes["block_b.weight"][1] == 16
     assert shapes["head_conv.weight"][0] == 32 and shapes["fc.weight"] == (10, 32)
-    assert report["params_after"] < 0.6 * report["params_before"]
-    assert report["flops_after"] < 0.6 * report["flops_before"]
-    assert report["size_after"] < 0.6 * report["size_before"]
+    assert report.params_after < 0.6 * report.params_before
+    assert report.flops_after < 0.6 * report.flops_before
+    assert report.size_after < 0.6 * report.size_before
     np.testing.assert_allclose(_outputs(pruned.path, feeds), _outputs(source, feeds), atol=1e-3, rtol=1e-3)
 
 
 def test_channel_pruning_of_a_plain_model_runs_and_shrinks(cnn_path, tmp_path, feeds):
     loaded = load_model(cnn_path, tmp_path)
-    pruned, report = prune_model(loaded, "channel", 0.25, tmp_path)
+    pruned, report = prune_model(loaded, "channel", PruneConfig(amount=0.25), tmp_path)
     model = onnx.load(str(pruned.path))
-    assert count_params(model)[0] == report["params_after"] < report["params_before"]
-    assert count_flops(model) == report["flops_after"] < report["flops_before"]
+    assert count_params(model)[0] == report.params_after < report.params_before
+    assert count_flops(model) == report.flops_after < report.flops_before
     assert _outputs(pruned.path, feeds).shape == (8, 10)
 
 
 @pytest.mark.parametrize("scope", ["global", "per-layer"])
 def test_magnitude_pruning_zeroes_the_requested_fraction(cnn_path, tmp_path, feeds, scope):
     loaded = load_model(cnn_path, tmp_path)
-    pruned, report = prune_model(loaded, "magnitude", 0.4, tmp_path, scope=scope)
+    pruned, report = prune_model(loaded, "magnitude", PruneConfig(amount=0.4, scope=Scope(scope)), tmp_path)
     model = onnx.load(str(pruned.path))
     weights = [numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith(".weight") and t.dims[0] > 0]
     weights = [w for w in weights if w.ndim in (2, 4)]
@@ -103,7 +103,7 @@ def test_magnitude_pruning_zeroes_the_requested_fraction(cnn_path, tmp_path, fee
     assert zero_fraction == pytest.approx(0.4, abs=0.01)
     if scope == "per-layer":
         assert all((w == 0).mean() == pytest.approx(0.4, abs=0.02) for w in weights)
-    assert report["nonzero_after"] < 0.7 * report["nonzero_before"]
+    assert report.nonzero_after < 0.7 * report.nonzero_before
     ref, got = _outputs(cnn_path, feeds), _outputs(pruned.path, feeds)
     cosine = float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got))
     assert 0.8 < cosine < 1.0  # changed, but not destroyed
@@ -118,7 +118,7 @@ def test_pipeline_with_channel_pruning(tmp_path, cnn_calibration_dir):
     fp32 = manifest.variant("onnx-fp32")
     assert fp32.ok and fp32.validation.top1_agreement == 1.0
     assert fp32.size_bytes < 0.6 * source.stat().st_size
-    assert manifest.report["prune"]["params_after"] < manifest.report["prune"]["params_before"]
+    assert manifest.report.prune.params_after < manifest.report.prune.params_before
     with pytest.raises(ConfigError, match="METHOD:AMOUNT"):
         edge_sdk.convert(source, ["generic-x86_64"], tmp_path / "r2", prune="channel")
     assert not (tmp_path / "r2").exists()

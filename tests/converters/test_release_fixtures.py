@@ -36,7 +36,7 @@ def test_multimodal_release_has_three_inputs(multimodal_release):
     manifest = load_manifest(multimodal_release)
     assert [s.name for s in manifest.variants[0].inputs] == ["image", "audio", "imu"]
     assert {v.precision for v in manifest.variants} >= {Precision.FP32, Precision.FP16, Precision.INT8}
-    assert any("random" in w for w in manifest.report["warnings"])
+    assert any("random" in w for w in manifest.report.warnings)
     assert {v.id for v in manifest.variants} >= {"onnx-fp32", "onnx-fp16", "onnx-int8"}
     assert manifest.variant("onnx-fp32").status == "ok" and manifest.variant("onnx-fp32").reason is None
     default = manifest.defaults["intel-nuc"]

@@ -23,7 +23,8 @@ def daemon(fusion_release: Path, tmp_path_factory: pytest.TempPathFactory):
 
     folder = tmp_path_factory.mktemp("daemon-http")
     config = write_config(folder, [{"name": "fusion", "release": str(fusion_release), "precision": "fp32"}],
-                          http={"port": 0, "max_body_bytes": 200_000, "max_concurrent_infer": 2})
+                          api={"auth": {"anonymous_loopback": True}, "max_body_bytes": 200_000,
+                                                "max_concurrent_infer": 2, "max_queue": 0})
     proc = DaemonProcess(config)
     try:
         proc.wait_ready()
@@ -53,7 +54,8 @@ def test_health_and_metadata(daemon) -> None:
     assert meta["outputs"] == [{"name": "scores", "datatype": "FP32", "shape": [1, 5]}]
     assert meta["parameters"]["backend"] == "onnxruntime" and meta["parameters"]["precision"] == "fp32"
     assert httpx.get(daemon.url + "/v2/models/fusion/ready").json() == {"name": "fusion", "ready": True}
-    assert httpx.get(daemon.url + "/v2").json()["extensions"] == ["binary_tensor_data"]
+    assert httpx.get(daemon.url + "/v2").json()["extensions"] == ["binary_tensor_data", "classification",
+                                                                  "model_repository", "model_configuration"]
 
 
 def test_json_infer_matches_in_process_run(daemon, reference) -> None:
@@ -88,7 +90,7 @@ def test_binary_infer_matches_in_process_run(daemon, reference) -> None:
 
 BAD = [
     ("wrong JSON", b"{oops", {}, 400, "not valid JSON"),
-    ("deep nesting", b"[" * 150_000, {}, 400, "nested too deeply"),
+    ("deep nesting", b'{"a":' + b"[" * 150_000, {}, 400, "nested too deeply"),
     ("missing input", json.dumps(v2_request({"image": fusion_inputs()["image"]})).encode(), {}, 400, "missing ['audio', 'imu']"),
     ("wrong shape", json.dumps(v2_request({**fusion_inputs(), "imu": np.zeros((1, 7), np.float32)})).encode(), {}, 400, "'imu': shape [1, 7]"),
     ("wrong dtype", json.dumps({"inputs": [*v2_request(fusion_inputs())["inputs"][:2],
@@ -109,8 +111,9 @@ def test_malformed_requests_get_4xx_with_a_message(daemon, case, payload, header
 
 def test_huge_chunked_body_is_cut_off(daemon) -> None:
     def chunks():
+        yield b'{"parameters": {"k": ['
         for _ in range(100):
-            yield b"x" * 10_000  # 1 MB, no Content-Length
+            yield b"1," * 5_000  # 1 MB of valid JSON so far, no Content-Length
 
     r = httpx.post(daemon.url + "/v2/models/fusion/infer", content=chunks())
     assert r.status_code == 413 and "exceeds" in r.json()["error"]

@@ -99,19 +99,24 @@ def test_sync_hot_swap_telemetry_and_offline(fusion_release: Path, fusion_v2: Pa
         caller.start()
         publish_release(fusion_v2, mosquitto.url, FLEET, sign_key=keys[0])
         write_desired(mosquitto.url, FLEET, build_desired("fusion", 2))
-        wait_for(lambda: httpx.get(daemon.url + "/v2/models/fusion").json()["versions"] == ["2"], timeout=120, what="v2 served")
+        # (versions lists every release on the device: v2 active, v1 kept as previous)
+        wait_for(lambda: httpx.get(daemon.url + "/v2/models/fusion").json()["parameters"]["release_version"] == 2,
+                 timeout=120, what="v2 served")
         stop.set()
         caller.join(30)
         assert statuses and set(statuses) == {200}  # no call failed during the swap
         text = httpx.get(daemon.url + "/metrics").text
         assert metric_value(text, "edge_model_active", model="fusion", version="2", backend="onnxruntime", precision="fp32") == 1.0
         assert metric_value(text, "edge_sync_results_total", status="activated") == 2.0
+        # Each synced release was loaded (hashed, self-tested) once: the self-test's load is what serves.
+        loads = [r["msg"] for r in daemon.log_records() if r["msg"].startswith("model fusion: loaded ")]
+        assert [m.split()[3] for m in loads] == ["v1", "v2"], loads
         daemon.signal(signal.SIGTERM)
         assert daemon.wait(30) == 0
         # 4. Offline-first: broker gone; the daemon starts from the synced store and queues telemetry.
         mosquitto.kill()
         daemon = start_daemon(sync_config(tmp_path, mosquitto, keys)).wait_ready(timeout=60)
-        assert httpx.get(daemon.url + "/v2/models/fusion").json()["versions"] == ["2"]
+        assert httpx.get(daemon.url + "/v2/models/fusion").json()["parameters"]["release_version"] == 2
         assert httpx.post(daemon.url + "/v2/models/fusion/infer", json=v2_request(fusion_inputs())).status_code == 200
         wait_for(lambda: (metric_value(httpx.get(daemon.url + "/metrics").text, "edge_sync_outbox_records") or 0) >= 3,
                  timeout=30, what="telemetry queued offline")
@@ -181,43 +186,10 @@ def test_sigterm_during_a_download_exits_cleanly_and_keeps_the_old_release(
     assert daemon.wait(30) == 0
 
 
-def _make_certs(folder: Path) -> Path:
-    """A throw-away CA and a server certificate for 127.0.0.1; returns the CA file."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key, srv_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edge-sdk daemon test CA")])
-
-    def cert(subject: x509.Name, key, ca: bool, san=None) -> x509.Certificate:
-        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_name).public_key(key.public_key())
-                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
-                   .not_valid_after(now + datetime.timedelta(days=2))
-                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-        if san:
-            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
-        return builder.sign(ca_key, hashes.SHA256())
-
-    pem = serialization.Encoding.PEM
-    (folder / "ca.crt").write_bytes(cert(ca_name, ca_key, True).public_bytes(pem))
-    server = cert(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]), srv_key, False,
-                  [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    (folder / "server.crt").write_bytes(server.public_bytes(pem))
-    (folder / "server.key").write_bytes(srv_key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL,
-                                                              serialization.NoEncryption()))
-    return folder / "ca.crt"
-
-
-def test_daemon_connects_over_tls(fusion_release: Path, mosquitto_factory, tmp_path: Path, start_daemon) -> None:
+def test_daemon_connects_over_tls(fusion_release: Path, mosquitto_factory, tmp_path: Path, start_daemon, make_certs) -> None:
     certs = tmp_path / "certs"
     certs.mkdir()
-    ca = _make_certs(certs)
+    ca = make_certs(certs, clients=())
     # The broker's one listener speaks TLS only.
     broker = mosquitto_factory(extra_conf=f"certfile {certs / 'server.crt'}\nkeyfile {certs / 'server.key'}\n")
     config = write_config(tmp_path, [{"name": "fusion", "release": str(fusion_release)}],

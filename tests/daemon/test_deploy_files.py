@@ -61,6 +61,9 @@ def test_dockerfile_contract() -> None:
     assert health and int(health.group(1)) == image_config.http.port
     assert f"EXPOSE {image_config.http.port}" in text
     assert image_config.http.host == "0.0.0.0"  # reachable through the published port
+    # ... and never without authentication: bearer tokens on every TCP listener.
+    assert not image_config.api.auth.anonymous_loopback and image_config.api.auth.tokens_file is not None
+    assert f"EXPOSE {image_config.http.port} {image_config.grpc.port}" in text
     assert image_config.shutdown_timeout_s < 10  # `docker stop` SIGKILLs after 10 s by default
 
 

@@ -1,4 +1,5 @@
-"""KServe v2 request parsing: valid JSON/binary tensors decode exactly; anything else is a 4xx."""
+"""KServe v2 request parsing: valid JSON/binary tensors decode exactly, however the body is cut into
+chunks; anything else is a 4xx."""
 
 from __future__ import annotations
 
@@ -9,11 +10,21 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from edge_sdk.daemon.http import RequestError, parse_infer_request, v2_datatype
+from edge_sdk.daemon.jsonstream import JsonStream
+from edge_sdk.daemon.kserve import ApiError as RequestError
+from edge_sdk.daemon.kserve import BodyDecoder, decode_infer_body, infer_request_from_json, json_plan, v2_datatype
 
 
 def body(**request) -> bytes:
     return json.dumps(request).encode()
+
+
+def parse_infer_request(raw: bytes, header: int | None):
+    """(inputs, wanted output names, id, binary output names), as the route sees them."""
+    request = decode_infer_body(raw, header)
+    wanted = [o.name for o in request.outputs] if request.outputs is not None else None
+    binary = {o.name for o in request.outputs or () if o.binary}
+    return request.inputs, wanted, request.id, binary
 
 
 def test_flat_and_nested_data_decode_to_the_same_array() -> None:
@@ -41,10 +52,12 @@ def test_binary_extension_roundtrip() -> None:
 
 @pytest.mark.parametrize("raw, header, needle", [
     (b"{not json", None, "not valid JSON"),
-    (b"[" * 200_000, None, "nested too deeply"),
+    (b"[" * 200_000, None, "must be a JSON object"),
     (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}]}",
      None, "nested too deeply"),
     (b"[1,2]", None, "JSON object"),
+    (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [null]}]}', None, "null"),
+    (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1, 2, 3]}]}', None, "more than the 2"),
     (body(), None, "'inputs' must be a non-empty list"),
     (body(inputs=[]), None, "'inputs' must be a non-empty list"),
     (body(inputs=["x"]), None, "expected an object"),
@@ -53,11 +66,11 @@ def test_binary_extension_roundtrip() -> None:
     (body(inputs=[{"name": "x", "shape": [1.5], "datatype": "FP32", "data": [1]}]), None, "'shape'"),
     (body(inputs=[{"name": "x", "shape": "1", "datatype": "FP32", "data": [1]}]), None, "'shape'"),
     (body(inputs=[{"name": "x", "shape": [2], "datatype": "FP33", "data": [1, 2]}]), None, "unsupported datatype"),
-    (body(inputs=[{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["a"]}]), None, "unsupported datatype"),
+    (body(inputs=[{"name": "x", "shape": [1], "datatype": "BYTES", "data": [1]}]), None, "BYTES elements must be strings"),
     (body(inputs=[{"name": "x", "shape": [3], "datatype": "FP32", "data": [1, 2]}]), None, "needs 3"),
-    (body(inputs=[{"name": "x", "shape": [2], "datatype": "FP32", "data": [1, "a"]}]), None, "not a regular list"),
-    (body(inputs=[{"name": "x", "shape": [2], "datatype": "FP32", "data": [[1], [2, 3]]}]), None, "not a regular list"),
-    (body(inputs=[{"name": "x", "shape": [1], "datatype": "UINT8", "data": [300]}]), None, "not a regular list"),
+    (body(inputs=[{"name": "x", "shape": [2], "datatype": "FP32", "data": [1, "a"]}]), None, "not a list of float32"),
+    (body(inputs=[{"data": [[1], 2], "name": "x", "shape": [2], "datatype": "FP32"}]), None, "not a regular list"),
+    (body(inputs=[{"name": "x", "shape": [1], "datatype": "UINT8", "data": [300]}]), None, "not a list of uint8"),
     (body(inputs=[{"name": "x", "shape": [1], "datatype": "FP32"}]), None, "'data' is missing"),
     (body(inputs=[{"name": "x", "shape": [1], "datatype": "FP32", "data": 1}]), None, "'data' must be"),
     (body(inputs=[{"name": "x", "shape": [1], "datatype": "FP32", "data": [1], "extra": 1}]), None, "unknown keys"),
@@ -73,7 +86,7 @@ def test_malformed_requests_are_400_with_a_message(raw: bytes, header: int | Non
         header = len(raw) + 10
     with pytest.raises(RequestError) as err:
         parse_infer_request(raw, header)
-    assert err.value.status == 400
+    assert err.value.status.http == 400
     assert needle in str(err.value)
 
 
@@ -109,6 +122,54 @@ def test_fuzz_never_raises_anything_but_request_error(raw: bytes, header: int | 
     try:
         inputs, *_ = parse_infer_request(raw, header)
     except RequestError as exc:
-        assert 400 <= exc.status < 500
+        assert 400 <= exc.status.http < 500
     else:
         assert all(isinstance(v, np.ndarray) for v in inputs.values())
+
+
+def test_nested_data_in_any_key_order_and_non_finite_values() -> None:
+    want = np.array([[1, np.nan], [np.inf, -np.inf]], np.float32)
+    for item in ({"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [[1, "NaN"], ["Infinity", "-Infinity"]]},
+                 {"data": [[1, float("nan")], [float("inf"), float("-inf")]], "datatype": "FP32", "shape": [2, 2], "name": "x"}):
+        inputs, *_ = parse_infer_request(body(inputs=[item]), None)
+        np.testing.assert_array_equal(inputs["x"], want)
+
+
+def test_bytes_tensors_json_and_binary() -> None:
+    inputs, *_ = parse_infer_request(body(inputs=[{"name": "t", "shape": [2], "datatype": "BYTES", "data": ["héllo", ""]}]), None)
+    assert inputs["t"].tolist() == ["héllo".encode(), b""]
+    raw = b"\x02\x00\x00\x00hi\x00\x00\x00\x00"
+    head = body(inputs=[{"name": "t", "shape": [2], "datatype": "BYTES", "parameters": {"binary_data_size": len(raw)}}])
+    inputs, *_ = parse_infer_request(head + raw, len(head))
+    assert inputs["t"].tolist() == [b"hi", b""]
+    with pytest.raises(RequestError, match="element 0 of 9 bytes runs past"):
+        parse_infer_request(head + b"\x09\x00\x00\x00hi\x00\x00\x00\x00", len(head))
+
+
+def test_a_declared_shape_beyond_the_body_cap_is_413_before_any_data() -> None:
+    decoder = BodyDecoder(None, max_body_bytes=1 << 20)
+    with pytest.raises(RequestError) as err:
+        decoder.feed(b'{"inputs": [{"name": "x", "shape": [1, 3, 4096, 4096], "datatype": "FP32", "data": [')
+    assert err.value.status.http == 413 and "declares 50331648 elements" in str(err.value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 64), min_size=1, max_size=40), st.booleans(), st.booleans())
+def test_any_chunking_decodes_like_the_whole_body(cuts: list[int], nested: bool, binary_out: bool) -> None:
+    x = np.random.default_rng(len(cuts)).standard_normal((3, 4)).astype(np.float32)
+    doc = {"id": "é\\\"", "inputs": [{"name": "x", "shape": [3, 4], "datatype": "FP32",
+                                       "data": x.tolist() if nested else x.ravel().tolist()},
+                                      {"name": "n", "shape": [2], "datatype": "INT64", "data": [-1, 2**40]}],
+           "outputs": [{"name": "y", "parameters": {"binary_data": binary_out, "classification": 2}}]}
+    raw = json.dumps(doc).encode()
+    stream = JsonStream(json_plan(1 << 20))
+    pos = 0
+    for cut in cuts * (len(raw) // sum(cuts) + 1):
+        stream.feed(raw[pos:pos + cut])
+        pos += cut
+        if pos >= len(raw):
+            break
+    request = infer_request_from_json(stream.close(), None)
+    np.testing.assert_array_equal(request.inputs["x"], x)
+    assert request.inputs["n"].tolist() == [-1, 2**40] and request.id == doc["id"]
+    assert request.outputs[0].binary == binary_out and request.outputs[0].class_count == 2

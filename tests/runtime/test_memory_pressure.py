@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from needs import missing, need_root
 
 CHILD = r"""
 import json, subprocess, sys, time
@@ -120,10 +121,10 @@ def check(report: dict) -> None:
 
 
 def test_cgroup_memory_pressure_steps_down_and_back(cnn_release: Path) -> None:
+    need_root("a memory cgroup")
     made = make_memory_cgroup(limit_mb=600)
     if made is None:
-        pytest.skip("cannot create a memory cgroup here (needs root and a writable cgroup fs); "
-                    "test_host_memory_pressure covers the policy on host memory")
+        missing("a writable memory cgroup (cgroup v2 or v1 memory controller)")
     folder, version = made
     try:
         report = run_child(cnn_release, hog_mb=240, cgroup=folder)

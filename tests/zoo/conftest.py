@@ -58,23 +58,20 @@ def convert(case: ZooCase, data: ZooData, out: Path, **options) -> Manifest:
                             model_name=case.name, validation_limit=len(data.validation.feeds), **options)
 
 
-@pytest.fixture(scope="session")
-def require_case(require_module, require_toolchain, require_program):
-    """``require_case(case)``: the wheels and programs the case needs, every target's backend and toolchain."""
+def require_case(case: ZooCase) -> None:
+    """The wheels and programs the case needs, every target's backend and toolchain (CI guard)."""
+    from needs import need_binary, need_module, need_toolchain
 
-    def check(case: ZooCase) -> None:
-        for module in (*case.modules, *BACKEND_MODULES):
-            require_module(module)
-        for program in case.programs:
-            require_program(program, "scripts/install-system-deps.sh installs it")
-        for toolchain in TOOLCHAINS:
-            require_toolchain(toolchain)
-
-    return check
+    for module in (*case.modules, *BACKEND_MODULES):
+        need_module(module)
+    for program in case.programs:
+        need_binary(program)
+    for toolchain in TOOLCHAINS:
+        need_toolchain(toolchain)
 
 
 @pytest.fixture(scope="session")
-def zoo(tmp_path_factory, require_case):
+def zoo(tmp_path_factory):
     """``zoo(name)`` → :class:`Converted`: the model converted once per session (speed gate off:
     these tests assert accuracy, sizes, statuses and reasons; speed is measured in benchmarks/zoo.py)."""
     import onnxruntime as ort

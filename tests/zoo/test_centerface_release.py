@@ -49,7 +49,7 @@ def test_centerface_release_for_two_profiles(data, tmp_path):
     manifest = _convert(data, out, profiles=["intel-nuc", "generic-x86_64"], sign_key=private)
     assert load_manifest(out, load_public_key(public)).variants == manifest.variants
     assert set(manifest.defaults) == {"intel-nuc", "generic-x86_64"}
-    assert any("upgraded opset 9 -> 13" in n for n in manifest.report["notes"])
+    assert any("upgraded opset 9 -> 13" in n for n in manifest.report.notes)
     variants = {v.precision: v for v in manifest.variants}
     fp32, fp16, int8 = variants[Precision.FP32], variants[Precision.FP16], variants[Precision.INT8]
     assert fp32.ok and fp32.validation.metric_fp32 >= 0.9  # the real detector finds the real faces
@@ -82,7 +82,7 @@ def test_per_tensor_int8_is_rejected_and_mixed_precision_recovers(data, tmp_path
     int8 = manifest.variant("onnx-int8")
     mixed = manifest.variant("onnx-mixed")
     assert int8.status == "rejected" and "face_f1_iou50 dropped" in int8.reason
-    assert mixed.validation.nodes_kept_fp32, manifest.report["mixed_precision"]
+    assert mixed.validation.nodes_kept_fp32, manifest.report.mixed_precision
     assert mixed.validation.metric_fp32 - mixed.validation.metric <= 0.01
     assert len(mixed.validation.nodes_kept_fp32) < 0.5 * int8.validation.nodes_quantized
     assert mixed.size_bytes < 0.6 * manifest.variant("onnx-fp32").size_bytes

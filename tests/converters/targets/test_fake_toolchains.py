@@ -40,7 +40,6 @@ def _fake_toolchain(root: Path, name: str, body: str | None) -> None:
 @pytest.fixture
 def root(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("EDGE_SDK_TOOLCHAINS", str(tmp_path / "toolchains"))
-    monkeypatch.delenv("EDGE_SDK_NCNN_TOOLS", raising=False)
     return tmp_path / "toolchains"
 
 
@@ -67,9 +66,9 @@ def test_a_toolchain_without_its_program_is_broken_and_names_the_fix(root, name,
 
 def test_onnx2tf_exiting_0_without_a_model_is_a_conversion_error(root, cnn_request):
     _fake_toolchain(root, "tflite", "echo converted; exit 0")
-    with pytest.raises(ConversionError, match="tflite: onnx2tf exited 0 but wrote no model_float32.tflite") as info:
+    with pytest.raises(ConversionError, match="^tflite: onnx2tf exited 0 but wrote no model_float32.tflite$") as info:
         get_target("tflite").export(cnn_request(Precision.FP32))
-    assert "converted" in str(info.value)  # the converter's own output tail is shown
+    assert "converted" in info.value.log  # the converter's own output, for report/<variant>.log
     assert not (cnn_request(Precision.FP32).out_dir / "v.tflite").exists()
 
 
@@ -79,16 +78,18 @@ def test_pnnx_exiting_0_without_a_model_is_a_conversion_error(root, cnn_request)
         get_target("ncnn").export(cnn_request(Precision.FP32))
 
 
-def test_ncnn2int8_exiting_0_without_a_model_is_a_conversion_error(root, cnn_request, tmp_path, monkeypatch):
-    _fake_toolchain(root, "ncnn", WRITES_PARAM)
-    tools = tmp_path / "ncnn-tools"
-    _script(tools / "ncnn2table", "exit 0")
-    _script(tools / "ncnn2int8", "exit 0")
-    monkeypatch.setenv("EDGE_SDK_NCNN_TOOLS", str(tools))
-    request = cnn_request(Precision.INT8, calibration=[{"image": np.zeros((1, 3, 32, 32), np.float32)}])
-    with pytest.raises(ConversionError, match="ncnn int8: ncnn2int8 exited 0 but wrote no int8.param/int8.bin"):
-        get_target("ncnn").export(request)
-    assert not list(request.out_dir.glob("v.*"))
+def test_pnnx_crashing_is_one_line_naming_pnnx_with_its_log(root, cnn_request):
+    _fake_toolchain(root, "ncnn", "echo 'pass_level2 Conv'; echo 'node Foo is unknown' >&2; kill -SEGV $$")
+    with pytest.raises(ConversionError) as info:
+        get_target("ncnn").export(cnn_request(Precision.FP32))
+    assert str(info.value) == "ncnn: pnnx crashed (SIGSEGV)" and "\n" not in str(info.value)
+    assert "pass_level2 Conv" in info.value.log and "node Foo is unknown" in info.value.log
+
+
+def test_pnnx_failing_names_its_last_error_line(root, cnn_request):
+    _fake_toolchain(root, "ncnn", "echo 'load onnx model failed: bad protobuf'; exit 3")
+    with pytest.raises(ConversionError, match=r"^ncnn: pnnx failed \(exit 3\): load onnx model failed: bad protobuf$"):
+        get_target("ncnn").export(cnn_request(Precision.FP32))
 
 
 def test_broken_and_silent_converters_are_rejected_rows(root, cnn_path, tmp_path, assert_release_lists_every_file):
@@ -102,7 +103,7 @@ def test_broken_and_silent_converters_are_rejected_rows(root, cnn_path, tmp_path
         assert "broken: bin/onnx2tf is missing" in tflite.reason
     for precision in ("fp32", "fp16"):
         ncnn = manifest.variant(f"ncnn-{precision}")
-        assert ncnn.status == "rejected" and ncnn.reason.startswith("export failed: ncnn: pnnx exited 0 but wrote no")
-    assert manifest.variant("ncnn-int8").reason.startswith("ncnn int8 skipped: ncnn2table/ncnn2int8 are not on PATH")
+        assert ncnn.status == "rejected" and ncnn.reason == "export failed: ncnn: pnnx exited 0 but wrote no .param/.bin"
+    assert manifest.variant("ncnn-int8").reason == "export failed: ncnn int8 needs calibration data (activation ranges for ncnn's INT8 layers)"
     assert manifest.variant("onnx-fp32").ok and manifest.defaults["raspberry-pi-4"].startswith("onnx-")
     assert_release_lists_every_file(out)

@@ -6,9 +6,10 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from needs import need_toolchain
 
-from edge_sdk.converters.targets.base import get_target
-from edge_sdk.converters.targets.ncnn import ncnn_int8_tools
+from edge_sdk.converters.targets import ncnn_int8
+from edge_sdk.converters.targets.base import CalibrationMethod, get_target
 from edge_sdk.errors import ConversionError
 from edge_sdk.manifest import TensorSpec
 from edge_sdk.types import Precision
@@ -17,8 +18,8 @@ pytestmark = [pytest.mark.toolchain, pytest.mark.requires("ncnn")]
 
 
 @pytest.fixture(autouse=True)
-def _toolchain(require_toolchain):
-    require_toolchain("ncnn")
+def _toolchain():
+    need_toolchain("ncnn")
 
 
 @pytest.mark.parametrize("precision", [Precision.FP32, Precision.FP16], ids=str)
@@ -41,35 +42,68 @@ def test_fp16_halves_the_weights(cases, tmp_path):
     assert sizes[Precision.FP16] < 0.55 * sizes[Precision.FP32]
 
 
-@pytest.mark.skipif(ncnn_int8_tools() is not None, reason="ncnn2table/ncnn2int8 are installed here")
-def test_int8_without_ncnn_tools_says_why(cases, tmp_path, monkeypatch):
-    target = get_target("ncnn")
-    assert Precision.INT8 not in target.precisions()
-    assert "ncnn2table" in target.unavailable_reason(Precision.INT8)
-    with pytest.raises(ConversionError, match="ncnn int8 skipped: ncnn2table/ncnn2int8 are not on PATH"):
-        target.export(cases["cnn"].request(Precision.INT8, tmp_path))
+@pytest.mark.parametrize("model", ["cnn", "multimodal"])
+def test_int8_is_ncnn_int8_layers_that_run_close_to_fp32(cases, parity_check, tmp_path, model):
+    case = cases[model]
+    fp32 = get_target("ncnn").export(case.request(Precision.FP32, tmp_path / "fp32"))
+    int8 = get_target("ncnn").export(case.request(Precision.INT8, tmp_path / "int8"))
+    _, layers = ncnn_int8.parse_param(int8.files[0].read_text())
+    quantizable = [layer for layer in layers if layer.type in ("Convolution", "ConvolutionDepthWise", "InnerProduct")]
+    assert quantizable and int8.nodes_quantized == len(quantizable)
+    assert all(layer.params["8"] == "2" for layer in quantizable)  # per-channel weight scales + an input scale
+    # INT8 weights: a quarter of the float weights plus a few scales.
+    assert int8.files[1].stat().st_size < 0.3 * fp32.files[1].stat().st_size
+    parity_check(case, int8, "ncnn", Precision.INT8)
+
+
+@pytest.mark.parametrize("method", list(CalibrationMethod), ids=str)
+def test_each_calibration_method_sets_the_input_scales(cases, tmp_path, method):
+    case = cases["cnn"]
+    result = get_target("ncnn").export(case.request(Precision.INT8, tmp_path, calibration_method=method))
+    assert f"ncnn int8 ({method.value})" in result.notes[0]
+    first_conv = next(layer for layer in ncnn_int8.parse_param(result.files[0].read_text())[1] if layer.type == "Convolution")
+    located = next(b for b in ncnn_int8.layer_bytes(result.files[0], result.files[1].read_bytes()) if b.name == first_conv.name)
+    input_scale = np.frombuffer(result.files[1].read_bytes(), np.float32, 1, located.end - 4)[0]
+    absmax = max(float(np.abs(f["image"]).max()) for f in case.calibration)  # the first conv reads the input
+    if method is CalibrationMethod.MINMAX:
+        assert input_scale == pytest.approx(127 / absmax, rel=1e-6)
+    else:  # clipping outliers: a larger scale than minmax, but never absurdly so
+        assert 127 / absmax < input_scale < 20 * 127 / absmax
+
+
+def test_entropy_threshold_clips_a_long_tail_and_keeps_a_uniform_range():
+    uniform = np.full(ncnn_int8.HISTOGRAM_BINS, 100)
+    assert ncnn_int8.entropy_threshold_bin(uniform) >= 0.95 * ncnn_int8.HISTOGRAM_BINS
+    # Activations decaying fast from 0 plus one far outlier: the outlier is clipped, the bulk kept.
+    decaying = (1e6 * np.exp(-np.arange(ncnn_int8.HISTOGRAM_BINS) / 40)).astype(np.int64)
+    decaying[-1] = 1
+    assert 150 <= ncnn_int8.entropy_threshold_bin(decaying) <= 1000
+
+
+def test_layer_bytes_are_where_ncnn_reads_each_layer(cases, tmp_path):
+    result = get_target("ncnn").export(cases["cnn"].request(Precision.FP32, tmp_path))
+    weights = result.files[1].read_bytes()
+    layers = ncnn_int8.layer_bytes(result.files[0], weights)
+    assert layers[-1].end == len(weights) and all(a.end == b.start for a, b in zip(layers, layers[1:]))
+    with_weights = [layer for layer in layers if layer.reads]
+    assert {layer.type for layer in with_weights} == {"Convolution", "InnerProduct"} and len(with_weights) == 6
+    for layer in with_weights:  # a float32 type tag, the weights, the bias
+        assert weights[layer.start:layer.start + 4] == b"\0\0\0\0" and len(layer.reads) == 3
+
+
+def test_int8_without_calibration_says_why(cases, tmp_path):
+    with pytest.raises(ConversionError, match="^ncnn int8 needs calibration data"):
+        get_target("ncnn").export(cases["cnn"].request(Precision.INT8, tmp_path, calibrated=False))
     assert not list(tmp_path.iterdir())
-
-
-def test_configured_tool_dir_enables_int8(tmp_path, monkeypatch):
-    tools = tmp_path / "tools"
-    tools.mkdir()
-    for name in ("ncnn2table", "ncnn2int8"):
-        exe = tools / name
-        exe.write_text("#!/bin/sh\nexit 0\n")
-        exe.chmod(0o755)
-    monkeypatch.setenv("EDGE_SDK_NCNN_TOOLS", str(tools))
-    assert ncnn_int8_tools() == (tools / "ncnn2table", tools / "ncnn2int8")
-    assert Precision.INT8 in get_target("ncnn").precisions()
 
 
 def test_pnnx_failure_is_a_conversion_error_with_its_output(cases, tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x08\x07garbage that is not a protobuf model")
     request = replace(cases["cnn"].request(Precision.FP32, tmp_path / "out"), model_path=bad)
-    with pytest.raises(ConversionError, match="ncnn: pnnx") as info:
+    with pytest.raises(ConversionError, match=r"^ncnn: pnnx failed \(exit \d+\)") as info:
         get_target("ncnn").export(request)
-    assert "\n" in str(info.value)  # the tool's output tail is included
+    assert "\n" not in str(info.value) and info.value.log  # one line; the tool's whole output beside it
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
@@ -79,8 +113,12 @@ def test_dynamic_or_batched_inputs_are_refused_clearly(cases, tmp_path):
     with pytest.raises(ConversionError, match="dynamic shape"):
         get_target("ncnn").export(replace(case.request(Precision.FP32, tmp_path), inputs=dynamic))
     batched = [TensorSpec(name="image", dtype="float32", shape=[4, 3, 32, 32])]
-    with pytest.raises(ConversionError, match="batch 1 only"):
+    with pytest.raises(ConversionError, match=r"first axis as the batch axis, which ncnn drops, so it must be 1 \(here 4\)"):
         get_target("ncnn").export(replace(case.request(Precision.FP32, tmp_path), inputs=batched))
+    state = [TensorSpec(name="state", dtype="float32", shape=[2, 1, 128])]  # [layers, batch, hidden]
+    with pytest.raises(ConversionError) as info:
+        get_target("ncnn").export(replace(case.request(Precision.FP32, tmp_path), inputs=state))
+    assert "has batch" not in str(info.value) and "'state' has shape [2, 1, 128]" in str(info.value)
 
 
 def test_session_rejects_batch_above_one(cases, tmp_path):

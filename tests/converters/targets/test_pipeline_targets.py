@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from needs import need_toolchain, not_applicable
 
 import edge_sdk
 from edge_sdk.converters.targets import tflite
@@ -27,9 +28,9 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 
 
 @pytest.fixture(scope="module")
-def release(cnn_path, cnn_calibration_dir, tmp_path_factory, require_toolchain):
-    require_toolchain("tflite")
-    require_toolchain("ncnn")
+def release(cnn_path, cnn_calibration_dir, tmp_path_factory):
+    need_toolchain("tflite")
+    need_toolchain("ncnn")
     out = tmp_path_factory.mktemp("targets") / "release"
     profile_args = [arg for p in PROFILES for arg in ("--profile", p)]
     result = _cli("convert", str(cnn_path), *profile_args, "-o", str(out), "--calibration", str(cnn_calibration_dir),
@@ -76,14 +77,11 @@ def test_each_profile_defaults_to_its_preferred_target(release):
         assert default.ok and default.target is get_profile(profile_id).targets[0], (profile_id, default.id)
 
 
-def test_ncnn_int8_without_its_tools_is_a_rejected_row_naming_them(release):
-    from edge_sdk.converters.targets.ncnn import ncnn_int8_tools
-
-    if ncnn_int8_tools() is not None:
-        pytest.skip("ncnn2table/ncnn2int8 are installed here: ncnn int8 is built")  # not a missing part
+def test_ncnn_int8_is_built_and_validated(release):
     variant = load_manifest(release[0]).variant("ncnn-int8")
-    assert variant.status == "rejected" and not variant.files
-    assert "ncnn2table/ncnn2int8 are not on PATH" in variant.reason and "EDGE_SDK_NCNN_TOOLS" in variant.reason
+    assert variant.files and variant.validation.nodes_quantized == 6  # 5 Convolution + 1 InnerProduct
+    fp32 = load_manifest(release[0]).variant("ncnn-fp32")
+    assert variant.size_bytes < 0.35 * fp32.size_bytes
 
 
 def test_missing_toolchains_are_rejected_rows_and_onnx_still_completes(cnn_path, tmp_path, assert_release_lists_every_file):
@@ -103,8 +101,8 @@ def test_missing_toolchains_are_rejected_rows_and_onnx_still_completes(cnn_path,
     assert_release_lists_every_file(out)
 
 
-def test_a_converter_timeout_is_a_rejected_row(cnn_path, tmp_path, monkeypatch, require_toolchain):
-    require_toolchain("tflite")
+def test_a_converter_timeout_is_a_rejected_row(cnn_path, tmp_path, monkeypatch):
+    need_toolchain("tflite")
     monkeypatch.setattr(tflite, "TIMEOUT_S", 1.0)  # onnx2tf needs far longer just to import TensorFlow
     manifest = edge_sdk.convert(cnn_path, ["raspberry-pi-4"], tmp_path / "release", targets=["tflite", "onnx"],
                                 latency_runs=3, max_accuracy_drop=100)

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from needs import need_module
 
 from edge_sdk.cli import main
 from edge_sdk.runtime.align import Stream, align
@@ -57,7 +58,7 @@ def test_cli_csv_matches_merge_asof(files):
 
 
 def test_cli_parquet_roundtrip(files):
-    pytest.importorskip("pyarrow")
+    need_module("pyarrow")
     import pyarrow as pa
     import pyarrow.parquet as pq
 

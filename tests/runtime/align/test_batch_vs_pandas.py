@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from needs import need_module
 
 from edge_sdk.errors import AlignError
 from edge_sdk.runtime.align import Stream, _accel, align, batch
@@ -20,7 +21,7 @@ SETTINGS = settings(max_examples=300, deadline=None,
 def kernel_path(request, monkeypatch):
     """Every test runs on the NumPy searchsorted path and on the compiled linear merge."""
     if request.param == "compiled":
-        pytest.importorskip("numba")
+        need_module("numba")
         monkeypatch.setattr(batch, "ACCEL_MIN", 0)
         assert _accel.kernel() is not None
     else:

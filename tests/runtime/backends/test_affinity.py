@@ -15,7 +15,7 @@ from edge_sdk.runtime.backends.base import cpu_affinity
 from edge_sdk.runtime.model import EdgeModel
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
-                                reason="needs Linux CPU affinity and at least 2 usable cores")
+                                reason="not applicable here: needs Linux CPU affinity and at least 2 usable cores")
 
 
 def _tasks() -> set[int]:

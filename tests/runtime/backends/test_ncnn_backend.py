@@ -8,12 +8,12 @@ import threading
 import numpy as np
 import pytest
 
-pytest.importorskip("ncnn")
+from edge_sdk.errors import BackendError, InputError, MissingDependencyError
+from edge_sdk.manifest import TensorSpec
+from edge_sdk.runtime.backends.base import BackendOptions, get_backend
+from edge_sdk.types import Precision
 
-from edge_sdk.errors import BackendError, InputError, MissingDependencyError  # noqa: E402
-from edge_sdk.manifest import TensorSpec  # noqa: E402
-from edge_sdk.runtime.backends.base import BackendOptions, get_backend  # noqa: E402
-from edge_sdk.types import Precision  # noqa: E402
+pytestmark = pytest.mark.requires("ncnn")
 
 # y = relu(x) * 2 - 1, elementwise; ncnn's text param format, no weights.
 PARAM = """7767517

@@ -9,14 +9,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-pytest.importorskip("openvino")
+from edge_sdk import samples
+from edge_sdk.converters.targets.base import ExportRequest, get_target
+from edge_sdk.errors import BackendError, MissingDependencyError
+from edge_sdk.manifest import TensorSpec
+from edge_sdk.runtime.backends.base import BackendOptions, get_backend
+from edge_sdk.types import Precision
 
-from edge_sdk import samples  # noqa: E402
-from edge_sdk.converters.targets.base import ExportRequest, get_target  # noqa: E402
-from edge_sdk.errors import BackendError, MissingDependencyError  # noqa: E402
-from edge_sdk.manifest import TensorSpec  # noqa: E402
-from edge_sdk.runtime.backends.base import BackendOptions, get_backend  # noqa: E402
-from edge_sdk.types import Precision  # noqa: E402
+pytestmark = pytest.mark.requires("openvino")
 
 INPUTS = [TensorSpec(name="image", dtype="float32", shape=[1, 3, 32, 32])]
 OUTPUTS = [TensorSpec(name="logits", dtype="float32", shape=[1, 10])]

@@ -7,24 +7,25 @@ import sys
 import numpy as np
 import onnxruntime as ort
 import pytest
+from needs import need_toolchain
 
-pytest.importorskip("ai_edge_litert")
+from edge_sdk import samples
+from edge_sdk.converters.targets.base import ExportRequest, get_target
+from edge_sdk.errors import BackendError, MissingDependencyError
+from edge_sdk.manifest import TensorSpec
+from edge_sdk.runtime.backends import tflite as tflite_backend
+from edge_sdk.runtime.backends.base import BackendOptions, get_backend
+from edge_sdk.types import Precision
 
-from edge_sdk import samples  # noqa: E402
-from edge_sdk.converters.targets.base import ExportRequest, get_target  # noqa: E402
-from edge_sdk.errors import BackendError, MissingDependencyError  # noqa: E402
-from edge_sdk.manifest import TensorSpec  # noqa: E402
-from edge_sdk.runtime.backends import tflite as tflite_backend  # noqa: E402
-from edge_sdk.runtime.backends.base import BackendOptions, get_backend  # noqa: E402
-from edge_sdk.types import Precision  # noqa: E402
+pytestmark = pytest.mark.requires("ai_edge_litert")
 
 INPUTS = [TensorSpec(name="image", dtype="float32", shape=[1, 3, 32, 32])]
 OUTPUTS = [TensorSpec(name="logits", dtype="float32", shape=[1, 10])]
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory, require_toolchain):
-    require_toolchain("tflite")
+def converted(tmp_path_factory):
+    need_toolchain("tflite")
     folder = tmp_path_factory.mktemp("tfl")
     model = samples.save(samples.make_cnn(), folder / "cnn.onnx")
     result = get_target("tflite").export(ExportRequest(model_path=model, precision=Precision.FP32, out_dir=folder,

@@ -93,17 +93,113 @@ def test_drop_oldest_drops_low_priority_first_and_counts(tmp_path):
     assert (s.rows, s.dropped, s.rejected, s.appended) == (4, 3, 1, 7)
 
 
-def test_byte_quota(tmp_path):
-    b = box(tmp_path, max_bytes=4096, on_full=OutboxPolicy.DROP_OLDEST)
-    payload = "x" * 900
-    per_row = len(json.dumps(payload)) + len("record") + ROW_OVERHEAD
-    for _ in range(10):
-        b.append(payload)
+@pytest.mark.parametrize("policy", [OutboxPolicy.DROP_OLDEST, OutboxPolicy.REJECT])
+def test_byte_quota_covers_the_whole_footprint_on_disk(tmp_path, policy):
+    """max_bytes bounds database + WAL + WAL index, measured on disk after every append."""
+    b = box(tmp_path, max_bytes=512 * 1024, on_full=policy)
+    refused, biggest = 0, 0
+    for i in range(800):
+        try:
+            b.append({"i": i, "pad": "x" * 900})
+        except OutboxFullError:
+            refused += 1
+        biggest = max(biggest, b.stats().file_bytes)
     s = b.stats()
-    assert s.rows == 4096 // per_row and s.bytes <= 4096
-    assert s.dropped == 10 - s.rows
-    with pytest.raises(OutboxFullError, match="exceed"):
-        b.append("y" * 5000)
+    assert biggest <= 512 * 1024
+    assert s.appended + s.rejected == 800 and s.rejected == refused
+    assert s.rows == s.appended - s.dropped and s.rows > 200  # the quota is used, not wasted
+    if policy is OutboxPolicy.DROP_OLDEST:
+        assert (s.rejected, s.dropped) == (0, 800 - s.rows)
+        assert json.loads(b.next_batch(0, max_records=1).records[0].data)["i"] == s.dropped  # the oldest went
+    else:
+        assert s.dropped == 0 and refused == 800 - s.rows
+    with pytest.raises(OutboxFullError, match="max_record_bytes"):
+        b.append("y" * (600 * 1024))
+
+
+def _free(folder) -> int:
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize
+
+
+def _fill(folder) -> None:
+    """Take every byte left on the file system with a ballast file."""
+    with open(folder / "ballast", "wb", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 4096)
+        except OSError:
+            pass
+
+
+def test_drop_oldest_runs_before_a_1mib_disk_fills(tiny_disk):
+    """The disk, not max_bytes, is the limit here: the policy still runs, and the disk never fills."""
+    disk = tiny_disk("1m")
+    b = Outbox(OutboxConfig(path=disk / "outbox.db", on_full=OutboxPolicy.DROP_OLDEST))
+    lowest = 1 << 30
+    for i in range(2500):
+        b.append({"i": i, "pad": "x" * 200})
+        lowest = min(lowest, _free(disk))
+    s = b.stats()
+    assert (s.appended, s.rejected) == (2500, 0) and s.dropped > 0 and s.rows == 2500 - s.dropped
+    assert lowest >= b.config.reserve_bytes // 2  # only one commit's WAL pages dip into the reserve
+    batch = b.next_batch(0, max_records=100)
+    assert json.loads(batch.records[0].data)["i"] == s.dropped  # the oldest ones went
+    assert b.ack(batch.boot, batch.last_seq) == 100  # acks commit on the "full" disk
+
+
+def test_reject_on_a_full_disk_counts_and_persists_every_refusal(tiny_disk):
+    disk = tiny_disk("1m")
+    b = Outbox(OutboxConfig(path=disk / "outbox.db", on_full=OutboxPolicy.REJECT))
+    refused = 0
+    for i in range(2500):
+        try:
+            b.append({"i": i, "pad": "x" * 200})
+        except OutboxFullError as exc:
+            assert "disk" in str(exc)
+            refused += 1
+    s = b.stats()
+    assert refused > 0 and (s.rejected, s.dropped, s.appended + s.rejected) == (refused, 0, 2500)
+    b.close()
+    assert Outbox(OutboxConfig(path=disk / "outbox.db")).stats().rejected == refused  # on disk, not in memory
+
+
+def test_an_ack_on_a_full_disk_is_kept_and_its_records_are_not_sent_again(tiny_disk):
+    disk = tiny_disk("1m")
+    b = Outbox(OutboxConfig(path=disk / "outbox.db", on_full=OutboxPolicy.REJECT))
+    try:
+        for i in range(5000):
+            b.append({"i": i, "pad": "x" * 200})
+    except OutboxFullError:
+        pass
+    _fill(disk)  # another process takes the rest, the reserve included
+    rows = b.stats().rows
+    batch = b.next_batch(0, max_records=50)
+    committed = b.ack(batch.boot, batch.last_seq)
+    assert committed in (0, 50)  # 0: remembered until the disk has room
+    assert b.next_batch(0).records[0].seq == batch.last_seq + 1  # acked records are not sent again
+    assert b.next_batch(0).floor == batch.last_seq + 1
+    with pytest.raises(OutboxFullError):
+        b.append({"more": 1})
+    (disk / "ballast").unlink()
+    b.append({"more": 2})  # space again: the remembered ack and the refusal counter are committed
+    b.close()
+    s = Outbox(OutboxConfig(path=disk / "outbox.db")).stats()
+    assert (s.rows, s.acked) == (rows - 50 + 1, 50) and s.rejected >= 1
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_corrupt_outbox_is_moved_aside_and_recreated(tmp_path, damage):
+    path = tmp_path / "outbox.db"
+    first = Outbox(OutboxConfig(path=path))
+    first.append_many([{"i": i, "pad": "p" * 500} for i in range(200)])
+    first.close()
+    data = path.read_bytes()
+    path.write_bytes(os.urandom(8192) if damage == "garbage" else data[:100])
+    b = Outbox(OutboxConfig(path=path))
+    assert b.recovered is not None and "corrupt" in b.recovered["moved_to"]
+    assert os.path.exists(b.recovered["moved_to"])  # kept for inspection
+    assert b.append({"after": 1}) == 1 and b.stats().rows == 1
 
 
 def test_bad_records_are_sync_errors_and_store_nothing(tmp_path):

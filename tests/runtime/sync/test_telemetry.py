@@ -117,6 +117,7 @@ def test_malformed_and_foreign_acks_are_ignored(mosquitto, tmp_path):
         evil.publish(T.telemetry_ack("d1"), b"garbage", qos=1, wait=5)
         evil.publish(T.telemetry_ack("d1"), encode_ack("someoneelse", 3), qos=1, wait=5)
         assert wait_until(lambda: up.bad_acks == 1)
+        assert wait_until(lambda: up.batches_sent >= 1)  # an ack covers only what was sent
         evil.publish(T.telemetry_ack("d1"), encode_ack(box.boot_id, 2), qos=1, wait=5)
         assert wait_until(lambda: box.stats().rows == 1)
     assert [r.seq for r in box.next_batch(0).records] == [3]
@@ -144,7 +145,8 @@ def test_quota_drops_are_reported_in_the_twin(mosquitto, tmp_path):
         up.stop()
         tr.stop()
     last = seen[-1]["telemetry"]
-    assert (last["dropped"], last["appended"], last["queued_rows"], last["boot"]) == (5, 15, 10, box.boot_id)
+    # the 16th record is the outbox.loss record reporting the drops (essential: beyond max_rows)
+    assert (last["dropped"], last["appended"], last["queued_rows"], last["boot"]) == (5, 16, 11, box.boot_id)
 
 
 DEVICE = textwrap.dedent("""
@@ -273,3 +275,59 @@ def test_ten_thousand_records_exactly_once_through_broker_and_device_kills(mosqu
     print(f"\n{total} records in 3 boots; duplicates dropped by ingest: {counters['duplicates']}, batches: {counters['batches']}")
     with sqlite3.connect(out) as conn:
         assert conn.execute("SELECT COUNT(*) FROM records").fetchone()[0] == 0
+
+
+def test_an_ack_beyond_what_was_sent_deletes_only_what_was_sent(mosquitto, tmp_path):
+    """A forged ack for seq 20 while only 1..5 are out: 1..5 go, 6..20 stay, the ack is counted."""
+    box, tr, up = device(mosquitto, tmp_path, batch_records=5, window=1, ack_timeout_s=30.0)
+    box.append_many([{"i": i} for i in range(20)])
+    tr.start()
+    up.start()
+    assert wait_until(lambda: up.batches_sent == 1)
+    with transport(mosquitto, "forger") as forger:
+        assert forger.wait_connected(5)
+        forger.publish(T.telemetry_ack("d1"), encode_ack(box.boot_id, 20), qos=1, wait=5)
+        assert wait_until(lambda: up.clamped_acks == 1)
+    assert wait_until(lambda: box.stats().acked == 5)
+    up.stop(); tr.stop()
+    s = box.stats()
+    assert (s.rows, s.acked, s.dropped) == (15, 5, 0)
+    assert [r.seq for r in box.next_batch(0).records] == list(range(6, 21))
+    assert up.report()["clamped_acks"] == 1
+
+
+def test_losses_reach_the_telemetry_stream_as_records(mosquitto, ingest, tmp_path):
+    """Quota drops are persisted and sent to ingest as an ``outbox.loss`` record, not only shown in memory."""
+    from edge_sdk.runtime.sync.telemetry import LOSS_KIND
+    from edge_sdk.types import OutboxPolicy
+
+    worker, sink = ingest
+    box = Outbox(OutboxConfig(path=tmp_path / "d1.db", max_rows=10, on_full=OutboxPolicy.DROP_OLDEST))
+    box.append_many([{"i": i} for i in range(10)])
+    for i in range(10, 15):
+        box.append({"i": i})  # each drops the oldest
+    tr = transport(mosquitto, "d1")
+    up = TelemetryUploader(box, tr, T, "d1", UploaderConfig(report_interval_s=0.1, ack_timeout_s=1.0))
+    tr.start()
+    up.start()
+    query = "SELECT data FROM records WHERE kind = ?"
+    assert wait_until(lambda: sink._db.execute(query, (LOSS_KIND,)).fetchall())
+    up.stop(); tr.stop()
+    (data,), = sink._db.execute(query, (LOSS_KIND,)).fetchall()
+    assert json.loads(data) == {"dropped": 5, "rejected": 0, "boot": box.boot_id}
+
+
+def test_ingest_refuses_an_oversized_batch_and_counts_it(mosquitto, ingest):
+    """Not parsed, not stored, counted, and acked as rejected so the device stops resending it."""
+    from edge_sdk.runtime.sync.telemetry import MAX_BATCH_BYTES
+
+    worker, sink = ingest
+    acks = []
+    with transport(mosquitto, "d1") as dev:
+        dev.subscribe(T.telemetry_ack("d1"), lambda m: acks.append(decode_ack(m.payload)))
+        assert dev.wait_connected(5)
+        huge = b'{"v": 1, "boot": "b", "floor": 1, "records": [[1, 0, 1, "k", "' + b"x" * MAX_BATCH_BYTES + b'"]]}'
+        assert dev.publish(T.telemetry("d1"), huge, qos=1, wait=5)
+        assert wait_until(lambda: worker.rejected == 1 and acks == [("b", 1)])
+    assert "over the" in sink._db.execute("SELECT reason FROM rejected").fetchone()[0]
+    assert sink._db.execute("SELECT COUNT(*) FROM records").fetchone()[0] == 0

@@ -237,140 +237,34 @@ def test_shared_subscription_splits_messages_between_workers(mosquitto):
     assert all(len(b.items) > 0 for b in inboxes)  # both workers took a share
 
 
-# --- the shipped deploy/mosquitto config: TLS, passwords, per-device ACLs ----------------------
-DEPLOY = __import__("pathlib").Path(__file__).resolve().parents[3] / "deploy" / "mosquitto"
+# --- client-certificate auth (the shipped deploy/mosquitto config is tested in tests/deploy/) ------
 
 
-def _make_certs(folder, clients=("d1",)):
-    """A throw-away CA, a server certificate for 127.0.0.1 and ``<cn>.crt``/``<cn>.key`` client
-    certificates (cryptography is a core dependency)."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    valid = (now - datetime.timedelta(days=1), now + datetime.timedelta(days=2))
-
-    def cert(subject, issuer, key, sign_key, ca: bool, san=None):
-        b = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(key.public_key())
-             .serial_number(x509.random_serial_number()).not_valid_before(valid[0]).not_valid_after(valid[1])
-             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-        if san:
-            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
-        return b.sign(sign_key, hashes.SHA256())
-
-    ca_key, srv_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edge-sdk test CA")])
-    srv_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    ca_cert = cert(ca_name, ca_name, ca_key, ca_key, True)
-    srv_cert = cert(srv_name, ca_name, srv_key, ca_key, False, [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    pem = serialization.Encoding.PEM
-
-    def write_key(path, key):
-        path.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()))
-
-    (folder / "ca.crt").write_bytes(ca_cert.public_bytes(pem))
-    (folder / "server.crt").write_bytes(srv_cert.public_bytes(pem))
-    write_key(folder / "server.key", srv_key)
-    for cn in clients:  # the CN is the user name under use_identity_as_username
-        key = ec.generate_private_key(ec.SECP256R1())
-        (folder / f"{cn}.crt").write_bytes(cert(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]), ca_name,
-                                                key, ca_key, False).public_bytes(pem))
-        write_key(folder / f"{cn}.key", key)
-    return folder / "ca.crt"
-
-
-def test_shipped_config_tls_passwords_and_device_acls(mosquitto_factory, tmp_path):
-    import shutil as _sh
-
-    if not _sh.which("mosquitto_passwd"):
-        pytest.skip("mosquitto_passwd not installed")
-    ca = _make_certs(tmp_path)
-    passwd = tmp_path / "passwd"
-    for i, (user, pw) in enumerate([("d1", "pw1"), ("d2", "pw2"), ("ingest", "pwi"), ("publisher", "pwp")]):
-        subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if i == 0 else []), str(passwd), user, pw], check=True)
-    broker = mosquitto_factory(start=False)
-    conf = (DEPLOY / "mosquitto.conf").read_text()
-    conf = (conf.replace("listener 8883", f"listener {broker.port} 127.0.0.1")
-            .replace("/etc/mosquitto/passwd", str(passwd)).replace("/etc/mosquitto/acl", str(DEPLOY / "acl"))
-            .replace("/etc/mosquitto/certs/", f"{tmp_path}/").replace("/var/lib/mosquitto/", f"{broker.folder / 'data'}/"))
-    broker.conf_path.write_text(conf + f"\nuser root\nlog_dest file {broker.log_path}\n")
-    broker.start()
-    from edge_sdk.runtime.sync.transport import TlsConfig
-
-    def tls(cid: str, user: str, pw: str) -> Transport:
-        url = f"mqtts://{user}:{pw}@127.0.0.1:{broker.port}"
-        return Transport(TransportConfig.from_url(url, client_id=cid, tls=TlsConfig(ca_certs=ca), reconnect_min_s=0.05, reconnect_max_s=0.3))
-
-    acks, seen, desired, reported = Inbox(), Inbox(), Inbox(), Inbox()
-    ingest = tls("ingest-1", "ingest", "pwi")
-    ingest.subscribe(T.telemetry_shared("g"), seen)
-    ops = tls("ops-1", "publisher", "pwp")
-    ops.subscribe(T.reported("d1"), reported)
-    d1 = tls("d1", "d1", "pw1")
-    d1.subscribe(T.telemetry_ack("d1"), acks)
-    d1.subscribe(T.desired("d1"), desired)
-    d1.subscribe(T.desired(), desired)
-    d1.subscribe(T.all_blobs(), desired)
-    sha = "ab" * 32
-    with ingest, ops, d1:
-        assert ingest.wait_connected(10) and ops.wait_connected(10) and d1.wait_connected(10)
-        time.sleep(0.3)
-        # the normal flow: telemetry out, acks in, reported out, desired state and blobs in
-        assert d1.publish(T.telemetry("d1"), b"batch", qos=1, wait=5)
-        assert seen.wait_for(1)[0] == Message(T.telemetry("d1"), b"batch", 1, False)
-        assert ingest.publish(T.telemetry_ack("d1"), b"ack", qos=1, wait=5)
-        assert acks.wait_for(1)[0].payload == b"ack"
-        assert d1.publish(T.reported("d1"), b'{"release": null}', qos=1, retain=True, wait=5)
-        assert reported.wait_for(1)[0].payload == b'{"release": null}'
-        for topic in (T.desired("d1"), T.desired(), T.blob(sha)):
-            assert ops.publish(topic, b"from-ops", qos=1, wait=5)
-        assert sorted(m.topic for m in desired.wait_for(3)) == sorted([T.desired("d1"), T.desired(), T.blob(sha)])
-        # what a device may not write: another device's topics, any desired state (its own
-        # included), its own telemetry acks, release data
-        for topic in (T.telemetry("d2"), T.desired(), T.desired("d1"), T.telemetry_ack("d1"),
-                      T.blob(sha), T.manifest("m", 1), T.reported("d2")):
-            with pytest.raises(SyncError, match="(?i)not authori"):
-                d1.publish(topic, b"{}", qos=1, wait=5)
-        time.sleep(0.3)
-        assert len(seen.items) == 1 and len(acks.items) == 1 and len(desired.items) == 3
-    # wrong password, or plain TCP to the TLS port: no session, and last_error says why
-    bad_pw = tls("d2", "d2", "nope")
-    plain = Transport(TransportConfig.from_url(f"mqtt://d2:pw2@127.0.0.1:{broker.port}", client_id="d2",
-                                               reconnect_min_s=0.05, reconnect_max_s=0.3))
-    for t in (bad_pw, plain):
-        t.start()
-        assert not t.wait_connected(1.5)
-        assert t.last_error and str(broker.port) in t.last_error
-        t.stop()
-    assert "refused" in bad_pw.last_error
-
-
-def test_client_certificate_auth_device_and_cli(mosquitto_factory, tmp_path):
+def test_client_certificate_auth_device_and_cli(mosquitto_factory, tmp_path, make_certs):
     """``require_certificate`` + ``use_identity_as_username``: the certificate is the identity,
-    for a device's Transport (TlsConfig.certfile/keyfile) and for the CLI (--cert/--key)."""
+    for a device's Transport (TlsConfig.cert/key) and for the CLI (--cert/--key)."""
     from edge_sdk.cli import main
     from edge_sdk.runtime.sync.transport import TlsConfig
 
-    ca = _make_certs(tmp_path, clients=("d1", "publisher"))
+    from edge_sdk.cloud.acl import Inventory, render_acl
+
+    ca = make_certs(tmp_path, clients=("d1", "publisher"))
+    acl = tmp_path / "acl"
+    acl.write_text(render_acl(Inventory(fleets={"f": {"devices": ["d1"], "publishers": ["publisher"]}})))
     broker = mosquitto_factory(start=False)
     broker.conf_path.write_text(
-        f"per_listener_settings false\nallow_anonymous false\nacl_file {DEPLOY / 'acl'}\nuser root\n"
+        f"per_listener_settings false\nallow_anonymous false\nacl_file {acl}\nuser root\n"
         f"listener {broker.port} 127.0.0.1\ncafile {ca}\ncertfile {tmp_path}/server.crt\nkeyfile {tmp_path}/server.key\n"
         f"require_certificate true\nuse_identity_as_username true\nlog_dest file {broker.log_path}\n")
     broker.start()
     url = f"mqtts://127.0.0.1:{broker.port}"
 
     def device(**tls) -> Transport:
-        return Transport(TransportConfig.from_url(url, client_id="d1", tls=TlsConfig(ca_certs=ca, **tls),
+        return Transport(TransportConfig.from_url(url, client_id="d1", tls=TlsConfig(ca=ca, **tls),
                                                   reconnect_min_s=0.05, reconnect_max_s=0.3))
 
     desired = Inbox()
-    dev = device(certfile=tmp_path / "d1.crt", keyfile=tmp_path / "d1.key")
+    dev = device(cert=tmp_path / "d1.crt", key=tmp_path / "d1.key")
     dev.subscribe(T.desired("d1"), desired)
     with dev:
         assert dev.wait_connected(10), dev.last_error

@@ -14,12 +14,15 @@ from edge_sdk.runtime.sync.twin import DesiredState, Twin, merge_desired, parse_
 
 
 def test_device_level_wins_and_policies_merge():
-    fleet = DesiredState(model="cnn", version=3, policy={"pin_precision": "fp16", "min_dwell_s": 5,
-                                                         "thresholds": {"fp32": {"max_cpu_percent": 90}}})
-    device = DesiredState(version=2, policy={"pin_precision": None,
-                                             "thresholds": {"fp32": {"min_free_memory_mb": 512}, "fp16": {"max_cpu_percent": 95}}})
+    fleet = DesiredState(models={"cnn": {"version": 3}, "detector": {"version": 1, "store": "https://cdn/c"}},
+                         policy={"pin_precision": "fp16", "min_dwell_s": 5, "thresholds": {"fp32": {"max_cpu_percent": 90}}})
+    device = DesiredState(models={"cnn": {"version": 2}, "detector": None, "classifier": {"version": 4, "store": "s3://b/p"}},
+                          policy={"pin_precision": None,
+                                  "thresholds": {"fp32": {"min_free_memory_mb": 512}, "fp16": {"max_cpu_percent": 95}}})
     merged = merge_desired(fleet, device)
-    assert (merged.model, merged.version) == ("cnn", 2)
+    # The device's entry for a model wins whole; null takes a fleet model off this device.
+    assert {name: (e.version, e.store) for name, e in merged.wanted.items()} == {"cnn": (2, None),
+                                                                              "classifier": (4, "s3://b/p")}
     # Key by key, nested keys too; an explicit null (unpin) is kept and wins.
     assert merged.policy.as_dict() == {"pin_precision": None, "min_dwell_s": 5,
                                        "thresholds": {"fp32": {"max_cpu_percent": 90, "min_free_memory_mb": 512},
@@ -27,19 +30,30 @@ def test_device_level_wins_and_policies_merge():
     assert merged.policy.sets_pin and merged.policy.pin_precision is None
     assert merge_desired(fleet, DesiredState()).policy.pin_precision.value == "fp16"  # no device opinion
     assert merge_desired(fleet, None) == fleet
-    # A device pinned to another model does not inherit the fleet's version of a different model.
-    other = merge_desired(fleet, DesiredState(model="detector"))
-    assert (other.model, other.version) == ("detector", None)
+
+
+def test_single_model_form_and_read_modify_write():
+    legacy = DesiredState.from_payload(b'{"model": "cnn", "version": 2}', "t")
+    assert {name: e.version for name, e in legacy.wanted.items()} == {"cnn": 2}
+    state = legacy.with_model("detector", 5, "https://cdn.example.com/chunks").with_model("cnn", 3)
+    assert json.loads(state.to_payload()) == {"models": {"cnn": {"version": 3},
+                                                         "detector": {"version": 5, "store": "https://cdn.example.com/chunks"}}}
+    assert list(state.without_model("cnn").wanted) == ["detector"]
 
 
 @pytest.mark.parametrize("payload, message", [
     (b"{not json", "not JSON"),
     (b"[1, 2]", "must be a JSON object"),
-    (b'{"version": 0}', "version"),
-    (b'{"model": "cnn", "policy": {"pin_precision": "int4"}}', "pin_precision"),
-    (b'{"model": "cnn", "colour": "red"}', "unknown key 'colour'"),
-    (b'{"model": "cnn", "policy": {"max_cpu": 80}}', "unknown key 'policy.max_cpu'"),
-    (b'{"policy": {"thresholds": {"fp32": {"max_cpu": 80}}}}', "unknown key 'policy.thresholds.fp32.max_cpu'"),
+    (b'{"models": {"cnn": {"version": 0}}}', "models.cnn.version"),
+    (b'{"version": 2}', "needs both 'model' and 'version'"),
+    (b'{"model": "cnn", "version": 2, "models": {}}', "either 'models'"),
+    (b'{"models": {"cnn": {"version": 2, "store": "ftp://x/y"}}}', "unknown scheme 'ftp'"),
+    (b'{"models": {"a/b": {"version": 2}}}', "cannot be an MQTT topic level"),
+    (b'{"models": {"cnn": {"version": 2, "colour": "red"}}}', "models.cnn.colour: unknown key"),
+    (b'{"models": {}, "policy": {"pin_precision": "int4"}}', "pin_precision"),
+    (b'{"colour": "red"}', "colour: unknown key"),
+    (b'{"policy": {"max_cpu": 80}}', "policy.max_cpu: unknown key"),
+    (b'{"policy": {"thresholds": {"fp32": {"max_cpu": 80}}}}', "policy.thresholds.fp32.max_cpu: unknown key"),
     (b'{"policy": {"thresholds": {"fp64": {"max_cpu_percent": 80}}}}', "policy.thresholds.fp64"),
     (b'{"policy": {"thresholds": {"fp32": {"max_cpu_percent": 180}}}}', "max_cpu_percent"),
     (b'{"policy": {"hysteresis": {"memory_mb": -1}}}', "hysteresis.memory_mb"),
@@ -52,7 +66,7 @@ def test_bad_desired_payloads_name_the_problem(payload, message):
 
 def test_empty_payload_means_cleared():
     assert DesiredState.from_payload(b"", "t") is None
-    state = DesiredState(model="cnn", version=2, policy={"pin_precision": None, "hysteresis": {"memory_mb": 64}})
+    state = DesiredState(models={"cnn": {"version": 2}}, policy={"pin_precision": None, "hysteresis": {"memory_mb": 64}})
     again = DesiredState.from_payload(state.to_payload(), "t")
     assert again == state and again.policy.sets_pin  # the explicit null survives the round trip
 
