@@ -24,7 +24,6 @@ import re
 import shutil
 import subprocess
 import wave
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -39,10 +38,10 @@ VARIANTS = ("", "+f2", "+m3", "+f4")
 SENTENCE_PARTS = {"calibration": (0.0, 0.4), "validation": (0.4, 0.6), "test": (0.6, 1.0)}
 
 
-@dataclass
-class Recording:
-    audio: np.ndarray  # float32, 16 kHz
-    speech: np.ndarray  # bool per CHUNK-sample frame
+def _recording_dict(audio: np.ndarray, speech: np.ndarray) -> dict[str, np.ndarray]:
+    """A test recording: float32 16 kHz ``audio`` and ``speech``, a bool per CHUNK-sample frame
+    (a plain dict, so the data cache holds no classes)."""
+    return {"audio": audio, "speech": speech}
 
 
 def model_path():
@@ -90,7 +89,7 @@ def _speak(text: str, voice: str, words_per_minute: int) -> np.ndarray:
     return resample_poly(samples, RATE, rate).astype(np.float32)
 
 
-def _recording(sentences: tuple[str, ...], utterances: int, rng: np.random.Generator) -> Recording:
+def _recording(sentences: tuple[str, ...], utterances: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     pieces, speech = [], []
     for _ in range(utterances):
         pause = np.zeros(int(rng.uniform(0.3, 1.6) * RATE), np.float32)
@@ -104,19 +103,19 @@ def _recording(sentences: tuple[str, ...], utterances: int, rng: np.random.Gener
     audio, mask = np.concatenate(pieces), np.concatenate(speech)
     audio = audio + rng.normal(0.0, rng.uniform(0.002, 0.03), len(audio)).astype(np.float32)
     count = len(audio) // CHUNK
-    return Recording(audio.astype(np.float32), mask[:count * CHUNK].reshape(count, CHUNK).mean(axis=1) > 0.5)
+    return _recording_dict(audio.astype(np.float32), mask[:count * CHUNK].reshape(count, CHUNK).mean(axis=1) > 0.5)
 
 
-def _teacher_forced(recording: Recording, session) -> list[dict[str, np.ndarray]]:
+def _teacher_forced(recording: dict[str, np.ndarray], session) -> list[dict[str, np.ndarray]]:
     """One feeds dict per chunk, with the state the FP32 model reached before it."""
     state, rate, feeds = initial_state(), np.array(RATE, np.int64), []
-    for chunk in frames(recording.audio):
+    for chunk in frames(recording["audio"]):
         feeds.append({"input": chunk, "state": state, "sr": rate})
         _, state = session.run(None, feeds[-1])
     return feeds
 
 
-def _split(part: str, recordings: int, utterances: int, seed: int, session) -> tuple[list, list[Recording]]:
+def _split(part: str, recordings: int, utterances: int, seed: int, session) -> tuple[list, list[dict]]:
     rng = np.random.default_rng(seed)
     sentences = _sentences()
     start, stop = SENTENCE_PARTS[part]
@@ -136,7 +135,7 @@ def _prepare() -> ZooData:
     validation, validation_recordings = _split("validation", 1, 8, 42, session)
     test, test_recordings = _split("test", 2, 8, 43, session)
     return ZooData([calibration[i] for i in picked],
-                   Split(validation, np.concatenate([r.speech for r in validation_recordings])),
+                   Split(validation, np.concatenate([r["speech"] for r in validation_recordings])),
                    Split(test, test_recordings))
 
 
@@ -151,8 +150,8 @@ def _stream(run: Run, split: Split) -> float:
     recordings = split.truth
     if isinstance(recordings, np.ndarray):  # the validation split keeps only frame labels
         return _score([run(f) for f in split.feeds], recordings)
-    predicted = np.concatenate([speech_probabilities(run, r.audio) > 0.5 for r in recordings])
-    return binary_f1(predicted, np.concatenate([r.speech for r in recordings]))
+    predicted = np.concatenate([speech_probabilities(run, r["audio"]) > 0.5 for r in recordings])
+    return binary_f1(predicted, np.concatenate([r["speech"] for r in recordings]))
 
 
 CASE = ZooCase(
