@@ -243,6 +243,7 @@ class TelemetryUploader:
             "batches_sent": self.batches_sent, "resends": self.resends, "bad_acks": self.bad_acks,
             "clamped_acks": self.clamped_acks, "oversized_messages": getattr(self.transport, "oversized", 0),
             "errors": self.errors, "in_flight": self.in_flight, "recovered": self.outbox.recovered,
+            "disabled": s.disabled,
         }
 
     # -- network thread ------------------------------------------------------------------------
