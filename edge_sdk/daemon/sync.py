@@ -123,15 +123,9 @@ class SyncBridge:
 
     def local_releases(self, model_name: str) -> list[Path]:
         """Synced releases on disk for ``model_name``, best first (active, then previous)."""
-        found = []
-        for folder in (self.client.releases.active(), self.client.releases.previous()):
-            if folder is None:
-                continue
-            ref = self.client.releases.active_ref() if folder == self.client.releases.active() else None
-            name = ref[0] if ref else folder.name.split("@")[0]
-            if self._target_model(name) == model_name:
-                found.append(folder)
-        return found
+        releases = self.client.releases
+        return [folder for synced in releases.models() if self._target_model(synced) == model_name
+                for folder in (releases.active(synced), releases.previous(synced)) if folder is not None]
 
     def _on_policy(self, policy: Any) -> None:
         """Desired runtime policy changed: apply it to every served model, live (no reload)."""
@@ -161,7 +155,7 @@ class SyncBridge:
                 self.client.twin.error("policy", f"model {target}: {exc}")
         if served is not None:
             backend, precision = served.backend_precision()
-            self.client.twin.set(backend=backend, precision=precision)
+            self.client.twin.set_model(manifest_model, backend=backend, precision=precision)
         self.last_success = time.time()
         self.record("release_activated", {"model": target, "release": str(release_dir)}, high=True)
 
@@ -236,14 +230,15 @@ class SyncBridge:
 
     def snapshot(self) -> Snapshot:
         results = list(self.client.results)
-        ref = self.client.releases.active_ref()
+        releases = self.client.releases
+        active = {model: releases.active_ref(model)[1] for model in releases.models() if releases.active_ref(model)}
         by_status: dict[str, float] = defaultdict(float)
         for r in results:
             by_status[r.status] += 1
         stats = self.outbox.stats()
         gauges: dict[str, Any] = {
             "connected": float(self.client.transport.connected),
-            "active_release_version": {ref[0]: ref[1]} if ref else {},
+            "active_release_version": active,
             "outbox_records": stats.rows,
             "outbox_bytes": stats.bytes,
             "telemetry_batches_in_flight": self.uploader.in_flight,

@@ -3,9 +3,11 @@
 Desired state (the models to run, each with its version and chunk store, and the runtime
 policy) is in :mod:`edge_sdk.runtime.sync.desired`.
 
-Reported state is one retained JSON object at ``…/<device>/reported``: the active release,
-backend, precision, resource figures, the last error, per-kind error counters and sync
-progress. :class:`Twin` publishes it on change, throttled for progress updates.
+Reported state is one retained JSON object at ``…/<device>/reported``: ``models`` (per model:
+its active ``release``, ``backend``, ``precision`` and ``sync`` progress), resource figures, the
+last error, per-kind error counters; the top-level ``release``/``backend``/``precision``/``sync``
+repeat the model reported last (what single-model readers of earlier versions read).
+:class:`Twin` publishes it on change, throttled for progress updates.
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ class Twin:
         self.throttle_s = throttle_s
         self._lock = threading.Lock()
         self._state: dict[str, Any] = {"release": None, "backend": None, "precision": None, "last_error": None,
-                                       "sync": {"state": "idle"}, "policy": {}}
+                                       "sync": {"state": "idle"}, "policy": {}, "models": {}}
         self.errors: Counter[str] = Counter()
         self._last_sent = 0.0
         self.published = 0
@@ -106,11 +108,25 @@ class Twin:
             self._state.update(fields)
         self.publish()
 
-    def progress(self, **fields: Any) -> None:
-        """Update ``sync`` progress; published at most every ``throttle_s`` unless the state changes."""
+    def set_model(self, model: str, **fields: Any) -> None:
+        """Update ``models.<model>`` (``release``, ``backend``, ``precision``…) and the top-level copies; publish."""
         with self._lock:
-            changed_state = fields.get("state", self._state["sync"].get("state")) != self._state["sync"].get("state")
-            self._state["sync"] = {**self._state["sync"], **fields} if not changed_state else dict(fields)
+            self._state["models"].setdefault(model, {}).update(fields)
+            self._state.update(fields)
+        self.publish()
+
+    def progress(self, **fields: Any) -> None:
+        """Update ``sync`` progress (of ``fields["model"]`` when given, also under ``models``);
+        published at most every ``throttle_s`` unless the state changes."""
+        with self._lock:
+            model = fields.get("model")
+            entry = self._state["models"].setdefault(model, {}) if model is not None else {}
+            before = entry.get("sync", {}) if model is not None else self._state["sync"]
+            changed_state = fields.get("state", before.get("state")) != before.get("state")
+            current = {**before, **fields} if not changed_state else dict(fields)
+            if model is not None:
+                entry["sync"] = current
+            self._state["sync"] = current
         self.publish(force=changed_state)
 
     def error(self, kind: str, reason: str) -> None:

@@ -175,7 +175,7 @@ def test_sigterm_during_a_download_exits_cleanly_and_keeps_the_old_release(
     assert time.monotonic() - started < 20
     assert any("mid-transfer" in r["msg"] for r in daemon.log_records())
     # The old release is still the active one on disk, and serves after a restart (broker gone).
-    assert (tmp_path / "state" / "sync" / "current").resolve().name == "fusion@v1"
+    assert (tmp_path / "state" / "sync" / "current" / "fusion").resolve().name == "fusion@v1"
     mosquitto.kill()
     daemon = start_daemon(config).wait_ready(timeout=60)
     assert httpx.get(daemon.url + "/v2/models/fusion").json()["versions"] == ["1"]

@@ -63,6 +63,7 @@ class StoreOptions:
     backoff_s: float = 0.5
     backoff_max_s: float = 30.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    stall_s: float = 5.0  # mqtt: subscribe again to a chunk not received after this
     transport: Transport | None = field(default=None, compare=False)  # the fleet's MQTT link (mqtt store)
     topics: Topics | None = field(default=None, compare=False)
 

@@ -40,7 +40,7 @@ class HttpStore(Store):
             tls = {"cert_reqs": "CERT_REQUIRED", "ca_certs": str(options.ca_certs) if options.ca_certs else None,
                    "cert_file": str(options.certfile) if options.certfile else None,
                    "key_file": str(options.keyfile) if options.keyfile else None}
-        self._pool = urllib3.PoolManager(num_pools=4, maxsize=16, block=False,
+        self._pool = urllib3.PoolManager(num_pools=4, maxsize=64, block=False,
                                          timeout=urllib3.Timeout(connect=options.timeout_s, read=options.timeout_s),
                                          **{k: v for k, v in tls.items() if v is not None})
 

@@ -27,7 +27,6 @@ from .base import Store, StoredChunk, StoreError, StoreOptions
 #: Wait for the broker's acknowledgement after this many chunks / bytes (bounds memory in flight).
 ACK_EVERY_CHUNKS = 32
 ACK_EVERY_BYTES = 4 << 20
-STALL_S = 5.0  # subscribe again to a chunk not received after this
 
 
 class MqttStore(Store):
@@ -38,7 +37,6 @@ class MqttStore(Store):
         if options.transport is None or options.topics is None:
             raise ConfigError("the mqtt chunk store needs the fleet's MQTT transport and topics")
         self.transport, self.topics = options.transport, options.topics
-        self.stall_s = STALL_S
         self._lock = threading.Lock()
         self._unacked_chunks = self._unacked_bytes = 0
 
@@ -55,7 +53,7 @@ class MqttStore(Store):
                 if now > deadline:
                     raise StoreError(f"chunk {ref.sha256[:12]}… did not arrive from the broker in time "
                                      f"(not published, or the broker is unreachable)", "store_unreachable")
-                if now - asked > self.stall_s and self.transport.connected:
+                if now - asked > self.options.stall_s and self.transport.connected:
                     self.transport.unsubscribe(topic)
                     self.transport.subscribe(topic, box.put, qos=1)
                     self.counters["retries"] += 1

@@ -45,7 +45,7 @@ class S3Store(Store):
             raise MissingDependencyError("boto3", "s3", "the s3 chunk store") from None
         self._errors = exceptions
         config = Config(connect_timeout=options.timeout_s, read_timeout=options.timeout_s,
-                        retries={"mode": "standard", "max_attempts": 1 + options.retries}, max_pool_connections=16)
+                        retries={"mode": "standard", "max_attempts": 1 + options.retries}, max_pool_connections=64)
         self._client = boto3.session.Session().client("s3", config=config, verify=str(options.ca_certs) if options.ca_certs else None)
 
     def key(self, sha256: str) -> str:
