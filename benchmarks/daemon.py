@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -95,6 +96,65 @@ def concurrent(fn, calls: int, workers: int) -> float:
     if errors:
         raise RuntimeError(f"{len(errors)} of {workers} worker threads failed; first: {errors[0]!r}") from errors[0]
     return per * workers / elapsed
+
+
+# --- issue 15: time to serve again after side-state damage --------------------------------------
+def side_state_recovery(release: Path, work: Path, timeout: float) -> dict[str, float | str]:
+    """Seconds from daemon start to the first 200 infer, serving a *synced* release (no local
+    one), with the outbox, state.json or both corrupt; ``clean`` is the baseline (the full-disk case is a
+    test: tests/daemon/test_side_state.py, as it needs root for a tmpfs)."""
+    import shutil
+
+    import httpx
+
+    def damage_outbox(state: Path) -> None:
+        (state / "outbox.db").write_bytes(b"\x13not SQLite" * 512)
+
+    def damage_state(state: Path) -> None:
+        (state / "sync" / "state.json").write_text("{not json")
+
+    cases = {"clean": [], "corrupt_outbox": [damage_outbox], "corrupt_state_json": [damage_state],
+             "corrupt_both": [damage_outbox, damage_state]}
+    body = json_body(inputs(0))
+    out: dict[str, float | str] = {}
+    for name, damages in cases.items():
+        folder = work / f"side-{name}"
+        state = folder / "state"
+        shutil.copytree(release, state / "sync" / "releases" / "fusion@v1")
+        os.symlink("releases/fusion@v1", state / "sync" / "current")
+        for damage in damages:
+            damage(state)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        config = {"device_id": "bench", "state_dir": str(state), "http": {"port": port},
+                  "api": {"auth": {"anonymous_loopback": True}},
+                  "models": [{"name": "fusion", "profile": "generic-x86_64", "precision": "fp32"}],
+                  "sync": {"broker": "mqtt://127.0.0.1:1", "allow_unsigned": True},
+                  "policy": {"enabled": False}, "logging": {"level": "warning"}}
+        (folder / "edge.yaml").write_text(json.dumps(config))
+        started = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "edge_sdk", "daemon", "--config", str(folder / "edge.yaml")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            while time.perf_counter() - started < timeout and proc.poll() is None:
+                try:
+                    if httpx.post(f"http://127.0.0.1:{port}/v2/models/fusion/infer", content=body, timeout=5,
+                                  headers={"content-type": "application/json"}).status_code == 200:
+                        out[name] = round(time.perf_counter() - started, 3)
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.05)
+            else:
+                out[name] = f"not serving (exit {proc.poll()})"
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    if isinstance(out.get("clean"), float):
+        out["worst_over_clean"] = round(max(v for v in out.values() if isinstance(v, float)) / out["clean"], 2)
+    out["goal_s"] = 5.0
+    return out
 
 
 def start_daemon(work: Path, models: list[dict], api: dict, ready_timeout: float) -> tuple[subprocess.Popen, dict]:
@@ -299,6 +359,7 @@ def main() -> None:
         "daemon": {"startup_to_ready_s": round(startup_s, 3), "rss_idle_mb": round(idle_rss / 2**20, 1),
                    "rss_peak_under_load_mb": round(peak_rss / 2**20, 1)},
     }
+    result["side_state_recovery_s"] = side_state_recovery(release, work, args.ready_timeout)
     print(json.dumps(result, indent=2))
 
 

@@ -45,10 +45,10 @@ servers = _load_servers()
 import edge_sdk  # noqa: E402
 from edge_sdk import samples  # noqa: E402
 from edge_sdk.chunking import ChunkSizes, chunk_bytes  # noqa: E402
-from edge_sdk.cloud.publish import publish_release, release_files  # noqa: E402
+from edge_sdk.cloud.publish import publish_release  # noqa: E402
 from edge_sdk.manifest import Manifest, load_manifest  # noqa: E402
 from edge_sdk.runtime.sync.chunk_store import ChunkStore  # noqa: E402
-from edge_sdk.runtime.sync.client import SyncClient, SyncConfig, files_for, select_variants  # noqa: E402
+from edge_sdk.runtime.sync.client import SyncClient, SyncConfig, select_variants  # noqa: E402
 from edge_sdk.runtime.sync.fetch import fetch_missing  # noqa: E402
 from edge_sdk.runtime.sync.stores import StoreOptions, open_store  # noqa: E402
 from edge_sdk.runtime.sync.topics import Topics  # noqa: E402
@@ -71,13 +71,13 @@ def build(work: Path, name: str, model, version: int, targets: list[str], key: P
 
 def chunk_map(release: Path, manifest: Manifest | None = None) -> dict[str, int]:
     manifest = manifest or load_manifest(release)
-    return {c.sha256: c.size for e in release_files(manifest) for c in e.chunks}
+    return {c.sha256: c.size for e in manifest.files() for c in e.chunks}
 
 
 def plain_chunk_map(release: Path) -> dict[str, int]:
     """The release's files cut as before: content-defined only, one size for every file."""
     out = {}
-    for entry in release_files(load_manifest(release)):
+    for entry in load_manifest(release).files():
         data = (release / entry.path).read_bytes()
         out.update({c.sha256: c.size for c in chunk_bytes(data, sizes=BEFORE)})
     return out
@@ -94,7 +94,7 @@ def release_delta(work: Path, width: int, goal: float) -> dict:
     v2 = build(work, f"w{width}-v2", samples.with_new_last_layer(base, 7), 2, ALL_TARGETS)
     again = build(work, f"w{width}-v1-again", base, 1, ALL_TARGETS)
     manifest = load_manifest(v1)
-    files = release_files(manifest)
+    files = manifest.files()
     file_bytes = sum(e.size for e in files)
     now = {name: chunk_map(path) for name, path in (("v1", v1), ("v2", v2), ("again", again))}
     before = {name: plain_chunk_map(path) for name, path in (("v1", v1), ("v2", v2))}
@@ -119,9 +119,9 @@ def broker_rss(work: Path, width: int) -> dict:
     MosquittoBroker, NginxServer, SeaweedS3Server = servers.MosquittoBroker, servers.NginxServer, servers.SeaweedS3Server
     release = build(work, f"rss-w{width}", samples.make_cnn(width=width), 1, ["onnx"])
     manifest = load_manifest(release)
-    refs = list({c.sha256: c for e in files_for(manifest, select_variants(manifest, DEVICE_PROFILE))
+    refs = list({c.sha256: c for e in manifest.files(select_variants(manifest, DEVICE_PROFILE))
                  for c in e.chunks}.values())
-    out: dict = {"release_bytes": sum(e.size for e in release_files(manifest))}
+    out: dict = {"release_bytes": sum(e.size for e in manifest.files())}
     seaweed = SeaweedS3Server(work / "seaweedfs").start()
     nginx = NginxServer(work / "nginx", work / "www").start()
     try:

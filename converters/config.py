@@ -22,7 +22,7 @@ from typing import Any, Union
 import numpy as np
 
 from ..errors import ConfigError
-from ..profiles import DeviceProfile, detect_profile, get_profile
+from ..profiles import AUTO, DeviceProfile, resolve_profile
 from ..types import Target
 from .calibration import ImageOptions
 from .loader import parse_input_shapes
@@ -158,7 +158,7 @@ class ConvertConfig:
             raise ConfigError("labels name the calibration (or validation) samples; pass those samples too")
 
     @classmethod
-    def from_options(cls, model: Path | str, profiles: Sequence[str] | str = ("auto",), output: Path | str = "release",
+    def from_options(cls, model: Path | str, profiles: Sequence[str] | str = (AUTO,), output: Path | str = "release",
                      **options: Any) -> ConvertConfig:
         """Build a config from ``edge_sdk.convert``'s flat keywords (:data:`OPTIONS` lists them)."""
         unknown = sorted(set(options) - set(OPTIONS))
@@ -206,13 +206,10 @@ def resolve_profiles(profiles: Sequence[str] | str) -> tuple[tuple[DeviceProfile
     resolved: dict[str, DeviceProfile] = {}
     notes = []
     for profile_id in ids:
-        if profile_id == "auto":
-            detection = detect_profile()
-            profile = detection.profile
-            notes.append(f"--profile auto: {detection.explain()}")
-        else:
-            profile = get_profile(profile_id)
-        resolved.setdefault(profile.id, profile)
+        choice = resolve_profile(profile_id)
+        if choice.detection is not None:
+            notes.append(f"--profile auto: {choice.detection.explain()}")
+        resolved.setdefault(choice.profile.id, choice.profile)
     return tuple(resolved.values()), notes
 
 

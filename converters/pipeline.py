@@ -23,10 +23,10 @@ import numpy as np
 from .. import __version__
 from ..errors import BackendError, ConfigError, EdgeSDKError, InputError, MissingDependencyError, ToolchainError
 from ..manifest import FileEntry, Manifest, TensorSpec, Validation, Variant
-from ..profiles import DeviceProfile
+from ..profiles import AUTO, DeviceProfile
 from ..report import CalibrationInfo, ConversionReport, MixedSearch, ReferenceInfo, SamplesInfo, SourceInfo
 from ..runtime.backends.base import BackendOptions, Session, check_inputs, get_backend
-from ..types import PRECISION_LADDER, TARGET_BACKEND, Precision, Target
+from ..types import PRECISION_LADDER, TARGET_BACKEND, Precision, Target, VariantStatus
 from . import mixed_precision, validate
 from .calibration import SampleSet, load_labels, load_samples, random_samples
 from .config import ConvertConfig, DataSource, ValidationConfig
@@ -54,7 +54,7 @@ class PlannedBuild:
         return f"{self.target.value}-{self.precision.value}"
 
 
-def convert(model: Path | str, profiles: Sequence[str] | str = ("auto",), output: Path | str = "release", *,
+def convert(model: Path | str, profiles: Sequence[str] | str = (AUTO,), output: Path | str = "release", *,
             progress: ProgressCallback | None = None, **options: Any) -> Manifest:
     """Convert ``model`` into a validated release folder at ``output`` and return its manifest.
 
@@ -295,7 +295,7 @@ class _Run:
         variant = self._validated(planned, target, found.result)
         variant.validation.nodes_kept_fp32 = list(found.kept_fp32)
         if not found.reached and variant.ok:
-            variant.status, variant.reason = "rejected", "even with every ranked node in FP32 the accuracy target is missed"
+            variant.status, variant.reason = VariantStatus.REJECTED, "even with every ranked node in FP32 the accuracy target is missed"
         return [variant]
 
     def _validated(self, planned: PlannedBuild, target: ExportTarget, result: ExportResult) -> Variant:
@@ -307,7 +307,7 @@ class _Run:
             session = self._load(target, result, planned.precision)
             outputs = validate.run_all(session, self.validation_set.samples)
         except Exception as exc:  # noqa: BLE001 - a backend that cannot run it rejects this variant only
-            variant.status, variant.reason = "rejected", f"does not run in {target.backend}: {_describe(exc)}"
+            variant.status, variant.reason = VariantStatus.REJECTED, f"does not run in {target.backend}: {_describe(exc)}"
             return variant
         validation = validate.compare(self.reference.outputs, outputs, self.metric)
         validation.notes = list(result.notes)
@@ -330,7 +330,7 @@ class _Run:
             drops = self.fp32_drop if planned.precision == Precision.FP32 else self.int8_drop
             drops[planned.target] = validate.accuracy_drop(validation)[1]
         if reasons:
-            variant.status, variant.reason = "rejected", "; ".join(reasons)
+            variant.status, variant.reason = VariantStatus.REJECTED, "; ".join(reasons)
         return variant
 
     def _load(self, target: ExportTarget, result: ExportResult, precision: Precision) -> Session:
@@ -355,7 +355,7 @@ class _Run:
     def _rejected(self, planned: PlannedBuild, backend: str, reason: str) -> Variant:
         return Variant(id=planned.id, profiles=list(planned.profiles), target=planned.target, precision=planned.precision,
                        backend=backend, files=[], inputs=self.loaded.inputs, outputs=self.loaded.outputs,
-                       status="rejected", reason=reason)
+                       status=VariantStatus.REJECTED, reason=reason)
 
 
 def _describe(exc: Exception) -> str:

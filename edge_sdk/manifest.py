@@ -1,9 +1,10 @@
 """The release manifest: the contract between converters, the cloud side and devices.
 
 Its JSON key names are read by tools outside the SDK (see DESIGN.md); change them never, add to
-them carefully. A signed release has ``manifest.sig`` beside ``manifest.json``: a detached
-Ed25519 signature over the exact bytes of ``manifest.json``, verified *before* those bytes are
-parsed.
+them carefully. A signed release has ``manifest.sig`` beside ``manifest.json``: a release
+statement (TUF targets metadata, see :mod:`edge_sdk.trust`) with Ed25519 signatures by key id and an
+expiry, binding the sha256 of the exact bytes of ``manifest.json``; it is verified *before* those
+bytes are parsed.
 """
 
 from __future__ import annotations
@@ -12,17 +13,17 @@ import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
+from collections.abc import Iterable
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from . import signing
+from . import trust
 from .chunking import chunk_file, sha256_file
 from .config import describe_validation_error
 from .errors import IntegrityError
 from .report import ConversionReport
-from .types import Precision, Target
+from .types import Precision, Target, VariantStatus
 
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
@@ -52,6 +53,12 @@ class FileEntry(_Model):
         chunked = chunk_file(path)
         return cls(path=rel, size=chunked.size, sha256=chunked.sha256,
                    chunks=[ChunkRef(sha256=c.sha256, size=c.size) for c in chunked.chunks])
+
+    def check_chunks(self) -> None:
+        """Refuse a chunk list that does not cover exactly the file's declared size."""
+        declared = sum(c.size for c in self.chunks)
+        if declared != self.size or (self.size and not self.chunks):
+            raise IntegrityError(f"{self.path}: chunk list covers {declared} bytes, declared size is {self.size}")
 
 
 class TensorSpec(_Model):
@@ -89,6 +96,9 @@ class Validation(_Model):
 
 
 class Variant(_Model):
+    """One artifact of the release. ``backend`` names a registered runtime backend: one of
+    :class:`~edge_sdk.types.BackendName` for the built-in ones, or a plugin's name."""
+
     id: str
     profiles: list[str]
     target: Target
@@ -100,12 +110,12 @@ class Variant(_Model):
     validation: Validation = Validation()
     latency_ms: float | None = None
     size_bytes: int = 0
-    status: Literal["ok", "rejected"] = "ok"
+    status: VariantStatus = VariantStatus.OK
     reason: str | None = None
 
     @property
     def ok(self) -> bool:
-        return self.status == "ok"
+        return self.status == VariantStatus.OK
 
 
 class SelfTest(_Model):
@@ -139,6 +149,17 @@ class Manifest(_Model):
     def variants_for(self, profile_id: str, *, ok_only: bool = True) -> list[Variant]:
         return [v for v in self.variants if profile_id in v.profiles and (v.ok or not ok_only)]
 
+    def files(self, variants: Iterable[Variant] | None = None) -> list[FileEntry]:
+        """The files of ``variants`` (default: every ok variant) and the self-test files, each path once."""
+        entries: dict[str, FileEntry] = {}
+        for variant in (v for v in self.variants if v.ok) if variants is None else variants:
+            for entry in variant.files:
+                entries.setdefault(entry.path, entry)
+        if self.self_test is not None:
+            for entry in (self.self_test.inputs, self.self_test.expected):
+                entries.setdefault(entry.path, entry)
+        return list(entries.values())
+
     def to_bytes(self) -> bytes:
         return (json.dumps(self.model_dump(mode="json"), indent=2) + "\n").encode()
 
@@ -152,25 +173,38 @@ class Manifest(_Model):
             raise IntegrityError(f"{source}: not valid JSON ({exc})") from None
 
 
-def write_manifest(release_dir: Path, manifest: Manifest, private_key: Ed25519PrivateKey | None = None) -> None:
-    """Write ``manifest.json`` (and ``manifest.sig`` when a key is given), fsynced."""
+def write_manifest(release_dir: Path, manifest: Manifest,
+                   private_key: Ed25519PrivateKey | list[Ed25519PrivateKey] | None = None) -> None:
+    """Write ``manifest.json`` (and ``manifest.sig`` when keys are given), fsynced."""
     data = manifest.to_bytes()
     _write_synced(release_dir / MANIFEST_NAME, data)
     if private_key is not None:
-        _write_synced(release_dir / SIGNATURE_NAME, signing.sign(data, private_key))
+        keys = private_key if isinstance(private_key, list) else [private_key]
+        _write_synced(release_dir / SIGNATURE_NAME, trust.sign_release(data, keys))
 
 
-def verify_manifest_bytes(data: bytes, signature: bytes | None, public_key: Ed25519PublicKey | None) -> Manifest:
-    """Check the signature over the raw bytes first, and only then parse them."""
+def verify_manifest_bytes(data: bytes, signature: bytes | None, public_key: trust.TrustSource | None,
+                          *, allow_expired: bool = True) -> Manifest:
+    """Check the release statement against the trusted keys first, and only then parse ``data``.
+
+    ``public_key``: a :class:`~edge_sdk.trust.TrustRoot`, an Ed25519 public key, or None (no check).
+    An expired statement is refused only with ``allow_expired=False`` (activating a new release);
+    a release already installed keeps serving.
+    """
     if public_key is not None:
         if signature is None:
-            raise IntegrityError("release is not signed, but a public key is configured")
-        signing.verify(data, signature, public_key)
+            raise IntegrityError("release is not signed, but trusted keys are configured")
+        checked = trust.load_trust(public_key).verify_release(signature, data, allow_expired=allow_expired)
+        manifest = Manifest.from_bytes(data)
+        if (manifest.model, manifest.version) != (checked.model, checked.version):
+            raise IntegrityError(f"manifest of {manifest.model} v{manifest.version} came with the statement "
+                                 f"of {checked.model} v{checked.version}")
+        return manifest
     return Manifest.from_bytes(data)
 
 
-def load_manifest(release_dir: Path | str, public_key: Ed25519PublicKey | None = None) -> Manifest:
-    """Read a release folder's manifest, verifying its signature when ``public_key`` is given."""
+def load_manifest(release_dir: Path | str, public_key: trust.TrustSource | None = None) -> Manifest:
+    """Read a release folder's manifest, verifying its statement when ``public_key`` is given."""
     release_dir = Path(release_dir)
     try:
         data = (release_dir / MANIFEST_NAME).read_bytes()

@@ -122,18 +122,45 @@ def builtin_profiles() -> dict[str, DeviceProfile]:
     return profiles
 
 
+#: Profile (and precision) value meaning "decide here": detect this machine's profile.
+AUTO = "auto"
+
+
 def get_profile(profile_id: str) -> DeviceProfile:
     """A built-in profile by id, or a profile YAML file by path; ``auto`` detects this machine."""
-    if profile_id == "auto":
-        return detect_profile().profile
-    if profile_id.endswith((".yaml", ".yml")) or os.sep in profile_id:
-        return load_profile_file(profile_id)
+    return resolve_profile(profile_id).profile
+
+
+@dataclass(frozen=True)
+class ResolvedProfile:
+    """The profile a caller's choice stands for; ``detection`` is set when :data:`AUTO` picked it
+    (then a release built for a sibling profile of the same architecture may serve too)."""
+
+    profile: DeviceProfile
+    detection: Detection | None = None
+
+    @property
+    def detected(self) -> bool:
+        return self.detection is not None
+
+
+def resolve_profile(spec: str | DeviceProfile | ResolvedProfile = AUTO) -> ResolvedProfile:
+    """The one place :data:`AUTO` is interpreted: a profile id, a YAML path, a profile, or ``auto``."""
+    if isinstance(spec, ResolvedProfile):
+        return spec
+    if isinstance(spec, DeviceProfile):
+        return ResolvedProfile(spec)
+    if spec == AUTO:
+        detection = detect_profile()
+        return ResolvedProfile(detection.profile, detection)
+    if spec.endswith((".yaml", ".yml")) or os.sep in spec:
+        return ResolvedProfile(load_profile_file(spec))
     profiles = builtin_profiles()
     try:
-        return profiles[profile_id]
+        return ResolvedProfile(profiles[spec])
     except KeyError:
         raise ConfigError(
-            f"unknown device profile {profile_id!r} (known: {', '.join(profiles)}; or a path to a profile .yaml)"
+            f"unknown device profile {spec!r} (known: {', '.join(profiles)}; or a path to a profile .yaml)"
         ) from None
 
 

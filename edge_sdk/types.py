@@ -5,7 +5,15 @@ from __future__ import annotations
 from enum import Enum
 
 
-class Precision(str, Enum):
+class StrEnum(str, Enum):
+    """A closed set of strings: members compare equal to their values and ``str()`` gives the
+    value (``enum.StrEnum`` from Python 3.11 on)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Precision(StrEnum):
     """Numeric precision of a model variant, in the order the runtime steps down through."""
 
     FP32 = "fp32"
@@ -13,11 +21,8 @@ class Precision(str, Enum):
     INT8 = "int8"
     MIXED = "mixed"  # INT8 with the most sensitive nodes kept in FP32
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class Target(str, Enum):
+class Target(StrEnum):
     """An artifact format the converters can export to."""
 
     ONNX = "onnx"
@@ -25,29 +30,32 @@ class Target(str, Enum):
     NCNN = "ncnn"
     OPENVINO = "openvino"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class Arch(str, Enum):
+class Arch(StrEnum):
     AARCH64 = "aarch64"
     ARMV7L = "armv7l"
     X86_64 = "x86_64"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 # Cheapest-last ladder the precision policy walks; MIXED sits with INT8 (it is INT8 with some
 # FP32 islands, so it costs a little more memory than pure INT8 but far less than FP16).
 PRECISION_LADDER: tuple[Precision, ...] = (Precision.FP32, Precision.FP16, Precision.MIXED, Precision.INT8)
 
+class BackendName(StrEnum):
+    """A runtime backend of ``edge_sdk.runtime.backends`` (the registry's built-in names)."""
+
+    ONNXRUNTIME = "onnxruntime"
+    TFLITE = "tflite"
+    NCNN = "ncnn"
+    OPENVINO = "openvino"
+
+
 # The runtime backend that runs each target's artifacts.
-TARGET_BACKEND: dict[Target, str] = {
-    Target.ONNX: "onnxruntime",
-    Target.TFLITE: "tflite",
-    Target.NCNN: "ncnn",
-    Target.OPENVINO: "openvino",
+TARGET_BACKEND: dict[Target, BackendName] = {
+    Target.ONNX: BackendName.ONNXRUNTIME,
+    Target.TFLITE: BackendName.TFLITE,
+    Target.NCNN: BackendName.NCNN,
+    Target.OPENVINO: BackendName.OPENVINO,
 }
 
 # What each target can run, and on which CPU architectures its runtime ships wheels.
@@ -66,7 +74,7 @@ TARGET_ARCHES: dict[Target, frozenset[Arch]] = {
 }
 
 
-class AlignPolicy(str, Enum):
+class AlignPolicy(StrEnum):
     """How a stream is matched to each reference timestamp (see ``edge_sdk.runtime.align``)."""
 
     NEAREST = "nearest"  # closest sample either side; ties go to the earlier one (as pandas)
@@ -74,15 +82,70 @@ class AlignPolicy(str, Enum):
     NEXT = "next"  # first sample at or after (pandas direction="forward")
     INTERPOLATE = "interpolate"  # linear between the two bracketing samples (numeric values)
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class OutboxPolicy(str, Enum):
+class OutboxPolicy(StrEnum):
     """What the telemetry outbox does when an append would exceed its row/byte quota."""
 
     REJECT = "reject"  # raise OutboxFullError; nothing already stored is touched
     DROP_OLDEST = "drop_oldest"  # delete the oldest records of equal or lower priority, counted
 
-    def __str__(self) -> str:
-        return self.value
+
+class VariantStatus(StrEnum):
+    """A manifest variant's ``status``: whether validation accepted it."""
+
+    OK = "ok"
+    REJECTED = "rejected"
+
+
+class SyncStatus(StrEnum):
+    """How one release sync ended (``SyncResult.status``)."""
+
+    ACTIVATED = "activated"
+    ALREADY_ACTIVE = "already-active"
+    REJECTED = "rejected"  # refused before activation (integrity, profile, self-test); not retried
+    ROLLED_BACK = "rolled-back"  # activated, then the activation hook failed: the previous one serves
+
+
+class SyncState(StrEnum):
+    """The ``sync.state`` a device reports while it brings a release in."""
+
+    IDLE = "idle"
+    MANIFEST = "manifest"
+    FETCHING = "fetching"
+    STAGING = "staging"
+    SELF_TEST = "self-test"
+    ACTIVATING = "activating"
+    FAILED = "failed"
+
+
+class ErrorKind(StrEnum):
+    """What a reported ``last_error`` (and the per-kind error counters) is about."""
+
+    REPLAY = "replay"  # a release older than the highest accepted
+    BAD_SIGNATURE = "bad_signature"
+    WRONG_RELEASE = "wrong_release"  # the manifest describes another release than its topic
+    WRONG_PROFILE = "wrong_profile"  # no variant for this device's profile
+    BAD_CHUNK_LIST = "bad_chunk_list"
+    CORRUPT_CHUNK = "corrupt_chunk"
+    INTEGRITY = "integrity"  # any other integrity failure of a release
+    STORAGE = "storage"  # the disk refused (full, read-only)
+    SYNC = "sync"  # a transient failure (broker unreachable, timeout)
+    SELF_TEST = "self_test"
+    ACTIVATION = "activation"
+    POLICY = "policy"  # a desired runtime policy the device cannot apply
+    BAD_DESIRED = "bad_desired"  # a malformed desired-state message
+    # Chunk stores (edge_sdk.runtime.sync.stores): how fetching a release's chunks failed.
+    STORE_UNREACHABLE = "store_unreachable"  # no answer after retries with backoff (or TLS failed)
+    CHUNK_MISSING = "chunk_missing"  # the store answered that it has no such chunk (HTTP 404, NoSuchKey)
+    STORE_DENIED = "store_denied"  # credentials refused (HTTP 401/403, S3 AccessDenied)
+    OVERSIZED_MESSAGE = "oversized_message"  # an MQTT payload over the configured cap, refused unstored
+    STORE_ERROR = "store_error"  # any other answer of the store
+
+
+class RecordKind(StrEnum):
+    """The kinds of telemetry record the daemon writes to its outbox."""
+
+    STATS = "stats"  # per-interval call counts, latencies and resource figures
+    RESULT = "result"  # a pipeline result
+    PRECISION_SWITCH = "precision_switch"
+    RELEASE_ACTIVATED = "release_activated"

@@ -35,7 +35,7 @@ from pydantic import ValidationError
 from ..config import describe_validation_error
 from ..errors import BackendError, ConfigError, EdgeSDKError, InputError, IntegrityError, MissingDependencyError
 from ..manifest import Manifest, Variant, load_manifest, verify_file
-from ..profiles import DeviceProfile, PolicySettings, detect_profile, get_profile
+from ..profiles import AUTO, DeviceProfile, PolicySettings, ResolvedProfile, resolve_profile
 from ..types import Precision
 from .backends.base import BackendOptions, Session, get_backend
 from .monitor import MB, ResourceMonitor, ResourceSample, ResourceSource, SystemSource
@@ -108,17 +108,14 @@ class ModelInfo:
 
 
 def resolve_public_key(public_key: Any) -> Any:
-    """An Ed25519 public key from a key, PEM path or bytes; ``None`` reads ``$EDGE_SDK_PUBLIC_KEY``."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-    from ..signing import load_public_key
+    """A :class:`~edge_sdk.trust.TrustRoot` from a root, key, ``root.json``/PEM path or bytes;
+    ``None`` reads ``$EDGE_SDK_PUBLIC_KEY`` (no check if unset)."""
+    from ..trust import load_trust
 
     if public_key is None:
         configured = os.environ.get(PUBLIC_KEY_ENV)
-        return load_public_key(configured) if configured else None
-    if isinstance(public_key, Ed25519PublicKey):
-        return public_key
-    return load_public_key(public_key)
+        return load_trust(configured) if configured else None
+    return load_trust(public_key)
 
 
 class EdgeModel:
@@ -157,14 +154,16 @@ class EdgeModel:
     # Loading
 
     @classmethod
-    def load(cls, release_dir: str | Path, profile: str | DeviceProfile = "auto", precision: str | Precision = "auto",
+    def load(cls, release_dir: str | Path, profile: str | DeviceProfile | ResolvedProfile = AUTO,
+             precision: str | Precision = AUTO,
              backend: str | None = None, *, public_key: Any = None, threads: int | None = None,
              monitor: ResourceMonitor | ResourceSource | bool | None = None, interval_s: float = 1.0,
              policy: PolicySettings | None = None, swap_reserve_mb: float = 64.0,
              reject_non_finite: bool | None = None) -> EdgeModel:
         """Verify and load a release folder.
 
-        ``profile``: a profile id, a profile YAML path, a :class:`DeviceProfile`, or ``"auto"``.
+        ``profile``: a profile id, a profile YAML path, a :class:`DeviceProfile`, ``"auto"``, or
+        what :func:`~edge_sdk.profiles.resolve_profile` made of one of those.
         ``precision``: ``"auto"`` (the policy decides and keeps deciding) or a precision, which
         pins it. ``backend``: restrict to one backend's variants. ``public_key``: PEM path/bytes
         or key; defaults to the file named by ``$EDGE_SDK_PUBLIC_KEY``; when set, an unsigned or
@@ -182,15 +181,10 @@ class EdgeModel:
         if not release_dir.is_dir():
             raise IntegrityError(f"release {release_dir}: no such folder")
         manifest = load_manifest(release_dir, resolve_public_key(public_key))
-        detected = False
-        if isinstance(profile, DeviceProfile):
-            device_profile = profile
-        elif profile == "auto":
-            device_profile, detected = detect_profile().profile, True
-        else:
-            device_profile = get_profile(profile)
-        requested = None if precision == "auto" else parse_precision(precision)
-        plan = plan_variants(manifest, device_profile, backend=backend, detected=detected)
+        choice = resolve_profile(profile)
+        device_profile = choice.profile
+        requested = None if precision == AUTO else parse_precision(precision)
+        plan = plan_variants(manifest, device_profile, backend=backend, detected=choice.detected)
         if requested is not None and requested not in plan.candidates:
             why = rejected_reason(manifest, device_profile.id, requested)
             raise ConfigError(f"release {manifest.model} v{manifest.version} has no usable {requested} variant for profile "
@@ -289,6 +283,7 @@ class EdgeModel:
         started = time.perf_counter()
         try:
             session = get_backend(variant.backend).load(files, variant.inputs, variant.outputs, options)
+            session.variant_id = variant.id
             try:
                 self._check_self_test(session, variant)  # doubles as the warm-up run
             except BaseException:
@@ -336,33 +331,6 @@ class EdgeModel:
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the active variant on ``inputs`` (original names, dtypes and layout)."""
-        # Same as run_traced, inlined: this is the per-inference overhead (see benchmarks/runtime.py).
-        lock = self._lock
-        with lock:
-            slot = self._active
-            if self._paused or slot is None:
-                slot = self._wait_for_slot()
-            slot.refs += 1
-        try:
-            if slot.check_finite:
-                _check_finite(inputs, slot.variant)
-            if slot.lock is None:
-                return slot.session.run(inputs)
-            with slot.lock:
-                return slot.session.run(inputs)
-        finally:
-            with lock:
-                slot.refs -= 1
-                last = slot.refs == 0 and slot.retired and not slot.closed
-                if last:
-                    slot.closed = True
-                if self._paused and slot.refs == 0:
-                    self._cond.notify_all()
-            if last:
-                slot.close()
-
-    def run_traced(self, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Variant]:
-        """Like :meth:`run`, also returning the variant that served the call."""
         # Hot path: one plain-lock round trip on each side of the call (C-level, no Python
         # frames); the condition variable is only touched while a paused swap is under way.
         lock = self._lock
@@ -375,9 +343,9 @@ class EdgeModel:
             if slot.check_finite:
                 _check_finite(inputs, slot.variant)
             if slot.lock is None:
-                return slot.session.run(inputs), slot.variant
+                return slot.session.run(inputs)
             with slot.lock:
-                return slot.session.run(inputs), slot.variant
+                return slot.session.run(inputs)
         finally:
             with lock:
                 slot.refs -= 1

@@ -47,6 +47,15 @@ class ResourceSample:
     def as_dict(self) -> dict[str, float | bool | None]:
         return asdict(self)
 
+    def report(self) -> dict[str, float | bool | None]:
+        """The figures a device reports (twin ``resources``, telemetry ``stats``), rounded."""
+        def mb(value: float | None) -> float | None:
+            return None if value is None else round(value, 1)
+
+        return {"cpu_percent": round(self.cpu_percent, 1), "memory_available_mb": mb(self.available_memory_mb),
+                "memory_limit_mb": mb(self.cgroup_limit_mb), "process_rss_mb": mb(self.process_rss_mb),
+                "temperature_c": self.temperature_c, "throttled": self.throttled}
+
 
 class ResourceSource(Protocol):
     """Anything that can take a :class:`ResourceSample` now."""

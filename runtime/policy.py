@@ -23,7 +23,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from enum import Enum
 from typing import Any
 
 from pydantic import Field
@@ -31,11 +30,11 @@ from pydantic import Field
 from ..config import StrictModel
 from ..errors import ConfigError
 from ..profiles import Hysteresis, PolicySettings, Thresholds
-from ..types import PRECISION_LADDER, Precision
+from ..types import PRECISION_LADDER, Precision, StrEnum
 from .monitor import ResourceSample
 
 
-class EventKind(str, Enum):
+class EventKind(StrEnum):
     """What kind of decision an event records."""
 
     STEP_DOWN = "step_down"
@@ -45,9 +44,6 @@ class EventKind(str, Enum):
     INITIAL = "initial"
     SWAP_FAILED = "swap_failed"  # the decided precision could not be loaded; the old one serves on
     HELD = "held"  # conditions fail but there is no cheaper variant to step down to
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ def _tls(ca: Path | None, cert: Path | None = None, key: Path | None = None):
         raise ConfigError("--key is the private key of a client certificate: give --cert as well")
     if cert is not None and ca is None:
         raise ConfigError("--cert is for TLS (mqtts://): give the broker's CA with --ca as well")
-    return TlsConfig(ca_certs=ca, certfile=cert, keyfile=key) if ca else None
+    return TlsConfig(ca=ca, cert=cert, key=key) if ca else None
 
 
 def _bytes_bar(description: str) -> Progress:
@@ -181,6 +181,7 @@ def sync(
 
     from ..errors import SyncError
     from ..runtime.sync.client import SyncClient, SyncConfig
+    from ..types import SyncStatus
 
     config = SyncConfig(broker=broker, fleet=fleet, device=device, root=root, profile=profile, public_key=public_key,
                         allow_unsigned=allow_unsigned, prefix=prefix, tls=_tls(ca, cert, key), self_test=self_test,
@@ -206,7 +207,7 @@ def sync(
     finally:
         client.transport.stop()
     typer.echo(_json.dumps(result.to_dict()))
-    if result.status in ("rejected", "rolled-back"):
+    if result.status in (SyncStatus.REJECTED, SyncStatus.ROLLED_BACK):
         from ..errors import IntegrityError
 
         raise IntegrityError(result.reason or result.status)

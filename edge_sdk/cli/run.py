@@ -111,17 +111,18 @@ def bench_command(
     import os
 
     from ..manifest import load_manifest
-    from ..profiles import detect_profile, get_profile
+    from ..profiles import resolve_profile
     from ..runtime.bench import bench_variant
     from ..runtime.model import resolve_public_key
     from ..runtime.selection import plan_variants
 
     manifest = load_manifest(release, resolve_public_key(public_key))
-    device = detect_profile().profile if profile == "auto" else get_profile(profile)
+    choice = resolve_profile(profile)
+    device = choice.profile
     if all_variants:
         variants = list(manifest.variants)
     else:
-        plan = plan_variants(manifest, device, detected=profile == "auto")
+        plan = plan_variants(manifest, device, detected=choice.detected)
         variants = [v for candidates in plan.candidates.values() for v in candidates]
     threads = threads or min(device.threads, os.cpu_count() or 1)
     results = [bench_variant(release, manifest, v, runs=runs, warmup=warmup, threads=threads) for v in variants]

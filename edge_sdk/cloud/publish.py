@@ -38,7 +38,8 @@ from edge_sdk.runtime.sync.envelope import open_envelope, seal
 from edge_sdk.runtime.sync.stores import MQTT_STORE, StoreOptions, open_store, store_scheme
 from edge_sdk.runtime.sync.topics import Topics
 from edge_sdk.runtime.sync.transport import TlsConfig, Transport
-from edge_sdk.signing import load_private_key, sign
+from edge_sdk.signing import load_private_key
+from edge_sdk.trust import sign_release
 
 from .connection import collect_retained, connect
 
@@ -65,21 +66,8 @@ class PublishReport:
         return asdict(self)
 
 
-def release_files(manifest: Manifest) -> list[FileEntry]:
-    """Files devices may fetch: every ok variant's files and the self-test files, each once."""
-    entries: dict[str, FileEntry] = {}
-    for variant in manifest.variants:
-        if variant.ok:
-            for entry in variant.files:
-                entries.setdefault(entry.path, entry)
-    if manifest.self_test is not None:
-        for entry in (manifest.self_test.inputs, manifest.self_test.expected):
-            entries.setdefault(entry.path, entry)
-    return list(entries.values())
-
-
 def chunk_refs_of(manifest: Manifest) -> set[str]:
-    return {c.sha256 for entry in release_files(manifest) for c in entry.chunks}
+    return {c.sha256 for entry in manifest.files() for c in entry.chunks}
 
 
 def published_chunks(transport: Transport, topics: Topics) -> tuple[set[str], dict[str, Manifest]]:
@@ -159,13 +147,13 @@ def publish_release(release_dir: Path | str, broker: str, fleet: str, *, prefix:
         raise IntegrityError(f"{release_dir}: no {MANIFEST_NAME}; is this a release folder?") from None
     sig_path = release_dir / SIGNATURE_NAME
     if sign_key is not None:
-        signature: bytes | None = sign(data, load_private_key(sign_key))
+        signature: bytes | None = sign_release(data, [load_private_key(sign_key)])
     else:
         signature = sig_path.read_bytes() if sig_path.exists() else None
         if signature is None:
             log.warning("publishing %s unsigned: devices with a public key will refuse it", release_dir)
     manifest = Manifest.from_bytes(data, str(release_dir / MANIFEST_NAME))
-    files = release_files(manifest)
+    files = manifest.files()
     for entry in files:
         verify_file(release_dir, entry)  # fail before anything goes out
     topics = Topics(fleet, prefix)

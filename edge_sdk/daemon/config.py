@@ -13,6 +13,8 @@ from pydantic import Field, field_validator, model_validator
 
 from ..config import FieldError, StrictModel, load_yaml_model
 from ..errors import EdgeSDKError
+from ..profiles import AUTO
+from ..runtime.sync.transport import TlsConfig
 from ..types import AlignPolicy, OutboxPolicy, Precision
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -106,8 +108,8 @@ class ModelConfig(StrictModel):
     release: Path | None = Field(None, description="a release folder to serve until sync brings a newer one; or a "
                                                    "folder of release folders: the newest is served, every one can "
                                                    "be called by its version")
-    profile: str = "auto"
-    precision: str = "auto"
+    profile: str = AUTO
+    precision: str = AUTO
     backend: str | None = None
 
     @field_validator("name")
@@ -120,7 +122,7 @@ class ModelConfig(StrictModel):
     @field_validator("precision")
     @classmethod
     def _check_precision(cls, value: str) -> str:
-        allowed = ["auto", *(p.value for p in Precision)]
+        allowed = [AUTO, *(p.value for p in Precision)]
         if value not in allowed:
             raise ValueError(f"must be one of {allowed}")
         return value
@@ -131,7 +133,7 @@ class ModelConfig(StrictModel):
         from ..profiles import builtin_profiles
 
         # A path to a profile file is resolved and read when the model loads (as EdgeModel does).
-        if value == "auto" or value.endswith((".yaml", ".yml")):
+        if value == AUTO or value.endswith((".yaml", ".yml")):
             return value
         known = list(builtin_profiles())
         if value not in known:
@@ -178,55 +180,40 @@ class PipelineConfig(StrictModel):
         return self
 
 
-class TlsConfig(StrictModel):
-    """TLS to the broker (``mqtts://``): the CA that signed the broker's certificate, and
-    optionally this device's own certificate and key (client-certificate authentication)."""
-
-    ca: Path
-    cert: Path | None = Field(None, description="client certificate (PEM); may also hold the key")
-    key: Path | None = Field(None, description="client private key (PEM), when not inside cert")
-
-    @model_validator(mode="after")
-    def _key_needs_cert(self) -> TlsConfig:
-        if self.key is not None and self.cert is None:
-            raise FieldError(("cert",), "key is set but cert is not: a client key needs its certificate")
-        return self
-
-
-class SyncConfig(StrictModel):
-    """MQTT sync with the fleet. Leave out ``broker`` to run purely offline."""
+class DaemonSyncConfig(StrictModel):
+    """The daemon's ``sync`` section: MQTT sync with the fleet. Leave out ``broker`` to run purely offline."""
 
     broker: str | None = Field(None, description="mqtt://host:port or mqtts://host:port (then set tls)")
     tls: TlsConfig | None = Field(None, description="required with mqtts://")
     fleet: str = "default"
     topic_prefix: str | None = Field(None, description="defaults to edge/<fleet>")
-    public_key: Path | None = Field(None, description="Ed25519 public key (PEM) releases must be signed with")
-    allow_unsigned: bool = Field(False, description="accept unsigned releases (only when no public_key is set)")
+    public_key: Path | None = Field(
+        None, description="the keys releases must be signed with: a trust root (root.json, edge-sdk keys root) "
+                          "or an Ed25519 public key (PEM)")
+    allow_unsigned: bool = Field(False, description="serve unsigned releases (development only; without public_key)")
     telemetry_interval_s: float = Field(10.0, gt=0, le=86400)
 
     @model_validator(mode="after")
-    def _check_broker(self) -> SyncConfig:
+    def _check_broker(self) -> DaemonSyncConfig:
         if self.broker is None:
             if self.tls is not None:
                 raise FieldError(("tls",), "tls is set but broker is not")
             return self
-        from ..runtime.sync.transport import TlsConfig as TransportTls
         from ..runtime.sync.transport import TransportConfig
 
         if self.broker.startswith("mqtts://") and self.tls is None:
             raise FieldError(("tls",), "sync.broker uses mqtts:// but sync.tls is not set: add sync.tls.ca "
                                        "(the CA file that signed the broker's certificate)")
         # The exact parsing the transport does at connect time, so a bad URL fails here, not later.
-        tls = TransportTls(ca_certs=self.tls.ca) if self.tls is not None else None
         try:
-            TransportConfig.from_url(self.broker, client_id="config-check", tls=tls)
+            TransportConfig.from_url(self.broker, client_id="config-check", tls=self.tls)
         except EdgeSDKError as exc:
             raise FieldError(("broker",), str(exc)) from None
         return self
 
 
-class OutboxConfig(StrictModel):
-    """The durable telemetry queue (SQLite file under the state dir)."""
+class DaemonOutboxConfig(StrictModel):
+    """The daemon's ``outbox`` section: the durable telemetry queue (SQLite file under the state dir)."""
 
     max_bytes: int = Field(64 * 1024 * 1024, ge=256 * 1024, description="the whole file on disk, WAL included")
     policy: OutboxPolicy = Field(OutboxPolicy.DROP_OLDEST, description="what to do when full")
@@ -257,8 +244,8 @@ class DaemonConfig(StrictModel):
     grpc: GrpcConfig = GrpcConfig()
     models: list[ModelConfig] = Field(min_length=1)
     pipelines: list[PipelineConfig] = Field(default_factory=list)
-    sync: SyncConfig = SyncConfig()
-    outbox: OutboxConfig = OutboxConfig()
+    sync: DaemonSyncConfig = DaemonSyncConfig()
+    outbox: DaemonOutboxConfig = DaemonOutboxConfig()
     policy: PolicyConfig = PolicyConfig()
     logging: LoggingConfig = LoggingConfig()
     drain_timeout_s: float = Field(10.0, gt=0, le=600, description="SIGTERM: how long in-flight calls may finish")
@@ -283,9 +270,6 @@ class DaemonConfig(StrictModel):
             if pipeline.model not in names:
                 raise FieldError(("pipelines", i, "model"), f"pipeline for model {pipeline.model!r}, which is not "
                                                             f"configured (models: {names})")
-        if self.sync.broker is not None and self.sync.public_key is None and not self.sync.allow_unsigned:
-            raise FieldError(("sync", "public_key"), "sync.broker is set but sync.public_key is not: set public_key "
-                                                     "(or allow_unsigned: true)")
         offline = [i for i, m in enumerate(self.models) if m.release is None]
         if offline and self.sync.broker is None:
             raise FieldError(("models", offline[0], "release"),
@@ -296,6 +280,10 @@ class DaemonConfig(StrictModel):
         if self.drain_timeout_s >= self.shutdown_timeout_s:
             raise FieldError(("drain_timeout_s",), f"must be less than shutdown_timeout_s ({self.shutdown_timeout_s:g}): "
                                                    "the HTTP server, sync and outbox need time to stop after the drain")
+        if self.sync.public_key is None and not self.sync.allow_unsigned:
+            # Local releases too: a release folder someone dropped on the device is no more trusted.
+            raise FieldError(("sync", "public_key"), "releases must be signed: set sync.public_key (a root.json "
+                                                     "or PEM public key), or allow_unsigned: true for development")
         return self
 
 
@@ -413,8 +401,8 @@ sync:
   #   cert: ./device.crt    # optional: client-certificate authentication
   #   key: ./device.key
   fleet: default
-  # public_key: ./release-signing.pub   # refuse releases not signed with this Ed25519 key
-  allow_unsigned: false   # true accepts unsigned releases (only without public_key)
+  public_key: ./trust/root.json   # releases must be signed by these keys (root.json or a PEM public key)
+  allow_unsigned: false   # true serves unsigned releases (development only, without public_key)
   telemetry_interval_s: 10
 
 outbox:

@@ -115,9 +115,6 @@ class DaemonMetrics:
         """Report ``group``'s figures (``<prefix>_<group>_<key>``) from ``source()`` at each scrape."""
         self._snapshots.sources[group] = source
 
-    def remove_source(self, group: str) -> None:
-        self._snapshots.sources.pop(group, None)
-
     def set_active(self, model: str, version: str, backend: str, precision: str) -> None:
         """Mark what ``model`` serves now (old label sets of that model are removed)."""
         for sample in list(self.model_info.collect()[0].samples):

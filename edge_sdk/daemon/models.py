@@ -11,16 +11,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
 import numpy as np
 
 from ..errors import EdgeSDKError, ModelError
 from ..manifest import Manifest, TensorSpec, load_manifest
+from ..profiles import resolve_profile
+from ..runtime.model import EdgeModel, ModelInfo
+from ..runtime.monitor import ResourceSource, SystemSource
 from .config import ModelConfig, PolicyConfig
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..runtime.model import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +30,7 @@ class ServedModel:
     name: str
     release_dir: Path
     manifest: Manifest
-    model: Any  # edge_sdk.EdgeModel (typed loosely: imported lazily)
+    model: EdgeModel
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     loaded_at: float = field(default_factory=time.time)
@@ -82,22 +80,19 @@ class ServedModel:
             self._close()
 
     def _close(self) -> None:
-        closer = getattr(self.model, "close", None)
-        if callable(closer):
-            try:
-                closer()
-            except Exception as exc:  # closing an old model must not take the daemon down
-                log.warning("model %s v%s: close failed: %s", self.name, self.version, exc)
+        try:
+            self.model.close()
+        except Exception as exc:  # closing an old model must not take the daemon down
+            log.warning("model %s v%s: close failed: %s", self.name, self.version, exc)
 
 
 def load_served(config: ModelConfig, release_dir: Path, *, public_key: Path | None = None,
-                policy: PolicyConfig | None = None) -> ServedModel:
+                policy: PolicyConfig | None = None, resources: ResourceSource | None = None) -> ServedModel:
     """Load ``release_dir`` for ``config`` (hashes, signature and self-test are checked by EdgeModel.load).
 
-    ``policy``: whether and how the precision policy switches on resource pressure.
+    ``policy``: whether and how the precision policy switches on resource pressure, deciding on
+    figures read from ``resources`` (default: this machine, or ``policy.resource_root``).
     """
-    from .. import EdgeModel
-
     release_dir = Path(release_dir)
     try:
         manifest = load_manifest(release_dir)
@@ -106,21 +101,22 @@ def load_served(config: ModelConfig, release_dir: Path, *, public_key: Path | No
     except Exception as exc:  # translate anything odd in a corrupt folder
         raise ModelError(f"{release_dir}: cannot read the release manifest: {exc}") from None
     policy = policy or PolicyConfig()
-    monitor: Any = False
+    profile = resolve_profile(config.profile)
+    monitor: ResourceSource | bool = False
     settings = None
     if policy.enabled:
-        from ..runtime.monitor import SystemSource
-
-        monitor = SystemSource(policy.resource_root) if policy.resource_root is not None else None
+        monitor = resources if resources is not None else SystemSource(policy.resource_root or "/")
         if policy.min_dwell_s is not None:
-            from ..profiles import detect_profile, get_profile
-
-            profile = detect_profile().profile if config.profile == "auto" else get_profile(config.profile)
-            settings = profile.policy.model_copy(update={"min_dwell_s": policy.min_dwell_s})
-    model = EdgeModel.load(release_dir, profile=config.profile, precision=config.precision, backend=config.backend,
+            settings = profile.profile.policy.model_copy(update={"min_dwell_s": policy.min_dwell_s})
+    started = time.perf_counter()
+    model = EdgeModel.load(release_dir, profile=profile, precision=config.precision, backend=config.backend,
                            public_key=public_key, monitor=monitor, interval_s=policy.interval_s, policy=settings)
+    info = model.info()
+    log.info("model %s: loaded v%s from %s (%s, %s) in %.0f ms", config.name, manifest.version, release_dir,
+             info.backend, info.precision, (time.perf_counter() - started) * 1000)
     ok = [v for v in manifest.variants if v.ok] or manifest.variants
     if not ok:
+        model.close()
         raise ModelError(f"{release_dir}: the release has no variants")
     # Every variant carries the caller's signature (original names and layout), so any one will do.
     return ServedModel(config.name, release_dir, manifest, model, list(ok[0].inputs), list(ok[0].outputs))

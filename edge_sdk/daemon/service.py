@@ -26,9 +26,12 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import FrameType
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, EdgeSDKError, MissingDependencyError
+from ..runtime.monitor import SystemSource
+from ..runtime.policy import PolicyEvent
 from . import systemd
 from .config import DaemonConfig, ModelConfig, load_config
 from .api import InferenceApi
@@ -38,9 +41,11 @@ from .repository import Repository, release_folders
 from .logs import setup_logging
 from .metrics import DaemonMetrics, Snapshot
 from .models import ModelTable, ServedModel, load_served
+from .pipeline import Pipelines
+from .sync import SyncBridge
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..runtime.policy import PolicyEvent
+if TYPE_CHECKING:  # pragma: no cover - uvicorn is imported when the server starts
+    import uvicorn
 
 log = logging.getLogger("edge_sdk.daemon")
 
@@ -67,6 +72,13 @@ def check_state_dir(path: Path, sync: bool = False) -> None:
             with target.open("r+b"):  # opened for writing, not written: proves SQLite can use it
                 pass
     except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            # A full disk must not stop serving: the releases on it are intact; the outbox and
+            # sync apply their own disk-full rules and report what they lose.
+            log.warning("state_dir %s: the disk is full (%s); serving anyway", path, exc.strerror or exc)
+            with contextlib.suppress(OSError):
+                (target / f".write-test-{os.getpid()}").unlink()
+            return
         raise ConfigError(f"state_dir {path}: {target} is not usable ({exc.strerror or exc})") from None
 
 
@@ -115,9 +127,9 @@ class Daemon:
         self.api = InferenceApi(self.models, self.repository, self.metrics, config.api)
         self.auth = Authenticator(config.api, config.api.auth.tokens_file or config.state_dir / "api-tokens")
         self._grpc: Any = None
-        self.sync: Any = None  # the sync bridge, when a broker is configured
-        self.pipelines: Any = None  # sensor pipelines (aligner → model), when configured
-        self._server: Any = None
+        self.sync: SyncBridge | None = None  # when a broker is configured
+        self.pipelines: Pipelines | None = None  # sensor pipelines (aligner → model), when configured
+        self._server: uvicorn.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._shutdown_deadline: float | None = None  # time.monotonic() the shutdown must end by
@@ -125,17 +137,14 @@ class Daemon:
         self._unsubscribe: list[Callable[[], None]] = []
         self.bound_address: str = ""
         self.started_at = time.monotonic()
-        self._resources: Any = None
+        #: The one reader of resource figures: the precision policy, /metrics, twin and telemetry.
+        self.resources = SystemSource(config.policy.resource_root or "/")
         self.metrics.add_source("resource", self._resource_snapshot)
 
     def _resource_snapshot(self) -> Snapshot:
         """The same figures the precision policy decides on (cgroup-aware), read at scrape time."""
-        if self._resources is None:
-            from ..runtime.monitor import SystemSource
-
-            self._resources = SystemSource()
-        sample = self._resources.sample()
-        gauges: dict[str, Any] = {
+        sample = self.resources.sample()
+        gauges: dict[str, float] = {
             "available_memory_bytes": sample.available_memory_mb * 2**20,
             "process_rss_bytes": sample.process_rss_mb * 2**20,
             "cpu_percent": sample.cpu_percent,
@@ -172,7 +181,7 @@ class Daemon:
     def _load_version(self, name: str, release_dir: Path) -> ServedModel:
         """A non-active version, for the API (not activated: the table keeps serving the active one)."""
         return load_served(self._model_config(name), release_dir, public_key=self.config.sync.public_key,
-                           policy=self.config.policy)
+                           policy=self.config.policy, resources=self.resources)
 
     def _load_named(self, name: str) -> bool:
         model = self._model_config(name)
@@ -188,7 +197,8 @@ class Daemon:
                 log.info("model %s: not loading %s: shutting down", model.name, folder)
                 return None
             try:
-                served = load_served(model, folder, public_key=self.config.sync.public_key, policy=self.config.policy)
+                served = load_served(model, folder, public_key=self.config.sync.public_key, policy=self.config.policy,
+                                     resources=self.resources)
             except EdgeSDKError as exc:
                 errors.append(f"{folder}: {exc}")
                 log.error("model %s: cannot load %s: %s", model.name, folder, exc)
@@ -232,9 +242,7 @@ class Daemon:
             kind = event.kind.value
             self.metrics.precision_switches.labels(served.name, old.value, new.value, kind).inc()
             if self.sync is not None:
-                self.sync.record("precision_switch", {"model": served.name, "from": old.value, "to": new.value,
-                                                      "kind": kind, "reason": event.reason}, high=True)
-                self.sync.client.twin.set(precision=new.value)
+                self.sync.on_precision_switch(served.name, event)
             backend, precision = served.backend_precision()
             if self.models.get(served.name) is served:
                 self.metrics.set_active(served.name, str(served.version), backend, precision)
@@ -245,20 +253,18 @@ class Daemon:
         except Exception as exc:
             log.warning("model %s: cannot watch precision changes: %s", served.name, exc)
 
-    def on_release(self, model_name: str, release_dir: Path) -> bool:
-        """Called by sync once a verified release is activated on disk: hot-swap to it."""
-        for model in self.config.models:
-            if model.name == model_name:
-                if self.load_model(model, release_dir) is not None:
-                    return True
-                if self._stopping:
-                    # Verified and active on disk, so the next start serves it; saying False
-                    # here would make sync roll the release back.
-                    log.info("model %s: %s is served after the restart (shutting down)", model_name, release_dir)
-                    return True
-                return False
-        log.warning("sync activated %s for unknown model %s; ignored", release_dir, model_name)
-        return False
+    def on_release(self, served: ServedModel) -> bool:
+        """Called by sync once a synced release, loaded and self-tested, is active on disk: hot-swap
+        to it. False (and ``served`` closed) when no configured model is called that any more."""
+        if served.name not in {m.name for m in self.config.models}:
+            log.warning("sync activated %s for model %s, which is no longer configured", served.release_dir, served.name)
+            served.retire()
+            return False
+        if not self._activate(served):
+            # Verified and active on disk, so the next start serves it; saying False here would
+            # make sync roll the release back.
+            log.info("model %s: %s is served after the restart (shutting down)", served.name, served.release_dir)
+        return True
 
     # ---- reload ---------------------------------------------------------------------------------
 
@@ -286,6 +292,8 @@ class Daemon:
                 log.warning("reload: changes to %s take effect after a restart", restart_only)
                 new = new.model_copy(update={k: getattr(old, k) for k in restart_only})
             self.config = new
+            if self.sync is not None:
+                self.sync.reconfigure(new)
             setup_logging(new.logging)
             old_models = {m.name: m for m in old.models}
             for model in new.models:
@@ -330,10 +338,10 @@ class Daemon:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
-    def _on_early_signal(self, sig: int, frame: Any) -> None:
+    def _on_early_signal(self, sig: int, frame: FrameType | None) -> None:
         self._on_stop_signal(sig)
 
-    def _on_early_hup(self, sig: int, frame: Any) -> None:
+    def _on_early_hup(self, sig: int, frame: FrameType | None) -> None:
         log.warning("SIGHUP ignored: still starting (the config was read at start; send it again once ready)")
 
     async def _main(self, sock: socket.socket) -> int:
@@ -352,8 +360,6 @@ class Daemon:
                 break
             await asyncio.to_thread(self.load_model, model)
         if self.config.pipelines and not self._stopping:
-            from .pipeline import Pipelines
-
             self.pipelines = Pipelines(self.config.pipelines, self.models,
                                        self.sync.on_result if self.sync is not None else None)
             self.api.pipelines = self.pipelines
@@ -468,8 +474,12 @@ class Daemon:
     def _write_file(self, name: str, text: str) -> None:
         path = self.config.state_dir / name
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        except OSError as exc:  # a full disk: these files are a convenience, serving is not
+            log.error("cannot write %s (%s); serving anyway", path, exc.strerror or exc)
+            tmp.unlink(missing_ok=True)
 
     async def _watchdog(self) -> None:
         interval = systemd.watchdog_interval()
@@ -552,10 +562,8 @@ class Daemon:
     def _start_sync(self) -> None:
         if self.config.sync.broker is None:
             return
-        from .sync import SyncBridge
-
         try:
-            self.sync = SyncBridge(self)
+            self.sync = SyncBridge(self.config, self.models, self.on_release, self.resources)
             self.sync.start()
             self.api.on_infer = self.sync.on_infer
         except MissingDependencyError:

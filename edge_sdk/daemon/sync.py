@@ -3,6 +3,12 @@
 Offline-first: nothing here blocks start-up. The MQTT transport connects in the background;
 while the broker is away the daemon serves the last active release from disk and telemetry
 records pile up in the SQLite outbox, to be uploaded (and deleted on ingest acks) later.
+
+The bridge knows the daemon only through narrow collaborators (as Eclipse Kura's services know
+each other through listeners): the config, the :class:`~.models.ModelTable` it reads, and an
+``on_release(served)`` hook that serves a release the bridge loaded. A synced release is loaded
+once: its self-test *is* the daemon's load (:func:`~.models.load_served` checks hashes,
+signature and self-test), and the loaded model is what ``on_release`` serves.
 """
 
 from __future__ import annotations
@@ -11,44 +17,54 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import numpy as np
 
 from ..errors import EdgeSDKError, OutboxFullError
+from ..profiles import resolve_profile
+from ..runtime.monitor import ResourceSource
+from ..runtime.policy import PolicyEvent, PolicyOverride
+from ..runtime.sync.client import Selection, SyncClient, SyncConfig
+from ..runtime.sync.outbox import Outbox, OutboxConfig, Priority
+from ..runtime.sync.releases import parse_name
+from ..runtime.sync.telemetry import TelemetryUploader
+from ..types import ErrorKind, RecordKind
+from .config import DaemonConfig, ModelConfig
 from .metrics import Snapshot
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .service import Daemon
+from .models import ModelTable, ServedModel, load_served
 
 log = logging.getLogger(__name__)
 
+#: Serve ``served`` (loaded and self-tested from a synced release); False if it was not taken,
+#: which makes sync roll the release back.
+ReleaseHook = Callable[[ServedModel], bool]
+
 
 class SyncBridge:
-    """Owns the SyncClient, the outbox and the uploader of one daemon."""
+    """Owns the SyncClient, the outbox and the uploader of one daemon.
 
-    def __init__(self, daemon: Daemon) -> None:
-        from ..profiles import detect_profile
-        from ..runtime.sync.client import SyncClient
-        from ..runtime.sync.client import SyncConfig as ClientConfig
-        from ..runtime.sync.outbox import Outbox, OutboxConfig
-        from ..runtime.sync.telemetry import TelemetryUploader
-        from ..runtime.sync.transport import TlsConfig
+    ``resources`` is the reader behind the twin's and the telemetry's resource figures (the one
+    the daemon's precision policy and ``/metrics`` use).
+    """
 
-        self.daemon = daemon
-        config = daemon.config
+    def __init__(self, config: DaemonConfig, models: ModelTable, on_release: ReleaseHook,
+                 resources: ResourceSource | None = None) -> None:
+        self.config = config
+        self.models = models
+        self.on_release = on_release
+        self.resources = resources
         sync = config.sync
         profiles = {m.profile for m in config.models}
-        profile = profiles.pop() if len(profiles) == 1 else None
-        if profile == "auto":
-            profile = detect_profile().profile.id
+        profile = resolve_profile(profiles.pop()).profile.id if len(profiles) == 1 else None
         self.root = config.state_dir / "sync"
-        tls = (TlsConfig(ca_certs=sync.tls.ca, certfile=sync.tls.cert, keyfile=sync.tls.key)
-               if sync.tls is not None else None)
         self.client = SyncClient(
-            ClientConfig(broker=sync.broker, fleet=sync.fleet, device=config.device_id, root=self.root, profile=profile,
-                         public_key=sync.public_key, allow_unsigned=sync.allow_unsigned, prefix=sync.topic_prefix or "",
-                         tls=tls),
-            on_activate=self._on_activate, on_policy=self._on_policy,
+            SyncConfig(broker=sync.broker, fleet=sync.fleet, device=config.device_id, root=self.root, profile=profile,
+                       public_key=sync.public_key, allow_unsigned=sync.allow_unsigned, prefix=sync.topic_prefix or "",
+                       tls=sync.tls),
+            self_test=self._load, on_activate=self._on_activate, on_policy=self._on_policy, resources=resources,
         )
         self.outbox = Outbox(OutboxConfig(path=config.state_dir / "outbox.db", max_bytes=config.outbox.max_bytes,
                                           on_full=config.outbox.policy))
@@ -59,13 +75,18 @@ class SyncBridge:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._loaded: ServedModel | None = None  # self-tested, waiting for the switch on disk
         self.records_queued = 0
         self.records_lost = 0
         self.last_success: float | None = None  # wall time of the last release activation
-        self.policy: Any = None  # the desired runtime policy (PolicyOverride) last received
+        self.policy: PolicyOverride | None = None  # the desired runtime policy last received
         self._results: list[dict[str, Any]] = []
         #: How long a clean SyncClient.stop() may take at shutdown before the link is cut.
         self.link_stop_s = 3.0
+
+    def reconfigure(self, config: DaemonConfig) -> None:
+        """A reloaded config (models, policy): used for the next synced release."""
+        self.config = config
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -110,28 +131,31 @@ class SyncBridge:
         if stopper.is_alive():
             log.warning("sync was mid-transfer at shutdown; it resumes from the chunk store on the next start")
             self.client.transport.stop()
+        self._discard_loaded()
         self.outbox.close()
 
     # ---- releases -------------------------------------------------------------------------------
 
-    def _target_model(self, release_model: str) -> str | None:
+    def _target_model(self, release_model: str) -> ModelConfig | None:
         """The configured model a synced release is served as: same name, or the only one."""
-        names = [m.name for m in self.daemon.config.models]
-        if release_model in names:
-            return release_model
-        return names[0] if len(names) == 1 else None
+        models = self.config.models
+        return next((m for m in models if m.name == release_model), models[0] if len(models) == 1 else None)
 
     def local_releases(self, model_name: str) -> list[Path]:
         """Synced releases on disk for ``model_name``, best first (active, then previous)."""
         releases = self.client.releases
-        return [folder for synced in releases.models() if self._target_model(synced) == model_name
-                for folder in (releases.active(synced), releases.previous(synced)) if folder is not None]
+        found = []
+        for synced in releases.models():
+            target = self._target_model(synced)
+            if target is not None and target.name == model_name:
+                found += [f for f in (releases.active(synced), releases.previous(synced)) if f is not None]
+        return found
 
-    def _on_policy(self, policy: Any) -> None:
+    def _on_policy(self, policy: PolicyOverride) -> None:
         """Desired runtime policy changed: apply it to every served model, live (no reload)."""
         self.policy = policy
         errors = []
-        for served in self.daemon.models.all():
+        for served in self.models.all():
             try:
                 served.model.set_policy(policy)
             except EdgeSDKError as exc:  # the other models still get it
@@ -139,34 +163,59 @@ class SyncBridge:
         if errors:
             raise EdgeSDKError("; ".join(errors))
 
-    def _on_activate(self, release_dir: Path) -> None:
-        """SyncClient switched ``current``: hot-swap; raising makes the client roll back."""
-        manifest_model = Path(release_dir).resolve().name.split("@")[0]
-        target = self._target_model(manifest_model)
+    def _load(self, release_dir: Path, profile: str | None) -> Selection:
+        """SyncClient's self-test: the daemon's own load of the staged release, kept for the switch."""
+        release_dir = Path(release_dir).resolve()
+        ref = parse_name(release_dir.name)
+        target = self._target_model(ref[0]) if ref is not None else None
         if target is None:
-            raise EdgeSDKError(f"no configured model serves releases of {manifest_model!r}")
-        if not self.daemon.on_release(target, Path(release_dir).resolve()):
-            raise EdgeSDKError(f"model {target}: the synced release {release_dir} did not load")
-        served = self.daemon.models.get(target)
-        if served is not None and self.policy is not None:
+            raise EdgeSDKError(f"no configured model serves releases of {release_dir.name!r}")
+        self._discard_loaded()  # a load whose switch never came (the disk refused it)
+        served = load_served(target, release_dir, public_key=self.config.sync.public_key, policy=self.config.policy,
+                             resources=self.resources)
+        if self.policy is not None:
             try:  # a newly loaded model follows the desired policy too
                 served.model.set_policy(self.policy)
             except EdgeSDKError as exc:
-                self.client.twin.error("policy", f"model {target}: {exc}")
-        if served is not None:
-            backend, precision = served.backend_precision()
-            self.client.twin.set_model(manifest_model, backend=backend, precision=precision)
+                self.client.twin.error(ErrorKind.POLICY, f"model {target.name}: {exc}")
+        self._loaded = served
+        backend, precision = served.backend_precision()
+        return Selection(backend, precision)
+
+    def _discard_loaded(self) -> None:
+        loaded, self._loaded = self._loaded, None
+        if loaded is not None:
+            loaded.retire()
+
+    def _on_activate(self, release_dir: Path) -> None:
+        """SyncClient switched ``current``: serve what the self-test loaded; raising rolls back."""
+        served, self._loaded = self._loaded, None
+        if served is None or served.release_dir != Path(release_dir).resolve():
+            if served is not None:
+                served.retire()
+            raise EdgeSDKError(f"the synced release {release_dir} was not loaded by its self-test")
+        if not self.on_release(served):
+            raise EdgeSDKError(f"model {served.name}: the synced release {release_dir} did not load")
+        backend, precision = served.backend_precision()
+        self.client.twin.set_model(parse_name(Path(release_dir).name)[0], backend=backend, precision=precision)
         self.last_success = time.time()
-        self.record("release_activated", {"model": target, "release": str(release_dir)}, high=True)
+        self.record(RecordKind.RELEASE_ACTIVATED, {"model": served.name, "release": str(release_dir)}, high=True)
+
+    def on_precision_switch(self, model: str, event: PolicyEvent) -> None:
+        """A served model switched precision: tell the cloud (telemetry and reported state)."""
+        if event.from_precision is None or event.to_precision is None:
+            return
+        self.record(RecordKind.PRECISION_SWITCH, {"model": model, "from": event.from_precision.value,
+                                                   "to": event.to_precision.value, "kind": event.kind.value,
+                                                   "reason": event.reason}, high=True)
+        self.client.twin.set_model(model, precision=event.to_precision.value)
 
     # ---- telemetry ------------------------------------------------------------------------------
 
-    def record(self, kind: str, data: dict[str, Any], high: bool = False) -> None:
+    def record(self, kind: RecordKind, data: dict[str, Any], high: bool = False) -> None:
         """Queue one telemetry record durably (never raises: telemetry must not break serving)."""
-        from ..runtime.sync.outbox import Priority
-
         try:
-            self.outbox.append({"device": self.daemon.config.device_id, **data}, kind=kind,
+            self.outbox.append({"device": self.config.device_id, **data}, kind=kind.value,
                                priority=Priority.HIGH if high else Priority.NORMAL)
             self.records_queued += 1
             self.uploader.notify()
@@ -177,7 +226,7 @@ class SyncBridge:
             self.records_lost += 1
             log.error("telemetry record %s not queued: %s", kind, exc)
 
-    def on_result(self, model: str, ts: float, outputs: dict[str, Any], seconds: float) -> None:
+    def on_result(self, model: str, ts: float, outputs: dict[str, np.ndarray], seconds: float) -> None:
         """A pipeline result: buffered in memory, written with the next stats (one fsync per interval)."""
         record = {"model": model, "ts": ts, "ms": round(seconds * 1000, 3),
                   "outputs": {k: [round(float(x), 6) for x in list(v.ravel()[:16])] for k, v in outputs.items()}}
@@ -188,7 +237,8 @@ class SyncBridge:
                 self.records_lost += 1
         self.on_infer(model, None, outputs, seconds)
 
-    def on_infer(self, model: str, inputs: Any, outputs: Any, seconds: float) -> None:
+    def on_infer(self, model: str, inputs: dict[str, np.ndarray] | None, outputs: dict[str, np.ndarray],
+                 seconds: float) -> None:
         with self._lock:
             entry = self._calls[model]
             entry[0] += 1
@@ -200,24 +250,20 @@ class SyncBridge:
             calls, self._calls = dict(self._calls), defaultdict(lambda: [0, 0.0, 0.0])
             results, self._results = self._results, []
         if results:
-            from ..runtime.sync.outbox import Priority
-
             try:
-                self.outbox.append_many(results, kind="result", priority=Priority.LOW)
+                self.outbox.append_many(results, kind=RecordKind.RESULT.value, priority=Priority.LOW)
                 self.records_queued += len(results)
             except EdgeSDKError as exc:
                 self.records_lost += len(results)
                 log.warning("%d pipeline results not queued: %s", len(results), exc)
         models = {}
-        for served in self.daemon.models.all():
+        for served in self.models.all():
             backend, precision = served.backend_precision()
             count, total, worst = calls.get(served.name, [0, 0.0, 0.0])
             models[served.name] = {"version": served.version, "backend": backend, "precision": precision,
                                    "calls": int(count), "mean_ms": round(1000 * total / count, 3) if count else None,
                                    "max_ms": round(1000 * worst, 3) if count else None}
-        from ..runtime.sync.twin import resource_snapshot
-
-        self.record("stats", {"models": models, "resources": resource_snapshot()})
+        self.record(RecordKind.STATS, {"models": models, "resources": self.client.twin.resources.sample().report()})
 
     def _telemetry_loop(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -234,7 +280,7 @@ class SyncBridge:
         active = {model: releases.active_ref(model)[1] for model in releases.models() if releases.active_ref(model)}
         by_status: dict[str, float] = defaultdict(float)
         for r in results:
-            by_status[r.status] += 1
+            by_status[r.status.value] += 1
         stats = self.outbox.stats()
         gauges: dict[str, Any] = {
             "connected": float(self.client.transport.connected),

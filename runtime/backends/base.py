@@ -21,7 +21,7 @@ import numpy as np
 from ...errors import InputError
 from ...manifest import TensorSpec
 from ...registry import Registry
-from ...types import Precision
+from ...types import BackendName, Precision
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,9 @@ class BackendOptions:
 
 class Session(ABC):
     """One loaded artifact. Thread-safe ``run`` unless a backend says otherwise."""
+
+    #: The manifest variant this session serves, set by whoever loaded it (``EdgeModel``).
+    variant_id: str | None = None
 
     def __init__(self, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> None:
         self.inputs = list(inputs)
@@ -157,10 +160,10 @@ def cpu_affinity(cores: tuple[int, ...] | None) -> Iterator[None]:
 
 
 BACKENDS: Registry[type[Backend]] = Registry("backend")
-BACKENDS.register_lazy("onnxruntime", "edge_sdk.runtime.backends.onnxruntime:OnnxRuntimeBackend")
-BACKENDS.register_lazy("tflite", "edge_sdk.runtime.backends.tflite:TFLiteBackend")
-BACKENDS.register_lazy("openvino", "edge_sdk.runtime.backends.openvino:OpenVINOBackend")
-BACKENDS.register_lazy("ncnn", "edge_sdk.runtime.backends.ncnn:NcnnBackend")
+BACKENDS.register_lazy(BackendName.ONNXRUNTIME.value, "edge_sdk.runtime.backends.onnxruntime:OnnxRuntimeBackend")
+BACKENDS.register_lazy(BackendName.TFLITE.value, "edge_sdk.runtime.backends.tflite:TFLiteBackend")
+BACKENDS.register_lazy(BackendName.OPENVINO.value, "edge_sdk.runtime.backends.openvino:OpenVINOBackend")
+BACKENDS.register_lazy(BackendName.NCNN.value, "edge_sdk.runtime.backends.ncnn:NcnnBackend")
 
 
 def get_backend(name: str) -> Backend:

@@ -16,7 +16,7 @@ import numpy as np
 
 from ...errors import BackendError, InputError, MissingDependencyError
 from ...manifest import TensorSpec
-from ...types import Precision
+from ...types import BackendName, Precision
 from .base import Backend, BackendOptions, Session
 
 
@@ -64,7 +64,7 @@ class NcnnSession(Session):
 
 
 class NcnnBackend(Backend):
-    name = "ncnn"
+    name = BackendName.NCNN
     extra = "ncnn"
 
     def load(self, files: Sequence[Path], inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],

@@ -9,6 +9,7 @@ import numpy as np
 
 from ...errors import BackendError
 from ...manifest import TensorSpec
+from ...types import BackendName
 from .base import Backend, BackendOptions, Session, cpu_affinity
 
 
@@ -35,7 +36,7 @@ class OnnxRuntimeSession(Session):
 
 
 class OnnxRuntimeBackend(Backend):
-    name = "onnxruntime"
+    name = BackendName.ONNXRUNTIME
     extra = "core"
 
     def load(self, files: Sequence[Path], inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],

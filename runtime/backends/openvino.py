@@ -17,7 +17,7 @@ import numpy as np
 
 from ...errors import BackendError, MissingDependencyError
 from ...manifest import TensorSpec
-from ...types import Precision
+from ...types import BackendName, Precision
 from .base import Backend, BackendOptions, Session, cpu_affinity
 
 
@@ -78,7 +78,7 @@ class OpenVINOSession(Session):
 
 
 class OpenVINOBackend(Backend):
-    name = "openvino"
+    name = BackendName.OPENVINO
     extra = "openvino"
 
     def load(self, files: Sequence[Path], inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],

@@ -15,6 +15,7 @@ import numpy as np
 
 from ...errors import BackendError, MissingDependencyError
 from ...manifest import TensorSpec
+from ...types import BackendName
 from .base import Backend, BackendOptions, Session, cpu_affinity
 
 
@@ -86,7 +87,7 @@ def _dequantize(array: np.ndarray, detail: dict) -> np.ndarray:
 
 
 class TFLiteBackend(Backend):
-    name = "tflite"
+    name = BackendName.TFLITE
     extra = "tflite"
 
     def load(self, files: Sequence[Path], inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],

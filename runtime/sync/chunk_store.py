@@ -19,6 +19,7 @@ from pathlib import Path
 from edge_sdk.chunking import sha256_bytes
 from edge_sdk.errors import IntegrityError, SyncError
 from edge_sdk.manifest import ChunkRef, FileEntry
+from edge_sdk.types import ErrorKind
 
 _TMP_SUFFIX = ".part"
 
@@ -33,7 +34,7 @@ def storage_error(what: str, exc: OSError) -> SyncError:
         error = SyncError(f"{what}: disk full ({exc.strerror})")
     else:
         error = SyncError(f"{what}: {exc}")
-    error.kind = "storage"  # type: ignore[attr-defined]  # the twin counts it under this name
+    error.kind = ErrorKind.STORAGE  # type: ignore[attr-defined]  # the twin counts it under this name
     return error
 
 

@@ -37,9 +37,12 @@ from pydantic import Field
 
 from edge_sdk.config import StrictModel
 from edge_sdk.errors import ConfigError, EdgeSDKError, IntegrityError, SyncError
-from edge_sdk.manifest import FileEntry, Manifest, Variant
-from edge_sdk.signing import load_public_key
+from edge_sdk.manifest import Manifest, Variant
+from edge_sdk.profiles import AUTO
+from edge_sdk.trust import TrustRoot, load_trust
+from edge_sdk.types import ErrorKind, Precision, SyncState, SyncStatus
 
+from ..monitor import ResourceSource
 from ..policy import PolicyOverride
 from .chunk_store import ChunkStore
 from .envelope import verify_envelope
@@ -58,7 +61,7 @@ class Selection:
     """The variant ``EdgeModel`` picked for this device's profile in the self-test: what serves."""
 
     backend: str
-    precision: str
+    precision: Precision
 
 
 #: raises to refuse a staged release; may return the :class:`Selection` it loaded
@@ -97,7 +100,7 @@ class SyncResult:
 
     model: str
     version: int
-    status: str  # "activated" | "already-active" | "rejected" | "rolled-back"
+    status: SyncStatus
     path: str | None = None
     chunks_total: int = 0  # distinct chunks the device's files need
     chunks_fetched: int = 0
@@ -120,32 +123,16 @@ def select_variants(manifest: Manifest, profile: str | None) -> list[Variant]:
     return variants
 
 
-def files_for(manifest: Manifest, variants: list[Variant]) -> list[FileEntry]:
-    """Files of ``variants`` plus the self-test files, each path once; chunk lists checked."""
-    entries: dict[str, FileEntry] = {}
-    for variant in variants:
-        for entry in variant.files:
-            entries.setdefault(entry.path, entry)
-    if manifest.self_test is not None:
-        for entry in (manifest.self_test.inputs, manifest.self_test.expected):
-            entries.setdefault(entry.path, entry)
-    for entry in entries.values():
-        declared = sum(c.size for c in entry.chunks)
-        if declared != entry.size or (entry.size and not entry.chunks):
-            raise IntegrityError(f"{entry.path}: chunk list covers {declared} bytes, declared size is {entry.size}")
-    return list(entries.values())
-
-
-def default_self_test(release_dir: Path, profile: str | None, public_key: Any = None) -> Selection:
+def default_self_test(release_dir: Path, profile: str | None, public_key: TrustRoot | None = None) -> Selection:
     """Load the staged release through ``EdgeModel``, which reproduces the manifest's self-test
     outputs (within each variant's tolerance) before it accepts a variant; raises if none does.
     Returns the variant it selected."""
     from edge_sdk import EdgeModel  # lazy: the runtime stack is heavy
 
-    model = EdgeModel.load(release_dir, profile=profile or "auto", monitor=False, public_key=public_key)
+    model = EdgeModel.load(release_dir, profile=profile or AUTO, monitor=False, public_key=public_key)
     try:
         info = model.info()
-        return Selection(info.backend, getattr(info.precision, "value", str(info.precision)))
+        return Selection(info.backend, info.precision)
     finally:
         model.close()
 
@@ -158,17 +145,19 @@ class SyncClient:
     daemon's hot swap) and rolls the switch back if it raises; ``on_policy(policy)`` receives
     the merged desired runtime policy (a :class:`~edge_sdk.runtime.policy.PolicyOverride`) whenever
     it changes; raising reports the error in the twin (kind ``policy``) and the client keeps running.
+    ``resources`` is the reader of the twin's resource figures (default: this machine, cgroup-aware).
     """
 
     def __init__(self, config: SyncConfig, *, transport: Transport | None = None,
                  self_test: SelfTest | None = None, on_activate: Callable[[Path], None] | None = None,
-                 on_policy: Callable[[PolicyOverride], None] | None = None) -> None:
+                 on_policy: Callable[[PolicyOverride], None] | None = None,
+                 resources: ResourceSource | None = None) -> None:
         self.config = config
         store_scheme(config.store)  # an unknown default store is a config error now, not at the first sync
         self.topics = Topics(config.fleet, config.prefix)
         self.topics.status(config.device)  # validates the device id
         if config.public_key is not None:
-            self.public_key = load_public_key(config.public_key)
+            self.public_key = load_trust(config.public_key)
         elif config.allow_unsigned:
             self.public_key = None
         else:
@@ -179,7 +168,8 @@ class SyncClient:
         self.transport = transport or Transport(TransportConfig.from_url(
             config.broker, client_id=config.device, status_topic=self.topics.status(config.device), tls=config.tls))
         self.twin = Twin(self.topics.reported(config.device),
-                         lambda topic, payload: self.transport.publish(topic, payload, qos=1, retain=True))
+                         lambda topic, payload: self.transport.publish(topic, payload, qos=1, retain=True),
+                         resources=resources)
         if self_test is None and config.self_test:
             self_test = lambda folder, profile: default_self_test(folder, profile, self.public_key)  # noqa: E731
         self._self_test = self_test
@@ -256,7 +246,7 @@ class SyncClient:
         try:
             self._desired[level] = DesiredState.from_payload(message.payload, message.topic)
         except ConfigError as exc:
-            self.twin.error("bad_desired", str(exc))
+            self.twin.error(ErrorKind.BAD_DESIRED, str(exc))
             return
         self._wake.set()
 
@@ -308,7 +298,7 @@ class SyncClient:
                 timeout, delay = delay, min(delay * 2, self.config.retry_max_s)
                 continue
             delay = self.config.retry_min_s
-            if result.status in ("rejected", "rolled-back"):
+            if result.status in (SyncStatus.REJECTED, SyncStatus.ROLLED_BACK):
                 failed[target] = result.reason or result.status
 
     def _apply_policy(self, policy: PolicyOverride) -> None:
@@ -321,7 +311,7 @@ class SyncClient:
             try:
                 self._on_policy(policy)
             except Exception as exc:  # a policy the runtime cannot apply is reported, not fatal
-                self.twin.error("policy", f"could not apply desired policy {wanted}: {exc}")
+                self.twin.error(ErrorKind.POLICY, f"could not apply desired policy {wanted}: {exc}")
                 return
         self.twin.set(policy=wanted)
 
@@ -343,14 +333,14 @@ class SyncClient:
             try:
                 result = self._sync(model, version, deadline, store or self.config.store)
             except IntegrityError as exc:
-                kind = getattr(exc, "kind", "integrity")
+                kind = getattr(exc, "kind", ErrorKind.INTEGRITY)
                 self.twin.error(kind, str(exc))
-                self.twin.progress(state="failed", model=model, version=version, reason=str(exc))
-                result = SyncResult(model, version, "rejected", reason=str(exc))
+                self.twin.progress(state=SyncState.FAILED, model=model, version=version, reason=str(exc))
+                result = SyncResult(model, version, SyncStatus.REJECTED, reason=str(exc))
             except EdgeSDKError as exc:
                 if not getattr(exc, "counted", False):
-                    self.twin.error(getattr(exc, "kind", "sync"), str(exc))
-                self.twin.progress(state="failed", model=model, version=version, reason=str(exc))
+                    self.twin.error(getattr(exc, "kind", ErrorKind.SYNC), str(exc))
+                self.twin.progress(state=SyncState.FAILED, model=model, version=version, reason=str(exc))
                 raise
             finally:
                 with self._lock:
@@ -361,46 +351,48 @@ class SyncClient:
 
     def _sync(self, model: str, version: int, deadline: float, store_url: str) -> SyncResult:
         if self.releases.active_ref(model) == (model, version):
-            return SyncResult(model, version, "already-active", path=str(self.releases.active(model)))
-        with _kind("replay"):
+            return SyncResult(model, version, SyncStatus.ALREADY_ACTIVE, path=str(self.releases.active(model)))
+        with _kind(ErrorKind.REPLAY):
             self.releases.check_version(model, version)  # before any download
-        self.twin.progress(state="manifest", model=model, version=version)
+        self.twin.progress(state=SyncState.MANIFEST, model=model, version=version)
         payload = self._fetch_manifest(model, version, deadline)
-        with _kind("bad_signature"):
+        with _kind(ErrorKind.BAD_SIGNATURE):
             manifest, data, signature = verify_envelope(payload, self.public_key)
         if (manifest.model, manifest.version) != (model, version):
             raise _tagged(IntegrityError(f"manifest at the {model} v{version} topic describes "
-                                         f"{manifest.model} v{manifest.version}"), "wrong_release")
-        with _kind("wrong_profile"):
+                                         f"{manifest.model} v{manifest.version}"), ErrorKind.WRONG_RELEASE)
+        with _kind(ErrorKind.WRONG_PROFILE):
             variants = select_variants(manifest, self.config.profile)
-        with _kind("bad_chunk_list"):
-            files = files_for(manifest, variants)
+        files = manifest.files(variants)
+        with _kind(ErrorKind.BAD_CHUNK_LIST):
+            for entry in files:
+                entry.check_chunks()
         refs = [c for entry in files for c in entry.chunks]
         distinct = {c.sha256: c for c in refs}
         with self._lock:  # before the diff: another model's cleanup must not delete them meanwhile
             self._needed[model] = set(distinct)
         missing = self.chunks.missing(refs)
-        result = SyncResult(model, version, "activated", chunks_total=len(distinct),
+        result = SyncResult(model, version, SyncStatus.ACTIVATED, chunks_total=len(distinct),
                             chunks_reused=len(distinct) - len(missing),
                             bytes_total=sum(e.size for e in files), variants=[v.id for v in variants])
         self._fetch_chunks(missing, model, version, deadline, result, store_url)
-        self.twin.progress(state="staging", model=model, version=version)
+        self.twin.progress(state=SyncState.STAGING, model=model, version=version)
         folder = self.releases.stage(manifest, data, signature, files, self.chunks)
         result.path = str(folder)
         selected: Selection | None = None
         if self._self_test is not None:
-            self.twin.progress(state="self-test", model=model, version=version)
+            self.twin.progress(state=SyncState.SELF_TEST, model=model, version=version)
             try:
                 outcome = self._self_test(folder, self.config.profile)
                 selected = outcome if isinstance(outcome, Selection) else None  # custom tests may return anything
             except Exception as exc:
                 self.releases.discard(folder)
                 reason = f"self-test of {model} v{version} failed: {exc}"
-                self.twin.error("self_test", reason)
-                self.twin.progress(state="failed", model=model, version=version, reason=reason)
-                result.status, result.reason, result.path = "rejected", reason, None
+                self.twin.error(ErrorKind.SELF_TEST, reason)
+                self.twin.progress(state=SyncState.FAILED, model=model, version=version, reason=reason)
+                result.status, result.reason, result.path = SyncStatus.REJECTED, reason, None
                 return result
-        self.twin.progress(state="activating", model=model, version=version)
+        self.twin.progress(state=SyncState.ACTIVATING, model=model, version=version)
         self.releases.activate(folder)
         if self._on_activate is not None:
             try:
@@ -408,10 +400,10 @@ class SyncClient:
             except Exception as exc:
                 back = self.releases.rollback(model)
                 reason = f"activation of {model} v{version} failed, rolled back to {back.name if back else 'nothing'}: {exc}"
-                self.twin.error("activation", reason)
+                self.twin.error(ErrorKind.ACTIVATION, reason)
                 self._report_active(model)
-                self.twin.progress(state="failed", model=model, version=version, reason=reason)
-                result.status, result.reason = "rolled-back", reason
+                self.twin.progress(state=SyncState.FAILED, model=model, version=version, reason=reason)
+                result.status, result.reason = SyncStatus.ROLLED_BACK, reason
                 return result
         self.releases.cleanup(model)
         with self._lock:  # every model's kept releases, and the chunks of syncs still running
@@ -419,7 +411,7 @@ class SyncClient:
             self.chunks.retain_only(keep)
         # With an activation hook (the daemon) the hook reports what it actually serves.
         self._report_active(model, selected, backend=self._on_activate is None)
-        self.twin.progress(state="idle", model=model, version=version, chunks_fetched=result.chunks_fetched,
+        self.twin.progress(state=SyncState.IDLE, model=model, version=version, chunks_fetched=result.chunks_fetched,
                            bytes_fetched=result.bytes_fetched)
         return result
 
@@ -488,7 +480,7 @@ class SyncClient:
     def _fetch_chunks(self, missing, model: str, version: int, deadline: float, result: SyncResult,
                       store_url: str) -> None:
         store = self.store(store_url)
-        self.twin.progress(state="fetching", model=model, version=version, store=store_url,
+        self.twin.progress(state=SyncState.FETCHING, model=model, version=version, store=store_url,
                            chunks_total=result.chunks_total, chunks_missing=len(missing), chunks_done=0,
                            bytes_missing=sum(r.size for r in missing), bytes_done=0)
         lock = threading.Lock()
@@ -498,17 +490,17 @@ class SyncClient:
                 result.chunks_fetched += 1
                 result.bytes_fetched += ref.size
                 done, size = result.chunks_fetched, result.bytes_fetched
-            self.twin.progress(state="fetching", model=model, version=version, chunks_done=done, bytes_done=size)
+            self.twin.progress(state=SyncState.FETCHING, model=model, version=version, chunks_done=done, bytes_done=size)
 
         def refused(ref, why: str) -> None:  # counted each time; fetch_missing asks again, then gives up
-            self.twin.error("corrupt_chunk", f"{store_url} served wrong bytes for chunk {ref.sha256[:12]}… of "
+            self.twin.error(ErrorKind.CORRUPT_CHUNK, f"{store_url} served wrong bytes for chunk {ref.sha256[:12]}… of "
                                              f"{model} v{version}: {why}")
 
         try:
             fetch_missing(store, self.chunks, missing, deadline, workers=self.config.fetch_window, on_chunk=fetched,
                           on_corrupt=refused)
         except StoreError as exc:
-            exc.counted = exc.kind == "corrupt_chunk"  # type: ignore[attr-defined]  # each refusal was, in refused()
+            exc.counted = exc.kind == ErrorKind.CORRUPT_CHUNK  # type: ignore[attr-defined]  # each refusal was, in refused()
             raise
 
 
@@ -526,7 +518,7 @@ class _Follower:
 class _kind:
     """Tag :class:`IntegrityError` raised in the block with a twin error kind."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: ErrorKind) -> None:
         self.kind = kind
 
     def __enter__(self) -> None:
@@ -538,6 +530,6 @@ class _kind:
         return False
 
 
-def _tagged(exc: EdgeSDKError, kind: str) -> EdgeSDKError:
+def _tagged(exc: EdgeSDKError, kind: ErrorKind) -> EdgeSDKError:
     exc.kind = kind  # type: ignore[attr-defined]
     return exc

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from edge_sdk.errors import IntegrityError
 from edge_sdk.manifest import ChunkRef
+from edge_sdk.types import ErrorKind
 
 from .chunk_store import ChunkStore
 from .stores import Store, StoreError
@@ -53,7 +54,7 @@ def fetch_missing(store: Store, local: ChunkStore, missing: list[ChunkRef], dead
                     on_corrupt(ref, str(exc))
                 if attempt == corrupt_retries:
                     raise StoreError(f"{store.url} served wrong bytes for chunk {ref.sha256[:12]}… "
-                                     f"{attempt + 1} times: {exc}", "corrupt_chunk") from None
+                                     f"{attempt + 1} times: {exc}", ErrorKind.CORRUPT_CHUNK) from None
                 continue
             with lock:
                 stats.chunks += 1

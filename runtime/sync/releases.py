@@ -19,12 +19,15 @@ symlinks in ``root``) is moved to this one when the store is opened.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from edge_sdk.errors import IntegrityError, SyncError
@@ -32,6 +35,7 @@ from edge_sdk.manifest import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Manifest
 
 from .chunk_store import ChunkStore, storage_error
 
+log = logging.getLogger(__name__)
 _NAME = re.compile(r"^(?P<model>.+)@v(?P<version>\d+)$")
 _POINTERS = ("current", "previous")  # folders of per-model symlinks
 
@@ -84,11 +88,28 @@ class ReleaseStore:
             state = json.loads(self._state_path.read_text())
         except FileNotFoundError:
             return {"highest": {}}
+            if not isinstance(state, dict) or not isinstance(state.setdefault("highest", {}), dict):
+                raise ValueError("not an object with a 'highest' map")
         except (ValueError, OSError) as exc:
-            # The state file is only ever replaced atomically, so this is real damage: refusing to
-            # guess keeps rollback protection from silently resetting to zero.
-            raise SyncError(f"{self._state_path}: unreadable rollback-protection state ({exc})") from None
-        state.setdefault("highest", {})
+            # Real damage (the file is only ever replaced atomically). Sync must go on, and rollback
+            # protection must not reset to zero: keep the file for inspection and rebuild the state
+            # from the release folders on disk, the versions this device did accept.
+            return self._rebuild_state(exc)
+        return state
+
+    def _rebuild_state(self, exc: Exception) -> dict:
+        aside = self._state_path.with_name(f"state.json.corrupt-{int(time.time())}")
+        with contextlib.suppress(OSError):
+            os.replace(self._state_path, aside)
+        highest: dict[str, int] = {}
+        for folder in self.releases.iterdir():
+            ref = parse_name(folder.name)
+            if ref is not None:
+                highest[ref[0]] = max(ref[1], highest.get(ref[0], 0))
+        state = {"highest": highest, "rebuilt": {"from": str(aside), "reason": str(exc)}}
+        log.error("%s is corrupt (%s): moved to %s, rollback protection rebuilt from the releases on disk: %s",
+                  self._state_path, exc, aside, highest)
+        write_atomic(self._state_path, json.dumps(state, sort_keys=True).encode())
         return state
 
     def highest_accepted(self, model: str) -> int:
@@ -184,10 +205,6 @@ class ReleaseStore:
     def active_ref(self, model: str | None = None) -> tuple[str, int] | None:
         active = self.active(model)
         return parse_name(active.name) if active else None
-
-    def active_manifest(self, model: str | None = None) -> Manifest | None:
-        active = self.active(model)
-        return Manifest.from_bytes((active / MANIFEST_NAME).read_bytes(), str(active)) if active else None
 
     def path_of(self, model: str, version: int) -> Path:
         return self.releases / release_name(model, version)
@@ -323,10 +340,7 @@ class ReleaseStore:
             if folder is None:
                 continue
             manifest = Manifest.from_bytes((folder / MANIFEST_NAME).read_bytes(), str(folder))
-            entries = [e for v in manifest.variants for e in v.files]
-            if manifest.self_test is not None:
-                entries += [manifest.self_test.inputs, manifest.self_test.expected]
-            for entry in entries:
+            for entry in manifest.files(manifest.variants):
                 if resolve_inside(folder, entry.path).exists():
                     shas.update(c.sha256 for c in entry.chunks)
         return shas

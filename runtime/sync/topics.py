@@ -134,12 +134,6 @@ class Topics:
         """``$share/<group>/<prefix>/+/telemetry``: workers of one group split the messages."""
         return f"$share/{check_level(group, 'share group')}/{self.prefix}/+/telemetry"
 
-    def all_status(self) -> str:
-        return f"{self.prefix}/+/status"
-
-    def all_reported(self) -> str:
-        return f"{self.prefix}/+/reported"
-
     def all_blobs(self) -> str:
         return f"{self.prefix}/blobs/+"
 

@@ -49,9 +49,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
-from edge_sdk.config import StrictModel, describe_validation_error
+from edge_sdk.config import FieldError, StrictModel, describe_validation_error
 from edge_sdk.errors import ConfigError, MissingDependencyError, SyncError
 
 log = logging.getLogger(__name__)
@@ -61,11 +61,18 @@ OFFLINE = json.dumps({"online": False}).encode()
 
 
 class TlsConfig(StrictModel):
-    """Server verification against ``ca_certs``; ``certfile``/``keyfile`` for client-cert auth."""
+    """TLS to the broker (``mqtts://``): the CA that signed the broker's certificate, and
+    optionally this device's own certificate and key (client-certificate authentication)."""
 
-    ca_certs: Path
-    certfile: Path | None = None
-    keyfile: Path | None = None
+    ca: Path
+    cert: Path | None = Field(None, description="client certificate (PEM); may also hold the key")
+    key: Path | None = Field(None, description="client private key (PEM), when not inside cert")
+
+    @model_validator(mode="after")
+    def _key_needs_cert(self) -> TlsConfig:
+        if self.key is not None and self.cert is None:
+            raise FieldError(("cert",), "key is set but cert is not: a client key needs its certificate")
+        return self
 
 
 class TransportConfig(StrictModel):
@@ -169,14 +176,14 @@ class Transport:
         if config.username is not None:
             client.username_pw_set(config.username, config.password)
         if config.tls is not None:
-            for path in (config.tls.ca_certs, config.tls.certfile, config.tls.keyfile):
+            for path in (config.tls.ca, config.tls.cert, config.tls.key):
                 if path is not None and not Path(path).is_file():
                     raise ConfigError(f"TLS file {path} does not exist")
             try:
                 client.tls_set(
-                    ca_certs=str(config.tls.ca_certs),
-                    certfile=str(config.tls.certfile) if config.tls.certfile else None,
-                    keyfile=str(config.tls.keyfile) if config.tls.keyfile else None,
+                    ca_certs=str(config.tls.ca),
+                    certfile=str(config.tls.cert) if config.tls.cert else None,
+                    keyfile=str(config.tls.key) if config.tls.key else None,
                     cert_reqs=ssl.CERT_REQUIRED,
                 )
             except (ssl.SSLError, OSError, ValueError) as exc:

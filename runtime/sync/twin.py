@@ -4,10 +4,11 @@ Desired state (the models to run, each with its version and chunk store, and the
 policy) is in :mod:`edge_sdk.runtime.sync.desired`.
 
 Reported state is one retained JSON object at ``…/<device>/reported``: ``models`` (per model:
-its active ``release``, ``backend``, ``precision`` and ``sync`` progress), resource figures, the
-last error, per-kind error counters; the top-level ``release``/``backend``/``precision``/``sync``
-repeat the model reported last (what single-model readers of earlier versions read).
-:class:`Twin` publishes it on change, throttled for progress updates.
+its active ``release``, ``backend``, ``precision`` and ``sync`` progress, :class:`~edge_sdk.types.SyncState`),
+resource figures (:meth:`~edge_sdk.runtime.monitor.ResourceSample.report`), the last error,
+per-kind error counters (:class:`~edge_sdk.types.ErrorKind`); the top-level
+``release``/``backend``/``precision``/``sync`` repeat the model reported last (what single-model
+readers of earlier versions read). :class:`Twin` publishes it on change, throttled for progress updates.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from collections.abc import Callable
 from typing import Any
 
 from edge_sdk.errors import ConfigError
+from edge_sdk.types import ErrorKind, SyncState
 
+from ..monitor import ResourceSource, SystemSource
 from .desired import DesiredState, ModelDesired, merge_desired  # noqa: F401  (the twin's desired side)
 
 log = logging.getLogger(__name__)
@@ -58,40 +61,24 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def resource_snapshot() -> dict[str, float | None]:
-    """CPU, memory and (where the kernel exposes it) temperature figures for the twin."""
-    import psutil
-
-    mem = psutil.virtual_memory()
-    temperature = None
-    try:
-        temps = psutil.sensors_temperatures() if hasattr(psutil, "sensors_temperatures") else {}
-        readings = [t.current for group in temps.values() for t in group if t.current]
-        temperature = max(readings) if readings else None
-    except (OSError, RuntimeError):
-        pass
-    return {
-        "cpu_percent": psutil.cpu_percent(interval=None),
-        "memory_available_mb": round(mem.available / 2**20, 1),
-        "memory_percent": mem.percent,
-        "temperature_c": temperature,
-    }
-
-
 class Twin:
     """Reported state of one device, published retained through ``publish(topic, payload)``.
 
     ``publish`` is any callable taking (topic, payload bytes) — normally a bound
     ``Transport.publish`` with ``retain=True`` — so the twin also works offline (paho queues it).
+    ``resources`` is read at each publish for the ``resources`` figures: the same reader the
+    precision policy decides on (cgroup-aware), so the cloud sees what the device acts on.
     """
 
-    def __init__(self, topic: str, publish: Callable[[str, bytes], Any], throttle_s: float = 0.5) -> None:
+    def __init__(self, topic: str, publish: Callable[[str, bytes], Any], throttle_s: float = 0.5,
+                 resources: ResourceSource | None = None) -> None:
         self.topic = topic
         self._publish = publish
         self.throttle_s = throttle_s
+        self.resources = resources if resources is not None else SystemSource()
         self._lock = threading.Lock()
         self._state: dict[str, Any] = {"release": None, "backend": None, "precision": None, "last_error": None,
-                                       "sync": {"state": "idle"}, "policy": {}, "models": {}}
+                                       "sync": {"state": SyncState.IDLE.value}, "policy": {}, "models": {}}
         self.errors: Counter[str] = Counter()
         self._last_sent = 0.0
         self.published = 0
@@ -115,26 +102,28 @@ class Twin:
             self._state.update(fields)
         self.publish()
 
-    def progress(self, **fields: Any) -> None:
+    def progress(self, state: SyncState, **fields: Any) -> None:
         """Update ``sync`` progress (of ``fields["model"]`` when given, also under ``models``);
         published at most every ``throttle_s`` unless the state changes."""
+        fields["state"] = SyncState(state).value
         with self._lock:
             model = fields.get("model")
             entry = self._state["models"].setdefault(model, {}) if model is not None else {}
             before = entry.get("sync", {}) if model is not None else self._state["sync"]
-            changed_state = fields.get("state", before.get("state")) != before.get("state")
+            changed_state = fields["state"] != before.get("state")
             current = {**before, **fields} if not changed_state else dict(fields)
             if model is not None:
                 entry["sync"] = current
             self._state["sync"] = current
         self.publish(force=changed_state)
 
-    def error(self, kind: str, reason: str) -> None:
+    def error(self, kind: ErrorKind, reason: str) -> None:
         """Count an error of ``kind`` and make it the reported ``last_error``."""
+        kind = ErrorKind(kind)
         log.warning("%s: %s", kind, reason)
         with self._lock:
-            self.errors[kind] += 1
-            self._state["last_error"] = {"kind": kind, "reason": reason, "time": time.time()}
+            self.errors[kind.value] += 1
+            self._state["last_error"] = {"kind": kind.value, "reason": reason, "time": time.time()}
         self.publish()
 
     def publish(self, force: bool = True) -> None:
@@ -144,7 +133,7 @@ class Twin:
         self._last_sent = now
         state = self.snapshot()
         try:
-            state["resources"] = resource_snapshot()
+            state["resources"] = self.resources.sample().report()
         except Exception:  # figures are a nicety; never let them stop the report
             state["resources"] = None
         state["updated"] = time.time()

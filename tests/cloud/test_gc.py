@@ -7,7 +7,7 @@ import pytest
 from edge_sdk.cloud.connection import collect_retained, connect
 from edge_sdk.cloud.desire import build_desired, write_desired
 from edge_sdk.cloud.gc import collect_garbage
-from edge_sdk.cloud.publish import publish_release, release_files
+from edge_sdk.cloud.publish import publish_release
 from edge_sdk.cli import main
 
 
@@ -21,7 +21,7 @@ from edge_sdk.runtime.sync.topics import Topics
 
 
 def _chunks(release) -> set[str]:
-    return {c.sha256 for e in release_files(load_manifest(release)) for c in e.chunks}
+    return {c.sha256 for e in load_manifest(release).files() for c in e.chunks}
 
 
 def _on_broker(broker, fleet: str) -> tuple[set[str], set[str]]:

@@ -10,7 +10,7 @@ import pytest
 from edge_sdk.cli import main
 
 from edge_sdk.cloud.connection import collect_retained, connect
-from edge_sdk.cloud.publish import publish_release, release_files
+from edge_sdk.cloud.publish import publish_release
 from edge_sdk.errors import IntegrityError
 from edge_sdk.manifest import load_manifest
 from edge_sdk.runtime.sync.envelope import verify_envelope
@@ -26,7 +26,7 @@ def _ok(args: list[str]) -> None:
 
 
 def _chunks(release) -> dict[str, int]:
-    return {c.sha256: c.size for e in release_files(load_manifest(release)) for c in e.chunks}
+    return {c.sha256: c.size for e in load_manifest(release).files() for c in e.chunks}
 
 
 def test_publish_then_update_sends_only_new_chunks(mosquitto, sync_releases, release_keypair):

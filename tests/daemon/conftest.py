@@ -50,7 +50,9 @@ def write_config(folder: Path, models: list[dict], **sections) -> Path:
     config = {"device_id": "dev-test", "state_dir": str(folder / "state"), "http": {"port": 0}, "grpc": {"port": 0},
               "api": {"auth": {"anonymous_loopback": True}},
               "models": models, "policy": {"enabled": False}, "logging": {"format": "json"},
-              "drain_timeout_s": 20, "shutdown_timeout_s": 40, **sections}
+              "drain_timeout_s": 20, "shutdown_timeout_s": 40,
+              "sync": {"allow_unsigned": True},  # the test releases are unsigned unless a test says otherwise
+              **sections}
     path = folder / "edge.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
     return path

@@ -44,7 +44,8 @@ def test_example_prints_and_passes_check(tmp_path: Path) -> None:
 
 
 def test_relative_paths_resolve_against_the_file(tmp_path: Path) -> None:
-    config = load_config(write(tmp_path, GOOD))
+    config = load_config(write(tmp_path, GOOD + "sync:\n  public_key: keys/root.json\n"))
+    assert config.sync.public_key == tmp_path / "keys/root.json"
     assert config.state_dir == tmp_path / "state"
     assert config.models[0].release == tmp_path / "rel/fusion"
     assert config.http.host == "127.0.0.1" and config.sync.broker is None
@@ -110,7 +111,8 @@ SYNC = "sync:\n  broker: mqtt://127.0.0.1:1883\n  allow_unsigned: true\n"
      "pipelines.0.model (line 7): pipeline for model 'other'"),
     (GOOD + "pipelines:\n  - model: fusion\n    reference: cam\n    streams:\n      cam: {}\n",
      "pipelines.0.streams.cam (line 10): stream 'cam' is both"),
-    (GOOD + "sync:\n  broker: mqtt://127.0.0.1:1883\n", "sync.public_key (line 7): sync.broker is set"),
+    (GOOD + "sync:\n  broker: mqtt://127.0.0.1:1883\n", "sync.public_key (line 7): releases must be signed"),
+    (GOOD, "sync.public_key (line 1): releases must be signed"),  # local releases too
     (GOOD + "drain_timeout_s: 30\n", "drain_timeout_s (line 6): must be less than shutdown_timeout_s (20)"),
     # sync.broker is parsed the way the transport parses it.
     (GOOD + "sync:\n  broker: http://example.com\n  allow_unsigned: true\n", "sync.broker (line 7): broker URL 'http://example.com'"),

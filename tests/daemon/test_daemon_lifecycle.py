@@ -145,14 +145,15 @@ def test_loads_that_end_during_shutdown_are_not_served(fusion_release: Path, tmp
     first = daemon.load_model(config.models[0])
     assert first is not None and daemon.models.get("fusion") is first
     late = load_served(config.models[0], fusion_release, policy=config.policy)  # a swap still loading
+    synced = load_served(config.models[0], fusion_release, policy=config.policy)  # a synced release, self-tested
     daemon.stop()
     assert daemon.load_model(config.models[0]) is None  # no new load starts
-    assert daemon.on_release("fusion", fusion_release) is True  # on disk it stays active: no rollback
+    assert daemon.on_release(synced) is True  # on disk it stays active: no rollback
     assert daemon.reload() is False
     daemon.models.close()
     assert daemon.models.put(late) is False  # the swap lands after close: refused ...
     assert daemon.models.all() == []
-    for served in (first, late):  # ... and closed, like the model it would have replaced
+    for served in (first, late, synced):  # ... and closed, like the model it would have replaced
         with pytest.raises(edge_sdk.errors.EdgeSDKError, match="closed"):
             served.model.info()
 

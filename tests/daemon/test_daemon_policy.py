@@ -33,6 +33,9 @@ def test_memory_squeeze_steps_down_and_back_up(fusion_release: Path, tmp_path: P
                           policy={"enabled": True, "interval_s": 0.1, "min_dwell_s": 0.5, "resource_root": str(root)})
     daemon = start_daemon(config).wait_ready()
     assert precision(daemon) == "fp32"
+    # /metrics reads the figures the policy decides on (the same reader, here the simulated tree).
+    available = metric_value(httpx.get(daemon.url + "/metrics").text, "edge_resource_available_memory_bytes")
+    assert available == 8000 * 2**20
     # generic-x86_64: FP32 needs 1024 MB free, FP16 512 MB.
     write_meminfo(root, 700)
     wait_for(lambda: precision(daemon) == "fp16", what="step down to fp16")

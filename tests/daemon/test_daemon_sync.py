@@ -108,6 +108,9 @@ def test_sync_hot_swap_telemetry_and_offline(fusion_release: Path, fusion_v2: Pa
         text = httpx.get(daemon.url + "/metrics").text
         assert metric_value(text, "edge_model_active", model="fusion", version="2", backend="onnxruntime", precision="fp32") == 1.0
         assert metric_value(text, "edge_sync_results_total", status="activated") == 2.0
+        # Each synced release was loaded (hashed, self-tested) once: the self-test's load is what serves.
+        loads = [r["msg"] for r in daemon.log_records() if r["msg"].startswith("model fusion: loaded ")]
+        assert [m.split()[3] for m in loads] == ["v1", "v2"], loads
         daemon.signal(signal.SIGTERM)
         assert daemon.wait(30) == 0
         # 4. Offline-first: broker gone; the daemon starts from the synced store and queues telemetry.

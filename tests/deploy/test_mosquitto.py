@@ -71,7 +71,7 @@ def fleet_broker(mosquitto_factory, tmp_path: Path, make_certs):
 def client(broker, user: str, client_id: str | None = None, services: bool = False, pw: str | None = None) -> Transport:
     pw = pw or {**PASSWORDS, **SERVICES}[user]
     url = f"mqtts://{user}:{pw}@127.0.0.1:{broker.services if services else broker.port}"
-    return Transport(TransportConfig.from_url(url, client_id=client_id or user, tls=TlsConfig(ca_certs=broker.ca),
+    return Transport(TransportConfig.from_url(url, client_id=client_id or user, tls=TlsConfig(ca=broker.ca),
                                               reconnect_min_s=0.05, reconnect_max_s=0.3))
 
 

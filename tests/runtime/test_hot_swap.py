@@ -22,6 +22,8 @@ from edge_sdk.runtime.monitor import FakeSource
 from edge_sdk.runtime.policy import EventKind
 from edge_sdk.types import Precision
 
+from .conftest import ServedBy
+
 FP32, FP16, INT8 = Precision.FP32, Precision.FP16, Precision.INT8
 PROFILE = "intel-nuc"
 INPUTS = [np.random.default_rng(seed).random((1, 3, 32, 32), dtype=np.float32) for seed in range(4)]
@@ -42,10 +44,12 @@ def references(model: EdgeModel) -> dict[str, list[np.ndarray]]:
 
 
 class Callers:
-    """``n`` threads calling ``model.run_traced`` in a loop, checking each output as it comes."""
+    """``n`` threads calling ``model.run`` in a loop, checking each output as it comes against the
+    variant that served it."""
 
-    def __init__(self, model: EdgeModel, refs: dict[str, list[np.ndarray]], tolerance: dict[str, float], n: int = 4,
-                 fp32: str = "onnx-fp32", own_atol: float = 1e-5) -> None:
+    def __init__(self, served_by: ServedBy, model: EdgeModel, refs: dict[str, list[np.ndarray]],
+                 tolerance: dict[str, float], n: int = 4, fp32: str = "onnx-fp32", own_atol: float = 1e-5) -> None:
+        self.served_by = served_by
         self.model, self.refs, self.tolerance, self.fp32, self.own_atol = model, refs, tolerance, fp32, own_atol
         self.stop = threading.Event()
         self.errors: list[str] = []
@@ -59,7 +63,7 @@ class Callers:
         while not self.stop.is_set():
             k = i % len(INPUTS)
             try:
-                out, variant = self.model.run_traced({"image": INPUTS[k]})
+                out, variant = self.served_by.run(self.model, {"image": INPUTS[k]})
                 logits = out["logits"]
                 own = np.abs(logits - self.refs[variant.id][k]).max()
                 vs_fp32 = np.abs(logits - self.refs[self.fp32][k]).max()
@@ -136,7 +140,7 @@ def tracking_copy(release: Path, tmp_path: Path) -> Path:
     return folder
 
 
-def test_hundred_switches_under_four_calling_threads(cnn_release: Path, tmp_path: Path) -> None:
+def test_hundred_switches_under_four_calling_threads(cnn_release: Path, tmp_path: Path, served_by: ServedBy) -> None:
     # Real onnxruntime sessions that fail any call made after they were closed.
     folder = tracking_copy(cnn_release, tmp_path)
     TrackingBackend.sessions.clear()
@@ -146,7 +150,7 @@ def test_hundred_switches_under_four_calling_threads(cnn_release: Path, tmp_path
         assert set(refs) == {"onnx-fp32", "onnx-fp16", "onnx-int8"}
         cycle = [FP16, INT8, FP16, FP32, INT8, FP32]
         events = []
-        with Callers(model, refs, tolerances(cnn_release)) as callers:
+        with Callers(served_by, model, refs, tolerances(cnn_release)) as callers:
             for n in range(100):
                 target = cycle[n % len(cycle)]
                 source.set(available_memory_mb=LEVEL[target])
@@ -168,7 +172,8 @@ def test_hundred_switches_under_four_calling_threads(cnn_release: Path, tmp_path
         assert [s.closed for s in TrackingBackend.sessions].count(False) == 1
 
 
-def test_in_flight_call_finishes_on_the_old_session_which_closes_after(cnn_release: Path, tmp_path: Path) -> None:
+def test_in_flight_call_finishes_on_the_old_session_which_closes_after(cnn_release: Path, tmp_path: Path,
+                                                                       served_by: ServedBy) -> None:
     """Order: call in flight → swap completes without waiting → old still open → call returns → closed."""
     folder = tracking_copy(cnn_release, tmp_path)
     with EdgeModel.load(folder, profile=PROFILE, precision="fp32", monitor=False) as model:
@@ -186,13 +191,14 @@ def test_in_flight_call_finishes_on_the_old_session_which_closes_after(cnn_relea
 
         old._run_native = held
         result: dict = {}
-        caller = threading.Thread(target=lambda: result.update(zip(("out", "variant"), model.run_traced({"image": INPUTS[1]}))))
+        caller = threading.Thread(target=lambda: result.update(zip(("out", "variant"),
+                                                                    served_by.run(model, {"image": INPUTS[1]}))))
         caller.start()
         assert inside.wait(10)
         event = model.pin("int8")  # returns while the old call is still running
         assert event.to_precision == INT8 and model.precision == INT8
         assert not old.closed
-        out, variant = model.run_traced({"image": INPUTS[1]})
+        out, variant = served_by.run(model, {"image": INPUTS[1]})
         assert variant.precision == INT8
         hold.set()
         caller.join(10)
@@ -202,14 +208,14 @@ def test_in_flight_call_finishes_on_the_old_session_which_closes_after(cnn_relea
         assert not TrackingBackend.sessions[-1].closed
 
 
-def test_memory_too_tight_for_both_pauses_and_queues_calls(cnn_release: Path) -> None:
+def test_memory_too_tight_for_both_pauses_and_queues_calls(cnn_release: Path, served_by: ServedBy) -> None:
     # 60 MB free: FP32 may run (threshold 50 MB) but cannot hold a second session beside it.
     source = FakeSource(available_memory_mb=4096)
     settings = PolicySettings(thresholds={FP32: Thresholds(min_free_memory_mb=50)}, min_dwell_s=0)
     with EdgeModel.load(cnn_release, profile=PROFILE, monitor=source, policy=settings, interval_s=3600,
                         swap_reserve_mb=64) as model:
         refs = references(model)
-        with Callers(model, refs, tolerances(cnn_release)) as callers:
+        with Callers(served_by, model, refs, tolerances(cnn_release)) as callers:
             for n in range(10):
                 source.set(available_memory_mb=40.0 if n % 2 == 0 else 4096.0)
                 event = model.evaluate()
@@ -225,7 +231,7 @@ def test_memory_too_tight_for_both_pauses_and_queues_calls(cnn_release: Path) ->
         assert callers.served.get("onnx-fp16", 0) > 0 and callers.served.get("onnx-fp32", 0) > 0
 
 
-def test_failed_loads_under_load_keep_serving(cnn_release: Path, tmp_path: Path) -> None:
+def test_failed_loads_under_load_keep_serving(cnn_release: Path, tmp_path: Path, served_by: ServedBy) -> None:
     folder = tmp_path / "corrupt"
     shutil.copytree(cnn_release, folder)
     data = json.loads((folder / "manifest.json").read_text())
@@ -243,7 +249,7 @@ def test_failed_loads_under_load_keep_serving(cnn_release: Path, tmp_path: Path)
             refs[model.info().variant] = [model.run({"image": x})["logits"] for x in INPUTS]
         model.unpin()
         refs["onnx-int8"] = []
-        with Callers(model, refs, tolerances(cnn_release)) as callers:
+        with Callers(served_by, model, refs, tolerances(cnn_release)) as callers:
             failures = 0
             for n in range(10):
                 source.set(available_memory_mb=LEVEL[INT8] if n % 2 == 0 else LEVEL[FP32])
@@ -291,7 +297,8 @@ def all_backends_release(tmp_path_factory, cnn_path: Path, cnn_calibration_dir: 
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino", "tflite", "ncnn"])
-def test_hundred_switches_under_load_on_each_backend(all_backends_release: Path, backend: str) -> None:
+def test_hundred_switches_under_load_on_each_backend(all_backends_release: Path, backend: str,
+                                                     served_by: ServedBy) -> None:
     why = missing_runtime(backend)
     if why is not None:
         missing(f"{backend}: {why}")
@@ -306,7 +313,7 @@ def test_hundred_switches_under_load_on_each_backend(all_backends_release: Path,
         fp32 = next((v.id for v in variants if v.precision == FP32), None)
         assert fp32 is not None and set(refs) == {v.id for v in variants}
         precisions = model.plan.precisions
-        with Callers(model, refs, tolerances(all_backends_release), fp32=fp32, own_atol=1e-4) as callers:
+        with Callers(served_by, model, refs, tolerances(all_backends_release), fp32=fp32, own_atol=1e-4) as callers:
             for n in range(100):
                 event = model.pin(precisions[(n + 1) % len(precisions)])
                 assert event.error is None
@@ -365,8 +372,7 @@ def test_paused_swap_losing_both_variants_gives_a_clear_error_then_recovers(cnn_
         with pytest.raises(BackendError, match="reloading fp32 failed too"):
             model.pin("int8")
         # No closed session is left behind: callers get the reason as an SDK error.
-        for call in (lambda: model.run({"image": INPUTS[0]}), lambda: model.run_traced({"image": INPUTS[0]}),
-                     model.info, lambda: model.precision):
+        for call in (lambda: model.run({"image": INPUTS[0]}), model.info, lambda: model.precision):
             with pytest.raises(BackendError, match="no loaded variant: switching to int8 failed"):
                 call()
         fp32_file.write_bytes(good)

@@ -20,6 +20,7 @@ from collections.abc import Collection, Iterator
 
 from edge_sdk.errors import ConfigError
 from edge_sdk.manifest import ChunkRef
+from edge_sdk.types import ErrorKind
 
 from ..transport import Message
 from .base import Store, StoredChunk, StoreError, StoreOptions
@@ -52,7 +53,7 @@ class MqttStore(Store):
                 now = time.monotonic()
                 if now > deadline:
                     raise StoreError(f"chunk {ref.sha256[:12]}… did not arrive from the broker in time "
-                                     f"(not published, or the broker is unreachable)", "store_unreachable")
+                                     f"(not published, or the broker is unreachable)", ErrorKind.STORE_UNREACHABLE)
                 if now - asked > self.options.stall_s and self.transport.connected:
                     self.transport.unsubscribe(topic)
                     self.transport.subscribe(topic, box.put, qos=1)
@@ -68,7 +69,7 @@ class MqttStore(Store):
                     self.counters["oversized_messages"] += 1
                     raise StoreError(f"chunk {ref.sha256[:12]}…: {len(message.payload)}-byte message at {topic} is "
                                      f"over the {self.options.max_message_bytes}-byte cap; refused",
-                                     "oversized_message")
+                                     ErrorKind.OVERSIZED_MESSAGE)
                 self.counters["chunks_fetched"] += 1
                 self.counters["bytes_received"] += len(message.payload)
                 return message.payload
@@ -96,7 +97,7 @@ class MqttStore(Store):
         if len(data) > self.options.max_message_bytes:
             raise StoreError(f"chunk {sha256[:12]}… is {len(data)} bytes, over the broker's "
                              f"{self.options.max_message_bytes}-byte message cap: publish to an s3:// or http(s):// "
-                             "store, or raise the cap", "oversized_message")
+                             "store, or raise the cap", ErrorKind.OVERSIZED_MESSAGE)
         self._send(self.topics.blob(sha256), data)
         self.counters["chunks_put"] += 1
         self.counters["bytes_sent"] += len(data)
@@ -110,7 +111,7 @@ class MqttStore(Store):
                 self._unacked_chunks = self._unacked_bytes = 0
         # PUBACKs come in order, so waiting for one acknowledges every message sent before it.
         if not self.transport.publish(topic, payload, qos=1, retain=True, wait=60.0 if wait else None):
-            raise StoreError(f"broker did not take {topic} within 60s", "store_unreachable")
+            raise StoreError(f"broker did not take {topic} within 60s", ErrorKind.STORE_UNREACHABLE)
 
     def flush(self) -> None:
         with self._lock:
@@ -120,4 +121,4 @@ class MqttStore(Store):
         # An acknowledged QoS 1 message after the chunks acknowledges them all (PUBACKs are in order).
         probe = f"{self.topics.prefix}/_probe/{uuid.uuid4().hex}"
         if not self.transport.publish(probe, b"", qos=1, wait=60.0):
-            raise StoreError("broker did not acknowledge the published chunks within 60s", "store_unreachable")
+            raise StoreError("broker did not acknowledge the published chunks within 60s", ErrorKind.STORE_UNREACHABLE)

@@ -21,7 +21,7 @@ import pytest
 
 from edge_sdk.cloud.publish import publish_release
 from edge_sdk.manifest import load_manifest
-from edge_sdk.runtime.sync.client import SyncClient, SyncConfig, files_for, select_variants
+from edge_sdk.runtime.sync.client import SyncClient, SyncConfig, select_variants
 from edge_sdk.runtime.sync.releases import ReleaseStore
 
 FLEET = "plant1"
@@ -47,7 +47,7 @@ def _kill(proc: subprocess.Popen) -> None:
 
 def _device_chunks(release: Path) -> int:
     manifest = load_manifest(release)
-    return len({c.sha256 for e in files_for(manifest, select_variants(manifest, PROFILE)) for c in e.chunks})
+    return len({c.sha256 for e in manifest.files(select_variants(manifest, PROFILE)) for c in e.chunks})
 
 
 def test_kill_mid_fetch_then_resume_fetches_only_the_rest(mosquitto, sync_releases, release_keypair, tmp_path):

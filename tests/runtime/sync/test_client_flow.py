@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 from needs import missing, need_root
 
-from edge_sdk.cloud.publish import publish_release, release_files
+from edge_sdk.cloud.publish import publish_release
 from edge_sdk.errors import SyncError
 from edge_sdk.manifest import Manifest, load_manifest
-from edge_sdk.runtime.sync.client import SyncClient, SyncConfig, files_for, select_variants
+from edge_sdk.runtime.sync.client import SyncClient, SyncConfig, select_variants
 from edge_sdk.runtime.sync.envelope import seal
 from edge_sdk.runtime.sync.topics import Topics
 from edge_sdk.runtime.sync.transport import Transport, TransportConfig
-from edge_sdk.signing import generate_keypair, load_private_key, sign
+from edge_sdk.signing import generate_keypair, load_private_key
+from edge_sdk.trust import sign_release
 
 FLEET = "plant1"
 PROFILE = "intel-nuc"
@@ -31,7 +32,7 @@ def _client(broker, root: Path, public_key: Path, device: str = "cam-1", **kw) -
 
 def _device_chunks(release: Path) -> set[str]:
     manifest = load_manifest(release)
-    return {c.sha256 for e in files_for(manifest, select_variants(manifest, PROFILE)) for c in e.chunks}
+    return {c.sha256 for e in manifest.files(select_variants(manifest, PROFILE)) for c in e.chunks}
 
 
 def _reported(broker, device: str, until, timeout: float = 10.0) -> dict:
@@ -124,7 +125,7 @@ def test_bad_signature_rejected_before_parsing(published, sync_releases, release
     data = (v1 / "manifest.json").read_bytes()
     other_key, _ = generate_keypair(tmp_path / "other.key")
     payload = {
-        "wrong_key": seal(data, sign(data, load_private_key(other_key))),
+        "wrong_key": seal(data, sign_release(data, [load_private_key(other_key)])),
         "unsigned": seal(data, None),
         "flipped_byte": seal(data.replace(b'"version": 1', b'"version": 9'), (v1 / "manifest.sig").read_bytes()),
         "garbage": b"\x00\xffnot an envelope",
@@ -153,7 +154,7 @@ def test_bad_signature_rejected_before_parsing(published, sync_releases, release
 
 def test_corrupt_chunk_on_broker_is_refused_then_recovers(published, sync_releases, release_keypair, tmp_path):
     manifest = load_manifest(sync_releases["v1"])
-    victim = files_for(manifest, select_variants(manifest, PROFILE))[-1].chunks[-1]  # requested last
+    victim = manifest.files(select_variants(manifest, PROFILE))[-1].chunks[-1]  # requested last
     writer = Transport(TransportConfig.from_url(published.url, client_id="evil", session_expiry_s=0))
     writer.start()
     assert writer.wait_connected(5)
@@ -378,7 +379,7 @@ def test_signed_manifest_with_oversized_chunk_list_is_refused_end_to_end(publish
             if entry["path"] == victim:
                 entry["chunks"].append(dict(entry["chunks"][0]))  # real chunk, on the broker; too many bytes
     raw = json.dumps(data).encode()
-    _retain(published, Topics(FLEET).manifest("cnn", 7), seal(raw, sign(raw, load_private_key(release_keypair[0]))))
+    _retain(published, Topics(FLEET).manifest("cnn", 7), seal(raw, sign_release(raw, [load_private_key(release_keypair[0])])))
 
     config = SyncConfig(broker=published.url, fleet=FLEET, device="cam-1", root=tmp_path / "dev", profile=PROFILE,
                         public_key=release_keypair[1], retry_min_s=0.2, manifest_timeout_s=5.0)
@@ -407,7 +408,7 @@ def test_garbage_fleet_desired_and_cleared_blob_keep_the_client_running(publishe
 
     topics = Topics(FLEET)
     manifest = load_manifest(sync_releases["v1"])
-    victim = files_for(manifest, select_variants(manifest, PROFILE))[-1].chunks[-1]
+    victim = manifest.files(select_variants(manifest, PROFILE))[-1].chunks[-1]
     _retain(published, topics.blob(victim.sha256), b"")  # cleared, as gc does
     config = SyncConfig(broker=published.url, fleet=FLEET, device="cam-1", root=tmp_path / "dev", profile=PROFILE,
                         public_key=release_keypair[1], retry_min_s=0.2, stall_timeout_s=0.5)

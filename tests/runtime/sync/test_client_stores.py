@@ -17,7 +17,7 @@ from edge_sdk.cloud.desire import build_desired, write_desired
 from edge_sdk.cloud.publish import publish_release
 from edge_sdk.errors import SyncError
 from edge_sdk.manifest import load_manifest, write_manifest
-from edge_sdk.runtime.sync.client import SyncClient, SyncConfig, files_for, select_variants
+from edge_sdk.runtime.sync.client import SyncClient, SyncConfig, select_variants
 from edge_sdk.signing import load_private_key
 
 FLEET = "stores"
@@ -32,7 +32,7 @@ def device(broker, root: Path, pub: Path, **overrides) -> SyncClient:
 
 def device_chunks(release: Path) -> dict[str, int]:
     manifest = load_manifest(release)
-    return {c.sha256: c.size for e in files_for(manifest, select_variants(manifest, PROFILE)) for c in e.chunks}
+    return {c.sha256: c.size for e in manifest.files(select_variants(manifest, PROFILE)) for c in e.chunks}
 
 
 def logged_gets(nginx, at_least: int, timeout: float = 10.0) -> list:

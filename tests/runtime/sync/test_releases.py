@@ -10,7 +10,7 @@ import pytest
 from edge_sdk.errors import IntegrityError, SyncError
 from edge_sdk.manifest import load_manifest
 from edge_sdk.runtime.sync.chunk_store import ChunkStore
-from edge_sdk.runtime.sync.client import files_for, select_variants
+from edge_sdk.runtime.sync.client import select_variants
 from edge_sdk.runtime.sync.releases import ReleaseStore
 
 PROFILE = "intel-nuc"
@@ -18,7 +18,7 @@ PROFILE = "intel-nuc"
 
 def _stage(store: ReleaseStore, chunks: ChunkStore, release):
     manifest = load_manifest(release)
-    files = files_for(manifest, select_variants(manifest, PROFILE))
+    files = manifest.files(select_variants(manifest, PROFILE))
     for entry in files:
         data = (release / entry.path).read_bytes()
         offset = 0

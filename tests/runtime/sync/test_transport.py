@@ -242,7 +242,7 @@ def test_shared_subscription_splits_messages_between_workers(mosquitto):
 
 def test_client_certificate_auth_device_and_cli(mosquitto_factory, tmp_path, make_certs):
     """``require_certificate`` + ``use_identity_as_username``: the certificate is the identity,
-    for a device's Transport (TlsConfig.certfile/keyfile) and for the CLI (--cert/--key)."""
+    for a device's Transport (TlsConfig.cert/key) and for the CLI (--cert/--key)."""
     from edge_sdk.cli import main
     from edge_sdk.runtime.sync.transport import TlsConfig
 
@@ -260,11 +260,11 @@ def test_client_certificate_auth_device_and_cli(mosquitto_factory, tmp_path, mak
     url = f"mqtts://127.0.0.1:{broker.port}"
 
     def device(**tls) -> Transport:
-        return Transport(TransportConfig.from_url(url, client_id="d1", tls=TlsConfig(ca_certs=ca, **tls),
+        return Transport(TransportConfig.from_url(url, client_id="d1", tls=TlsConfig(ca=ca, **tls),
                                                   reconnect_min_s=0.05, reconnect_max_s=0.3))
 
     desired = Inbox()
-    dev = device(certfile=tmp_path / "d1.crt", keyfile=tmp_path / "d1.key")
+    dev = device(cert=tmp_path / "d1.crt", key=tmp_path / "d1.key")
     dev.subscribe(T.desired("d1"), desired)
     with dev:
         assert dev.wait_connected(10), dev.last_error
