@@ -81,7 +81,7 @@ class SyncConfig(StrictModel):
     prefix: str = ""
     tls: TlsConfig | None = None
     store: str = Field(MQTT_STORE, description="chunk store of models whose desired state names none")
-    store_ca: Path | None = Field(None, description="CA of https stores and S3 endpoints (default: tls.ca_certs)")
+    store_ca: Path | None = Field(None, description="CA of https stores and S3 endpoints (default: tls.ca)")
     store_timeout_s: float = Field(30.0, gt=0, description="per store request")
     store_retries: int = Field(5, ge=0, description="per chunk, with exponential backoff")
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=1024, description="largest MQTT chunk accepted")
@@ -470,7 +470,9 @@ class SyncClient:
             store = self._stores.get(url)
             if store is None:
                 tls = self.config.tls
-                options = StoreOptions(ca_certs=self.config.store_ca or (tls.ca_certs if tls else None),
+                # The fleet's TLS identity serves https stores too (the fleet CA, the device certificate).
+                options = StoreOptions(ca_certs=self.config.store_ca or (tls.ca if tls else None),
+                                       certfile=tls.cert if tls else None, keyfile=tls.key if tls else None,
                                        timeout_s=self.config.store_timeout_s, retries=self.config.store_retries,
                                        max_message_bytes=self.config.max_message_bytes,
                                        stall_s=self.config.stall_timeout_s, transport=self.transport, topics=self.topics)

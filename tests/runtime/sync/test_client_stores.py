@@ -224,3 +224,15 @@ def test_desired_store_reaches_the_report(mosquitto, nginx, sync_releases, relea
         assert client.wait_active("cnn", 1, 120)
     assert json.loads(json.dumps(client.twin.snapshot()))["models"]["cnn"]["release"]["version"] == 1
     assert all(r.method == "GET" for r in nginx.requests())
+
+
+def test_https_stores_use_the_fleet_tls_identity(mosquitto, release_keypair, tmp_path, make_certs):
+    from edge_sdk.runtime.sync.transport import TlsConfig
+
+    ca = make_certs(tmp_path, clients=("cam-1",))
+    tls = TlsConfig(ca=ca, cert=tmp_path / "cam-1.crt", key=tmp_path / "cam-1.key")
+    client = device(mosquitto, tmp_path / "dev", release_keypair[1], tls=tls)
+    options = client.store("https://cdn.example.com/chunks").options
+    assert (options.ca_certs, options.certfile, options.keyfile) == (tls.ca, tls.cert, tls.key)
+    own = device(mosquitto, tmp_path / "dev2", release_keypair[1], tls=tls, store_ca=tmp_path / "server.crt")
+    assert own.store("https://cdn.example.com/chunks").options.ca_certs == tmp_path / "server.crt"
