@@ -500,7 +500,7 @@ class SyncClient:
 
         try:
             fetch_missing(store, self.chunks, missing, deadline, workers=self.config.fetch_window, on_chunk=fetched,
-                          on_corrupt=refused)
+                          on_corrupt=refused, cancel=self._stop)
         except StoreError as exc:
             exc.counted = exc.kind == ErrorKind.CORRUPT_CHUNK  # type: ignore[attr-defined]  # each refusal was, in refused()
             raise

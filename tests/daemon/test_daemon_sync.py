@@ -176,7 +176,8 @@ def test_sigterm_during_a_download_exits_cleanly_and_keeps_the_old_release(
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(30) == 0
     assert time.monotonic() - started < 20
-    assert any("mid-transfer" in r["msg"] for r in daemon.log_records())
+    # The transfer was cut short: stopped by sync itself, or (if that took too long) by cutting the link.
+    assert any("stopped with" in r["msg"] or "mid-transfer" in r["msg"] for r in daemon.log_records())
     # The old release is still the active one on disk, and serves after a restart (broker gone).
     assert (tmp_path / "state" / "sync" / "current" / "fusion").resolve().name == "fusion@v1"
     mosquitto.kill()
