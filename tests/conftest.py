@@ -1,10 +1,10 @@
 """Shared fixtures: sample models generated in code, real releases, and real servers.
 
-Servers (classes in ``tests/servers.py``), each on free loopback ports in a temp folder, stopped
+Servers (classes in ``tests/support/servers.py``), each on free loopback ports in a temp folder, stopped
 after use: ``mosquitto``/``mosquitto_factory``; ``postgres`` (a fresh database URL on the session's
 ``postgres_server``) and ``postgres_factory`` (own clusters to stop or kill); ``nginx`` (serving
 ``nginx.root``) and ``nginx_factory``; ``seaweedfs`` (S3, session) with ``s3_bucket`` per test, and
-``seaweedfs_factory``. A missing program or package goes through the CI guard (``tests/needs.py``):
+``seaweedfs_factory``. A missing program or package goes through the CI guard (``tests/support/needs.py``):
 skipped on a laptop, failed under ``CI=1``.
 """
 

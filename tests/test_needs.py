@@ -1,4 +1,4 @@
-"""The CI guard (tests/needs.py): a missing dependency skips on a laptop and fails under CI=1."""
+"""The CI guard (tests/support/needs.py): a missing dependency skips on a laptop and fails under CI=1."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def test_not_applicable():
 def run_tiny(tmp_path: Path, ci: bool) -> str:
     (tmp_path / "test_tiny.py").write_text(TINY)
     env = {k: v for k, v in os.environ.items() if k != "CI"}
-    env["PYTHONPATH"] = str(TESTS)
+    env["PYTHONPATH"] = str(TESTS / "support")
     if ci:
         env["CI"] = "1"
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "test_tiny.py"],

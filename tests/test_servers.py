@@ -1,4 +1,4 @@
-"""The real servers the tests start (tests/servers.py): each answers, counts what it served, and
+"""The real servers the tests start (tests/support/servers.py): each answers, counts what it served, and
 keeps what it acknowledged across a crash."""
 
 from __future__ import annotations

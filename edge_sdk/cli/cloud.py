@@ -1,4 +1,4 @@
-"""`edge-sdk cloud publish|desire|gc|ingest`: the cloud side of fleet sync."""
+"""`edge-sdk cloud publish|desire|gc|ingest|status|rollout`: the cloud side of fleet sync."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import typer
 
 from .app import app
 
-cloud_app = typer.Typer(help="Cloud side: publish releases, set desired state, ingest telemetry.", no_args_is_help=True)
+cloud_app = typer.Typer(help="Cloud side: publish releases, set desired state, ingest telemetry, see the fleet, roll out.",
+                        no_args_is_help=True)
 app.add_typer(cloud_app, name="cloud")
 
 # Commands are added below by the modules' owners: publish/desire/gc (releases), ingest (telemetry).
@@ -269,3 +270,242 @@ def acl(
     else:
         write_atomic(output, text.encode())
         console.print(f"acl: {output} (reload Mosquitto with SIGHUP)", highlight=False)
+
+
+# --- fleet operations: `edge-sdk cloud status`, `edge-sdk cloud rollout …` -------------------------
+_GROUP = typer.Option([], "--group", help="Only devices with this label (label=value; profile=… too), repeatable.")
+
+
+def _print_table(title: str, rows: list[dict], columns: list[str]) -> None:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column, no_wrap=True)
+    for row in rows:
+        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
+    console.print(table)
+
+
+@cloud_app.command("status")
+def fleet_status(
+    broker: str = _BROKER,
+    fleet: str = _FLEET,
+    model: str = typer.Option(None, "--model", help="Only devices that report this model."),
+    group: list[str] = _GROUP,
+    stale_after: float = typer.Option(300.0, "--stale-after", help="Seconds without a report before a device is stale."),
+    prefix: str = _PREFIX,
+    ca: Path = _CA,
+    cert: Path = _CERT,
+    key: Path = _KEY,
+    as_json: bool = typer.Option(False, "--json", help="Print devices, summary and garbage as JSON."),
+) -> None:
+    """The fleet from retained reported state: one row per device and model, a summary per release and profile."""
+    from ..cloud.connection import connect
+    from ..cloud.fleet import parse_group, read_fleet, report_json
+    from ..runtime.sync.topics import Topics
+
+    labels = parse_group(group)
+    topics = Topics(fleet, prefix)
+    with connect(broker, "status", _tls(ca, cert, key)) as transport:
+        view = read_fleet(transport, topics, stale_after_s=stale_after)
+    if as_json:
+        typer.echo(report_json(view, model, labels))
+        return
+    rows = view.rows(model, labels)
+    for row in rows:
+        row["age"] = f"{row['age_s']:.0f}s" if row["age_s"] is not None else None
+        row["labels"] = ",".join(f"{k}={v}" for k, v in row["labels"].items()) or None
+    _print_table(f"fleet {fleet}: {len({r['device'] for r in rows})} devices", rows,
+                 ["device", "model", "version", "backend", "precision", "health", "p50_ms", "outbox_depth", "age",
+                  "profile", "labels", "reason"])
+    summary = view.summary(model, labels)
+    for row in summary:
+        row["health"] = ", ".join(f"{k} {v}" for k, v in sorted(row["health"].items()))
+        row["backends"] = ", ".join(f"{k} {v}" for k, v in row["backends"].items())
+        row["precisions"] = ", ".join(f"{k} {v}" for k, v in row["precisions"].items())
+    _print_table("per release and profile", summary,
+                 ["model", "version", "profile", "devices", "health", "p50_ms_median", "backends", "precisions"])
+    if view.garbage:
+        console.print(f"{len(view.garbage)} devices reported unreadable state (left out): "
+                      + "; ".join(f"{d}: {why}" for d, why in sorted(view.garbage.items())[:5]), highlight=False)
+
+
+rollout_app = typer.Typer(help="Staged rollouts that halt themselves: start, status, pause, resume, abort.",
+                          no_args_is_help=True)
+cloud_app.add_typer(rollout_app, name="rollout")
+
+
+def _default_state() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("edge-sdk")) / "rollouts.db"
+
+
+_STATE = typer.Option(None, "--state", help="Rollout state file (SQLite; default: the user data folder).")
+_POLL = typer.Option(2.0, "--poll", min=0.1, help="Seconds between checks of the fleet.")
+
+
+def _store(state: Path | None):
+    from ..cloud.rollout import RolloutStore
+
+    return RolloutStore(state or _default_state())
+
+
+def _drive(store, transport, rollout_id: str, poll: float) -> None:
+    from ..cloud.rollout import RolloutController, RolloutState, rollout_status
+
+    last: list[str] = []
+
+    def tick(_state) -> None:
+        events = [e["message"] for e in rollout_status(store, rollout_id)["events"]]
+        for message in events[len(last):]:
+            console.print(f"rollout {rollout_id}: {message}", highlight=False)
+        last[:] = events
+
+    state = RolloutController(store, transport, rollout_id).run(poll_s=poll, on_tick=tick)
+    if state in (RolloutState.HALTED, RolloutState.ABORTED):
+        from ..errors import SyncError
+
+        raise SyncError(f"rollout {rollout_id} {state.value}: {store.get(rollout_id).reason}")
+    if state is RolloutState.PAUSED:
+        console.print(f"rollout {rollout_id} paused; continue with `edge-sdk cloud rollout resume {rollout_id}`",
+                      highlight=False)
+
+
+@rollout_app.command("start")
+def rollout_start(
+    broker: str = _BROKER,
+    fleet: str = _FLEET,
+    model: str = typer.Option(..., "--model", help="Model to roll out."),
+    version: int = typer.Option(..., "--version", min=1, help="Release version (published already)."),
+    canary: str = typer.Option(None, "--canary", help="First wave: these devices (comma-separated)."),
+    wave: list[str] = typer.Option([], "--wave", help="Next wave: N% (cumulative), label=value, or device ids; repeatable."),
+    group: list[str] = _GROUP,
+    store_url: str = typer.Option(None, "--store", help="Chunk store of the release (default: each device's own)."),
+    max_failure: float = typer.Option(0.0, "--max-failure", help="Halt when more than this share of a wave fails (0-1)."),
+    max_error_rate: float = typer.Option(0.05, "--max-error-rate", help="A device with more failed calls fails (0-1)."),
+    max_p99_ms: float = typer.Option(None, "--max-p99-ms", help="A device whose measured p99 is higher fails."),
+    min_calls: int = typer.Option(0, "--min-calls", min=0, help="Calls a device must serve before it can pass."),
+    soak: float = typer.Option(60.0, "--soak", min=0.0, help="Seconds a device must run the release within bounds."),
+    wave_timeout: float = typer.Option(900.0, "--wave-timeout", help="A device not through by then fails."),
+    rollout_id: str = typer.Option(None, "--id", help="Rollout id (default: <model>-v<version>-<random>)."),
+    detach: bool = typer.Option(False, "--detach", help="Only plan and record it; drive it with `rollout resume`."),
+    state: Path = _STATE,
+    poll: float = _POLL,
+    prefix: str = _PREFIX,
+    ca: Path = _CA,
+    cert: Path = _CERT,
+    key: Path = _KEY,
+) -> None:
+    """Plan a rollout from the fleet view and drive it wave by wave until done, halted or paused."""
+    from ..cloud.connection import connect
+    from ..cloud.fleet import parse_group
+    from ..cloud.rollout import HealthBounds, RolloutSpec, Wave, rollout_status, start_rollout
+    from ..errors import ConfigError
+    from ..runtime.sync.topics import Topics
+
+    waves = ([Wave.parse(canary)] if canary else []) + [Wave.parse(w) for w in wave]
+    if not waves:
+        raise ConfigError("give the waves: --canary DEVICES and/or --wave N% | label=value | DEVICES")
+    try:
+        bounds = HealthBounds(max_error_rate=max_error_rate, max_p99_ms=max_p99_ms, min_calls=min_calls,
+                              soak_s=soak, wave_timeout_s=wave_timeout)
+    except ValueError as exc:
+        from ..config import describe_validation_error
+
+        raise ConfigError(describe_validation_error("rollout bounds", exc)) from None
+    spec = RolloutSpec.build(model=model, version=version, waves=waves, group=parse_group(group), store=store_url,
+                             max_failure=max_failure, bounds=bounds)
+    store = _store(state)
+    with connect(broker, "rollout", _tls(ca, cert, key)) as transport:
+        rollout = start_rollout(store, transport, Topics(fleet, prefix), spec, rollout_id)
+        status = rollout_status(store, rollout.id)
+        console.print(f"rollout {rollout.id}: {model} v{version} in {len(status['waves'])} waves "
+                      f"({', '.join(str(w['devices']) for w in status['waves'])} devices)", highlight=False)
+        if not detach:
+            _drive(store, transport, rollout.id, poll)
+
+
+@rollout_app.command("resume")
+def rollout_resume(
+    rollout_id: str = typer.Argument(..., help="Rollout id."),
+    broker: str = _BROKER,
+    state: Path = _STATE,
+    poll: float = _POLL,
+    ca: Path = _CA,
+    cert: Path = _CERT,
+    key: Path = _KEY,
+) -> None:
+    """Continue a paused rollout, or one whose controller was stopped or killed."""
+    from ..cloud.connection import connect
+    from ..cloud.rollout import RolloutState
+
+    store = _store(state)
+    store.set_state(rollout_id, RolloutState.RUNNING, "resumed", only_from=(RolloutState.PAUSED,))
+    with connect(broker, "rollout", _tls(ca, cert, key)) as transport:
+        _drive(store, transport, rollout_id, poll)
+
+
+@rollout_app.command("pause")
+def rollout_pause(rollout_id: str = typer.Argument(..., help="Rollout id."), state: Path = _STATE) -> None:
+    """Stop advancing (a running controller stops at its next check); devices keep their desired state."""
+    from ..cloud.rollout import RolloutState
+    from ..errors import ConfigError
+
+    store = _store(state)
+    if not store.set_state(rollout_id, RolloutState.PAUSED, "paused by the operator", only_from=(RolloutState.RUNNING,)):
+        raise ConfigError(f"rollout {rollout_id} is {store.get(rollout_id).state.value}, not running")
+    console.print(f"rollout {rollout_id} paused", highlight=False)
+
+
+@rollout_app.command("abort")
+def rollout_abort(
+    rollout_id: str = typer.Argument(..., help="Rollout id."),
+    broker: str = _BROKER,
+    state: Path = _STATE,
+    ca: Path = _CA,
+    cert: Path = _CERT,
+    key: Path = _KEY,
+) -> None:
+    """End the rollout and set every device it touched back to its previous release."""
+    from ..cloud.connection import connect
+    from ..cloud.rollout import RolloutController, RolloutState
+    from ..errors import ConfigError
+
+    store = _store(state)
+    if not store.set_state(rollout_id, RolloutState.ABORTED, "aborted by the operator",
+                           only_from=(RolloutState.RUNNING, RolloutState.PAUSED)):
+        raise ConfigError(f"rollout {rollout_id} is already {store.get(rollout_id).state.value}")
+    with connect(broker, "rollout", _tls(ca, cert, key)) as transport:
+        RolloutController(store, transport, rollout_id).step()
+    console.print(f"rollout {rollout_id} aborted; touched devices set back", highlight=False)
+
+
+@rollout_app.command("status")
+def rollout_show(
+    rollout_id: str = typer.Argument(None, help="Rollout id (default: list every rollout)."),
+    state: Path = _STATE,
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:
+    """A rollout's state, waves, per-device verdicts and history (or the list of rollouts)."""
+    from ..cloud.rollout import rollout_status
+
+    store = _store(state)
+    if rollout_id is None:
+        rows = [{"id": r.id, "model": r.spec.model, "version": r.spec.version, "state": r.state.value,
+                 "wave": f"{r.wave + 1}/{r.waves}", "reason": r.reason} for r in store.list()]
+        if as_json:
+            typer.echo(_json.dumps(rows, indent=2))
+        else:
+            _print_table("rollouts", rows, ["id", "model", "version", "state", "wave", "reason"])
+        return
+    status = rollout_status(store, rollout_id)
+    if as_json:
+        typer.echo(_json.dumps(status, indent=2))
+        return
+    console.print(f"rollout {status['id']}: {status['model']} v{status['version']} — {status['state']}"
+                  + (f" ({status['reason']})" if status["reason"] else ""), highlight=False)
+    _print_table("waves", [{**w, "steps": ", ".join(f"{k} {v}" for k, v in w["steps"].items())} for w in status["waves"]],
+                 ["wave", "devices", "steps"])
+    _print_table("devices", status["devices"], ["device", "wave", "step", "previous_version", "verdict"])

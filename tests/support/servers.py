@@ -2,7 +2,7 @@
 
 Each runs as a child process on free loopback ports, with its config, data and logs in a folder of
 its own, and is stopped (or killed) by whoever started it: the fixtures in ``tests/conftest.py``,
-or a benchmark (``sys.path.insert(0, "tests")``). No pytest here: a missing program raises
+or a benchmark (``sys.path.insert(0, "tests/support")``). No pytest here: a missing program raises
 :class:`ServerUnavailable`, which the fixtures turn into the CI guard's :func:`needs.missing`.
 
 Every class has ``start()`` (waits until it answers), ``stop()`` (clean, SIGTERM), ``kill()``

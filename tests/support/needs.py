@@ -6,7 +6,7 @@ broken setup instead of testing it. A skip that is not about a missing dependenc
 one core, a part is installed so the "without it" case cannot run) goes through
 :func:`not_applicable`, which always skips and says so.
 
-Tests import these directly (``from needs import need_module``; ``tests/`` is on pytest's
+Tests import these directly (``from needs import need_module``; ``tests/support`` is on pytest's
 ``pythonpath``); ``tests/test_needs.py`` checks that nothing else in ``tests/`` skips.
 """
 
