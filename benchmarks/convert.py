@@ -72,7 +72,8 @@ def _rows(release: Path, manifest: Manifest, feeds, runs: int, label: str, accur
         ref_ms, ms = _paired_latency(reference, session, feeds, runs)
         row = {
             "variant": f"{label}{variant.id}", "precision": variant.precision.value, "status": variant.status,
-            "reason": variant.reason, "size_bytes": variant.size_bytes,
+            "reason": variant.reason, "recipe": variant.validation.recipe, "gate_speed": variant.validation.speed,
+            "gate_latency_ratio_ci": variant.validation.latency_ratio_ci, "size_bytes": variant.size_bytes,
             "size_ratio": round(variant.size_bytes / fp32.size_bytes, 4),
             "latency_ms": round(ms, 4), "fp32_latency_ms": round(ref_ms, 4), "latency_ratio": round(ms / ref_ms, 4),
             "max_abs_error": variant.validation.max_abs_error, "cosine": variant.validation.cosine_similarity,
@@ -142,7 +143,7 @@ def bench_centerface(work: Path, runs: int, size: int, quick: bool) -> dict:
             rows = [r for r in rows if r.get("precision") in ("int8", "mixed") or r["variant"].endswith(("int8", "mixed"))]
         else:
             defaults = manifest.defaults
-        mixed = manifest.report.mixed_precision.get("onnx") if label == "per-tensor" else None
+        mixed = manifest.report.sensitivity.get("onnx-mixed") if label == "per-tensor" else None
         if mixed is not None:
             for row in rows:
                 if row["variant"].endswith("mixed"):

@@ -29,15 +29,11 @@ from pathlib import Path
 
 
 def _load_servers():
-    """tests/servers.py (real servers), loaded by path: with tests/ on sys.path, the namespace
-    folder tests/edge_sdk would shadow the installed package."""
-    import importlib.util
+    """tests/support/servers.py (real servers); tests/support has no package folder to shadow edge_sdk."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
+    import servers
 
-    spec = importlib.util.spec_from_file_location("servers", Path(__file__).resolve().parents[1] / "tests" / "servers.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["servers"] = module
-    spec.loader.exec_module(module)
-    return module
+    return servers
 
 
 servers = _load_servers()

@@ -136,6 +136,40 @@ def load_samples(path: Path | str | None, inputs: Sequence[TensorSpec], *, rando
     return source_for(path, image_options).read(inputs)
 
 
+def is_random(spec: object) -> bool:
+    """Whether a calibration/validation spec asks for random data (``"random"`` / ``"random:N"``)."""
+    return isinstance(spec, str) and (spec == "random" or spec.startswith("random:"))
+
+
+def split_held_out(samples: SampleSet, limit: int, seed: int = 0) -> tuple[SampleSet, SampleSet]:
+    """(calibration, validation): a seeded, disjoint split, so the gate judges on data calibration did not see.
+
+    A quarter goes to validation (at least 8 when there are 16 or more, at most ``limit``); fewer
+    than 2 samples cannot be split and both sets are the same object.
+    """
+    count = len(samples.samples)
+    if count < 2:
+        return samples, samples
+    held = min(limit, max(count // 4, min(8, count // 2)))
+    order = np.random.default_rng(seed).permutation(count)
+    validation, calibration = sorted(order[:held].tolist()), sorted(order[held:].tolist())
+    return _pick(samples, calibration, "calibration split"), _pick(samples, validation, "held out")
+
+
+def subset(samples: SampleSet, limit: int, seed: int = 0) -> SampleSet:
+    """At most ``limit`` samples, a seeded choice that keeps their order (the same every run)."""
+    count = len(samples.samples)
+    if count <= limit:
+        return samples
+    return _pick(samples, sorted(np.random.default_rng(seed).permutation(count)[:limit].tolist()), f"{limit} of {count}")
+
+
+def _pick(samples: SampleSet, indices: Sequence[int], what: str) -> SampleSet:
+    names = [samples.names[i] for i in indices] if samples.names else []
+    return SampleSet([samples.samples[i] for i in indices], f"{samples.source} ({what}: {len(indices)})", names,
+                     list(samples.warnings))
+
+
 def _listing(path: Path, suffixes: tuple[str, ...]) -> list[Path]:
     if path.is_file():
         return [path]
@@ -151,7 +185,10 @@ def random_samples(inputs: Sequence[TensorSpec], count: int, seed: int = 0) -> S
 
 
 def _random_array(spec: TensorSpec, rng: np.random.Generator) -> np.ndarray:
-    shape = [int(d) for d in spec.shape]
+    shape = _shape(spec)
+    if None in shape:
+        raise ConfigError(f"random samples for input {spec.name!r}: its shape {spec.shape} has dynamic dims; "
+                          f"pass --input-shape {spec.name}=...")
     dtype = np.dtype(spec.dtype)
     if dtype.kind == "f":
         return np.asarray(rng.standard_normal(shape).astype(dtype))
@@ -176,7 +213,8 @@ def _read_arrays(file: Path, inputs: Sequence[TensorSpec]) -> list[Feeds]:
             if missing:
                 raise ConfigError(f"calibration {file}: missing arrays for inputs {missing} (has {loaded.files})")
             per_input = {s.name: loaded[s.name] for s in inputs}
-    counts = {spec.name: _sample_count(file, spec, per_input[spec.name]) for spec in inputs}
+    layouts = {spec.name: _stacking(file, spec, per_input[spec.name]) for spec in inputs}
+    counts = {name: count for name, (count, _) in layouts.items()}
     if len(set(counts.values())) != 1:
         raise ConfigError(f"calibration {file}: inputs hold different sample counts {counts}")
     count = next(iter(counts.values()))
@@ -185,27 +223,35 @@ def _read_arrays(file: Path, inputs: Sequence[TensorSpec]) -> list[Feeds]:
         sample = {}
         for spec in inputs:
             array = per_input[spec.name]
-            # A stacked file holds N samples along a new leading axis (or along a batch axis of 1).
-            sample[spec.name] = array if count == 1 and list(array.shape) == _shape(spec) else array[i:i + 1].reshape(_shape(spec))
+            _, stacked = layouts[spec.name]
+            # A stacked file holds N samples along a new leading axis, or along a batch axis of 1.
+            sample[spec.name] = array if stacked is None else array[i] if stacked == "new" else array[i:i + 1]
         samples.append(sample)
     return samples
 
 
-def _shape(spec: TensorSpec) -> list[int]:
-    return [int(d) for d in spec.shape]
+def _shape(spec: TensorSpec) -> list[int | None]:
+    """The input's shape, None where a dim is still symbolic (any size fits there)."""
+    return [d if isinstance(d, int) and d > 0 else None for d in spec.shape]
 
 
-def _sample_count(file: Path, spec: TensorSpec, array: np.ndarray) -> int:
+def _fits(shape: Sequence[int], wanted: Sequence[int | None]) -> bool:
+    return len(shape) == len(wanted) and all(w is None or s == w for s, w in zip(shape, wanted))
+
+
+def _stacking(file: Path, spec: TensorSpec, array: np.ndarray) -> tuple[int, str | None]:
+    """(samples in ``array``, how they are stacked: None one sample, "batch" on a batch axis of 1, "new" on a new axis)."""
     shape = _shape(spec)
     if array.dtype != np.dtype(spec.dtype):
         raise ConfigError(f"calibration {file}: input {spec.name!r} has dtype {array.dtype}, the model expects {spec.dtype}")
-    if list(array.shape) == shape:
-        return 1
-    if shape and shape[0] == 1 and array.ndim == len(shape) and list(array.shape[1:]) == shape[1:]:
-        return array.shape[0]  # N samples stacked along the batch axis
-    if array.ndim == len(shape) + 1 and list(array.shape[1:]) == shape:
-        return array.shape[0]
-    raise ConfigError(f"calibration {file}: input {spec.name!r} has shape {list(array.shape)}, the model expects {shape}")
+    if _fits(array.shape, shape):
+        return 1, None
+    if shape and shape[0] == 1 and _fits(array.shape[1:], shape[1:]):
+        return array.shape[0], "batch"  # N samples stacked along the batch axis
+    if array.ndim == len(shape) + 1 and _fits(array.shape[1:], shape):
+        return array.shape[0], "new"
+    raise ConfigError(f"calibration {file}: input {spec.name!r} has shape {list(array.shape)}, the model expects "
+                      f"{[d if d is not None else spec.shape[i] for i, d in enumerate(shape)]}")
 
 
 def _read_image(file: Path, inputs: Sequence[TensorSpec], options: ImageOptions) -> Feeds:
@@ -218,6 +264,9 @@ def _read_image(file: Path, inputs: Sequence[TensorSpec], options: ImageOptions)
                           f"got {[(s.name, s.shape) for s in inputs]}")
     spec = inputs[0]
     shape = _shape(spec)
+    if None in shape[1:]:
+        raise ConfigError(f"calibration {file}: input {spec.name!r} has dynamic dims {spec.shape}; image folders need "
+                          f"its size: pass --input-shape {spec.name}=1,3,H,W (or the NHWC form)")
     layout = options.layout or (Layout.NCHW if shape[1] in (1, 3) else Layout.NHWC)
     channels, height, width = (shape[1], shape[2], shape[3]) if layout == Layout.NCHW else (shape[3], shape[1], shape[2])
     if channels not in (1, 3):

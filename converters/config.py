@@ -28,7 +28,7 @@ from .calibration import ImageOptions
 from .loader import parse_input_shapes
 from .prune import PruneConfig
 from .targets.base import CalibrationMethod, Feeds
-from .validate import TaskMetric
+from .metrics import BUILTIN, TaskMetric
 
 # A folder or file of .npy/.npz/images, "random" / "random:N", or samples given in code.
 DataSource = Union[Path, str, Sequence[Feeds]]
@@ -80,6 +80,7 @@ class QuantizationConfig:
     calibration: DataSource | None = None
     method: CalibrationMethod = CalibrationMethod.MINMAX
     per_channel: bool = True
+    limit: int = 128  # at most this many calibration samples (a seeded subset, the same every run)
     # Accuracy-aware INT8 with the most sensitive nodes in FP32, when plain INT8 misses the budget.
     mixed_precision: bool = True
 
@@ -95,9 +96,9 @@ class QuantizationConfig:
 class ValidationConfig:
     """What each variant is judged on against FP32, and how its latency is measured."""
 
-    data: DataSource | None = None  # default: the calibration samples
+    data: DataSource | None = None  # default: a held-out split of the calibration samples
     labels: Path | str | Sequence[int] | np.ndarray | None = None  # class labels -> top-1 accuracy as the task metric
-    metric: TaskMetric | None = None
+    metric: TaskMetric | str | None = None  # or "top1", "cosine", "f1", "module:function"; None: by output kind
     max_accuracy_drop: float = 1.0  # points of the task metric (else top-1 agreement, else cosine x 100)
     latency_runs: int = 50
     latency_threads: int | None = 1  # one thread: ratios are stabler on a shared build machine
@@ -115,8 +116,10 @@ class ValidationConfig:
             raise ConfigError(f"latency_runs {self.latency_runs}: must be >= 1")
         if self.limit < 1:
             raise ConfigError(f"validation_limit {self.limit}: must be >= 1")
-        if self.labels is not None and self.metric is not None:
+        if self.labels is not None and self.metric is not None and self.metric != "top1":
             raise ConfigError("give labels or a task metric, not both")
+        if isinstance(self.metric, str) and self.metric not in BUILTIN and ":" not in self.metric:
+            raise ConfigError(f"--metric {self.metric!r}: expected one of {', '.join(BUILTIN)} or module:function")
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,7 @@ OPTIONS: dict[str, tuple[str | None, str]] = {
     "calibration_method": ("quantization", "method"),
     "per_channel": ("quantization", "per_channel"),
     "mixed_precision": ("quantization", "mixed_precision"),
+    "calibration_limit": ("quantization", "limit"),
     "validation": ("validation", "data"),
     "labels": ("validation", "labels"),
     "metric": ("validation", "metric"),

@@ -9,7 +9,9 @@ input dimensions without ``input_shapes``. Opsets below 13 are upgraded with
 
 from __future__ import annotations
 
+import functools
 import hashlib
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ from onnx import external_data_helper, helper
 
 from ..errors import ConfigError, ModelError
 from ..manifest import TensorSpec
+from .targets.base import ModelFacts
 
 MIN_OPSET = 13  # per-channel DequantizeLinear
 OLDEST_UPGRADABLE = 7  # onnx.version_converter has no adapters below this
@@ -39,6 +42,44 @@ class LoadedModel:
 
     def load(self) -> onnx.ModelProto:
         return onnx.load(str(self.path))
+
+    @functools.cached_property
+    def facts(self) -> ModelFacts:
+        return model_facts(self.load())
+
+
+def model_facts(model: onnx.ModelProto) -> ModelFacts:
+    """Op counts and weight parameters per op type, subgraph bodies included (recipes decide on them)."""
+    ops: Counter[str] = Counter()
+    weights: Counter[str] = Counter()
+    sizes = {t.name: int(np.prod(t.dims)) for t in _all_initializers(model.graph)}
+    inside = 0
+
+    def walk(graph: onnx.GraphProto, depth: int) -> None:
+        nonlocal inside
+        for node in graph.node:
+            ops[node.op_type] += 1
+            inside += depth > 0
+            if node.op_type == "Constant":  # exporters that write weights as Constant nodes
+                value = next((a.t for a in node.attribute if a.name == "value" and a.HasField("t")), None)
+                sizes[node.output[0]] = int(np.prod(value.dims)) if value is not None else 0
+            weights[node.op_type] += sum(sizes.get(name, 0) for name in node.input)
+            for attribute in node.attribute:
+                for body in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                    walk(body, depth + 1)
+
+    walk(model.graph, 0)
+    floats = sum(1 for v in _graph_inputs(model) if v.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16))
+    return ModelFacts(op_counts=dict(ops), weight_params=dict(weights), subgraph_nodes=inside, float_inputs=floats)
+
+
+def _all_initializers(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
+    found = list(graph.initializer)
+    for node in graph.node:
+        for attribute in node.attribute:
+            for body in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                found.extend(_all_initializers(body))
+    return found
 
 
 def parse_input_shapes(specs: Sequence[str] | Mapping[str, Sequence[int]] | None) -> dict[str, tuple[int, ...]]:
@@ -67,7 +108,61 @@ def parse_input_shapes(specs: Sequence[str] | Mapping[str, Sequence[int]] | None
 
 
 def load_model(path: Path | str, work_dir: Path, input_shapes: Mapping[str, Sequence[int]] | None = None) -> LoadedModel:
-    """Check ``path`` and write a static-shape, opset ≥ 13, self-contained copy into ``work_dir``."""
+    """Check ``path`` and write a static-shape, opset >= 13, self-contained copy into ``work_dir``."""
+    return read_model(path, input_shapes).finish(work_dir)
+
+
+@dataclass
+class SourceModel:
+    """A parsed, checked model whose inputs may still have symbolic dims (the samples may fix them).
+
+    :func:`read_model` fixes what ``--input-shape`` says and a dynamic leading batch dim (to 1);
+    :meth:`finish` fixes the rest from the shapes the samples have, resolves every output and
+    intermediate shape, and saves the model (:class:`LoadedModel`).
+    """
+
+    path: Path
+    model: onnx.ModelProto
+    source_sha256: str
+    source_opset: int
+    notes: list[str]
+    changed: bool = False  # an input shape was fixed: stale intermediate shapes must be re-inferred
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return [_spec(v) for v in _graph_inputs(self.model)]
+
+    def finish(self, work_dir: Path, observed: Mapping[str, Sequence[Sequence[int]]] | None = None,
+               samples: Sequence[dict[str, np.ndarray]] = ()) -> LoadedModel:
+        """Fix the remaining symbolic input dims from ``observed`` sample shapes, resolve the rest, save."""
+        model = self.model
+        for value in _graph_inputs(model):
+            if _fix_from_samples(self.path, value, (observed or {}).get(value.name, ()), self.notes):
+                self.changed = True
+        if self.changed:
+            # Stale intermediate/output shapes would contradict the new input shapes: re-infer them.
+            del model.graph.value_info[:]
+            for output in model.graph.output:
+                for dim in output.type.tensor_type.shape.dim:
+                    dim.Clear()  # unknown again; shape inference fills it from the new input shapes
+        try:
+            onnx.checker.check_model(model)
+            model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+            raise ModelError(f"{self.path}: invalid ONNX model: {_first_line(exc)}") from None
+        out = work_dir / "model.fp32.onnx"
+        onnx.save(model, str(out))
+        _check_runs(self.path, out)
+        if _symbolic(model):
+            model = _shapes_from_a_run(model, out, samples, self.notes)
+            onnx.save(model, str(out))
+        return LoadedModel(path=out, inputs=[_spec(v) for v in _graph_inputs(model)],
+                           outputs=[_spec(v) for v in model.graph.output], source_sha256=self.source_sha256,
+                           opset=_default_opset(model), source_opset=self.source_opset, notes=self.notes)
+
+
+def read_model(path: Path | str, input_shapes: Mapping[str, Sequence[int]] | None = None) -> SourceModel:
+    """Parse and check ``path``; apply ``input_shapes`` and fix a dynamic leading (batch) dim to 1."""
     path = Path(path)
     if not path.exists():
         raise ModelError(f"{path}: no such file")
@@ -81,25 +176,9 @@ def load_model(path: Path | str, work_dir: Path, input_shapes: Mapping[str, Sequ
     model = _upgrade(path, model, source_opset, notes)
     _initializers_out_of_inputs(model, notes)
     _name_nodes(model, notes)
-    input_shapes = dict(input_shapes or {})
-    _fix_input_shapes(path, model, input_shapes, notes)
-    try:
-        onnx.checker.check_model(model)
-        model = onnx.shape_inference.infer_shapes(model)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise ModelError(f"{path}: invalid ONNX model: {_first_line(exc)}") from None
-    out = work_dir / "model.fp32.onnx"
-    onnx.save(model, str(out))
-    _check_runs(path, out)
-    return LoadedModel(
-        path=out,
-        inputs=[_spec(v) for v in _graph_inputs(model)],
-        outputs=[_spec(v) for v in model.graph.output],
-        source_sha256=hashlib.sha256(data).hexdigest(),
-        opset=_default_opset(model),
-        source_opset=source_opset,
-        notes=notes,
-    )
+    source = SourceModel(path, model, hashlib.sha256(data).hexdigest(), source_opset, notes)
+    source.changed = _fix_input_shapes(path, model, dict(input_shapes or {}), notes)
+    return source
 
 
 def _parse(path: Path, data: bytes) -> onnx.ModelProto:
@@ -207,7 +286,8 @@ def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [v for v in model.graph.input if v.name not in initializers]
 
 
-def _fix_input_shapes(path: Path, model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], notes: list[str]) -> None:
+def _fix_input_shapes(path: Path, model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], notes: list[str]) -> bool:
+    """Apply ``--input-shape`` and fix a symbolic leading dim to 1 (batch); True when a shape changed."""
     inputs = _graph_inputs(model)
     names = [v.name for v in inputs]
     unknown = sorted(set(shapes) - set(names))
@@ -216,7 +296,7 @@ def _fix_input_shapes(path: Path, model: onnx.ModelProto, shapes: dict[str, tupl
     changed = False
     for value in inputs:
         dims = value.type.tensor_type.shape.dim
-        current = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "?") for d in dims]
+        current = _dims(value)
         if value.name in shapes:
             wanted = shapes[value.name]
             if len(wanted) != len(dims):
@@ -227,16 +307,93 @@ def _fix_input_shapes(path: Path, model: onnx.ModelProto, shapes: dict[str, tupl
             if list(wanted) != current:
                 changed = True
                 notes.append(f"input {value.name}: shape {current} fixed to {list(wanted)}")
-        elif any(not isinstance(d, int) for d in current):
-            example = ",".join(str(d) if isinstance(d, int) else "1" for d in current)
-            raise ModelError(f"{path}: input {value.name!r} has dynamic dimensions {current}; "
-                             f"pass --input-shape {value.name}={example}")
-    if changed:
-        # Stale intermediate/output shapes would contradict the new input shapes: re-infer them.
-        del model.graph.value_info[:]
-        for output in model.graph.output:
-            for dim in output.type.tensor_type.shape.dim:
-                dim.Clear()  # unknown again; shape inference fills it from the new input shapes
+        elif dims and not isinstance(current[0], int) and len(dims) > 1:
+            dims[0].Clear()
+            dims[0].dim_value = 1
+            changed = True
+            notes.append(f"input {value.name}: dynamic batch dim {current[0]!r} fixed to 1 (pass --input-shape to choose)")
+    return changed
+
+
+def _fix_from_samples(path: Path, value: onnx.ValueInfoProto, seen: Sequence[Sequence[int]], notes: list[str]) -> bool:
+    """Fix ``value``'s symbolic dims to the size every sample has there; a clear error otherwise."""
+    current = _dims(value)
+    symbolic = [axis for axis, d in enumerate(current) if not isinstance(d, int)]
+    if not symbolic:
+        return False
+    sizes = {axis: sorted({int(shape[axis]) for shape in seen if len(shape) == len(current)}) for axis in symbolic}
+    unclear = {axis: found for axis, found in sizes.items() if len(found) != 1}
+    if unclear:
+        hint = [str(d) if isinstance(d, int) else str(max(sizes[axis])) if sizes[axis] else "N"
+                for axis, d in enumerate(current)]
+        seen_text = "; ".join(f"{current[axis]!r} is {found} in the samples" for axis, found in unclear.items() if found)
+        raise ModelError(f"{path}: input {value.name!r} has dynamic dimensions {current}"
+                         f"{' (' + seen_text + ')' if seen_text else ''}; pass --input-shape {value.name}={','.join(hint)}"
+                         + (" and samples of that shape" if seen_text else ""))
+    dims = value.type.tensor_type.shape.dim
+    for axis in symbolic:
+        dims[axis].Clear()
+        dims[axis].dim_value = sizes[axis][0]
+    notes.append(f"input {value.name}: dynamic dims {[current[a] for a in symbolic]} fixed to "
+                 f"{[sizes[a][0] for a in symbolic]}, the size every sample has")
+    return True
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "?")
+            for d in value.type.tensor_type.shape.dim]
+
+
+def _symbolic(model: onnx.ModelProto) -> bool:
+    return any(not isinstance(d, int) for v in [*model.graph.output, *model.graph.value_info] for d in _dims(v))
+
+
+def _shapes_from_a_run(model: onnx.ModelProto, path: Path, samples: Sequence[dict[str, np.ndarray]],
+                       notes: list[str]) -> onnx.ModelProto:
+    """Output/intermediate dims shape inference left symbolic, taken from FP32 runs where they agree.
+
+    Exporters and name matching break on symbolic output dims (``unk__44``). Dims that differ
+    between two inputs are data-dependent (a detector's box count) and stay symbolic, noted.
+    """
+    import onnxruntime as ort
+
+    from .calibration import random_samples
+
+    feeds = list(samples[:2]) or random_samples([_spec(v) for v in _graph_inputs(model)], 2, seed=0).samples
+    pending = [v for v in [*model.graph.output, *model.graph.value_info] if any(not isinstance(d, int) for d in _dims(v))]
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(v.name) for v in pending if v.name not in known)
+    try:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every intermediate
+        session = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        names = [v.name for v in pending]
+        runs = [dict(zip(names, session.run(names, f))) for f in feeds]
+    except Exception as exc:  # noqa: BLE001 - shapes stay symbolic; later steps say what they cannot do
+        notes.append(f"could not resolve symbolic output shapes with an FP32 run ({type(exc).__name__})")
+        return model
+    varying = []
+    for value in pending:
+        shapes = {tuple(np.shape(run[value.name])) for run in runs}
+        shape = next(iter(shapes))
+        dims = value.type.tensor_type.shape.dim
+        if len(shapes) != 1 or len(shape) != len(dims):
+            varying.append(value.name)
+            continue
+        for dim, size in zip(dims, shape):
+            if not (dim.HasField("dim_value") and dim.dim_value > 0):
+                dim.Clear()
+                dim.dim_value = size
+    resolved = len(pending) - len(varying)
+    if resolved:
+        notes.append(f"resolved {resolved} symbolic output/intermediate shapes from an FP32 run")
+    outputs = [v.name for v in model.graph.output]
+    if varying:
+        data_dependent = [n for n in varying if n in outputs] or varying[:5]
+        notes.append(f"data-dependent shapes stay symbolic: {data_dependent[:5]}")
+    return model
 
 
 def _check_runs(source: Path, path: Path) -> None:

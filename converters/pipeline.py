@@ -1,57 +1,45 @@
 """The conversion pipeline: check → prune → quantize/export per target → validate → release.
 
-``convert`` plans one variant per (target, precision) that any requested profile can run (a
-variant shared by several profiles is built once), exports each with its target module, runs
-it with its own runtime backend against the FP32 ONNX original, gates it (accuracy and speed,
-see :func:`~edge_sdk.converters.validate.gate`) and writes everything into a staging folder that
-is renamed into place at the end. A variant that fails in any way becomes a ``rejected`` row and
-the other variants still complete; only a full or read-only disk aborts the whole release.
+``run`` plans one variant per (target, precision) that any requested profile can run (a variant
+shared by several profiles is built once) and builds each with its target's recipes
+(``converters/builder.py``, ``converters/search.py``): every candidate runs in its own runtime
+backend on validation samples the calibration did not see, against the FP32 ONNX original, and
+is gated on accuracy and speed (``validate.gate``). Everything is written into a staging folder
+that is renamed into place at the end. A variant that fails in any way becomes a ``rejected``
+row and the other variants still complete; only a full or read-only disk aborts the release.
 """
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
+import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .. import __version__
-from ..errors import BackendError, ConfigError, EdgeSDKError, InputError, MissingDependencyError, ToolchainError
-from ..manifest import FileEntry, Manifest, TensorSpec, Validation, Variant
+from ..errors import ConfigError, InputError
+from ..manifest import Manifest, TensorSpec, Variant
 from ..profiles import AUTO, DeviceProfile
-from ..report import CalibrationInfo, ConversionReport, MixedSearch, ReferenceInfo, SamplesInfo, SourceInfo
-from ..runtime.backends.base import BackendOptions, Session, check_inputs, get_backend
-from ..types import PRECISION_LADDER, TARGET_BACKEND, Precision, Target, VariantStatus
-from . import mixed_precision, validate
-from .calibration import SampleSet, load_labels, load_samples, random_samples
-from .config import ConvertConfig, DataSource, ValidationConfig
-from .loader import LoadedModel, load_model
+from ..report import CalibrationInfo, ConversionReport, ReferenceInfo, SamplesInfo, SourceInfo
+from ..runtime.backends.base import check_inputs
+from ..types import PRECISION_LADDER, Precision, SpeedVerdict, Target
+from . import metrics
+from .builder import PlannedBuild, Reference, VariantBuilder
+from .calibration import SampleSet, is_random, load_labels, load_samples, random_samples, split_held_out, subset
+from .config import ConvertConfig, DataSource
+from .loader import SourceModel, read_model
 from .prune import prune_model
-from .release import Staging, fatal_write_error
-from .targets.base import ExportRequest, ExportResult, ExportTarget, Feeds, get_target
+from .release import Staging
+from .targets.base import Feeds
 
 ProgressCallback = Callable[[str, int, int], None]
 """``progress(step, done, total)``: called as the pipeline advances (the CLI draws a bar)."""
 
-_QUANTIZED = (Precision.INT8, Precision.MIXED)
-
-
-@dataclass
-class PlannedBuild:
-    """One (target, precision) to export, and the profiles that run it."""
-
-    target: Target
-    precision: Precision
-    profiles: list[str] = field(default_factory=list)
-
-    @property
-    def id(self) -> str:
-        return f"{self.target.value}-{self.precision.value}"
+MIN_VALIDATION_SAMPLES = 8  # fewer make every accuracy figure noisy: the report warns
 
 
 def convert(model: Path | str, profiles: Sequence[str] | str = (AUTO,), output: Path | str = "release", *,
@@ -87,26 +75,26 @@ def run(config: ConvertConfig, progress: ProgressCallback | None = None) -> Mani
             tempfile.TemporaryDirectory(prefix="edge-sdk-convert-") as tmp:
         work = Path(tmp)
         notify("checking model", 0, total)
-        loaded = load_model(config.model, work, config.intake.input_shapes)
-        report.notes.extend(loaded.notes)
-        report.source = SourceInfo(path=str(config.model), opset=loaded.source_opset, opset_used=loaded.opset)
+        source = read_model(config.model, config.intake.input_shapes)
         notify("loading calibration data", 1, total)
-        calib, validation_set = _samples(config, loaded.inputs)
-        report.warnings.extend(calib.warnings if calib else [])
+        data = _Data.read(config, source, work)
+        loaded = data.loaded
+        report.notes.extend(loaded.notes)
+        report.warnings.extend(data.warnings)
+        report.source = SourceInfo(path=str(config.model), opset=loaded.source_opset, opset_used=loaded.opset)
+        calib, validation_set = data.calib, data.validation
         report.calibration = CalibrationInfo(source=calib.source if calib else None, samples=len(calib.samples) if calib else 0,
                                              method=quantization.method.value, per_channel=quantization.per_channel)
         report.validation = SamplesInfo(source=validation_set.source, samples=len(validation_set.samples))
         if calib is None:
             report.notes.append("no calibration data: INT8 is dynamic (weights only, often slower than FP32 on "
                                 "conv nets); pass calibration for static INT8")
-        metric = checks.metric
-        if checks.labels is not None:
-            named = validation_set if checks.data is not None else calib
-            metric = validate.top1_metric(load_labels(checks.labels, named.names)[: len(validation_set.samples)])
 
         # The reference is the user's model as given: a pruned FP32 variant shows what pruning cost.
         notify("running FP32 reference", 2, total)
-        reference = _Reference.build(loaded, validation_set.samples, checks)
+        reference = Reference.build(loaded, validation_set.samples, checks.latency_threads, checks.latency_runs)
+        metric = _metric(config, loaded.load(), reference.outputs, data.labels)
+        report.metric = metric.name
         # Ratios in the report table are against this, whether or not an onnx-fp32 variant is built.
         report.reference = ReferenceInfo(size_bytes=loaded.path.stat().st_size, latency_ms=round(reference.latency_ms, 4))
         prune = config.intake.prune
@@ -114,14 +102,15 @@ def run(config: ConvertConfig, progress: ProgressCallback | None = None) -> Mani
             notify(f"pruning ({prune})", 2, total)
             loaded, report.prune = prune_model(loaded, prune.method, prune.options, work)
 
-        build = _Run(stage.dir, loaded, calib, validation_set, metric, reference, config, report)
+        builder = VariantBuilder(stage.dir, work, loaded, loaded.facts, calib, validation_set, metric, reference,
+                                 config, report)
         variants: list[Variant] = []
         for index, planned in enumerate(plan):
             notify(f"{planned.id}: export + validate", 3 + index, total)
-            variants.extend(build.build(planned))
-        if build.reference_ms:
+            variants.extend(builder.build(planned))
+        if builder.reference_ms:
             # The reference timed alongside each variant (warm, under the same load) is the fairer yardstick.
-            report.reference.latency_ms = round(statistics.median(build.reference_ms), 4)
+            report.reference.latency_ms = round(statistics.median(builder.reference_ms), 4)
         notify("writing release", total, total)
 
         self_test = stage.write_self_test(validation_set.samples[0], reference.outputs[0])
@@ -169,13 +158,14 @@ def choose_defaults(profiles: Sequence[DeviceProfile], variants: Sequence[Varian
 
     A lower precision wins only when it is at least ``min_speedup`` faster than the best higher
     precision (FP16 on a CPU is rarely faster, and accuracy is worth a few percent of noise).
-    Rejected variants never become a default.
+    Rejected variants, and variants whose speed verdict is inconclusive, never become a default.
     """
     ladder = {p: i for i, p in enumerate(PRECISION_LADDER)}
     defaults = {}
     for profile in profiles:
         for target in profile.targets:
-            candidates = sorted((v for v in variants if v.ok and v.target == target and profile.id in v.profiles),
+            candidates = sorted((v for v in variants if v.ok and v.target == target and profile.id in v.profiles
+                                 and v.validation.speed != SpeedVerdict.INCONCLUSIVE),
                                 key=lambda v: ladder[v.precision])
             if not candidates:
                 continue
@@ -192,206 +182,79 @@ def choose_defaults(profiles: Sequence[DeviceProfile], variants: Sequence[Varian
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Reference:
-    """FP32 ONNX outputs on the validation samples, and its session for paired latency runs."""
+class _Data:
+    """The model with every shape fixed, and the samples: calibration, validation, their labels."""
 
-    outputs: list[dict[str, np.ndarray]]
-    session: Session
-    latency_ms: float
+    def __init__(self, loaded, calib: SampleSet | None, validation: SampleSet, labels: np.ndarray | None,
+                 warnings: list[str]) -> None:
+        self.loaded, self.calib, self.validation, self.labels, self.warnings = loaded, calib, validation, labels, warnings
 
     @classmethod
-    def build(cls, loaded: LoadedModel, samples: Sequence[Feeds], config: ValidationConfig) -> _Reference:
-        session = get_backend("onnxruntime").load([loaded.path], loaded.inputs, loaded.outputs,
-                                                  BackendOptions(threads=config.latency_threads))
-        outputs = validate.run_all(session, samples)
-        latency = validate.median_latency_ms(session, samples[0], runs=config.latency_runs)
-        return cls(outputs, session, latency)
+    def read(cls, config: ConvertConfig, source: SourceModel, work: Path) -> _Data:
+        """Read the samples against the model's inputs (symbolic dims fit any size), fix those dims from
+        the samples, then split a held-out validation set off the calibration data unless one is given."""
+        quantization, checks = config.quantization, config.validation
+        given = [spec for spec in (quantization.calibration, checks.data) if spec is not None and not is_random(spec)]
+        inputs = source.inputs
+        read = {id(spec): _sample_set(spec, inputs, "calibration" if spec is quantization.calibration else "validation",
+                                      config) for spec in given}
+        observed: dict[str, list[tuple[int, ...]]] = {}
+        for samples in read.values():
+            for sample in samples.samples:
+                for name, array in sample.items():
+                    observed.setdefault(name, []).append(array.shape)
+        first = next(iter(read.values())).samples[:2] if read else ()
+        loaded = source.finish(work, observed, first)
+        inputs = loaded.inputs
+
+        def sample_set(spec: DataSource | None, what: str) -> SampleSet | None:
+            if spec is None:
+                return None
+            found = read.get(id(spec)) or _sample_set(spec, inputs, what, config)
+            _check_feeds(found.samples, inputs, what)
+            return found
+
+        calib = sample_set(quantization.calibration, "calibration")
+        held_out = sample_set(checks.data, "validation")
+        warnings = list(calib.warnings) if calib else []
+        labels_for = held_out if held_out is not None else calib
+        labels = load_labels(checks.labels, labels_for.names) if checks.labels is not None and labels_for else None
+        if held_out is not None:
+            validation = held_out
+        elif calib is None or is_random(quantization.calibration):
+            # Random validation inputs only compare variants with FP32 (no range fitting): a note, not a warning.
+            validation = random_samples(inputs, checks.random_samples, seed=1)
+            validation.source = "random (no calibration data given)" if calib is None else "random (calibration is random)"
+        else:
+            calib, validation = split_held_out(calib, checks.limit)
+            if validation is calib:
+                warnings.append(f"validation uses the calibration samples themselves (only {len(calib.samples)} given): "
+                                "pass more samples or --validation")
+        validation.warnings = []
+        validation = subset(validation, checks.limit)
+        if labels is not None:
+            by_name = dict(zip(labels_for.names, labels))
+            labels = np.asarray([by_name[name] for name in validation.names], np.int64)
+        if calib is not None:
+            calib = subset(calib, quantization.limit)
+        real = held_out is not None or (calib is not None and not is_random(quantization.calibration))
+        if real and len(validation.samples) < MIN_VALIDATION_SAMPLES:
+            warnings.append(f"validation has only {len(validation.samples)} samples (fewer than {MIN_VALIDATION_SAMPLES}): "
+                            "accuracy figures are noisy; pass more samples or --validation")
+        return cls(loaded, calib, validation, labels, warnings)
 
 
-@dataclass
-class _Run:
-    """What every variant of one conversion shares."""
-
-    stage_dir: Path
-    loaded: LoadedModel
-    calib: SampleSet | None
-    validation_set: SampleSet
-    metric: validate.TaskMetric | None
-    reference: _Reference
-    config: ConvertConfig
-    report: ConversionReport
-    # Accuracy drop (points) of plain FP32 and INT8 per target: decides whether MIXED is searched.
-    fp32_drop: dict[Target, float] = field(default_factory=dict)
-    int8_drop: dict[Target, float] = field(default_factory=dict)
-    reference_ms: list[float] = field(default_factory=list)  # the reference's paired latency per variant
-
-    def build(self, planned: PlannedBuild) -> list[Variant]:
-        """Export and validate one planned variant; whatever fails becomes its rejected entry.
-
-        Only a full or read-only disk aborts (the whole release is then removed). Files the
-        variant wrote but the manifest will not list (failed exports, a mixed-precision search
-        that kept nothing) are deleted, so the release folder holds exactly what it lists.
-        """
-        before = _files(self.stage_dir)
-        try:
-            variants = self._build(planned)
-        except Exception as exc:  # noqa: BLE001 - one broken converter must not sink the other targets
-            fatal = fatal_write_error(exc)
-            if fatal is not None:
-                raise fatal from None
-            what = "mixed precision search" if planned.precision == Precision.MIXED else "export"
-            variants = [self._rejected(planned, TARGET_BACKEND[planned.target], f"{what} failed: {_describe(exc)}")]
-        listed = {(self.stage_dir / f.path).resolve() for v in variants for f in v.files}
-        for path in sorted(_files(self.stage_dir) - before - listed, reverse=True):
-            path.unlink()
-        _remove_empty_dirs(self.stage_dir)
-        return variants
-
-    def _build(self, planned: PlannedBuild) -> list[Variant]:
-        try:
-            target = get_target(planned.target)
-            target.check_available()
-        except (ToolchainError, MissingDependencyError, ImportError) as exc:
-            # ImportError: the target's module (or a package it needs) is not installed.
-            if planned.precision == Precision.MIXED:
-                return []
-            return [self._rejected(planned, TARGET_BACKEND[planned.target], f"target unavailable: {exc}")]
-        unavailable = target.unavailable_reason(planned.precision)
-        if unavailable:
-            if planned.precision == Precision.MIXED:
-                return []  # this target cannot keep islands in FP32; plain INT8 stands alone
-            return [self._rejected(planned, target.backend, unavailable)]
-        if planned.precision == Precision.MIXED:
-            return self._build_mixed(planned, target)
-        return [self._validated(planned, target, target.export(self._request(planned)))]
-
-    def _build_mixed(self, planned: PlannedBuild, target: ExportTarget) -> list[Variant]:
-        """Accuracy-aware INT8: only when plain INT8 misses ``max_accuracy_drop`` and calibration exists."""
-        drop = self.int8_drop.get(planned.target)
-        if self.calib is None or drop is None or drop <= self.config.validation.max_accuracy_drop:
-            return []  # plain INT8 already meets the target (or could not be built at all)
-        fp32_drop = self.fp32_drop.get(planned.target, 0.0)
-        if fp32_drop > self.config.validation.max_accuracy_drop:
-            self.report.notes.append(f"{planned.target.value}: no mixed-precision search: FP32 itself (after pruning) "
-                                        f"misses max_accuracy_drop ({fp32_drop:.2f} points)")
-            return []
-
-        def export(kept: list[str]) -> ExportResult:
-            return target.export(self._request(planned, nodes_to_exclude=kept))
-
-        def evaluate(result: ExportResult) -> Validation:
-            session = self._load(target, result, planned.precision)
-            return validate.compare(self.reference.outputs, validate.run_all(session, self.validation_set.samples), self.metric)
-
-        found = mixed_precision.search(export, evaluate, self.loaded.path, self.validation_set.samples,
-                                       self.config.validation.max_accuracy_drop)
-        self.report.mixed_precision[planned.target.value] = MixedSearch(
-            reached=found.reached, kept_fp32=found.kept_fp32, trials=found.trials,
-            ranking=[(name, round(err, 6)) for name, err in found.ranking[:20]])
-        if found.result is None or found.result.nodes_quantized == 0:
-            self.report.notes.append(f"{planned.target.value}: mixed precision would keep every node in FP32; no mixed variant")
-            return []
-        variant = self._validated(planned, target, found.result)
-        variant.validation.nodes_kept_fp32 = list(found.kept_fp32)
-        if not found.reached and variant.ok:
-            variant.status, variant.reason = VariantStatus.REJECTED, "even with every ranked node in FP32 the accuracy target is missed"
-        return [variant]
-
-    def _validated(self, planned: PlannedBuild, target: ExportTarget, result: ExportResult) -> Variant:
-        files = [FileEntry.from_file(self.stage_dir, f) for f in result.files]
-        variant = Variant(id=planned.id, profiles=list(planned.profiles), target=planned.target, precision=planned.precision,
-                          backend=target.backend, files=files, inputs=result.inputs, outputs=result.outputs,
-                          size_bytes=sum(f.size for f in files))
-        try:
-            session = self._load(target, result, planned.precision)
-            outputs = validate.run_all(session, self.validation_set.samples)
-        except Exception as exc:  # noqa: BLE001 - a backend that cannot run it rejects this variant only
-            variant.status, variant.reason = VariantStatus.REJECTED, f"does not run in {target.backend}: {_describe(exc)}"
-            return variant
-        validation = validate.compare(self.reference.outputs, outputs, self.metric)
-        validation.notes = list(result.notes)
-        validation.nodes_quantized = result.nodes_quantized
-        validation.nodes_kept_fp32 = list(result.nodes_kept_fp32)
-        validation.self_test_tolerance = validate.self_test_tolerance(validation, self.reference.outputs)
-        variant.validation = validation
-        ref_ms, latency = validate.paired_latency_ms(self.reference.session, session, self.validation_set.samples[0],
-                                                     runs=self.config.validation.latency_runs)
-        variant.latency_ms = round(latency, 4)
-        self.reference_ms.append(ref_ms)
-        reasons = []
-        if planned.precision in _QUANTIZED and result.nodes_quantized == 0:
-            reasons.append("nothing was quantized (the file is still FP32)")
-        reason = validate.gate(validation, latency if self.config.validation.speed_gate else None, ref_ms, planned.precision,
-                               max_drop=self.config.validation.max_accuracy_drop)
-        if reason:
-            reasons.append(reason)
-        if planned.precision in (Precision.FP32, Precision.INT8):
-            drops = self.fp32_drop if planned.precision == Precision.FP32 else self.int8_drop
-            drops[planned.target] = validate.accuracy_drop(validation)[1]
-        if reasons:
-            variant.status, variant.reason = VariantStatus.REJECTED, "; ".join(reasons)
-        return variant
-
-    def _load(self, target: ExportTarget, result: ExportResult, precision: Precision) -> Session:
-        """Load an artifact the way a device does: the precision sets OpenVINO's hint and ncnn's fp16/int8 flags."""
-        try:
-            backend = get_backend(target.backend)
-        except ImportError as exc:  # the backend's module or native package is missing
-            raise BackendError(f"runtime backend {target.backend!r} is not available: {exc}") from None
-        return backend.load(result.files, result.inputs, result.outputs,
-                            BackendOptions(threads=self.config.validation.latency_threads, precision=precision))
-
-    def _request(self, planned: PlannedBuild, nodes_to_exclude: Sequence[str] = ()) -> ExportRequest:
-        quantized = planned.precision in _QUANTIZED
-        return ExportRequest(
-            model_path=self.loaded.path, precision=planned.precision, out_dir=self.stage_dir / planned.target.value,
-            variant_id=planned.id, inputs=self.loaded.inputs, outputs=self.loaded.outputs,
-            calibration=self.calib.samples if self.calib is not None and quantized else (),
-            calibration_method=self.config.quantization.method, per_channel=self.config.quantization.per_channel,
-            nodes_to_exclude=tuple(nodes_to_exclude),
-        )
-
-    def _rejected(self, planned: PlannedBuild, backend: str, reason: str) -> Variant:
-        return Variant(id=planned.id, profiles=list(planned.profiles), target=planned.target, precision=planned.precision,
-                       backend=backend, files=[], inputs=self.loaded.inputs, outputs=self.loaded.outputs,
-                       status=VariantStatus.REJECTED, reason=reason)
-
-
-def _describe(exc: Exception) -> str:
-    """Our own errors already name what failed; anything else is named by its type too."""
-    if isinstance(exc, EdgeSDKError):
-        return str(exc)
-    return f"{type(exc).__name__}: {str(exc).strip() or '(no message)'}"
-
-
-def _files(folder: Path) -> set[Path]:
-    return {p.resolve() for p in folder.rglob("*") if p.is_file()}
-
-
-def _remove_empty_dirs(folder: Path) -> None:
-    for path in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
-        if not any(path.iterdir()):
-            path.rmdir()
-
-
-def _samples(config: ConvertConfig, inputs: Sequence[TensorSpec]) -> tuple[SampleSet | None, SampleSet]:
-    """(calibration set or None, validation set). Validation defaults to the calibration samples."""
-    checks = config.validation
-    calibration = config.quantization.calibration
-    calib = _sample_set(calibration, inputs, "calibration", config) if calibration is not None else None
-    if checks.data is not None:
-        held_out = _sample_set(checks.data, inputs, "validation", config)
-        held_out.warnings = []  # random validation inputs only compare variants with FP32: no range fitting
-        return calib, _limit(held_out, checks.limit)
-    if calib is None:
-        # No calibration: INT8 is dynamic. Validation still needs inputs; random ones only compare
-        # variants with FP32 (no range fitting), so they are a note, not a warning.
-        validation_set = random_samples(inputs, checks.random_samples, seed=1)
-        validation_set.warnings = []
-        validation_set.source = "random (no calibration data given)"
-        return None, validation_set
-    return calib, _limit(calib, checks.limit)
+def _metric(config: ConvertConfig, model, reference: Sequence[dict], labels: np.ndarray | None) -> metrics.TaskMetric:
+    """The accuracy measure: ``--metric``, top-1 accuracy from labels, else the output kind's default."""
+    chosen = config.validation.metric
+    if isinstance(chosen, metrics.TaskMetric):
+        metrics.check(chosen, reference)
+        return chosen
+    if isinstance(chosen, str):
+        return metrics.from_spec(chosen, model, reference, labels)
+    if labels is not None:
+        return metrics.top1_accuracy(labels)
+    return metrics.default_metric(model, reference)
 
 
 def _sample_set(spec: DataSource, inputs: Sequence[TensorSpec], what: str, config: ConvertConfig) -> SampleSet:
@@ -402,12 +265,6 @@ def _sample_set(spec: DataSource, inputs: Sequence[TensorSpec], what: str, confi
         raise ConfigError(f"{what}: the list of samples is empty")
     _check_feeds(samples, inputs, what)
     return SampleSet(samples, source=f"{len(samples)} samples given in code", names=[str(i) for i in range(len(samples))])
-
-
-def _limit(samples: SampleSet, limit: int) -> SampleSet:
-    if len(samples.samples) <= limit:
-        return samples
-    return SampleSet(samples.samples[:limit], samples.source, samples.names[:limit], list(samples.warnings))
 
 
 def _check_feeds(samples: list[Feeds], inputs: Sequence[TensorSpec], what: str) -> None:

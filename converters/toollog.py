@@ -4,7 +4,8 @@ onnxruntime's quantizer logs per-tensor chatter and its C++ sessions warn on std
 entropy/percentile calibrators and NNCF print progress bars to stdout: none of that may reach
 the CLI's output (or break ``--json``), yet the full text is what a user needs when a recipe
 fails. :func:`quiet` captures it (Python ``sys.stdout``/``sys.stderr``, the file descriptors
-native code writes to, root-logger records and warnings) and restores all of it on exit.
+native code writes to, root-logger records and warnings) and restores all of it on exit. Blocks
+nest: what an inner block captured is also part of the enclosing block's log.
 """
 
 from __future__ import annotations
@@ -31,10 +32,14 @@ class ToolLog:
         return "\n".join(p.rstrip("\n") for p in self.parts if p.strip())
 
 
+_open: list[ToolLog] = []  # the logs of the quiet() blocks being run, innermost last
+
+
 @contextlib.contextmanager
 def quiet() -> Iterator[ToolLog]:
     """``with quiet() as log: ...``: silence the block, then ``log.text`` holds what it said."""
     log = ToolLog()
+    _open.append(log)
     buffer = io.StringIO()
     root = logging.getLogger()
     saved_handlers = root.handlers[:]
@@ -49,14 +54,20 @@ def quiet() -> Iterator[ToolLog]:
             caught = stack.enter_context(warnings.catch_warnings(record=True))
             warnings.simplefilter("always")
             root.handlers = [handler]
+            saved_level = root.level
+            root.setLevel(min(saved_level, logging.WARNING) or logging.WARNING)  # a tool's warnings reach the log
             try:
                 yield log
             finally:
                 root.handlers = saved_handlers
+                root.setLevel(saved_level)
                 log.parts.append(buffer.getvalue())
                 log.parts.extend(f"warning: {w.category.__name__}: {w.message}" for w in caught)
     finally:
         log.parts.append(native.read())
+        _open.pop()
+        if _open:
+            _open[-1].parts.append(log.text)
 
 
 class _Captured:

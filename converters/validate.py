@@ -1,27 +1,34 @@
-"""Validation of a variant against the FP32 ONNX original, and the benchmark gate.
+"""Validation of a variant against the FP32 ONNX original, and the gate.
 
-Every artifact is run through its own runtime backend on held-out inputs and compared with the
-FP32 outputs: max/mean absolute error, cosine similarity, top-1 agreement (first output, when it
-is [N, classes]) and the task metric when labels are given. Latency is the median of many runs
-on the build machine. :func:`gate` rejects a variant outside its accuracy tolerance or slower
-than FP32 (its docstring states the exact rule); a rejected variant never becomes a profile's default.
+Every artifact is run through its own runtime backend on validation inputs the calibration did
+not see and compared with the FP32 outputs: max/mean absolute error, cosine similarity, top-1
+agreement (first output, when it is [N, classes]) and the accuracy measure of
+``converters/metrics.py`` (the task metric, ``--metric``, or the default for the output's kind).
+
+Speed is measured paired: FP32 and the candidate run alternately (in ABBA order, so warm-up and
+frequency drift hit both alike) on the same input, and the verdict rests on the median of the
+per-pair latency ratios with a distribution-free 95% confidence interval (order statistics of the
+binomial sign test). More rounds are measured while the interval straddles the limit. :func:`gate`
+states the rule.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..manifest import Validation
 from ..runtime.backends.base import Session
-from ..types import Precision
+from ..types import Precision, SpeedVerdict
+from .metrics import Outputs, TaskMetric, top1_accuracy
 from .targets.base import Feeds
 
-Outputs = dict[str, np.ndarray]
+__all__ = ["TaskMetric", "top1_accuracy", "run_all", "compare", "accuracy_drop", "compare_speed", "gate"]
 
 
 def run_all(session: Session, samples: Sequence[Feeds]) -> list[Outputs]:
@@ -38,31 +45,6 @@ def median_latency_ms(session: Session, sample: Feeds, runs: int = 50, warmup: i
         session.run(sample)
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1000.0
-
-
-def top1_accuracy(outputs: Sequence[Outputs], labels: np.ndarray) -> float:
-    """Fraction of samples whose first output's argmax equals the label."""
-    predictions = np.concatenate([_classes(o) for o in outputs])
-    return float(np.mean(predictions == labels))
-
-
-@dataclass(frozen=True)
-class TaskMetric:
-    """A task figure in [0, 1], higher is better, computed from all validation outputs of a variant.
-
-    ``fn`` receives one outputs dict per validation sample (caller names and layout), e.g. top-1
-    accuracy against labels, or detection recall after decoding boxes.
-    """
-
-    name: str
-    fn: Callable[[Sequence[Outputs]], float]
-
-    def __call__(self, outputs: Sequence[Outputs]) -> float:
-        return float(self.fn(outputs))
-
-
-def top1_metric(labels: np.ndarray) -> TaskMetric:
-    return TaskMetric("top1_accuracy", lambda outputs: top1_accuracy(outputs, labels))
 
 
 def compare(reference: Sequence[Outputs], candidate: Sequence[Outputs], metric: TaskMetric | None = None) -> Validation:
@@ -90,7 +72,7 @@ def compare(reference: Sequence[Outputs], candidate: Sequence[Outputs], metric: 
 
 
 def accuracy_drop(validation: Validation) -> tuple[str, float]:
-    """(what was compared, drop in points): task metric, else top-1 agreement, else cosine."""
+    """(what was compared, drop in points): the metric, else top-1 agreement, else cosine."""
     if validation.metric is not None and validation.metric_fp32 is not None:
         return validation.metric_name or "metric", 100.0 * (validation.metric_fp32 - validation.metric)
     if validation.top1_agreement is not None:
@@ -98,54 +80,109 @@ def accuracy_drop(validation: Validation) -> tuple[str, float]:
     return "cosine similarity", 100.0 * (1.0 - (validation.cosine_similarity or 0.0))
 
 
-def paired_latency_ms(reference: Session, candidate: Session, sample: Feeds, runs: int = 50, warmup: int = 5) -> tuple[float, float]:
-    """Median latencies (reference, candidate), measured alternately so machine load hits both alike."""
-    for _ in range(warmup):
-        reference.run(sample)
-        candidate.run(sample)
-    ref_times, cand_times = [], []
-    for _ in range(runs):
-        start = time.perf_counter()
-        reference.run(sample)
-        middle = time.perf_counter()
-        candidate.run(sample)
-        end = time.perf_counter()
-        ref_times.append(middle - start)
-        cand_times.append(end - middle)
-    return statistics.median(ref_times) * 1000.0, statistics.median(cand_times) * 1000.0
-
-
-# The speed gate: the most a variant's median latency may be, as a multiple of FP32's, measured
-# paired on the build machine. INT8/mixed exist only to be faster, so a tie already rejects them.
-# FP16 also halves the weights (the runtime policy steps down to it under memory pressure), and a
-# build CPU without FP16 arithmetic runs it at FP32 speed: it is rejected only when it is slower
-# beyond the run-to-run noise of a median over a few dozen sub-millisecond runs.
+# The speed gate: the most a variant's latency may be, as a multiple of FP32's, measured paired on
+# the build machine. INT8/mixed exist only to be faster, so they may not be slower at all. FP16
+# also halves the weights (the runtime policy steps down to it under memory pressure), and a build
+# CPU without FP16 arithmetic runs it at FP32 speed: it may take up to x1.25.
 MAX_LATENCY_RATIO: dict[Precision, float] = {Precision.FP16: 1.25, Precision.INT8: 1.0, Precision.MIXED: 1.0}
 
 
-def gate(validation: Validation, latency_ms: float | None, fp32_latency_ms: float | None, precision: Precision, *,
-         max_drop: float = 1.0) -> str | None:
-    """The reason to reject a variant, or None when it passes. The rule, in order:
+@dataclass(frozen=True)
+class SpeedComparison:
+    """Paired latency of a candidate against FP32: medians, and the median per-pair ratio with its 95% CI."""
+
+    reference_ms: float
+    candidate_ms: float
+    ratio: float
+    low: float
+    high: float
+    pairs: int
+
+    def verdict(self, limit: float) -> SpeedVerdict:
+        if self.low > limit:
+            return SpeedVerdict.SLOWER
+        return SpeedVerdict.OK if self.high <= limit else SpeedVerdict.INCONCLUSIVE
+
+    def clearly_faster_than(self, other: SpeedComparison) -> bool:
+        return self.high < other.low
+
+
+def compare_speed(reference: Session, candidate: Session, sample: Feeds, *, runs: int = 50, limit: float = 1.0,
+                  max_rounds: int = 4, warmup: int = 5) -> SpeedComparison:
+    """Paired, interleaved runs (``runs`` pairs a round) until the ratio's CI is clear of ``limit``."""
+    for _ in range(warmup):
+        reference.run(sample)
+        candidate.run(sample)
+    ref_times: list[float] = []
+    cand_times: list[float] = []
+    for _ in range(max_rounds):
+        for i in range(runs):
+            first, second = (reference, candidate) if i % 2 == 0 else (candidate, reference)
+            start = time.perf_counter()
+            first.run(sample)
+            middle = time.perf_counter()
+            second.run(sample)
+            end = time.perf_counter()
+            ref, cand = (middle - start, end - middle) if i % 2 == 0 else (end - middle, middle - start)
+            ref_times.append(ref)
+            cand_times.append(cand)
+        comparison = paired_ratio(ref_times, cand_times)
+        if comparison.verdict(limit) != SpeedVerdict.INCONCLUSIVE:
+            break
+    return comparison
+
+
+def paired_ratio(reference_s: Sequence[float], candidate_s: Sequence[float]) -> SpeedComparison:
+    """Medians and the median per-pair ratio with its distribution-free 95% confidence interval."""
+    ratios = sorted(c / r for r, c in zip(reference_s, candidate_s) if r > 0)
+    n = len(ratios)
+    k = _sign_test_rank(n)
+    return SpeedComparison(reference_ms=statistics.median(reference_s) * 1000.0,
+                           candidate_ms=statistics.median(candidate_s) * 1000.0,
+                           ratio=statistics.median(ratios), low=ratios[k], high=ratios[n - 1 - k], pairs=n)
+
+
+def _sign_test_rank(n: int, alpha: float = 0.05) -> int:
+    """0-based rank k such that [x_(k), x_(n-1-k)] covers the median with probability >= 1 - alpha."""
+    cumulative, k = 0.0, 0
+    while k < n // 2:
+        cumulative += math.comb(n, k) / 2.0 ** n
+        if cumulative > alpha / 2:
+            break
+        k += 1
+    return k
+
+
+@dataclass(frozen=True)
+class GateVerdict:
+    reason: str | None  # why the variant is rejected; None: it passes
+    speed: SpeedVerdict | None = None
+
+
+def gate(validation: Validation, speed: SpeedComparison | None, precision: Precision, *, max_drop: float = 1.0) -> GateVerdict:
+    """Whether a variant passes. The rule, in order:
 
     1. outputs with NaN/inf are rejected;
-    2. accuracy: the drop in points (task metric when labels were given, else top-1 agreement
-       with FP32, else cosine similarity x 100; see :func:`accuracy_drop`) must be <= ``max_drop``;
-    3. speed: ``latency_ms`` must be <= ``fp32_latency_ms`` x ``MAX_LATENCY_RATIO[precision]``
-       (FP16 1.25, INT8 and mixed 1.0); FP32 itself is the yardstick and is not speed-gated.
-       Without both latencies there is nothing to compare and the speed check passes.
+    2. accuracy: the drop in points (see :func:`accuracy_drop`) must be <= ``max_drop``;
+    3. speed: with ``limit = MAX_LATENCY_RATIO[precision]`` (FP16 1.25, INT8 and mixed 1.0; FP32
+       is the yardstick), the variant is rejected as slower only when the whole 95% interval of
+       its latency ratio is above ``limit``; when the interval straddles it the variant passes,
+       marked inconclusive (never a default). Without a measurement the speed check passes.
     """
     if not np.isfinite(validation.max_abs_error if validation.max_abs_error is not None else 0.0):
-        return "outputs contain NaN/inf"
+        return GateVerdict("outputs contain NaN/inf")
     what, drop = accuracy_drop(validation)
     if drop > max_drop:
-        return f"{what} dropped {drop:.2f} points vs FP32 (> max_accuracy_drop {max_drop:g})"
+        return GateVerdict(f"{what} dropped {drop:.2f} points vs FP32 (> max_accuracy_drop {max_drop:g})")
     limit = MAX_LATENCY_RATIO.get(precision)
-    if limit is not None and latency_ms is not None and fp32_latency_ms:
-        if latency_ms > fp32_latency_ms * limit:
-            allowed = "" if limit == 1.0 else f", {precision.value} may take up to x{limit:g}"
-            return (f"slower than FP32 on the build machine ({latency_ms:.3f} ms vs {fp32_latency_ms:.3f} ms, "
-                    f"x{latency_ms / fp32_latency_ms:.2f}{allowed})")
-    return None
+    if limit is None or speed is None:
+        return GateVerdict(None)
+    verdict = speed.verdict(limit)
+    if verdict == SpeedVerdict.SLOWER:
+        allowed = "" if limit == 1.0 else f", {precision.value} may take up to x{limit:g}"
+        return GateVerdict(f"slower than FP32 on the build machine (x{speed.ratio:.2f}, 95% CI x{speed.low:.2f}-x{speed.high:.2f}; "
+                           f"{speed.candidate_ms:.3f} ms vs {speed.reference_ms:.3f} ms{allowed})", verdict)
+    return GateVerdict(None, verdict)
 
 
 def self_test_tolerance(validation: Validation, reference: Sequence[Outputs]) -> float:

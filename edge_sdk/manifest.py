@@ -23,7 +23,7 @@ from .chunking import chunk_file, sha256_file
 from .config import describe_validation_error
 from .errors import IntegrityError
 from .report import ConversionReport
-from .types import Precision, Target, VariantStatus
+from .types import Precision, SpeedVerdict, Target, VariantStatus
 
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
@@ -93,6 +93,10 @@ class Validation(_Model):
     nodes_quantized: int | None = None
     nodes_kept_fp32: list[str] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
+    recipe: str | None = Field(default=None, description="the converter recipe that made this artifact")
+    latency_ratio: float | None = Field(default=None, description="median of paired latency ratios to FP32")
+    latency_ratio_ci: tuple[float, float] | None = Field(default=None, description="95% confidence interval of that median")
+    speed: SpeedVerdict | None = None
 
 
 class Variant(_Model):

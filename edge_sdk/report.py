@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .types import RecipeOutcome, SpeedVerdict
+
 
 class _Part(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -62,13 +64,25 @@ class MixedTrial(_Part):
     measure: str
 
 
-class MixedSearch(_Part):
-    """One target's accuracy-aware mixed-precision search."""
+class SensitivitySearch(_Part):
+    """A keep-FP32 search: the nodes it kept in FP32, its trials, and the ranking it bisected (worst first)."""
 
     reached: bool
     kept_fp32: list[str] = Field(default_factory=list)
     trials: list[MixedTrial] = Field(default_factory=list)
     ranking: list[tuple[str, float]] = Field(default_factory=list, description="worst nodes first (at most 20)")
+
+
+class RecipeAttempt(_Part):
+    """What one recipe of a variant's search gave."""
+
+    recipe: str
+    outcome: RecipeOutcome
+    reason: str | None = None
+    size_bytes: int | None = None
+    accuracy_drop: float | None = Field(default=None, description="points vs FP32")
+    latency_ratio: float | None = None
+    speed: SpeedVerdict | None = None
 
 
 class ConversionReport(_Part):
@@ -78,7 +92,10 @@ class ConversionReport(_Part):
     source: SourceInfo | None = None
     calibration: CalibrationInfo | None = None
     validation: SamplesInfo | None = None
+    metric: str | None = Field(default=None, description="what the accuracy budget is measured on")
     reference: ReferenceInfo | None = None
     prune: PruneReport | None = None
-    mixed_precision: dict[str, MixedSearch] = Field(default_factory=dict, description="target -> search")
+    sensitivity: dict[str, SensitivitySearch] = Field(default_factory=dict, description="variant id -> keep-FP32 search")
+    recipes: dict[str, list[RecipeAttempt]] = Field(default_factory=dict, description="variant id -> recipes tried")
+    logs: dict[str, str] = Field(default_factory=dict, description="variant id -> its tool log, relative to the release")
     conversion_seconds: float | None = None

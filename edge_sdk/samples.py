@@ -1,7 +1,8 @@
 """Small models generated in code, for the demo, tests and benchmarks.
 
 They are real ONNX graphs with deterministic weights (no download), shaped like the models users
-ship: a residual CNN image classifier and a multimodal fusion model (camera + audio + IMU).
+ship: a residual CNN image classifier, a multimodal fusion model (camera + audio + IMU), a
+sentence encoder with integer token inputs and dynamic dims, and an If-only model.
 """
 
 from __future__ import annotations
@@ -132,6 +133,34 @@ def make_if_model(seed: int = 0) -> onnx.ModelProto:
     graph = helper.make_graph([node], "ifmodel", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
                                                   helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def make_token_model(seed: int = 0, vocab: int = 64, width: int = 32, out: int = 16) -> onnx.ModelProto:
+    """A tiny sentence encoder: int64 ``input_ids`` and ``attention_mask`` [batch, seq] (both dims
+    symbolic, as exporters write them) -> embedding lookup -> masked 2-layer MLP -> mean over the
+    sequence -> ``sentence_embedding`` [batch, out]. Integer inputs, dynamic dims, MatMul weights."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.standard_normal((vocab, width)).astype(np.float32), "embeddings"),
+             numpy_helper.from_array((rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32), "w1"),
+             numpy_helper.from_array((rng.standard_normal((width, out)) / np.sqrt(width)).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array([-1], np.int64), "last_axis")]
+    nodes = [
+        helper.make_node("Gather", ["embeddings", "input_ids"], ["tokens"], name="lookup"),
+        helper.make_node("Cast", ["attention_mask"], ["mask_f"], name="mask_cast", to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["mask_f", "last_axis"], ["mask3"], name="mask_unsqueeze"),
+        helper.make_node("MatMul", ["tokens", "w1"], ["h1"], name="mlp1"),
+        helper.make_node("Relu", ["h1"], ["a1"], name="act1"),
+        helper.make_node("MatMul", ["a1", "w2"], ["h2"], name="mlp2"),
+        helper.make_node("Mul", ["h2", "mask3"], ["masked"], name="apply_mask"),
+        helper.make_node("ReduceMean", ["masked"], ["sentence_embedding"], name="mean_pool", axes=[1], keepdims=0),
+    ]
+    graph = helper.make_graph(nodes, "token_encoder", [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"]),
+    ], [helper.make_tensor_value_info("sentence_embedding", TensorProto.FLOAT, ["batch", out])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model

@@ -149,3 +149,21 @@ class RecordKind(StrEnum):
     RESULT = "result"  # a pipeline result
     PRECISION_SWITCH = "precision_switch"
     RELEASE_ACTIVATED = "release_activated"
+
+
+class SpeedVerdict(StrEnum):
+    """How a variant's paired latency compares with FP32's, against its precision's allowed ratio."""
+
+    OK = "ok"  # the whole confidence interval of the ratio is within the limit
+    SLOWER = "slower"  # the whole interval is above the limit: rejected
+    INCONCLUSIVE = "inconclusive"  # the interval straddles the limit: kept, marked, never a default
+
+
+class RecipeOutcome(StrEnum):
+    """What one recipe of a variant's search gave (``manifest.report.recipes``)."""
+
+    CHOSEN = "chosen"  # the variant's artifact
+    ACCEPTED = "accepted"  # passed the gate, another candidate was better
+    REJECTED = "rejected"  # ran, failed the gate
+    FAILED = "failed"  # gave no runnable artifact
+    SKIPPED = "skipped"  # not tried (the reason says why)

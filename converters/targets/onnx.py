@@ -1,13 +1,91 @@
-"""The ONNX export target: FP32 (as checked), FP16, INT8 static QDQ, mixed INT8/FP32."""
+"""The ONNX export target: FP32 (as checked), FP16, INT8 (a list of onnxruntime recipes), mixed INT8/FP32.
+
+INT8 recipes, in the order they are tried (``converters/search.py`` runs them and keeps the best
+accepted candidate):
+
+1. ``qdq-per-channel``: static QDQ, per-channel S8 weights, U8 activations, every op type;
+2. ``qdq-per-channel-no-bias-adjust``: the same with onnxruntime's
+   ``QDQDisableWeightAdjustForInt32Bias``, only when 1 crashed (its int32-bias weight-scale
+   adjustment fails on some per-channel weights);
+3. ``qdq-conv-matmul``: per-channel, only Conv/MatMul/Gemm quantized (the other ops keep FP32
+   activations; transformers lose far less accuracy);
+4. ``qdq-per-tensor``: per-tensor weights, every op type;
+5. ``qdq-per-tensor-conv-matmul``: per-tensor, only Conv/MatMul/Gemm;
+6. ``dynamic-matmul``: dynamic INT8 of MatMul/Gemm, for MatMul-heavy graphs (transformer encoders,
+   where it often beats static QDQ on accuracy and still halves latency);
+7. ``dynamic``: dynamic INT8 of every op type, the only choice without calibration data.
+
+3, 4, 5 and 7 are fallbacks (tried while nothing is accepted); ``--per-tensor`` keeps to the per-tensor
+recipes. FP16 tries the whole graph, then keeps the nodes that overflow or lose most in FP32
+(``fp16-keep-sensitive``); MIXED is the accuracy-aware search on the most accurate static recipe.
+"""
 
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
 
 from ...errors import ConversionError
 from ...types import Precision, Target
 from .. import quantize
-from .base import ExportRequest, ExportResult, ExportTarget
+from .base import ExportRequest, ExportResult, ExportTarget, ModelFacts, Recipe, When
+
+CONV_MATMUL = ("Conv", "MatMul", "Gemm")
+
+
+class QuantMode(str, Enum):
+    STATIC = "static"
+    DYNAMIC = "dynamic"
+
+
+@dataclass(frozen=True)
+class OnnxInt8:
+    """How one INT8 recipe calls onnxruntime's quantizer."""
+
+    mode: QuantMode
+    per_channel: bool = True
+    op_types: tuple[str, ...] | None = None  # None: every op type onnxruntime quantizes
+    extra_options: tuple[tuple[str, Any], ...] = ()
+
+
+def _matmul_heavy(facts: ModelFacts) -> str | None:
+    return None if facts.matmul_heavy else "most weights are in Conv layers (dynamic INT8 is slow there)"
+
+
+def _no_matmul_recipe(facts: ModelFacts) -> str | None:
+    return "dynamic-matmul covers this MatMul-heavy graph" if facts.matmul_heavy else None
+
+
+INT8_RECIPES = (
+    Recipe("qdq-per-channel", Precision.INT8, "static QDQ, per-channel weights, all op types",
+           needs_calibration=True, options=OnnxInt8(QuantMode.STATIC)),
+    Recipe("qdq-per-channel-no-bias-adjust", Precision.INT8,
+           "static QDQ per-channel without onnxruntime's int32-bias weight adjustment",
+           needs_calibration=True, only_after_failure_of="qdq-per-channel",
+           options=OnnxInt8(QuantMode.STATIC, extra_options=(("QDQDisableWeightAdjustForInt32Bias", True),))),
+    Recipe("qdq-conv-matmul", Precision.INT8, "static QDQ per-channel, only Conv/MatMul/Gemm quantized",
+           when=When.FALLBACK, needs_calibration=True, options=OnnxInt8(QuantMode.STATIC, op_types=CONV_MATMUL)),
+    Recipe("qdq-per-tensor", Precision.INT8, "static QDQ, per-tensor weights, all op types",
+           when=When.FALLBACK, needs_calibration=True, options=OnnxInt8(QuantMode.STATIC, per_channel=False)),
+    Recipe("qdq-per-tensor-conv-matmul", Precision.INT8, "static QDQ per-tensor, only Conv/MatMul/Gemm quantized",
+           when=When.FALLBACK, needs_calibration=True,
+           options=OnnxInt8(QuantMode.STATIC, per_channel=False, op_types=CONV_MATMUL)),
+    Recipe("dynamic-matmul", Precision.INT8, "dynamic INT8 of MatMul/Gemm", applies=_matmul_heavy,
+           options=OnnxInt8(QuantMode.DYNAMIC, op_types=("MatMul", "Gemm"))),
+    Recipe("dynamic", Precision.INT8, "dynamic INT8 of every op type", when=When.FALLBACK, applies=_no_matmul_recipe,
+           options=OnnxInt8(QuantMode.DYNAMIC)),
+)
+FP16_RECIPES = (
+    Recipe("fp16", Precision.FP16, "FP16 weights and compute, FP32 inputs/outputs"),
+    Recipe("fp16-keep-sensitive", Precision.FP16, "FP16 with the nodes that overflow or lose most kept FP32",
+           when=When.FALLBACK, keeps_sensitive_nodes=True),
+)
+MIXED_RECIPES = (
+    Recipe("int8-keep-sensitive", Precision.MIXED, "the most accurate static INT8 recipe with its most "
+           "sensitive nodes kept FP32", needs_calibration=True, keeps_sensitive_nodes=True),
+)
 
 
 class OnnxTarget(ExportTarget):
@@ -17,6 +95,15 @@ class OnnxTarget(ExportTarget):
     def precisions(self) -> frozenset[Precision]:
         return frozenset(Precision)
 
+    def recipes(self, precision: Precision) -> tuple[Recipe, ...]:
+        if precision == Precision.INT8:
+            return INT8_RECIPES
+        if precision == Precision.FP16:
+            return FP16_RECIPES
+        if precision == Precision.MIXED:
+            return MIXED_RECIPES
+        return super().recipes(precision)
+
     def export(self, request: ExportRequest) -> ExportResult:
         request.out_dir.mkdir(parents=True, exist_ok=True)
         out = request.out_dir / f"{request.variant_id}.onnx"
@@ -24,18 +111,31 @@ class OnnxTarget(ExportTarget):
             shutil.copyfile(request.model_path, out)
             report = quantize.QuantizeReport(nodes_quantized=0)
         elif request.precision == Precision.FP16:
-            report = quantize.to_fp16(request.model_path, out)
+            report = quantize.to_fp16(request.model_path, out, keep_fp32=request.nodes_to_exclude)
         elif request.precision in (Precision.INT8, Precision.MIXED):
-            if not request.calibration:
-                # Without calibration data only dynamic quantization is possible; the benchmark
-                # gate usually rejects it on conv nets (6-7x slower than FP32 on x86).
-                report = quantize.quantize_dynamic_int8(request.model_path, out)
-            else:
-                report = quantize.quantize_static_int8(
-                    request.model_path, out, request.calibration, method=request.calibration_method,
-                    per_channel=request.per_channel, nodes_to_exclude=request.nodes_to_exclude)
+            report = self._int8(request, out)
         else:  # pragma: no cover - Precision is a closed set
             raise ConversionError(f"onnx: unsupported precision {request.precision}")
         return ExportResult(files=[out], inputs=list(request.inputs), outputs=list(request.outputs),
                             notes=report.notes, nodes_quantized=report.nodes_quantized,
                             nodes_kept_fp32=report.nodes_kept_fp32)
+
+    @staticmethod
+    def _int8(request: ExportRequest, out) -> quantize.QuantizeReport:
+        options = request.recipe.options if request.recipe is not None else None
+        if not isinstance(options, OnnxInt8):  # no recipe: what the request alone asks for
+            options = OnnxInt8(QuantMode.STATIC if request.calibration else QuantMode.DYNAMIC, request.per_channel)
+        if options.mode == QuantMode.DYNAMIC:
+            subgraphs = quantize.subgraph_nodes(_graph(request)) > 0
+            return quantize.quantize_dynamic_int8(request.model_path, out, op_types=options.op_types,
+                                                  nodes_to_exclude=request.nodes_to_exclude, subgraphs=subgraphs)
+        return quantize.quantize_static_int8(
+            request.model_path, out, request.calibration, method=request.calibration_method,
+            per_channel=options.per_channel, nodes_to_exclude=request.nodes_to_exclude, op_types=options.op_types,
+            extra_options=dict(options.extra_options))
+
+
+def _graph(request: ExportRequest):
+    import onnx
+
+    return onnx.load(str(request.model_path), load_external_data=False).graph

@@ -2,25 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 import typer
+from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..errors import ConfigError
+from ..profiles import AUTO
 from .app import app, console, err_console
 
 
 @app.command("convert")
 def convert_command(
     model: Path = typer.Argument(..., help="The FP32 ONNX model to convert."),
-    profile: list[str] = typer.Option(["auto"], "--profile", "-p", help="Device profile id (repeatable); 'auto' detects this machine."),
+    profile: list[str] = typer.Option([AUTO], "--profile", "-p", help="Device profile id (repeatable); 'auto' detects this machine."),
     output: Path = typer.Option(..., "--output", "-o", help="Release folder to create (must not exist or be empty)."),
-    calibration: str = typer.Option(None, "--calibration", "-c", help="Folder/file of .npy/.npz (or images) for INT8 calibration and validation; 'random' to opt into random data."),
-    labels: Path = typer.Option(None, "--labels", help="Class labels of the calibration samples (.npy, or 'name,label' lines) for a task metric."),
+    calibration: str = typer.Option(None, "--calibration", "-c", help="Folder/file of .npy/.npz (or images) for INT8 calibration; a held-out part validates (unless --validation); 'random' to opt into random data."),
+    validation: str = typer.Option(None, "--validation", help="Folder/file of samples to validate on instead of a held-out part of --calibration."),
+    metric: str = typer.Option(None, "--metric", help="Accuracy measure: top1, cosine, f1 (thresholded maps) or module:function (outputs -> float, higher is better). Default: by the output's kind."),
+    labels: Path = typer.Option(None, "--labels", help="Class labels of the validation (or calibration) samples (.npy, or 'name,label' lines): top-1 accuracy as the metric."),
     input_shape: list[str] = typer.Option([], "--input-shape", help="NAME=D1,D2,... for a dynamic input (repeatable)."),
     prune: str = typer.Option(None, "--prune", help="METHOD:AMOUNT, e.g. magnitude:0.5 or channel:0.3."),
     targets: list[str] = typer.Option([], "--targets", "-t", help="Only these export targets: a comma list and/or repeated, e.g. onnx,tflite,ncnn,openvino (default: the profiles' targets)."),
@@ -49,12 +57,14 @@ def convert_command(
         intake=cc.IntakeConfig(input_shapes=input_shape, prune=prune,
                                image_options=_image_options(image_mean, image_std, image_layout, image_bgr)),
         quantization=cc.QuantizationConfig(calibration=calibration, method=calibration_method, per_channel=not per_tensor),
-        validation=cc.ValidationConfig(labels=labels, max_accuracy_drop=max_accuracy_drop, latency_runs=latency_runs,
-                                       speed_gate=speed_gate),
+        validation=cc.ValidationConfig(data=validation, labels=labels, metric=metric, max_accuracy_drop=max_accuracy_drop,
+                                       latency_runs=latency_runs, speed_gate=speed_gate),
         release=cc.ReleaseConfig(output=output, version=version, model_name=model_name, sign_key=sign_key),
     )
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err_console, transient=True, disable=as_json) as bar:
+    # The bar writes to its own copy of stderr: the converter captures fds 1/2 while tools run.
+    with _terminal_stderr() as terminal, \
+            Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                     console=Console(file=terminal, stderr=True), transient=True, disable=as_json) as bar:
         task = bar.add_task("converting", total=1)
 
         def progress(step: str, done: int, total: int) -> None:
@@ -70,25 +80,27 @@ def convert_command(
     reference = manifest.report.reference
     table = Table(title=f"{manifest.model} v{manifest.version} -> {output}",
                   caption=f"×fp32: ratio to the FP32 ONNX source model ({_size(reference.size_bytes)}, "
-                          f"{_num(reference.latency_ms, 3)} ms)")
+                          f"{_num(reference.latency_ms, 3)} ms); metric: {manifest.report.metric or '-'}")
     table.add_column("variant", no_wrap=True)
-    for column in ("size (×fp32)", "ms (×fp32)", "max err", "cosine", "top-1", "metric", "status"):
+    for column in ("recipe", "size (×fp32)", "ms (×fp32)", "max err", "cosine", "top-1", "metric", "status"):
         table.add_column(column)
     reasons: list[str] = []
     for row in rows:
         if row["status"] == "ok":
             status = "[green]ok[/]" + (" [bold]*[/]" if row["default_for"] else "")
+            if row["speed"] == "inconclusive":
+                status += " [yellow]speed?[/]"
         else:
             # Reasons are long: footnotes below the table keep the columns readable.
             first = (row["reason"] or "").strip().splitlines()[0] if row["reason"] else ""
             more = " (full reason in manifest.json)" if (row["reason"] or "").strip().count("\n") else ""
             reasons.append(f"[{len(reasons) + 1}] {row['id']}: {first[:300]}{more}")
             status = f"[red]rejected[/] [{len(reasons)}]"
-        table.add_row(row["id"], f"{_size(row['size_bytes'])} ({_ratio(row['size_ratio'])})",
+        table.add_row(row["id"], row["recipe"] or "-", f"{_size(row['size_bytes'])} ({_ratio(row['size_ratio'])})",
                       f"{_num(row['latency_ms'], 3)} ({_ratio(row['latency_ratio'])})", _num(row["max_abs_error"], 4),
                       _num(row["cosine"], 4), _pct(row["top1_agreement"]), _metric(row), status)
     console.print(table)
-    console.print("* = default of a profile", highlight=False)
+    console.print("* = default of a profile; speed? = latency ratio inconclusive (kept, never a default)", highlight=False)
     for line in reasons:
         console.print(escape(line), highlight=False, soft_wrap=True)
     for profile_id in manifest.report.profiles:
@@ -103,6 +115,8 @@ def convert_command(
         console.print(f"pruned ({pruned.method}): params {pruned.params_before} -> {pruned.params_after} "
                       f"(non-zero {pruned.nonzero_before} -> {pruned.nonzero_after}), FLOPs "
                       f"{pruned.flops_before} -> {pruned.flops_after}; skipped: {len(pruned.skipped)}", highlight=False)
+    if manifest.report.logs:
+        console.print(f"tool logs: {output}/{next(iter(manifest.report.logs.values())).rpartition('/')[0]}/", highlight=False)
     signed = " (signed)" if sign_key else ""
     console.print(f"release written to {output}{signed}", highlight=False)
 
@@ -124,10 +138,23 @@ def report_rows(manifest) -> list[dict]:
             "latency_ratio": v.latency_ms / reference.latency_ms if v.latency_ms and reference.latency_ms else None,
             "max_abs_error": val.max_abs_error, "cosine": val.cosine_similarity, "top1_agreement": val.top1_agreement,
             "metric_name": val.metric_name, "metric": val.metric, "metric_fp32": val.metric_fp32,
-            "nodes_kept_fp32": val.nodes_kept_fp32, "status": v.status, "reason": v.reason,
+            "nodes_kept_fp32": val.nodes_kept_fp32, "status": v.status, "reason": v.reason, "recipe": val.recipe,
+            "speed": val.speed.value if val.speed else None, "latency_ratio_ci": val.latency_ratio_ci,
             "default_for": default_for.get(v.id, []),
         })
     return rows
+
+
+@contextlib.contextmanager
+def _terminal_stderr() -> Iterator[TextIO]:
+    try:
+        stream = os.fdopen(os.dup(2), "w", buffering=1)
+    except OSError:  # no stderr at all
+        stream = open(os.devnull, "w")  # noqa: SIM115 - closed below
+    try:
+        yield stream
+    finally:
+        stream.close()
 
 
 def _size(n: int) -> str:

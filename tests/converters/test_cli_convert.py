@@ -130,8 +130,8 @@ BAD_INPUTS = [
      "outside the model's folder; refusing to read it (path traversal)"),
     ("unsupported-opset", lambda t, m: ["convert", str(_tensor_model(t, "future.onnx", _opset)), "-p", "intel-nuc"],
      "unsupported opset 99"),
-    ("dynamic-input", lambda t, m: ["convert", str(samples.save(samples.make_cnn(batch="N"), t / "dyn.onnx")), "-p", "intel-nuc"],
-     "has dynamic dimensions ['N', 3, 32, 32]; pass --input-shape image=1,3,32,32"),
+    ("dynamic-input", lambda t, m: ["convert", str(samples.save(samples.make_token_model(), t / "dyn.onnx")), "-p", "intel-nuc"],
+     "input 'input_ids' has dynamic dimensions [1, 'seq']; pass --input-shape input_ids=1,N"),
     ("unknown-profile", lambda t, m: ["convert", str(m), "-p", "atari-2600"], "unknown device profile 'atari-2600'"),
     ("malformed-profile-yaml", lambda t, m: ["convert", str(m), "-p", str(_write(t / "bad.yaml", b"id: [bad\n"))],
      "bad.yaml: malformed YAML (line 2)"),
@@ -194,3 +194,19 @@ def test_debug_shows_the_traceback(cnn_path, tmp_path):
     assert "Traceback (most recent call last)" in result.stderr
     assert "edge_sdk.errors.ModelError:" in result.stderr and "no such file" in result.stderr
     assert not (tmp_path / "rel").exists()
+
+
+def test_validation_and_metric_options(cnn_path, cnn_calibration_dir, tmp_path):
+    out = tmp_path / "rel"
+    result = _cli("convert", str(cnn_path), "-p", "intel-nuc", "-o", str(out), "-t", "onnx", "-c", str(cnn_calibration_dir),
+                  "--validation", str(cnn_calibration_dir), "--metric", "cosine", "--latency-runs", "2",
+                  "--max-accuracy-drop", "100", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)["report"]
+    assert report["metric"] == "cosine similarity" and report["validation"]["samples"] == 16
+    for bad, message in (("no_such_module:score", "--metric no_such_module:score: cannot import module 'no_such_module'"),
+                         ("accuracy", "--metric 'accuracy': expected one of top1, cosine, f1 or module:function")):
+        failed = _cli("convert", str(cnn_path), "-p", "intel-nuc", "-o", str(tmp_path / "bad"), "-t", "onnx",
+                      "-c", str(cnn_calibration_dir), "--metric", bad, "--latency-runs", "2")
+        assert failed.returncode == 1 and message in failed.stderr, failed.stderr
+        assert "Traceback" not in failed.stderr and not (tmp_path / "bad").exists()

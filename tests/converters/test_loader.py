@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_sdk import samples
-from edge_sdk.converters.loader import load_model, parse_input_shapes
+from edge_sdk.converters.loader import load_model, parse_input_shapes, read_model
 from edge_sdk.errors import ConfigError, ModelError
 
 
@@ -102,14 +102,46 @@ def test_old_opset_is_upgraded_to_13(tmp_path):
     assert any("upgraded opset 9 -> 13" in n for n in loaded.notes)
 
 
-def test_dynamic_input_needs_input_shape(tmp_path):
+def test_a_dynamic_batch_becomes_1_with_a_note_and_input_shape_still_decides(tmp_path):
     path = samples.save(samples.make_cnn(batch="N"), tmp_path / "dyn.onnx")
-    with pytest.raises(ModelError, match=r"--input-shape image=1,3,32,32"):
-        load_model(path, tmp_path)
-    loaded = load_model(path, tmp_path, parse_input_shapes(["image=1,3,32,32"]))
-    assert loaded.inputs[0].shape == [1, 3, 32, 32]
-    assert loaded.outputs[0].shape == [1, 10]
-    assert any("fixed to [1, 3, 32, 32]" in n for n in loaded.notes)
+    loaded = load_model(path, tmp_path)
+    assert loaded.inputs[0].shape == [1, 3, 32, 32] and loaded.outputs[0].shape == [1, 10]
+    assert any("dynamic batch dim 'N' fixed to 1" in n for n in loaded.notes)
+    loaded = load_model(path, tmp_path, parse_input_shapes(["image=2,3,32,32"]))
+    assert loaded.inputs[0].shape == [2, 3, 32, 32] and loaded.outputs[0].shape == [2, 10]
+    assert any("fixed to [2, 3, 32, 32]" in n for n in loaded.notes)
+
+
+def test_other_dynamic_dims_come_from_the_samples_when_they_agree(tmp_path):
+    path = samples.save(samples.make_token_model(), tmp_path / "tokens.onnx")
+    source = read_model(path)
+    assert [s.shape for s in source.inputs] == [[1, "seq"], [1, "seq"]]  # batch fixed, seq left to the samples
+    with pytest.raises(ModelError, match=r"has dynamic dimensions \[1, 'seq'\]; pass --input-shape input_ids=1,N"):
+        read_model(path).finish(tmp_path)
+    with pytest.raises(ModelError, match=r"'seq' is \[7, 9\] in the samples\); pass --input-shape input_ids=1,9 "
+                                          r"and samples of that shape"):
+        read_model(path).finish(tmp_path, {"input_ids": [(1, 7), (1, 9)], "attention_mask": [(1, 7), (1, 9)]})
+    loaded = source.finish(tmp_path, {"input_ids": [(1, 9), (1, 9)], "attention_mask": [(1, 9)]})
+    assert [s.shape for s in loaded.inputs] == [[1, 9], [1, 9]] and [s.dtype for s in loaded.inputs] == ["int64", "int64"]
+    assert loaded.outputs[0].shape == [1, 16]
+    assert any("dynamic dims ['seq'] fixed to [9], the size every sample has" in n for n in loaded.notes)
+
+
+def test_symbolic_output_dims_left_by_shape_inference_come_from_an_fp32_run(tmp_path):
+    # Tile's repeats come from a Max of constants: shape inference cannot see the result (``unk__44``).
+    repeats = [numpy_helper.from_array(np.array([1, 2], np.int64), "a"), numpy_helper.from_array(np.ones(2, np.int64), "b")]
+    graph = helper.make_graph([helper.make_node("Max", ["a", "b"], ["reps"], name="reps"),
+                               helper.make_node("Tile", ["x", "reps"], ["y"], name="tile")], "tile",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["unk__44", "unk__45"])], repeats)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "tile.onnx"
+    onnx.save(model, str(path))
+    loaded = load_model(path, tmp_path)
+    assert loaded.outputs[0].shape == [1, 8]
+    assert any("resolved 1 symbolic output/intermediate shapes from an FP32 run" in n for n in loaded.notes)
+    assert [d.dim_value for d in onnx.load(str(loaded.path)).graph.output[0].type.tensor_type.shape.dim] == [1, 8]
 
 
 @pytest.mark.parametrize("spec, message", [

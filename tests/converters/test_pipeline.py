@@ -52,8 +52,9 @@ def test_two_profiles_release(cnn_path, cnn_calibration_dir, tmp_path):
         for entry in variant.files:
             verify_file(tmp_path / "rel", entry)
             assert entry.chunks and sum(c.size for c in entry.chunks) == entry.size
-        if variant.ok:
-            assert variant.latency_ms > 0 and variant.validation.samples == 16
+        if variant.ok:  # 8 of the 16 samples calibrate, the other 8 validate
+            assert variant.latency_ms > 0 and variant.validation.samples == 8
+    assert manifest.report.calibration.samples == 8 and "held out" in manifest.report.validation.source
     assert manifest.source_sha256 == __import__("hashlib").sha256(cnn_path.read_bytes()).hexdigest()
     assert _leftovers(tmp_path) == []
 
@@ -100,14 +101,15 @@ def test_speed_gate_rejects_slow_variants_unless_turned_off(cnn_path, cnn_calibr
                                                             speed_gate):
     from edge_sdk.converters import validate
 
-    monkeypatch.setattr(validate, "paired_latency_ms", lambda *a, **k: (1.0, 3.0))  # every variant 3x FP32
+    three_times = validate.SpeedComparison(reference_ms=1.0, candidate_ms=3.0, ratio=3.0, low=2.9, high=3.1, pairs=50)
+    monkeypatch.setattr(validate, "compare_speed", lambda *a, **k: three_times)  # every variant 3x FP32
     manifest = edge_sdk.convert(cnn_path, ["intel-nuc"], tmp_path / "rel", calibration=cnn_calibration_dir,
                                 targets=["onnx"], max_accuracy_drop=100, latency_runs=1, speed_gate=speed_gate)
     for precision in ("fp16", "int8"):
         variant = manifest.variant(f"onnx-{precision}")
         assert variant.latency_ms == 3.0  # measured and reported either way
         if speed_gate:
-            assert variant.status == "rejected" and variant.reason.startswith("slower than FP32 on the build machine")
+            assert variant.status == "rejected" and "slower than FP32 on the build machine (x3.00" in variant.reason
         else:
             assert variant.ok, variant.reason
     assert manifest.variant("onnx-fp32").ok  # the yardstick is never speed-gated
@@ -146,7 +148,15 @@ def test_a_crashing_export_is_a_rejected_row_and_the_rest_completes(cnn_path, cn
                                 targets=["onnx"], max_accuracy_drop=20, latency_runs=3)
     int8 = manifest.variant("onnx-int8")
     assert int8.status == "rejected" and int8.files == []
-    assert int8.reason == "export failed: RuntimeError: simulated crash in the middle of a conversion"
+    # One clause per recipe, naming it and where the crash happened; never the raw exception text.
+    assert int8.reason.startswith("qdq-per-channel: export failed: RuntimeError in tests (test_pipeline.py, export); ")
+    assert "simulated crash" not in int8.reason and "Traceback" not in int8.reason
+    for recipe in ("qdq-per-channel-no-bias-adjust", "qdq-conv-matmul", "qdq-per-tensor", "qdq-per-tensor-conv-matmul",
+                   "dynamic"):  # every recipe was tried, each failure is one clause
+        assert f"; {recipe}: export failed: RuntimeError in tests" in int8.reason
+    assert {a.outcome for a in manifest.report.recipes["onnx-int8"] if a.recipe != "dynamic-matmul"} == {"failed"}
+    log = (tmp_path / "rel" / manifest.report.logs["onnx-int8"]).read_text()
+    assert "simulated crash in the middle of a conversion" in log and "Traceback" in log
     assert manifest.variant("onnx-fp32").ok
     assert manifest.defaults["intel-nuc"] in {"onnx-fp32", "onnx-fp16"}
     assert not (tmp_path / "rel" / "onnx" / "onnx-int8.onnx").exists()  # the half-written file is gone
@@ -201,27 +211,27 @@ class _BadInt8(OnnxTarget):
 def _negate_fc(path: Path) -> None:
     model = onnx.load(str(path))
     for tensor in model.graph.initializer:
-        if tensor.name.startswith("fc.weight"):
+        if tensor.name in ("fc.weight", "fc.weight_quantized"):  # not its scale: two sign flips cancel
             tensor.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(tensor), tensor.name))
     onnx.save(model, str(path))
 
 
 def test_a_mixed_search_that_keeps_nothing_leaves_no_file(cnn_path, cnn_calibration_dir, tmp_path, monkeypatch,
                                                          assert_release_lists_every_file):
-    from edge_sdk.converters import mixed_precision
+    from edge_sdk.converters import sensitivity
 
-    def search(export, evaluate, fp32_path, samples, max_drop):
-        export([])  # writes onnx/onnx-mixed.onnx, then finds nothing worth keeping
-        return mixed_precision.MixedResult(None, None, [], reached=False)
+    def search(export, evaluate, ranking, max_drop):
+        export([])  # writes an onnx-mixed.onnx, then finds nothing worth keeping
+        return sensitivity.KeepSearch(None, None, [])
 
     monkeypatch.setitem(TARGETS._entries, "onnx", _BadInt8)
-    monkeypatch.setattr(mixed_precision, "search", search)
+    monkeypatch.setattr(sensitivity, "keep_fp32_search", search)
     manifest = edge_sdk.convert(cnn_path, ["intel-nuc"], tmp_path / "rel", calibration=cnn_calibration_dir,
                                 targets=["onnx"], max_accuracy_drop=5, latency_runs=3)
-    assert "onnx-mixed" not in {v.id for v in manifest.variants}
-    assert manifest.variant("onnx-int8").status == "rejected"  # its file stays: the manifest lists it
+    assert "onnx-mixed" not in {v.id for v in manifest.variants}, manifest.report.recipes
+    assert manifest.variant("onnx-int8").status == "rejected", manifest.report.recipes  # its file stays: the manifest lists it
     assert manifest.variant("onnx-int8").files
-    assert any("mixed precision would keep every node" in n for n in manifest.report.notes)
+    assert any("mixed-precision search found no variant" in n for n in manifest.report.notes)
     assert_release_lists_every_file(tmp_path / "rel")
 
 
@@ -329,6 +339,18 @@ def test_signed_release_verifies_and_tampering_is_detected(cnn_path, tmp_path):
     edge_sdk.convert(cnn_path, ["intel-nuc"], out, targets=["onnx"], sign_key=other_private, latency_runs=2)
     with pytest.raises(IntegrityError, match="signature"):
         load_manifest(out, key)
+
+
+def test_the_same_conversion_twice_gives_the_same_statuses_and_identical_artifacts(cnn_path, cnn_calibration_dir,
+                                                                                  tmp_path):
+    def convert(out):
+        manifest = edge_sdk.convert(cnn_path, ["intel-nuc"], out, calibration=cnn_calibration_dir, targets=["onnx"],
+                                    latency_runs=5, max_accuracy_drop=20)
+        return {v.id: (v.status, v.validation.recipe, [f.sha256 for f in v.files]) for v in manifest.variants}
+
+    first = convert(tmp_path / "a")
+    assert first == convert(tmp_path / "b")
+    assert first["onnx-int8"][0] == "ok"
 
 
 def test_interrupt_leaves_no_output(cnn_path, tmp_path):

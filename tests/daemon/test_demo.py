@@ -36,6 +36,8 @@ def test_demo_runs_end_to_end(tmp_path: Path, mosquitto) -> None:  # `mosquitto`
     kinds = summary["records_by_kind"]
     assert kinds.get("result", 0) > 0 and kinds.get("stats", 0) > 0 and kinds.get("precision_switch", 0) >= 2
     assert "summary" in result.stdout and "records ingested" in result.stdout
+    # The real pretrained detector: INT8 accepted on held-out faces, its table printed.
+    assert summary["real_model"]["int8_ok"] is True and "onnx-int8" in result.stdout and "face F1" in result.stdout
     # Nothing the demo started is still running (mosquitto, ingest, daemon).
     leftovers = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
     assert leftovers == []

@@ -19,7 +19,8 @@ import random
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -96,6 +97,27 @@ class Store(ABC):
     @abstractmethod
     def put(self, sha256: str, data: bytes) -> None:
         """Store one chunk under its sha256 (the caller has checked it)."""
+
+    def intact(self, chunks: Mapping[str, bytes]) -> set[str]:
+        """Those of ``chunks`` (sha256 → the bytes it names) the store holds byte for byte.
+
+        The publisher asks before it skips a chunk, so a chunk corrupted or replaced in the store
+        is sent again rather than trusted for being there. This default reads each one back;
+        stores that can tell more cheaply override it.
+        """
+        deadline = time.monotonic() + self.options.timeout_s * (1 + self.options.retries)
+
+        def same(item: tuple[str, bytes]) -> str | None:
+            sha, data = item
+            try:
+                return sha if self.fetch(ChunkRef(sha256=sha, size=len(data)), deadline) == data else None
+            except StoreError as exc:
+                if exc.kind in ("chunk_missing", "store_error"):  # store_error: e.g. more bytes than listed
+                    return None
+                raise
+
+        with ThreadPoolExecutor(8) as pool:
+            return {sha for sha in pool.map(same, chunks.items()) if sha is not None}
 
     def flush(self) -> None:
         """Return once every :meth:`put` so far is durable on the store (for stores that batch)."""

@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 
 from edge_sdk.errors import ConfigError
 from edge_sdk.manifest import ChunkRef
@@ -40,6 +40,7 @@ class MqttStore(Store):
         self.transport, self.topics = options.transport, options.topics
         self._lock = threading.Lock()
         self._unacked_chunks = self._unacked_bytes = 0
+        self._verified: set[str] | None = None  # retained blobs whose payload hashes to their topic
 
     # -- device side ---------------------------------------------------------------------------
     def fetch(self, ref: ChunkRef, deadline: float) -> bytes:
@@ -81,13 +82,25 @@ class MqttStore(Store):
         wanted = set(shas)
         return {chunk.sha256 for chunk in self.listing() if chunk.sha256 in wanted}
 
-    def listing(self) -> Iterator[StoredChunk]:
-        from edge_sdk.cloud.connection import retained_sizes  # cloud side only
+    def intact(self, chunks: Mapping[str, bytes]) -> set[str]:
+        """From the listing, which hashes every retained payload as it passes (it has to receive
+        them all anyway: MQTT cannot list without delivering)."""
+        if self._verified is None:
+            for _ in self.listing():
+                pass
+        return {sha for sha in chunks if sha in self._verified}
 
-        for topic, size in retained_sizes(self.transport, self.topics, self.topics.all_blobs()).items():
+    def listing(self) -> Iterator[StoredChunk]:
+        from edge_sdk.cloud.connection import retained_digests  # cloud side only
+
+        verified: set[str] = set()
+        for topic, (size, digest) in retained_digests(self.transport, self.topics, self.topics.all_blobs()).items():
             match = self.topics.parse(topic)
             if match is not None and match.sha256 is not None:
+                if digest == match.sha256:
+                    verified.add(digest)
                 yield StoredChunk(match.sha256, size, 0.0)  # MQTT keeps no time
+        self._verified = verified
 
     def delete(self, sha256: str) -> None:
         """Clear the retained chunk (an empty retained message); :meth:`flush` waits for the broker."""

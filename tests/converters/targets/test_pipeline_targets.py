@@ -47,9 +47,9 @@ def test_every_target_is_in_one_manifest_and_validated_by_running_it(release, as
         fp32 = by_id[f"{target.value}-fp32"]
         assert fp32.ok, (fp32.id, fp32.reason)
     for variant in manifest.variants:
-        if variant.files:  # built: it was run in its own backend on all 16 samples and timed
+        if variant.files:  # built: run in its own backend on the 8 of 16 samples held out of calibration, and timed
             assert variant.backend == {"onnx": "onnxruntime"}.get(variant.target.value, variant.target.value)
-            assert variant.validation.samples == 16 and variant.validation.max_abs_error is not None
+            assert variant.validation.samples == 8 and variant.validation.max_abs_error is not None
             assert variant.validation.cosine_similarity > 0.9 and variant.latency_ms > 0, variant.id
             for entry in variant.files:
                 verify_file(out, entry)

@@ -1,11 +1,15 @@
-"""Accuracy-aware mixed precision: INT8 everywhere except the nodes that hurt accuracy most.
+"""Which nodes to keep in FP32: per-node sensitivity rankings and the search over them.
 
-1. Quantize everything; if the accuracy drop already meets the target, done.
-2. Rank the quantized nodes by the error they *add*: relative L2 error of the node's output
-   against FP32, minus the largest error already present on its inputs (error accumulates down
-   the graph; a node is only to blame for its own increase).
-3. Bisect on k, the number of top-ranked nodes kept in FP32, for the smallest k that meets the
-   target (assumes more FP32 nodes never hurt, which holds closely in practice).
+Shared by every target (a target only has to honour ``request.nodes_to_exclude``, ONNX node names):
+
+- :func:`int8_ranking`: the quantized nodes of a QDQ model ranked by the relative L2 error each
+  *adds* (its output's error against FP32 minus the largest error already on its inputs, plus its
+  own weight's quantization error: error accumulates down the graph);
+- :func:`fp16_ranking`: every float node ranked the same way for FP16, and first of all a node
+  that makes or takes a value outside FP16's range (|x| > 65504 in FP32): detectors with large
+  intermediate activations overflow there;
+- :func:`keep_fp32_search`: bisect on k, the number of top-ranked nodes kept in FP32, for the
+  smallest k that meets the accuracy budget (more FP32 nodes never hurt, which holds closely).
 """
 
 from __future__ import annotations
@@ -20,63 +24,95 @@ import onnx
 from onnx import helper
 
 from ..manifest import Validation
+from ..report import MixedTrial
 from .targets.base import ExportResult, Feeds
 from .toollog import quiet
 from .validate import accuracy_drop
 
+FP16_MAX = 65504.0
+
 
 @dataclass
-class MixedResult:
+class KeepSearch:
+    """The search's outcome: the best export (None if nothing met the budget), and what it tried."""
+
     result: ExportResult | None
     validation: Validation | None
     kept_fp32: list[str]
-    trials: list[dict] = field(default_factory=list)
-    ranking: list[tuple[str, float]] = field(default_factory=list)
+    trials: list[MixedTrial] = field(default_factory=list)
     reached: bool = False
 
 
-def search(export: Callable[[list[str]], ExportResult], evaluate: Callable[[ExportResult], Validation],
-           fp32_path: Path, samples: Sequence[Feeds], max_drop: float) -> MixedResult:
-    """Smallest set of top-ranked nodes to keep in FP32 so the accuracy drop is ≤ ``max_drop`` points."""
-    trials: list[dict] = []
-    cache: dict[int, tuple[ExportResult, Validation]] = {}
+def keep_fp32_search(export: Callable[[list[str]], ExportResult], evaluate: Callable[[ExportResult], Validation],
+                     ranking: Sequence[tuple[str, float]], max_drop: float) -> KeepSearch:
+    """Fewest top-ranked nodes to keep in FP32 for an accuracy drop <= ``max_drop`` points.
 
-    def attempt(kept: list[str]) -> tuple[ExportResult, Validation, float]:
-        result = export(kept)
+    Keeping none is known to miss the budget (the plain candidate was tried first). Every call of
+    ``export`` must write to its own place: the winner's files are the ones returned.
+    """
+    names = [name for name, _ in ranking]
+    trials: list[MixedTrial] = []
+    if not names:
+        return KeepSearch(None, None, [], trials)
+
+    def attempt(k: int) -> tuple[ExportResult, Validation, bool]:
+        result = export(names[:k])
         validation = evaluate(result)
         what, drop = accuracy_drop(validation)
-        trials.append({"kept_fp32": len(kept), "drop_points": round(drop, 4), "measure": what})
-        return result, validation, drop
+        trials.append(MixedTrial(kept_fp32=k, drop_points=round(drop, 4), measure=what))
+        return result, validation, drop <= max_drop
 
-    result, validation, drop = attempt([])
-    if drop <= max_drop:
-        return MixedResult(result, validation, [], trials, reached=True)
-    ranking = rank_nodes(fp32_path, result.files[0], samples[:4])
-    names = [name for name, _ in ranking]
-    if not names:  # nothing measurable to keep in FP32: plain INT8 is all there is
-        return MixedResult(None, None, [], trials, ranking, reached=False)
-    low, high = 0, len(names)  # invariant: k=low fails; k=high unknown until tried
-    result_high, validation_high, drop_high = attempt(names)
-    if drop_high > max_drop:
-        return MixedResult(result_high, validation_high, names, trials, ranking, reached=False)
-    cache[high] = (result_high, validation_high)
+    best = attempt(len(names))
+    if not best[2]:
+        return KeepSearch(best[0], best[1], names, trials)
+    low, high = 0, len(names)  # invariant: k=low misses the budget, k=high meets it
     while high - low > 1:
         mid = (low + high) // 2
-        result_mid, validation_mid, drop_mid = attempt(names[:mid])
-        if drop_mid <= max_drop:
-            high = mid
-            cache[high] = (result_mid, validation_mid)
+        trial = attempt(mid)
+        if trial[2]:
+            high, best = mid, trial
         else:
             low = mid
-    result, validation = cache[high]
-    # Each export rewrites the same file: re-export the winner unless it was the last one written.
-    if trials[-1]["kept_fp32"] != high:
-        result, validation, _ = attempt(names[:high])
-    return MixedResult(result, validation, names[:high], trials, ranking, reached=True)
+    return KeepSearch(best[0], best[1], names[:high], trials, reached=True)
 
 
-def rank_nodes(fp32_path: Path, quantized_path: Path, samples: Sequence[Feeds]) -> list[tuple[str, float]]:
-    """Quantized nodes of ``quantized_path`` ranked by the relative error they add, worst first."""
+def fp16_ranking(fp32_path: Path, samples: Sequence[Feeds]) -> list[tuple[str, float]]:
+    """Float nodes ranked by the error FP16 adds, overflowing ones first (score ``inf``)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(fp32_path))
+    floats = {v.name for v in [*model.graph.value_info, *model.graph.output]
+              if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    candidates = [n for n in model.graph.node if n.name and n.op_type not in ("Constant", "Shape", "Cast")
+                  and n.output and n.output[0] in floats]
+    if not candidates:
+        return []
+    tensors = sorted({n.output[0] for n in candidates})
+    producer = {n.output[0]: n for n in candidates}
+    with tempfile.TemporaryDirectory(prefix="edge-sdk-fp16-") as tmp:
+        reference = _run_with_outputs(model, tensors, samples, Path(tmp) / "ref.onnx")
+        try:
+            with quiet():
+                half = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
+            converted = _run_with_outputs(half, tensors, samples, Path(tmp) / "fp16.onnx")
+        except Exception:  # noqa: BLE001 - no FP16 run: rank by overflow alone
+            converted = {}
+    overflow = {t for t in tensors if any(np.max(np.abs(v)) > FP16_MAX for v in reference[t] if v.size)}
+    error = {t: _relative_error(reference[t], converted[t]) for t in converted}
+    ranking = []
+    for node in candidates:
+        out = node.output[0]
+        if out in overflow or overflow.intersection(node.input):  # it makes or takes a value FP16 cannot hold
+            ranking.append((node.name, float("inf")))
+            continue
+        inherited = max((error.get(i, 0.0) for i in node.input if i in producer), default=0.0)
+        own = error.get(out, 0.0)
+        ranking.append((node.name, own if np.isinf(inherited) else max(own - inherited, 0.0)))
+    return [item for item in sorted(ranking, key=lambda item: -item[1]) if item[1] > 0]
+
+
+def int8_ranking(fp32_path: Path, quantized_path: Path, samples: Sequence[Feeds]) -> list[tuple[str, float]]:
+    """Quantized nodes of the QDQ model ``quantized_path`` ranked by the relative error they add, worst first."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     quantized = onnx.load(str(quantized_path))
@@ -201,4 +237,6 @@ def _run_with_outputs(model: onnx.ModelProto, names: list[str], samples: Sequenc
 def _relative_error(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
     ref = np.concatenate(reference)
     got = np.concatenate(candidate)
+    if not np.all(np.isfinite(got)):
+        return float("inf")
     return float(np.linalg.norm(ref - got) / max(np.linalg.norm(ref), 1e-12))

@@ -1,0 +1,137 @@
+"""The recipe search: a target's recipes for one precision, tried in order, the best candidate kept.
+
+For each recipe of :meth:`ExportTarget.recipes` (see ``targets/base.py`` for what a recipe is):
+
+1. it is skipped, with the reason, when it does not apply to this model, needs calibration data
+   there is not, is a :attr:`When.FALLBACK` and an earlier recipe was already accepted (or, keeping
+   sensitive nodes in FP32, no earlier candidate missed the accuracy budget), or names a recipe
+   (``only_after_failure_of``) that did not fail;
+2. otherwise ``attempt(recipe)`` exports and validates it: a failure is :class:`RecipeFailed`
+   carrying one clean line (step, recipe, cause), and the next recipe is tried;
+3. every candidate that ran is judged by the gate (accuracy budget, then speed).
+
+The best accepted candidate becomes the variant: candidates whose speed verdict is clear beat
+inconclusive ones; among those, a later candidate replaces the current best only when it is
+clearly faster (its latency-ratio interval lies wholly below the best's) or, at a speed tie,
+clearly smaller (under 90% of the size). Recipe order breaks every other tie, so the same
+measurements always choose the same recipe. With nothing accepted, the most accurate candidate
+stands as the rejected variant, its reason naming what every recipe gave.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from ..manifest import Validation
+from ..report import RecipeAttempt
+from ..types import RecipeOutcome, SpeedVerdict
+from .targets.base import ExportResult, ModelFacts, Recipe, When
+from .validate import SpeedComparison, accuracy_drop
+
+SMALLER = 0.9  # at a speed tie, a candidate wins on size only below this fraction of the best's size
+
+
+class RecipeFailed(Exception):
+    """A recipe gave no runnable artifact; ``line`` says where and why, in the SDK's words."""
+
+    def __init__(self, line: str) -> None:
+        super().__init__(line)
+        self.line = line
+
+
+@dataclass
+class Candidate:
+    """A recipe's validated artifact (its files sit in a scratch folder until it is chosen)."""
+
+    recipe: Recipe
+    result: ExportResult
+    validation: Validation
+    size_bytes: int
+    speed: SpeedComparison | None = None
+    verdict: SpeedVerdict | None = None
+    reason: str | None = None  # why the gate rejected it; None: accepted
+    inaccurate: bool = False  # rejected on accuracy (keeping nodes in FP32 may help), not on speed
+
+    @property
+    def accepted(self) -> bool:
+        return self.reason is None
+
+    @property
+    def drop(self) -> float:
+        return accuracy_drop(self.validation)[1]
+
+
+@dataclass
+class SearchResult:
+    candidates: list[Candidate] = field(default_factory=list)
+    attempts: list[RecipeAttempt] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)  # one per recipe that failed or was rejected
+    chosen: Candidate | None = None
+
+    def most_accurate(self) -> Candidate | None:
+        return min(self.candidates, key=lambda c: c.drop, default=None)
+
+
+def run_recipes(recipes: Sequence[Recipe], attempt: Callable[[Recipe], Candidate], *, facts: ModelFacts,
+                has_calibration: bool, refuse: Callable[[Recipe], str | None] = lambda recipe: None) -> SearchResult:
+    """Try ``recipes`` in order (``refuse`` adds the caller's own reasons to skip one) and choose."""
+    search = SearchResult()
+    failed: set[str] = set()
+    for recipe in recipes:
+        skip = _skip_reason(recipe, search, failed, facts, has_calibration) or refuse(recipe)
+        if skip is not None:
+            search.attempts.append(RecipeAttempt(recipe=recipe.name, outcome=RecipeOutcome.SKIPPED, reason=skip))
+            continue
+        try:
+            candidate = attempt(recipe)
+        except RecipeFailed as failure:
+            failed.add(recipe.name)
+            search.lines.append(failure.line)
+            search.attempts.append(RecipeAttempt(recipe=recipe.name, outcome=RecipeOutcome.FAILED, reason=failure.line))
+            continue
+        search.candidates.append(candidate)
+        if not candidate.accepted:
+            search.lines.append(recipe.says(candidate.reason))
+    search.chosen = choose(search.candidates)
+    for candidate in search.candidates:
+        outcome = (RecipeOutcome.CHOSEN if candidate is search.chosen
+                   else RecipeOutcome.ACCEPTED if candidate.accepted else RecipeOutcome.REJECTED)
+        search.attempts.append(RecipeAttempt(
+            recipe=candidate.recipe.name, outcome=outcome, reason=candidate.reason, size_bytes=candidate.size_bytes,
+            accuracy_drop=round(candidate.drop, 4), latency_ratio=round(candidate.speed.ratio, 4) if candidate.speed else None,
+            speed=candidate.verdict))
+    order = {r.name: i for i, r in enumerate(recipes)}
+    search.attempts.sort(key=lambda a: order[a.recipe])
+    return search
+
+
+def choose(candidates: Sequence[Candidate]) -> Candidate | None:
+    """The best accepted candidate (module docstring), or None."""
+    accepted = [c for c in candidates if c.accepted]
+    clear = [c for c in accepted if c.verdict != SpeedVerdict.INCONCLUSIVE]
+    best = None
+    for candidate in clear or accepted:
+        if best is None or _better(candidate, best):
+            best = candidate
+    return best
+
+
+def _better(candidate: Candidate, best: Candidate) -> bool:
+    if candidate.speed is not None and best.speed is not None:
+        if candidate.speed.clearly_faster_than(best.speed):
+            return True
+        if best.speed.clearly_faster_than(candidate.speed):
+            return False
+    return candidate.size_bytes < SMALLER * best.size_bytes
+
+
+def _skip_reason(recipe: Recipe, search: SearchResult, failed: set[str], facts: ModelFacts,
+                 has_calibration: bool) -> str | None:
+    if recipe.only_after_failure_of is not None and recipe.only_after_failure_of not in failed:
+        return f"only tried when {recipe.only_after_failure_of} fails"
+    if recipe.when == When.FALLBACK and any(c.accepted for c in search.candidates):
+        return "a fallback, and an earlier recipe was accepted"
+    if recipe.when == When.FALLBACK and recipe.keeps_sensitive_nodes and not any(c.inaccurate for c in search.candidates):
+        return "no earlier candidate missed the accuracy budget"
+    return recipe.skip_reason(facts, has_calibration)

@@ -1,0 +1,88 @@
+"""The recipe search on fixed candidates: what is tried, what is skipped and why, which candidate wins."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edge_sdk.converters.search import Candidate, RecipeFailed, choose, run_recipes
+from edge_sdk.converters.targets.base import ExportResult, ModelFacts, Recipe, When
+from edge_sdk.converters.validate import SpeedComparison
+from edge_sdk.manifest import Validation
+from edge_sdk.types import Precision, SpeedVerdict
+
+CONV_NET = ModelFacts(op_counts={"Conv": 10}, weight_params={"Conv": 1000})
+INT8 = Precision.INT8
+
+
+def _recipe(name: str, **options) -> Recipe:
+    return Recipe(name, INT8, f"recipe {name}", **options)
+
+
+def _candidate(recipe: Recipe, *, drop: float = 0.0, ratio: float | None = 0.5, size: int = 100, reason: str | None = None,
+               width: float = 0.02) -> Candidate:
+    speed = None if ratio is None else SpeedComparison(1.0, ratio, ratio, ratio - width, ratio + width, 50)
+    verdict = None if speed is None else speed.verdict(1.0)
+    return Candidate(recipe, ExportResult(files=[Path("x")], inputs=[], outputs=[], nodes_quantized=5),
+                     Validation(samples=8, max_abs_error=0.1, top1_agreement=1 - drop / 100), size, speed, verdict,
+                     reason, inaccurate=reason is not None and "dropped" in reason)
+
+
+def test_failures_are_one_line_each_and_the_next_recipe_is_tried():
+    first, workaround, other = _recipe("a"), _recipe("a-workaround", only_after_failure_of="a"), _recipe("b")
+
+    def attempt(recipe):
+        if recipe is first:
+            raise RecipeFailed("a: export failed: ValueError in onnxruntime (qdq_quantizer.py, _adjust)")
+        return _candidate(recipe)
+
+    search = run_recipes([first, workaround, other], attempt, facts=CONV_NET, has_calibration=True)
+    assert [(a.recipe, a.outcome) for a in search.attempts] == [("a", "failed"), ("a-workaround", "chosen"), ("b", "accepted")]
+    assert search.lines == ["a: export failed: ValueError in onnxruntime (qdq_quantizer.py, _adjust)"]
+    assert search.chosen.recipe is workaround  # as fast and as small as b: the earlier recipe wins the tie
+
+
+def test_fallbacks_run_only_while_nothing_is_accepted_and_skips_say_why():
+    tried = []
+    recipes = [_recipe("static", needs_calibration=True), _recipe("per-tensor", when=When.FALLBACK),
+               _recipe("dynamic-matmul", applies=lambda facts: None if facts.matmul_heavy else "conv net"),
+               _recipe("keep-sensitive", when=When.FALLBACK, keeps_sensitive_nodes=True)]
+
+    def attempt(recipe):
+        tried.append(recipe.name)
+        return _candidate(recipe)
+
+    search = run_recipes(recipes, attempt, facts=CONV_NET, has_calibration=False)
+    assert tried == ["per-tensor"]
+    reasons = {a.recipe: a.reason for a in search.attempts if a.outcome == "skipped"}
+    assert reasons == {"static": "needs calibration data", "dynamic-matmul": "conv net",
+                       "keep-sensitive": "a fallback, and an earlier recipe was accepted"}
+
+
+def test_keeping_nodes_in_fp32_is_tried_only_after_an_accuracy_miss():
+    plain, keep = _recipe("fp16"), _recipe("fp16-keep-sensitive", when=When.FALLBACK, keeps_sensitive_nodes=True)
+    slow = run_recipes([plain, keep], lambda r: _candidate(r, ratio=3.0, reason="slower than FP32"), facts=CONV_NET,
+                       has_calibration=True)
+    assert [a.outcome for a in slow.attempts] == ["rejected", "skipped"] and slow.chosen is None
+    inaccurate = run_recipes([plain, keep], lambda r: _candidate(r, drop=5, reason="top-1 agreement dropped 5.00 points")
+                             if r is plain else _candidate(r), facts=CONV_NET, has_calibration=True)
+    assert inaccurate.chosen.recipe is keep
+
+
+def test_clearly_faster_wins_then_clearly_smaller_and_inconclusive_only_as_a_last_resort():
+    a, b, c = _recipe("a"), _recipe("b"), _recipe("c")
+    assert choose([_candidate(a, ratio=0.50), _candidate(b, ratio=0.40)]).recipe is b  # intervals apart
+    assert choose([_candidate(a, ratio=0.50), _candidate(b, ratio=0.49)]).recipe is a  # within noise: order decides
+    assert choose([_candidate(a, ratio=0.50, size=100), _candidate(b, ratio=0.49, size=80)]).recipe is b
+    assert choose([_candidate(a, ratio=0.50, size=100), _candidate(b, ratio=0.49, size=95)]).recipe is a
+    straddling = _candidate(a, ratio=1.0, width=0.1)
+    assert straddling.verdict == SpeedVerdict.INCONCLUSIVE
+    assert choose([straddling, _candidate(b, ratio=0.9, width=0.05)]).recipe is b
+    assert choose([straddling]) is straddling
+    assert choose([_candidate(c, reason="slower than FP32")]) is None
+
+
+@pytest.mark.parametrize("heavy, expected", [({"MatMul": 900, "Conv": 100}, True), ({"Conv": 900, "Gemm": 100}, False)])
+def test_matmul_heavy_is_where_the_weights_are(heavy, expected):
+    assert ModelFacts(op_counts={}, weight_params=heavy).matmul_heavy is expected
