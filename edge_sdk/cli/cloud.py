@@ -175,6 +175,9 @@ def sync(
     version: int = typer.Option(None, "--version", min=1),
     self_test: bool = typer.Option(True, "--self-test/--no-self-test", help="Self-test through EdgeModel before activating."),
     fetch_window: int = typer.Option(32, "--fetch-window", min=1, help="Chunks requested at once."),
+    store: str = typer.Option(None, "--store", help="Where the chunks come from (default: the desired state's, "
+                              "else mqtt): mqtt, s3://bucket/prefix, http(s)://base."),
+    store_ca: Path = typer.Option(None, "--store-ca", help="CA certificate of an https:// store (default: --ca)."),
     timeout: float = typer.Option(600.0, "--timeout", help="Give up after this many seconds."),
     prefix: str = _PREFIX,
     ca: Path = _CA,
@@ -190,7 +193,7 @@ def sync(
 
     config = SyncConfig(broker=broker, fleet=fleet, device=device, root=root, profile=profile, public_key=public_key,
                         allow_unsigned=allow_unsigned, prefix=prefix, tls=_tls(ca, cert, key), self_test=self_test,
-                        fetch_window=fetch_window, sync_timeout_s=timeout)
+                        fetch_window=fetch_window, sync_timeout_s=timeout, store_ca=store_ca)
     client = SyncClient(config)
     if model is None or version is None:
         client.subscribe_desired()
@@ -207,8 +210,8 @@ def sync(
                 raise SyncError(f"device {device} in fleet {fleet} should run {len(wanted)} models "
                                 f"({', '.join(sorted(wanted)) or 'none'}); pass --model/--version")
             (model, entry), = wanted.items()
-            version = entry.version
-        result = client.sync(model, version, timeout=timeout)
+            version, store = entry.version, store or entry.store
+        result = client.sync(model, version, timeout=timeout, store=store)
     finally:
         client.transport.stop()
     typer.echo(_json.dumps(result.to_dict()))

@@ -263,3 +263,31 @@ def publish_release(release_dir: Path | str, broker: str, fleet: str, *, prefix:
         transport.publish(pending_topic, b"", qos=1, retain=True, wait=60.0)  # the manifest holds them now
     report.duration_s = round(time.monotonic() - started, 3)
     return report
+
+
+def publish_root(root: bytes, broker: str, fleet: str, *, prefix: str = "", tls: TlsConfig | None = None) -> str:
+    """Put trust root ``root`` retained at ``<prefix>/trust/root/<N>``; returns the topic.
+
+    Refused before anything is sent if devices would refuse it: not signed by its own root keys,
+    or not following the retained v N-1 (signed by a threshold of its root keys). Every version
+    stays retained, so a device that missed some walks the chain from the root it has.
+    """
+    new = TrustRoot.from_bytes(root, "new root")
+    topics = Topics(fleet, prefix)
+    topic = topics.trust_root(new.version)
+    with connect(broker, "publish-root", tls) as transport:
+        retained = collect_retained(transport, topics, topics.all_trust_roots())
+        if new.version > 1:
+            previous = retained.get(topics.trust_root(new.version - 1))
+            if previous is not None:
+                TrustRoot.from_bytes(previous, topics.trust_root(new.version - 1)).rotate(root, "new root")
+            else:
+                log.warning("no root v%d retained at %s: only devices that already trust v%d can take v%d",
+                            new.version - 1, topics.trust_root(new.version - 1), new.version - 1, new.version)
+        existing = retained.get(topic)
+        if existing is not None and existing != root:
+            raise IntegrityError(f"a different root v{new.version} is already retained at {topic}; roots are "
+                                 f"versioned: rotate to v{new.version + 1}")
+        if not transport.publish(topic, root, qos=1, retain=True, wait=60.0):
+            raise SyncError(f"broker did not acknowledge {topic} within 60s")
+    return topic

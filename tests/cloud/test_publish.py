@@ -309,3 +309,34 @@ def test_plain_publish_repairs_a_chunk_corrupted_in_the_store(kind, request, mos
     assert (again.chunks_published, again.bytes_published) == (1, chunks[victim])
     assert again.chunks_repaired == 1
     assert publish_release(sync_releases["v1"], mosquitto.url, fleet, store=store).chunks_published == 0
+
+
+def test_keys_publish_root_delivers_only_roots_that_chain(mosquitto, tmp_path, capsys):
+    from edge_sdk.trust import key_id, new_root, rotate_root
+
+    keys = {n: generate_keypair(tmp_path / f"{n}.key") for n in ("root1", "root2", "rel1", "rel2")}
+    from edge_sdk.signing import load_private_key as private
+
+    v1 = new_root([private(keys["root1"][0])], [load_public_key(keys["rel1"][1])])
+    v2 = rotate_root(v1, [private(keys["root1"][0])], add_release=[load_public_key(keys["rel2"][1])],
+                     revoke=[key_id(load_public_key(keys["rel1"][1]))])
+    (tmp_path / "root.1.json").write_bytes(v1)
+    (tmp_path / "root.2.json").write_bytes(v2)
+    for path in ("root.1.json", "root.2.json"):
+        _ok(["keys", "publish-root", str(tmp_path / path), "--broker", mosquitto.url, "--fleet", "roots"])
+    topics = Topics("roots")
+    assert "trust/root/2" in capsys.readouterr().out
+    with connect(mosquitto.url, "test") as t:
+        retained = collect_retained(t, topics, topics.all_trust_roots())
+    assert retained == {topics.trust_root(1): v1, topics.trust_root(2): v2}
+    # v3 signed by a key v2 does not list as a root key: devices would refuse it, so it is not sent
+    forged = rotate_root(v2, [private(keys["root2"][0])], add_root=[load_public_key(keys["root2"][1])])
+    with pytest.raises(IntegrityError, match="current root keys"):
+        from edge_sdk.cloud.publish import publish_root
+
+        publish_root(forged, mosquitto.url, "roots")
+    other_v2 = rotate_root(v1, [private(keys["root1"][0])])
+    with pytest.raises(IntegrityError, match="different root v2 is already retained"):
+        publish_root(other_v2, mosquitto.url, "roots")
+    with connect(mosquitto.url, "test") as t:
+        assert collect_retained(t, topics, topics.all_trust_roots()) == retained

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from edge_sdk.errors import ConfigError, SyncError
 from edge_sdk.manifest import ChunkRef
+from edge_sdk.types import ErrorKind
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..topics import Topics
@@ -47,7 +48,7 @@ class StoredChunk:
 class StoreError(SyncError):
     """A chunk store failed; ``kind`` names how (see the module docstring)."""
 
-    def __init__(self, message: str, kind: str = "store_error") -> None:
+    def __init__(self, message: str, kind: ErrorKind = ErrorKind.STORE_ERROR) -> None:
         super().__init__(message)
         self.kind = kind
 
@@ -64,6 +65,7 @@ class StoreOptions:
     backoff_s: float = 0.5
     backoff_max_s: float = 30.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    stall_s: float = 5.0  # mqtt: subscribe again to a chunk not received after this
     transport: Transport | None = field(default=None, compare=False)  # the fleet's MQTT link (mqtt store)
     topics: Topics | None = field(default=None, compare=False)
 
@@ -140,6 +142,6 @@ class Store(ABC):
         delay = self.options.backoff(attempt)
         if attempt > self.options.retries or time.monotonic() + delay > deadline:
             raise StoreError(f"{what}: {self.url} did not answer after {attempt} attempts ({exc})",
-                             "store_unreachable") from None
+                             ErrorKind.STORE_UNREACHABLE) from None
         self.counters["retries"] += 1
         time.sleep(delay)
