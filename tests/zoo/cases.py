@@ -25,6 +25,7 @@ import numpy as np
 Feeds = dict[str, np.ndarray]
 Outputs = dict[str, np.ndarray]
 Run = Callable[[Feeds], Outputs]
+CACHE_FORMAT = 2  # bump when what data() pickles changes shape
 
 
 @dataclass
@@ -131,7 +132,7 @@ class ZooCase:
 
     def _key(self) -> str:
         versions = [f"{m}={_version(m)}" for m in self.modules]
-        return hashlib.sha256(f"{self.data_version}|{'|'.join(versions)}".encode()).hexdigest()[:12]
+        return hashlib.sha256(f"{CACHE_FORMAT}|{self.data_version}|{'|'.join(versions)}".encode()).hexdigest()[:12]
 
 
 def cache_dir() -> Path:
