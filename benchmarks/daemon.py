@@ -191,7 +191,8 @@ def start_daemon(work: Path, models: list[dict], api: dict, ready_timeout: float
 
     state = work / "state"
     config = {"device_id": "bench", "state_dir": str(state), "http": {"port": 0}, "grpc": {"port": 0},
-              "api": api, "models": models, "policy": {"enabled": False}, "logging": {"level": "warning"}}
+              "api": api, "models": models, "sync": {"allow_unsigned": True},  # (the generated releases are unsigned)
+              "policy": {"enabled": False}, "logging": {"level": "warning"}}
     (work / "edge.yaml").write_text(json.dumps(config))
     proc = subprocess.Popen([sys.executable, "-m", "edge_sdk", "daemon", "--config", str(work / "edge.yaml")],
                             stdout=subprocess.DEVNULL, stderr=open(work / "daemon.log", "wb"))
