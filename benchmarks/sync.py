@@ -29,15 +29,11 @@ from pathlib import Path
 
 
 def _load_servers():
-    """tests/servers.py (real servers), loaded by path: with tests/ on sys.path, the namespace
-    folder tests/edge_sdk would shadow the installed package."""
-    import importlib.util
+    """tests/support/servers.py (real servers); tests/support has no package folder to shadow edge_sdk."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
+    import servers
 
-    spec = importlib.util.spec_from_file_location("servers", Path(__file__).resolve().parents[1] / "tests" / "servers.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["servers"] = module
-    spec.loader.exec_module(module)
-    return module
+    return servers
 
 
 servers = _load_servers()
@@ -47,12 +43,7 @@ from edge_sdk import samples  # noqa: E402
 from edge_sdk.chunking import ChunkSizes, chunk_bytes  # noqa: E402
 from edge_sdk.cloud.publish import publish_release  # noqa: E402
 from edge_sdk.manifest import Manifest, load_manifest  # noqa: E402
-from edge_sdk.runtime.sync.chunk_store import ChunkStore  # noqa: E402
-from edge_sdk.runtime.sync.client import SyncClient, SyncConfig, select_variants  # noqa: E402
-from edge_sdk.runtime.sync.fetch import fetch_missing  # noqa: E402
-from edge_sdk.runtime.sync.stores import StoreOptions, open_store  # noqa: E402
-from edge_sdk.runtime.sync.topics import Topics  # noqa: E402
-from edge_sdk.runtime.sync.transport import Transport, TransportConfig  # noqa: E402
+from edge_sdk.runtime.sync.client import SyncClient, SyncConfig  # noqa: E402
 from edge_sdk.signing import generate_keypair  # noqa: E402
 
 PROFILES = ["intel-nuc", "raspberry-pi-4"]  # together they take every target
@@ -119,8 +110,6 @@ def broker_rss(work: Path, width: int) -> dict:
     MosquittoBroker, NginxServer, SeaweedS3Server = servers.MosquittoBroker, servers.NginxServer, servers.SeaweedS3Server
     release = build(work, f"rss-w{width}", samples.make_cnn(width=width), 1, ["onnx"])
     manifest = load_manifest(release)
-    refs = list({c.sha256: c for e in manifest.files(select_variants(manifest, DEVICE_PROFILE))
-                 for c in e.chunks}.values())
     out: dict = {"release_bytes": sum(e.size for e in manifest.files())}
     seaweed = SeaweedS3Server(work / "seaweedfs").start()
     nginx = NginxServer(work / "nginx", work / "www").start()
@@ -134,7 +123,7 @@ def broker_rss(work: Path, width: int) -> dict:
                 with _aws_env(seaweed if name == "s3" else None):
                     report = publish_release(release, broker.url, FLEET, store=publish_to)
                     published = broker.rss_bytes()
-                    fetched = _device_fetch(broker, fetch_from or publish_to, refs, work / f"device-{name}")
+                    fetched = _device_fetch(broker, fetch_from or publish_to, work / f"device-{name}")
                 out[name] = {"broker_rss_idle_mb": _mb(idle), "after_publish_mb": _mb(published),
                              "after_device_fetch_mb": _mb(broker.rss_bytes()),
                              "growth_mb": _mb(max(published, broker.rss_bytes()) - idle),
@@ -173,16 +162,19 @@ class _aws_env:
             os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
 
 
-def _device_fetch(broker, store_url: str, refs, root: Path) -> int:
-    transport = Transport(TransportConfig.from_url(broker.url, client_id="bench-device"))
-    transport.start()
+def _device_fetch(broker, store_url: str, root: Path) -> int:
+    """One device syncing the release with its chunks from ``store_url`` (self-test off: RSS only)."""
+    client = SyncClient(SyncConfig(broker=broker.url, fleet=FLEET, device="bench-device", root=root,
+                                   profile=DEVICE_PROFILE, allow_unsigned=True, self_test=False, store=store_url))
+    client.transport.start()
     try:
-        transport.wait_connected(10)
-        store = open_store(store_url, StoreOptions(transport=transport, topics=Topics(FLEET)))
-        stats = fetch_missing(store, ChunkStore(root), refs, time.monotonic() + 600, workers=16)
-        return stats.bytes
+        client.transport.wait_connected(10)
+        result = client.sync("cnn", 1, timeout=600)
+        if result.status != "activated":
+            raise RuntimeError(f"sync from {store_url} failed: {result.reason}")
+        return result.bytes_fetched
     finally:
-        transport.stop()
+        client.transport.stop()
 
 
 def _mb(n: int) -> float:

@@ -5,7 +5,7 @@
   (outbox → Mosquitto → ingest SQLite → ack → outbox delete), next to the raw QoS 1 publish rate
   of the same batches through the same broker (the transport ceiling).
 
-Needs ``mosquitto`` on PATH (scripts/install-system-deps.sh). Usage::
+Needs ``mosquitto`` (scripts/install-system-deps.sh); the broker is tests/support/servers.py's. Usage::
 
     python benchmarks/telemetry.py [--records 20000] [--single 500]
 """
@@ -14,38 +14,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from edge_sdk.cloud.ingest import IngestWorker, SqliteSink
-from edge_sdk.runtime.sync.outbox import Outbox, OutboxConfig
-from edge_sdk.runtime.sync.telemetry import TelemetryUploader, UploaderConfig, encode_batch
-from edge_sdk.runtime.sync.topics import Topics
-from edge_sdk.runtime.sync.transport import Transport, TransportConfig
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
+from servers import MosquittoBroker  # noqa: E402
+
+from edge_sdk.cloud.ingest import IngestWorker, SqliteSink  # noqa: E402
+from edge_sdk.runtime.sync.outbox import Outbox, OutboxConfig  # noqa: E402
+from edge_sdk.runtime.sync.telemetry import TelemetryUploader, UploaderConfig, encode_batch  # noqa: E402
+from edge_sdk.runtime.sync.topics import Topics  # noqa: E402
+from edge_sdk.runtime.sync.transport import Transport, TransportConfig  # noqa: E402
 
 RECORD = {"temp_c": 41.25, "cpu": 0.37, "ram_mb": 812, "precision": "int8", "latency_ms": [3.1, 3.3, 2.9]}
-
-
-def start_broker(folder: Path) -> tuple[subprocess.Popen, str]:
-    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    conf = folder / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nuser root\nmax_queued_messages 100000\n")
-    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, f"mqtt://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("mosquitto did not start")
 
 
 def transport(url: str, cid: str) -> Transport:
@@ -127,7 +110,8 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        broker, url = start_broker(folder)
+        broker = MosquittoBroker(folder / "mosquitto").start()
+        url = broker.url
         try:
             result = {
                 "benchmark": "telemetry",
@@ -137,7 +121,6 @@ def main() -> None:
             }
         finally:
             broker.kill()
-            broker.wait()
     print(json.dumps(result, indent=2))
 
 

@@ -18,6 +18,10 @@ used — each release is fetched alone, named by the desired state):
   frozen or replayed feed is noticed) but keeps serving what it runs, and reports the expiry.
 * **Rollback** — release versions only grow per model (``ReleaseStore.check_version``) and root
   versions only grow (:meth:`TrustRoot.rotate`).
+* **Root delivery** — new roots travel as retained messages (``<prefix>/trust/root/<N>``); a
+  device's :class:`TrustStore` takes them one version at a time by the rule above, in whatever
+  order they arrive, keeps each accepted one on disk and re-walks the chain from its configured
+  root at every start, so a file swapped on disk is never trusted.
 
 Verification order: the statement (small, size-capped JSON) is parsed and its signatures checked
 against the root; only then is the manifest hashed and parsed.
@@ -26,6 +30,7 @@ against the root; only then is the manifest hashed and parsed.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -46,6 +51,10 @@ RELEASE_EXPIRY = timedelta(days=90)
 ROOT_EXPIRY = timedelta(days=365)
 MAX_STATEMENT_BYTES = 64 * 1024
 _TARGET = re.compile(r"(?P<model>[^/]+)/v(?P<version>\d+)/manifest\.json")
+_ROOT_FILE = re.compile(r"root\.(?P<version>\d+)\.json")
+#: roots a :class:`TrustStore` holds while it waits for the versions in between
+MAX_PENDING_ROOTS = 32
+log = logging.getLogger(__name__)
 
 
 def key_of(public: Ed25519PublicKey) -> SSlibKey:
@@ -151,6 +160,16 @@ class TrustRoot:
     def to_bytes(self) -> bytes:
         return _to_bytes(self.metadata)
 
+    @property
+    def rotatable(self) -> bool:
+        """False for a lone pinned public key: only a signed root.json names root keys apart."""
+        return bool(self.metadata.signatures)
+
+    def report(self) -> dict[str, object]:
+        """For the reported state: which root is trusted now."""
+        return {"root_version": self.version, "release_keys": self.keyids(),
+                "expires": self.root.expires.isoformat(), "expired": self.root.is_expired()}
+
     def keyids(self, role: str = Targets.type) -> list[str]:
         return list(self.root.roles[role].keyids)
 
@@ -193,6 +212,76 @@ class TrustRoot:
                 raise IntegrityError(f"{source}: root v{md.signed.version} lacks a threshold of the {who} root "
                                      f"keys ({len(result.signed)} of {result.threshold})")
         return TrustRoot(md, source)
+
+
+class TrustStore:
+    """The root a device trusts now: its configured root, moved forward by later roots it accepted.
+
+    :meth:`offer` takes a root from the network; v N+1 is accepted only if signed by a threshold
+    of v N's root keys and of its own (:meth:`TrustRoot.rotate`), so roots that arrive early wait
+    (at most :data:`MAX_PENDING_ROOTS`) for the ones in between. Each accepted root is written
+    atomically to ``folder/root.<N>.json``; at start the chain is walked again from ``configured``
+    through those files, so one that does not chain is ignored (and listed in :attr:`refused`).
+    """
+
+    def __init__(self, configured: TrustRoot, folder: Path | None = None) -> None:
+        self.configured = configured
+        self.folder = folder
+        self.current = configured
+        #: version -> why a root of that version was refused (the newest refusals)
+        self.refused: dict[int, str] = {}
+        self._pending: dict[int, tuple[bytes, str]] = {}
+        if folder is not None and folder.is_dir():
+            for path in folder.iterdir():
+                match = _ROOT_FILE.fullmatch(path.name)
+                if match is not None and int(match["version"]) > configured.version:
+                    self._pending[int(match["version"])] = (path.read_bytes(), str(path))
+        self._advance(persist=False)
+
+    def offer(self, data: bytes, source: str = "network") -> bool:
+        """Consider one root; True if the trusted root moved forward."""
+        try:
+            version = _parse(data, Root, source).signed.version
+        except IntegrityError as exc:
+            self._refuse(0, str(exc))
+            return False
+        if version <= self.current.version:
+            return False  # already trusted, or a replayed old root
+        if not self.current.rotatable:
+            self._refuse(version, f"{source}: root v{version} ignored: this device pins a single public key "
+                                  f"({self.current.source}); configure a root.json to rotate keys")
+            return False
+        self._pending[version] = (data, source)
+        while len(self._pending) > MAX_PENDING_ROOTS:
+            del self._pending[max(self._pending)]
+        return self._advance(persist=True)
+
+    def _advance(self, persist: bool) -> bool:
+        moved = False
+        while (entry := self._pending.pop(self.current.version + 1, None)) is not None:
+            data, source = entry
+            try:
+                new = self.current.rotate(data, source)
+            except IntegrityError as exc:
+                self._refuse(self.current.version + 1, str(exc))
+                break
+            if persist and self.folder is not None:
+                from .runtime.sync.releases import write_atomic  # device-side storage helper
+
+                self.folder.mkdir(parents=True, exist_ok=True)
+                write_atomic(self.folder / f"root.{new.version}.json", data)
+            log.warning("trust root rotated: v%d -> v%d (release keys %s)", self.current.version, new.version,
+                        new.keyids())
+            self.current = new
+            moved = True
+        self._pending = {v: e for v, e in self._pending.items() if v > self.current.version}
+        return moved
+
+    def _refuse(self, version: int, why: str) -> None:
+        log.error("trust root refused: %s", why)
+        self.refused[version] = why
+        while len(self.refused) > 8:
+            del self.refused[min(self.refused)]
 
 
 def _parse(data: bytes, kind: type, source: str) -> Metadata:

@@ -134,6 +134,12 @@ class ErrorKind(StrEnum):
     ACTIVATION = "activation"
     POLICY = "policy"  # a desired runtime policy the device cannot apply
     BAD_DESIRED = "bad_desired"  # a malformed desired-state message
+    # Chunk stores (edge_sdk.runtime.sync.stores): how fetching a release's chunks failed.
+    STORE_UNREACHABLE = "store_unreachable"  # no answer after retries with backoff (or TLS failed)
+    CHUNK_MISSING = "chunk_missing"  # the store answered that it has no such chunk (HTTP 404, NoSuchKey)
+    STORE_DENIED = "store_denied"  # credentials refused (HTTP 401/403, S3 AccessDenied)
+    OVERSIZED_MESSAGE = "oversized_message"  # an MQTT payload over the configured cap, refused unstored
+    STORE_ERROR = "store_error"  # any other answer of the store
 
 
 class RecordKind(StrEnum):

@@ -60,25 +60,93 @@ def _made(make: Callable[[], servers.Server]):
         missing(str(exc))
 
 
-@pytest.fixture
-def mosquitto_factory(tmp_path_factory: pytest.TempPathFactory):
-    """Make (and finally kill) brokers: ``mosquitto_factory(extra_conf=..., autosave_interval=1, start=True)``."""
-    brokers: list[MosquittoBroker] = []
+def _factory(tmp_path_factory: pytest.TempPathFactory, cls: type[servers.Server],
+             finish: Callable[[servers.Server], None] = lambda server: server.kill()) -> Iterator[Callable[..., servers.Server]]:
+    """``make(*args, start=True, **options)`` builds ``cls`` in a fresh temp folder; every server made is finished after."""
+    made: list[servers.Server] = []
 
-    def make(extra_conf: str = "", autosave_interval: int = 1, start: bool = True) -> MosquittoBroker:
-        broker = _made(lambda: MosquittoBroker(tmp_path_factory.mktemp("mosquitto"), extra_conf, autosave_interval))
-        brokers.append(broker)
-        return broker.start() if start else broker
+    def make(*args, start: bool = True, **options):
+        server = _made(lambda: cls(tmp_path_factory.mktemp(cls.name), *args, **options))
+        made.append(server)
+        return server.start() if start else server
 
     yield make
-    for broker in brokers:
-        broker.kill()
+    for server in made:
+        finish(server)
+
+
+def _one(tmp_path_factory: pytest.TempPathFactory, cls: type[servers.Server], *finish) -> Iterator[servers.Server]:
+    """One started server for a session fixture, finished when the session ends."""
+    factory = _factory(tmp_path_factory, cls, *finish)
+    yield next(factory)()
+    next(factory, None)
+
+
+@pytest.fixture
+def mosquitto_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., MosquittoBroker]]:
+    """Make (and finally kill) brokers: ``mosquitto_factory(extra_conf=..., autosave_interval=1, start=True)``."""
+    yield from _factory(tmp_path_factory, MosquittoBroker)
 
 
 @pytest.fixture
 def mosquitto(mosquitto_factory) -> MosquittoBroker:
     """A fresh running broker for one test (``.url``, ``.host``, ``.port``, ``.kill()``, ``.start()``, ``.restart()``)."""
     return mosquitto_factory()
+
+
+@pytest.fixture
+def postgres_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., PostgresServer]]:
+    """Own clusters for tests that stop, kill or restart PostgreSQL: ``postgres_factory(settings=None, start=True)``."""
+    yield from _factory(tmp_path_factory, PostgresServer, PostgresServer.cleanup)
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """One PostgreSQL cluster shared by the session (do not stop it; use ``postgres_factory`` for that)."""
+    yield from _one(tmp_path_factory, PostgresServer, PostgresServer.cleanup)
+
+
+@pytest.fixture
+def postgres(postgres_server: PostgresServer) -> str:
+    """URL (``postgresql://edge@127.0.0.1:PORT/NAME``) of a fresh, empty database for one test."""
+    need_module("psycopg", "the postgres extra")
+    return postgres_server.create_database(f"test_{next(_fresh)}")
+
+
+@pytest.fixture
+def nginx_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., NginxServer]]:
+    """``nginx_factory(root, limit_rate=None, tls=None, extra_server_conf="", start=True)``: nginx serving ``root``."""
+    yield from _factory(tmp_path_factory, NginxServer)
+
+
+@pytest.fixture
+def nginx(nginx_factory, tmp_path: Path) -> NginxServer:
+    """nginx serving the empty folder ``nginx.root`` (write files there); ``.url``, ``.requests()``."""
+    root = tmp_path / "www"
+    root.mkdir()
+    return nginx_factory(root)
+
+
+@pytest.fixture
+def seaweedfs_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., SeaweedS3Server]]:
+    """Own SeaweedFS servers for tests that kill or restart the store: ``seaweedfs_factory(start=True)``."""
+    need_module("boto3", "the s3 extra")
+    yield from _factory(tmp_path_factory, SeaweedS3Server)
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3Server]:
+    """One SeaweedFS S3 server shared by the session (~5 s to start); use ``s3_bucket`` per test."""
+    need_module("boto3", "the s3 extra")
+    yield from _one(tmp_path_factory, SeaweedS3Server)
+
+
+@pytest.fixture
+def s3_bucket(seaweedfs: SeaweedS3Server) -> str:
+    """Name of a fresh, empty bucket on the session's SeaweedFS (``seaweedfs.client()`` reaches it)."""
+    name = f"test-{next(_fresh)}"
+    seaweedfs.client().create_bucket(Bucket=name)
+    return name
 
 
 # --- TLS: a throw-away CA and certificates for brokers started by tests --------------------------
@@ -150,94 +218,6 @@ def tiny_disk(tmp_path: Path):
     yield mount
     for folder in mounts:
         subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
-@pytest.fixture
-def postgres_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., PostgresServer]]:
-    """Own clusters for tests that stop, kill or restart PostgreSQL: ``postgres_factory(settings=None, start=True)``."""
-    made: list[PostgresServer] = []
-
-    def make(settings: dict[str, str] | None = None, start: bool = True) -> PostgresServer:
-        server = _made(lambda: PostgresServer(tmp_path_factory.mktemp("postgres"), settings))
-        made.append(server)
-        return server.start() if start else server
-
-    yield make
-    for server in made:
-        server.cleanup()
-
-
-@pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
-    """One PostgreSQL cluster shared by the session (do not stop it; use ``postgres_factory`` for that)."""
-    server = _made(lambda: PostgresServer(tmp_path_factory.mktemp("postgres")))
-    server.start()
-    yield server
-    server.cleanup()
-
-
-@pytest.fixture
-def postgres(postgres_server: PostgresServer) -> str:
-    """URL (``postgresql://edge@127.0.0.1:PORT/NAME``) of a fresh, empty database for one test."""
-    need_module("psycopg", "the postgres extra")
-    return postgres_server.create_database(f"test_{next(_fresh)}")
-
-
-@pytest.fixture
-def nginx_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., NginxServer]]:
-    """``nginx_factory(root, limit_rate=None, tls=None, extra_server_conf="", start=True)``: nginx serving ``root``."""
-    made: list[NginxServer] = []
-
-    def make(root: Path, start: bool = True, **options) -> NginxServer:
-        server = _made(lambda: NginxServer(tmp_path_factory.mktemp("nginx"), root, **options))
-        made.append(server)
-        return server.start() if start else server
-
-    yield make
-    for server in made:
-        server.kill()
-
-
-@pytest.fixture
-def nginx(nginx_factory, tmp_path: Path) -> NginxServer:
-    """nginx serving the empty folder ``nginx.root`` (write files there); ``.url``, ``.requests()``."""
-    root = tmp_path / "www"
-    root.mkdir()
-    return nginx_factory(root)
-
-
-@pytest.fixture
-def seaweedfs_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., SeaweedS3Server]]:
-    """Own SeaweedFS servers for tests that kill or restart the store: ``seaweedfs_factory(start=True)``."""
-    made: list[SeaweedS3Server] = []
-
-    def make(start: bool = True) -> SeaweedS3Server:
-        need_module("boto3", "the s3 extra")
-        server = _made(lambda: SeaweedS3Server(tmp_path_factory.mktemp("seaweedfs")))
-        made.append(server)
-        return server.start() if start else server
-
-    yield make
-    for server in made:
-        server.kill()
-
-
-@pytest.fixture(scope="session")
-def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3Server]:
-    """One SeaweedFS S3 server shared by the session (~5 s to start); use ``s3_bucket`` per test."""
-    need_module("boto3", "the s3 extra")
-    server = _made(lambda: SeaweedS3Server(tmp_path_factory.mktemp("seaweedfs")))
-    server.start()
-    yield server
-    server.kill()
-
-
-@pytest.fixture
-def s3_bucket(seaweedfs: SeaweedS3Server) -> str:
-    """Name of a fresh, empty bucket on the session's SeaweedFS (``seaweedfs.client()`` reaches it)."""
-    name = f"test-{next(_fresh)}"
-    seaweedfs.client().create_bucket(Bucket=name)
-    return name
 
 
 # --- converter releases (H1): real release folders other tests load, sync and serve -----------

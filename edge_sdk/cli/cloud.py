@@ -51,6 +51,9 @@ def publish(
     broker: str = _BROKER,
     fleet: str = _FLEET,
     sign_key: Path = typer.Option(None, "--sign-key", help="Ed25519 private key (PEM) to sign the manifest with."),
+    trust: Path = typer.Option(None, "--trust", help="The fleet's trust root (root.json or PEM public key, as devices "
+                               "pin it): retained manifests that do not verify are ignored. Default: --sign-key's "
+                               "public key."),
     force: bool = typer.Option(False, "--force", help="Publish every chunk, even those already in the store."),
     store: str = typer.Option("mqtt", "--store", help="Where chunks go: mqtt (retained on the broker), "
                               "s3://bucket/prefix (AWS credentials/endpoint from the environment), "
@@ -70,7 +73,7 @@ def publish(
 
     with _bytes_bar(f"publishing {release.name}") as bar:
         task = bar.add_task(f"publishing {release.name}", total=None)
-        report = publish_release(release, broker, fleet, prefix=prefix, sign_key=sign_key, force=force,
+        report = publish_release(release, broker, fleet, prefix=prefix, sign_key=sign_key, trust=trust, force=force,
                                  tls=_tls(ca, cert, key), store=store,
                                  store_options=StoreOptions(ca_certs=store_ca, max_message_bytes=max_message_bytes),
                                  progress=lambda done, total: bar.update(task, completed=done, total=total))
@@ -79,7 +82,11 @@ def publish(
         return
     console.print(f"{report.model} v{report.version} → {report.manifest_topic} ({'signed' if report.signed else 'UNSIGNED'}): "
                   f"{report.chunks_published} chunks / {report.bytes_published} bytes published, "
-                  f"{report.chunks_skipped} chunks already in {report.store}", highlight=False)
+                  f"{report.chunks_skipped} chunks already in {report.store}"
+                  + (f" ({report.chunks_repaired} missing or corrupt there, sent again)" if report.chunks_repaired else ""),
+                  highlight=False)
+    for topic, why in report.ignored_manifests.items():
+        console.print(f"ignored retained manifest {topic}: {why}", highlight=False)
 
 
 @cloud_app.command("desire")
@@ -168,6 +175,9 @@ def sync(
     version: int = typer.Option(None, "--version", min=1),
     self_test: bool = typer.Option(True, "--self-test/--no-self-test", help="Self-test through EdgeModel before activating."),
     fetch_window: int = typer.Option(32, "--fetch-window", min=1, help="Chunks requested at once."),
+    store: str = typer.Option(None, "--store", help="Where the chunks come from (default: the desired state's, "
+                              "else mqtt): mqtt, s3://bucket/prefix, http(s)://base."),
+    store_ca: Path = typer.Option(None, "--store-ca", help="CA certificate of an https:// store (default: --ca)."),
     timeout: float = typer.Option(600.0, "--timeout", help="Give up after this many seconds."),
     prefix: str = _PREFIX,
     ca: Path = _CA,
@@ -183,7 +193,7 @@ def sync(
 
     config = SyncConfig(broker=broker, fleet=fleet, device=device, root=root, profile=profile, public_key=public_key,
                         allow_unsigned=allow_unsigned, prefix=prefix, tls=_tls(ca, cert, key), self_test=self_test,
-                        fetch_window=fetch_window, sync_timeout_s=timeout)
+                        fetch_window=fetch_window, sync_timeout_s=timeout, store_ca=store_ca)
     client = SyncClient(config)
     if model is None or version is None:
         client.subscribe_desired()
@@ -200,8 +210,8 @@ def sync(
                 raise SyncError(f"device {device} in fleet {fleet} should run {len(wanted)} models "
                                 f"({', '.join(sorted(wanted)) or 'none'}); pass --model/--version")
             (model, entry), = wanted.items()
-            version = entry.version
-        result = client.sync(model, version, timeout=timeout)
+            version, store = entry.version, store or entry.store
+        result = client.sync(model, version, timeout=timeout, store=store)
     finally:
         client.transport.stop()
     typer.echo(_json.dumps(result.to_dict()))

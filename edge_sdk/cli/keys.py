@@ -97,3 +97,27 @@ def rotate(
     new = old.rotate(data, str(output))  # refuse to write a root devices would refuse
     write_atomic(output, data)
     console.print(f"root v{new.version}: {output}; release keys {new.keyids()}", highlight=False)
+
+
+@keys_app.command("publish-root")
+def publish_root(
+    root: Path = typer.Argument(..., help="Trust root to deliver (root.json of version N, from `keys rotate`)."),
+    broker: str = typer.Option(..., "--broker", help="mqtt://[user:pass@]host[:port] or mqtts://…"),
+    fleet: str = typer.Option(..., "--fleet", help="Fleet name (topic prefix edge/<fleet>)."),
+    prefix: str = typer.Option("", "--prefix", help="Topic prefix instead of edge/<fleet>."),
+    ca: Path = typer.Option(None, "--ca", help="CA certificate for mqtts:// brokers."),
+    cert: Path = typer.Option(None, "--cert", help="Client certificate (PEM); needs --ca."),
+    key: Path = typer.Option(None, "--key", help="Private key (PEM) of --cert, if not in the same file."),
+) -> None:
+    """Deliver a rotated root to the fleet (retained at <prefix>/trust/root/<N>); devices take it
+    because the root keys of the version they trust signed it."""
+    from ..cloud.publish import publish_root as publish
+    from ..errors import ConfigError
+    from .cloud import _tls
+
+    try:
+        data = root.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"trust root {root}: {exc.strerror or exc}") from None
+    console.print(f"root published at {publish(data, broker, fleet, prefix=prefix, tls=_tls(ca, cert, key))}",
+                  highlight=False)

@@ -86,6 +86,7 @@ def device_rules(topics: Topics, device: str) -> list[str]:
         f"topic read {topics.desired()}",
         f"topic read {topics.all_manifests()}",
         f"topic read {topics.all_blobs()}",
+        f"topic read {topics.all_trust_roots()}",
     ]
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
+from edge_sdk.chunking import sha256_bytes
 from edge_sdk.errors import SyncError
 from edge_sdk.runtime.sync.topics import Topics
 from edge_sdk.runtime.sync.transport import Message, TlsConfig, Transport, TransportConfig
@@ -42,10 +43,11 @@ def collect_retained(transport: Transport, topics: Topics, topic_filter: str, ti
     return _retained(transport, topics, topic_filter, timeout, lambda payload: payload)
 
 
-def retained_sizes(transport: Transport, topics: Topics, topic_filter: str, timeout: float = 120.0) -> dict[str, int]:
-    """Topic → payload size of every retained message under ``topic_filter``, keeping no payload
-    (for the blob store, whose payloads would not fit in memory all at once)."""
-    return _retained(transport, topics, topic_filter, timeout, len)
+def retained_digests(transport: Transport, topics: Topics, topic_filter: str,
+                     timeout: float = 120.0) -> dict[str, tuple[int, str]]:
+    """Topic → (payload size, payload sha256) of every retained message under ``topic_filter``,
+    keeping no payload (for the blob store, whose payloads would not fit in memory all at once)."""
+    return _retained(transport, topics, topic_filter, timeout, lambda payload: (len(payload), sha256_bytes(payload)))
 
 
 def _retained(transport: Transport, topics: Topics, topic_filter: str, timeout: float,

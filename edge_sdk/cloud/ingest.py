@@ -63,6 +63,10 @@ class IngestLimits:
 
 
 # -- checking one payload ---------------------------------------------------------------------------
+# One encoder for every record (json.dumps with options builds a new one per call).
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
 def prepare(device: str, payload: bytes, limits: IngestLimits) -> Incoming:
     """Check one telemetry payload of ``device`` into what a sink commits (raises :class:`SyncError`
     when it is malformed); records over the limits become rejections."""
@@ -74,7 +78,7 @@ def prepare(device: str, payload: bytes, limits: IngestLimits) -> Incoming:
     records, rejected = [], []
     for r in batch.records:
         try:
-            text = json.dumps(r.data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+            text = _ENCODE(r.data)
         except (TypeError, ValueError):
             rejected.append(Rejection(r.seq, 0, "data is not storable JSON (NaN or Infinity)"))
             continue

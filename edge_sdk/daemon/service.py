@@ -122,7 +122,7 @@ class Daemon:
         self.config_path = config_path
         self.metrics = DaemonMetrics()
         self.models = ModelTable()
-        self.repository = Repository(self.models, lambda: [m.name for m in self.config.models], self._releases_of,
+        self.repository = Repository(self.models, lambda: [m.name for m in self.served_configs()], self._releases_of,
                                      self._load_version, self._load_named, config.api.max_inactive_versions)
         self.api = InferenceApi(self.models, self.repository, self.metrics, config.api)
         self.auth = Authenticator(config.api, config.api.auth.tokens_file or config.state_dir / "api-tokens")
@@ -170,8 +170,13 @@ class Daemon:
             found += release_folders(model.release)
         return found
 
+    def served_configs(self) -> list[ModelConfig]:
+        """The configured models, then those sync brought that the config does not name (each
+        served under its own name)."""
+        return [*self.config.models, *(self.sync.synced_models() if self.sync is not None else [])]
+
     def _model_config(self, name: str) -> ModelConfig | None:
-        return next((m for m in self.config.models if m.name == name), None)
+        return next((m for m in self.served_configs() if m.name == name), None)
 
     def _releases_of(self, name: str) -> list[Path]:
         """The API's versions of ``name``: every release folder present for it."""
@@ -256,7 +261,7 @@ class Daemon:
     def on_release(self, served: ServedModel) -> bool:
         """Called by sync once a synced release, loaded and self-tested, is active on disk: hot-swap
         to it. False (and ``served`` closed) when no configured model is called that any more."""
-        if served.name not in {m.name for m in self.config.models}:
+        if self._model_config(served.name) is None:
             log.warning("sync activated %s for model %s, which is no longer configured", served.release_dir, served.name)
             served.retire()
             return False
@@ -355,7 +360,7 @@ class Daemon:
             self._loop.add_signal_handler(sig, handler, sig)
         if not self._stopping:
             self._start_sync()
-        for model in self.config.models:
+        for model in self.served_configs():  # synced models beyond the config too (serving before the broker)
             if self._stopping:
                 break
             await asyncio.to_thread(self.load_model, model)

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from ..errors import EdgeSDKError, OutboxFullError
-from ..profiles import resolve_profile
+from ..profiles import AUTO, resolve_profile
 from ..runtime.monitor import ResourceSource
 from ..runtime.policy import PolicyEvent, PolicyOverride
 from ..runtime.sync.client import Selection, SyncClient, SyncConfig
@@ -75,7 +76,10 @@ class SyncBridge:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._loaded: ServedModel | None = None  # self-tested, waiting for the switch on disk
+        # Self-tested, waiting for the switch on disk; per model: several models sync at once.
+        self._loaded: dict[str, ServedModel] = {}
+        self._loaded_lock = threading.Lock()
+        self._profile = profile
         self.records_queued = 0
         self.records_lost = 0
         self.last_success: float | None = None  # wall time of the last release activation
@@ -131,24 +135,44 @@ class SyncBridge:
         if stopper.is_alive():
             log.warning("sync was mid-transfer at shutdown; it resumes from the chunk store on the next start")
             self.client.transport.stop()
-        self._discard_loaded()
+        for model in list(self._loaded):
+            self._discard_loaded(model)
         self.outbox.close()
 
     # ---- releases -------------------------------------------------------------------------------
 
     def _target_model(self, release_model: str) -> ModelConfig | None:
-        """The configured model a synced release is served as: same name, or the only one."""
+        """How a synced model is served: as the configured model of its name; on a device with one
+        configured model and one synced model, as that configured model (single-model configs);
+        otherwise under its own name, with the daemon's profile (None if the name cannot be one)."""
         models = self.config.models
-        return next((m for m in models if m.name == release_model), models[0] if len(models) == 1 else None)
+        named = next((m for m in models if m.name == release_model), None)
+        if named is not None:
+            return named
+        synced = set(self.client.releases.models()) | set(self.client.desired().wanted) | {release_model}
+        if len(models) == 1 and len(synced) == 1:
+            return models[0]
+        try:
+            return ModelConfig(name=release_model, profile=self._profile or AUTO)
+        except ValidationError:
+            log.warning("synced model %r cannot be served: not a valid model name", release_model)
+            return None
+
+    def synced_models(self) -> list[ModelConfig]:
+        """Models sync brought (or is bringing) that the config does not name: served under their own names."""
+        configured = {m.name for m in self.config.models}
+        names = sorted(set(self.client.releases.models()) | set(self.client.desired().wanted))
+        targets = [self._target_model(name) for name in names]
+        return [t for t in targets if t is not None and t.name not in configured]
 
     def local_releases(self, model_name: str) -> list[Path]:
         """Synced releases on disk for ``model_name``, best first (active, then previous)."""
+        releases = self.client.releases
         found = []
-        for folder in (self.client.releases.active(), self.client.releases.previous()):
-            ref = parse_name(folder.name) if folder is not None else None
-            target = self._target_model(ref[0]) if ref is not None else None
+        for synced in releases.models():
+            target = self._target_model(synced)
             if target is not None and target.name == model_name:
-                found.append(folder)
+                found += [f for f in (releases.active(synced), releases.previous(synced)) if f is not None]
         return found
 
     def _on_policy(self, policy: PolicyOverride) -> None:
@@ -170,7 +194,7 @@ class SyncBridge:
         target = self._target_model(ref[0]) if ref is not None else None
         if target is None:
             raise EdgeSDKError(f"no configured model serves releases of {release_dir.name!r}")
-        self._discard_loaded()  # a load whose switch never came (the disk refused it)
+        self._discard_loaded(ref[0])  # a load whose switch never came (the disk refused it)
         served = load_served(target, release_dir, public_key=self.config.sync.public_key, policy=self.config.policy,
                              resources=self.resources)
         if self.policy is not None:
@@ -178,18 +202,22 @@ class SyncBridge:
                 served.model.set_policy(self.policy)
             except EdgeSDKError as exc:
                 self.client.twin.error(ErrorKind.POLICY, f"model {target.name}: {exc}")
-        self._loaded = served
+        with self._loaded_lock:
+            self._loaded[ref[0]] = served
         backend, precision = served.backend_precision()
         return Selection(backend, precision)
 
-    def _discard_loaded(self) -> None:
-        loaded, self._loaded = self._loaded, None
+    def _discard_loaded(self, model: str) -> None:
+        with self._loaded_lock:
+            loaded = self._loaded.pop(model, None)
         if loaded is not None:
             loaded.retire()
 
     def _on_activate(self, release_dir: Path) -> None:
-        """SyncClient switched ``current``: serve what the self-test loaded; raising rolls back."""
-        served, self._loaded = self._loaded, None
+        """SyncClient switched ``current/<model>``: serve what the self-test loaded; raising rolls back."""
+        model = parse_name(Path(release_dir).name)[0]
+        with self._loaded_lock:
+            served = self._loaded.pop(model, None)
         if served is None or served.release_dir != Path(release_dir).resolve():
             if served is not None:
                 served.retire()
@@ -197,7 +225,7 @@ class SyncBridge:
         if not self.on_release(served):
             raise EdgeSDKError(f"model {served.name}: the synced release {release_dir} did not load")
         backend, precision = served.backend_precision()
-        self.client.twin.set(backend=backend, precision=precision)
+        self.client.twin.set_model(model, backend=backend, precision=precision)
         self.last_success = time.time()
         self.record(RecordKind.RELEASE_ACTIVATED, {"model": served.name, "release": str(release_dir)}, high=True)
 
@@ -208,7 +236,7 @@ class SyncBridge:
         self.record(RecordKind.PRECISION_SWITCH, {"model": model, "from": event.from_precision.value,
                                                    "to": event.to_precision.value, "kind": event.kind.value,
                                                    "reason": event.reason}, high=True)
-        self.client.twin.set(precision=event.to_precision.value)
+        self.client.twin.set_model(model, precision=event.to_precision.value)
 
     # ---- telemetry ------------------------------------------------------------------------------
 
@@ -276,14 +304,15 @@ class SyncBridge:
 
     def snapshot(self) -> Snapshot:
         results = list(self.client.results)
-        ref = self.client.releases.active_ref()
+        releases = self.client.releases
+        active = {model: releases.active_ref(model)[1] for model in releases.models() if releases.active_ref(model)}
         by_status: dict[str, float] = defaultdict(float)
         for r in results:
             by_status[r.status.value] += 1
         stats = self.outbox.stats()
         gauges: dict[str, Any] = {
             "connected": float(self.client.transport.connected),
-            "active_release_version": {ref[0]: ref[1]} if ref else {},
+            "active_release_version": active,
             "outbox_records": stats.rows,
             "outbox_bytes": stats.bytes,
             "telemetry_batches_in_flight": self.uploader.in_flight,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -67,16 +68,20 @@ class ChunkStore:
         final = self.path(sha256)
         if final.is_file():
             return False
-        tmp = final.with_name(final.name + _TMP_SUFFIX)
+        tmp: Path | None = None
         try:
             final.parent.mkdir(exist_ok=True)
-            with open(tmp, "wb") as handle:
+            # A name of its own: two models' syncs may store the same chunk at the same time.
+            fd, name = tempfile.mkstemp(prefix=f"{sha256}.", suffix=_TMP_SUFFIX, dir=final.parent)
+            tmp = Path(name)
+            with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, final)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
             raise storage_error(f"storing chunk {sha256[:12]}…", exc) from None
         return True
 

@@ -1,15 +1,22 @@
-"""``SyncClient``: keeps one device's model release in line with its desired state.
+"""``SyncClient``: keeps one device's models in line with their desired state.
+
+A device serves several models. Each desired model has its own release version and chunk store
+(see :mod:`~edge_sdk.runtime.sync.desired`), its own worker thread and its own ``current``
+pointer: models sync, activate, roll back and report independently, and one model's bad
+release never touches another. Chunks are shared: a chunk two models (or versions, or
+variants) use is stored once.
 
 Flow for one release (``sync(model, version)``, also driven by desired-state messages)::
 
     manifest message ─ envelope + Ed25519 signature checked ─▶ parsed ─▶ rollback protection
       ─▶ variants for this device's profile ─▶ chunk diff against the local chunk store
-      ─▶ fetch only missing chunks (retained ``…/blobs/<sha256>``; each verified, stored durably)
+      ─▶ fetch only missing chunks from the model's chunk store (MQTT retained blobs, S3, or a
+         web server/CDN; see :mod:`~edge_sdk.runtime.sync.stores`), each verified, stored durably
       ─▶ stage the release folder (every file re-assembled and sha256-checked, fsynced, renamed)
-      ─▶ self-test (through ``EdgeModel``) ─▶ atomic switch of ``current`` ─▶ on_activate hook
+      ─▶ self-test (through ``EdgeModel``) ─▶ atomic switch of ``current/<model>`` ─▶ on_activate hook
       ─▶ keep the previous release, delete older ones and chunks nothing kept references.
 
-Interrupted anywhere (broker gone, ``kill -9``), the next attempt starts over from the
+Interrupted anywhere (broker or store gone, ``kill -9``), the next attempt starts over from the
 manifest but finds the chunks already stored and fetches only the rest. Every rejection is
 logged with its reason, counted in the twin, and leaves the active release untouched.
 """
@@ -30,7 +37,7 @@ from pydantic import Field
 
 from edge_sdk.config import StrictModel
 from edge_sdk.errors import ConfigError, EdgeSDKError, IntegrityError, SyncError
-from edge_sdk.manifest import FileEntry, Manifest, Variant
+from edge_sdk.manifest import Manifest, Variant
 from edge_sdk.profiles import AUTO
 from edge_sdk.trust import TrustRoot, load_trust
 from edge_sdk.types import ErrorKind, Precision, SyncState, SyncStatus
@@ -39,7 +46,9 @@ from ..monitor import ResourceSource
 from ..policy import PolicyOverride
 from .chunk_store import ChunkStore
 from .envelope import verify_envelope
-from .releases import ReleaseStore, release_name, write_atomic
+from .fetch import fetch_missing
+from .releases import ReleaseStore, parse_name, release_name, write_atomic
+from .stores import DEFAULT_MAX_MESSAGE_BYTES, MQTT_STORE, Store, StoreError, StoreOptions, open_store, store_scheme
 from .topics import Topics, TopicKind
 from .transport import Message, TlsConfig, Transport, TransportConfig
 from .twin import DesiredState, Twin, merge_desired
@@ -71,8 +80,13 @@ class SyncConfig(StrictModel):
     allow_unsigned: bool = Field(False, description="accept unsigned releases (only without public_key)")
     prefix: str = ""
     tls: TlsConfig | None = None
-    fetch_window: int = Field(32, ge=1, description="blob subscriptions in flight at once")
-    stall_timeout_s: float = Field(5.0, gt=0, description="re-request a chunk not received after this")
+    store: str = Field(MQTT_STORE, description="chunk store of models whose desired state names none")
+    store_ca: Path | None = Field(None, description="CA of https stores and S3 endpoints (default: tls.ca)")
+    store_timeout_s: float = Field(30.0, gt=0, description="per store request")
+    store_retries: int = Field(5, ge=0, description="per chunk, with exponential backoff")
+    max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=1024, description="largest MQTT chunk accepted")
+    fetch_window: int = Field(32, ge=1, description="chunks in flight at once")
+    stall_timeout_s: float = Field(5.0, gt=0, description="re-request an MQTT chunk not received after this")
     manifest_timeout_s: float = Field(30.0, gt=0)
     sync_timeout_s: float = Field(600.0, gt=0)
     retry_min_s: float = Field(2.0, gt=0)
@@ -139,6 +153,7 @@ class SyncClient:
                  on_policy: Callable[[PolicyOverride], None] | None = None,
                  resources: ResourceSource | None = None) -> None:
         self.config = config
+        store_scheme(config.store)  # an unknown default store is a config error now, not at the first sync
         self.topics = Topics(config.fleet, config.prefix)
         self.topics.status(config.device)  # validates the device id
         if config.public_key is not None:
@@ -160,17 +175,19 @@ class SyncClient:
         self._self_test = self_test
         self._on_activate = on_activate
         self._on_policy = on_policy
-        self._blobs: queue.Queue[Message] = queue.Queue()
-        self._sync_lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the dicts below
+        self._stores: dict[str, Store] = {}
+        self._model_locks: dict[str, threading.Lock] = {}
+        self._needed: dict[str, set[str]] = {}  # chunks of syncs in progress, kept by chunk cleanup
+        self._followers: dict[str, _Follower] = {}
         self._desired: dict[str, DesiredState | None] = {"fleet": None, "device": None}
         self._policy: dict[str, Any] | None = None  # the last applied policy, as set (explicit nulls kept)
-        self._failed: dict[tuple[str, int], str] = {}
-        self._target: tuple[str, int] | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         self.results: list[SyncResult] = []
-        self._report_active()
+        for model in self.releases.models():
+            self._report_active(model)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def subscribe_desired(self) -> None:
@@ -189,9 +206,18 @@ class SyncClient:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        if self._worker is not None:
-            self._worker.join(timeout=30)
+        with self._lock:
+            followers = list(self._followers.values())
+        for follower in followers:
+            follower.wake.set()
+        for thread in [self._worker, *(f.thread for f in followers)]:
+            if thread is not None:
+                thread.join(timeout=30)
         self.transport.stop()
+        with self._lock:
+            stores, self._stores = list(self._stores.values()), {}
+        for store in stores:
+            store.close()
 
     def __enter__(self) -> SyncClient:
         self.start()
@@ -201,10 +227,10 @@ class SyncClient:
         self.stop()
 
     def wait_active(self, model: str, version: int, timeout: float) -> bool:
-        """Block until ``model`` ``version`` is the active release (for callers and tests)."""
+        """Block until ``model`` ``version`` is the model's active release (for callers and tests)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.releases.active_ref() == (model, version):
+            if self.releases.active_ref(model) == (model, version):
                 return True
             time.sleep(0.05)
         return False
@@ -228,34 +254,52 @@ class SyncClient:
         return merge_desired(self._desired["fleet"], self._desired["device"])
 
     def _run(self) -> None:
-        delay = self.config.retry_min_s
-        timeout: float | None = None
+        """Apply the desired policy; give each desired model a follower and wake it on changes."""
         while not self._stop.is_set():
-            self._wake.wait(timeout)
+            self._wake.wait()
             self._wake.clear()
             if self._stop.is_set():
                 return
             desired = self.desired()
             self._apply_policy(desired.policy)
+            with self._lock:
+                for name in desired.wanted:
+                    if name not in self._followers:
+                        self._followers[name] = _Follower(self, name)
+                followers = list(self._followers.values())
+            for follower in followers:  # models no longer desired keep serving what they have
+                follower.wake.set()
+
+    def _follow(self, follower: _Follower) -> None:
+        """One model's loop: sync it to its desired version, retrying transient failures with backoff."""
+        model = follower.model
+        delay = self.config.retry_min_s
+        timeout: float | None = None
+        failed: dict[tuple[int, str | None], str] = {}
+        while not self._stop.is_set():
+            follower.wake.wait(timeout)
+            follower.wake.clear()
+            if self._stop.is_set():
+                return
+            entry = self.desired().wanted.get(model)
             timeout = None
-            if len(desired.wanted) != 1:  # one model per device until the multi-model client (issue 13)
+            if entry is None:
                 continue
-            (model, entry), = desired.wanted.items()
-            target = (model, entry.version)
-            if target != self._target:  # a new desired release: earlier refusals no longer apply
-                self._failed.clear()
-                self._target = target
-            if self.releases.active_ref() == target or target in self._failed:
+            target = (entry.version, entry.store)
+            if target != follower.target:  # a new desired release: earlier refusals no longer apply
+                failed.clear()
+                follower.target = target
+            if self.releases.active_ref(model) == (model, entry.version) or target in failed:
                 continue
             try:
-                result = self.sync(*target)
+                result = self.sync(model, entry.version, store=entry.store)
             except EdgeSDKError as exc:  # already reported in the twin; retry with backoff
-                log.info("sync of %s v%s failed, retrying in %.1fs: %s", *target, delay, exc)
+                log.info("sync of %s v%s failed, retrying in %.1fs: %s", model, entry.version, delay, exc)
                 timeout, delay = delay, min(delay * 2, self.config.retry_max_s)
                 continue
             delay = self.config.retry_min_s
             if result.status in (SyncStatus.REJECTED, SyncStatus.ROLLED_BACK):
-                self._failed[target] = result.reason or result.status
+                failed[target] = result.reason or result.status
 
     def _apply_policy(self, policy: PolicyOverride) -> None:
         # Compared as set: model equality ignores whether pin_precision was null or absent.
@@ -272,34 +316,42 @@ class SyncClient:
         self.twin.set(policy=wanted)
 
     # -- one release -------------------------------------------------------------------------
-    def sync(self, model: str, version: int, timeout: float | None = None) -> SyncResult:
-        """Fetch, verify, stage, self-test and activate ``model`` ``version``.
+    def sync(self, model: str, version: int, timeout: float | None = None, store: str | None = None) -> SyncResult:
+        """Fetch, verify, stage, self-test and activate ``model`` ``version``, its chunks from
+        ``store`` (default: the configured store).
 
         Returns a :class:`SyncResult` (``rejected``/``rolled-back`` results carry the reason);
-        raises :class:`SyncError` for transient failures (broker unreachable, timeouts, disk).
-        Needs the transport started (``start()``, or ``transport.start()`` for a one-shot).
+        raises :class:`SyncError` for transient failures (broker or store unreachable, timeouts,
+        disk). Needs the transport started (``start()``, or ``transport.start()`` for a one-shot).
+        Syncs of different models run at the same time; one model's are serialized.
         """
-        with self._sync_lock:
+        with self._lock:
+            model_lock = self._model_locks.setdefault(model, threading.Lock())
+        with model_lock:
             started = time.monotonic()
             deadline = started + (timeout or self.config.sync_timeout_s)
             try:
-                result = self._sync(model, version, deadline)
+                result = self._sync(model, version, deadline, store or self.config.store)
             except IntegrityError as exc:
                 kind = getattr(exc, "kind", ErrorKind.INTEGRITY)
                 self.twin.error(kind, str(exc))
                 self.twin.progress(state=SyncState.FAILED, model=model, version=version, reason=str(exc))
                 result = SyncResult(model, version, SyncStatus.REJECTED, reason=str(exc))
             except EdgeSDKError as exc:
-                self.twin.error(getattr(exc, "kind", ErrorKind.SYNC), str(exc))
+                if not getattr(exc, "counted", False):
+                    self.twin.error(getattr(exc, "kind", ErrorKind.SYNC), str(exc))
                 self.twin.progress(state=SyncState.FAILED, model=model, version=version, reason=str(exc))
                 raise
+            finally:
+                with self._lock:
+                    self._needed.pop(model, None)
             result.duration_s = round(time.monotonic() - started, 3)
             self.results.append(result)
             return result
 
-    def _sync(self, model: str, version: int, deadline: float) -> SyncResult:
-        if self.releases.active_ref() == (model, version):
-            return SyncResult(model, version, SyncStatus.ALREADY_ACTIVE, path=str(self.releases.active()))
+    def _sync(self, model: str, version: int, deadline: float, store_url: str) -> SyncResult:
+        if self.releases.active_ref(model) == (model, version):
+            return SyncResult(model, version, SyncStatus.ALREADY_ACTIVE, path=str(self.releases.active(model)))
         with _kind(ErrorKind.REPLAY):
             self.releases.check_version(model, version)  # before any download
         self.twin.progress(state=SyncState.MANIFEST, model=model, version=version)
@@ -317,11 +369,13 @@ class SyncClient:
                 entry.check_chunks()
         refs = [c for entry in files for c in entry.chunks]
         distinct = {c.sha256: c for c in refs}
+        with self._lock:  # before the diff: another model's cleanup must not delete them meanwhile
+            self._needed[model] = set(distinct)
         missing = self.chunks.missing(refs)
         result = SyncResult(model, version, SyncStatus.ACTIVATED, chunks_total=len(distinct),
                             chunks_reused=len(distinct) - len(missing),
                             bytes_total=sum(e.size for e in files), variants=[v.id for v in variants])
-        self._fetch_chunks(missing, model, version, deadline, result)
+        self._fetch_chunks(missing, model, version, deadline, result, store_url)
         self.twin.progress(state=SyncState.STAGING, model=model, version=version)
         folder = self.releases.stage(manifest, data, signature, files, self.chunks)
         result.path = str(folder)
@@ -344,45 +398,51 @@ class SyncClient:
             try:
                 self._on_activate(folder)
             except Exception as exc:
-                back = self.releases.rollback()
+                back = self.releases.rollback(model)
                 reason = f"activation of {model} v{version} failed, rolled back to {back.name if back else 'nothing'}: {exc}"
                 self.twin.error(ErrorKind.ACTIVATION, reason)
-                self._report_active()
+                self._report_active(model)
                 self.twin.progress(state=SyncState.FAILED, model=model, version=version, reason=reason)
                 result.status, result.reason = SyncStatus.ROLLED_BACK, reason
                 return result
-        self.releases.cleanup()
-        self.chunks.retain_only(self.releases.kept_chunks())
+        self.releases.cleanup(model)
+        with self._lock:  # every model's kept releases, and the chunks of syncs still running
+            keep = self.releases.kept_chunks().union(*(s for m, s in self._needed.items() if m != model))
+            self.chunks.retain_only(keep)
         # With an activation hook (the daemon) the hook reports what it actually serves.
-        self._report_active(selected, backend=self._on_activate is None)
+        self._report_active(model, selected, backend=self._on_activate is None)
         self.twin.progress(state=SyncState.IDLE, model=model, version=version, chunks_fetched=result.chunks_fetched,
                            bytes_fetched=result.bytes_fetched)
         return result
 
-    def _report_active(self, selected: Selection | None = None, backend: bool = True) -> None:
-        """Report the active release and (``backend``) the backend/precision that serves it: the
-        self-test's selection, remembered per release so a restarted client reports it too."""
-        ref = self.releases.active_ref()
+    def _report_active(self, model: str, selected: Selection | None = None, backend: bool = True) -> None:
+        """Report ``model``'s active release and (``backend``) the backend/precision that serves it:
+        the self-test's selection, remembered per release so a restarted client reports it too."""
+        ref = self.releases.active_ref(model)
         if ref is None:
             return
         name = release_name(*ref)
         path = Path(self.config.root) / "served.json"
-        try:
-            served = json.loads(path.read_text())
-        except (OSError, ValueError):
-            served = {}
-        if selected is not None:
-            served = {name: asdict(selected)}  # older releases are cleaned up; only the active one matters
+        with self._lock:
             try:
-                write_atomic(path, json.dumps(served).encode())
-            except OSError as exc:  # only the report after a restart suffers
-                log.warning("could not remember the served variant in %s: %s", path, exc)
+                served = json.loads(path.read_text())
+            except (OSError, ValueError):
+                served = {}
+            served = served if isinstance(served, dict) else {}
+            if selected is not None:
+                # One entry per model: its older releases are cleaned up, only the active one matters.
+                served = {k: v for k, v in served.items() if (parse_name(k) or ("",))[0] != model}
+                served[name] = asdict(selected)
+                try:
+                    write_atomic(path, json.dumps(served).encode())
+                except OSError as exc:  # only the report after a restart suffers
+                    log.warning("could not remember the served variant in %s: %s", path, exc)
         fields: dict[str, Any] = {"release": {"model": ref[0], "version": ref[1]}}
         if backend:
-            known = served.get(name) if isinstance(served, dict) else None
+            known = served.get(name)
             fields["backend"] = known.get("backend") if isinstance(known, dict) else None
             fields["precision"] = known.get("precision") if isinstance(known, dict) else None
-        self.twin.set(**fields)
+        self.twin.set_model(model, **fields)
 
     # -- network -----------------------------------------------------------------------------
     def _fetch_manifest(self, model: str, version: int, deadline: float) -> bytes:
@@ -404,56 +464,57 @@ class SyncClient:
         finally:
             self.transport.unsubscribe(topic)
 
-    def _fetch_chunks(self, missing, model: str, version: int, deadline: float, result: SyncResult) -> None:
-        pending = {ref.sha256: ref for ref in missing}
-        waiting = list(pending)  # not yet requested
-        inflight: dict[str, float] = {}  # sha -> when (re)requested
-        while self._blobs.qsize():  # stale deliveries from an earlier attempt
-            self._blobs.get_nowait()
-        bytes_left = sum(r.size for r in missing)
-        self.twin.progress(state=SyncState.FETCHING, model=model, version=version, chunks_total=result.chunks_total,
-                           chunks_missing=len(pending), chunks_done=0, bytes_missing=bytes_left, bytes_done=0)
-        try:
-            while pending:
-                now = time.monotonic()
-                if now > deadline:
-                    raise SyncError(f"sync of {model} v{version} timed out with {len(pending)} chunks still missing")
-                while waiting and len(inflight) < self.config.fetch_window:
-                    sha = waiting.pop(0)
-                    inflight[sha] = now
-                    self.transport.subscribe(self.topics.blob(sha), self._blobs.put, qos=1)
-                for sha, since in list(inflight.items()):
-                    if now - since > self.config.stall_timeout_s and self.transport.connected:
-                        # Retained messages are sent on (re)subscribe: ask again for a stalled one.
-                        self.transport.unsubscribe(self.topics.blob(sha))
-                        self.transport.subscribe(self.topics.blob(sha), self._blobs.put, qos=1)
-                        inflight[sha] = now
-                try:
-                    message = self._blobs.get(timeout=0.25)
-                except queue.Empty:
-                    continue
-                match = self.topics.parse(message.topic)
-                sha = match.sha256 if match is not None and match.kind is TopicKind.BLOB else None
-                if sha not in inflight:
-                    continue  # a duplicate, or a chunk already stored
-                ref = pending[sha]
-                if not message.payload:
-                    continue  # cleared on the broker (gc); the stall timer asks again
-                try:
-                    self.chunks.put(sha, message.payload, ref.size)
-                except IntegrityError as exc:
-                    # Transient from our side: the broker may get the right bytes republished,
-                    # so the caller retries later; nothing of it was stored.
-                    raise _tagged(SyncError(f"corrupt chunk on the broker ({message.topic}): {exc}"), ErrorKind.CORRUPT_CHUNK) from None
-                self.transport.unsubscribe(self.topics.blob(sha))
-                del inflight[sha], pending[sha]
+    def store(self, url: str) -> Store:
+        """The chunk store at ``url``, opened once and shared by every model that uses it."""
+        with self._lock:
+            store = self._stores.get(url)
+            if store is None:
+                tls = self.config.tls
+                # The fleet's TLS identity serves https stores too (the fleet CA, the device certificate).
+                options = StoreOptions(ca_certs=self.config.store_ca or (tls.ca if tls else None),
+                                       certfile=tls.cert if tls else None, keyfile=tls.key if tls else None,
+                                       timeout_s=self.config.store_timeout_s, retries=self.config.store_retries,
+                                       max_message_bytes=self.config.max_message_bytes,
+                                       stall_s=self.config.stall_timeout_s, transport=self.transport, topics=self.topics)
+                store = self._stores[url] = open_store(url, options)
+            return store
+
+    def _fetch_chunks(self, missing, model: str, version: int, deadline: float, result: SyncResult,
+                      store_url: str) -> None:
+        store = self.store(store_url)
+        self.twin.progress(state=SyncState.FETCHING, model=model, version=version, store=store_url,
+                           chunks_total=result.chunks_total, chunks_missing=len(missing), chunks_done=0,
+                           bytes_missing=sum(r.size for r in missing), bytes_done=0)
+        lock = threading.Lock()
+
+        def fetched(ref) -> None:
+            with lock:
                 result.chunks_fetched += 1
                 result.bytes_fetched += ref.size
-                self.twin.progress(state=SyncState.FETCHING, model=model, version=version, chunks_done=result.chunks_fetched,
-                                   bytes_done=result.bytes_fetched)
-        finally:
-            for sha in inflight:
-                self.transport.unsubscribe(self.topics.blob(sha))
+                done, size = result.chunks_fetched, result.bytes_fetched
+            self.twin.progress(state=SyncState.FETCHING, model=model, version=version, chunks_done=done, bytes_done=size)
+
+        def refused(ref, why: str) -> None:  # counted each time; fetch_missing asks again, then gives up
+            self.twin.error(ErrorKind.CORRUPT_CHUNK, f"{store_url} served wrong bytes for chunk {ref.sha256[:12]}… of "
+                                             f"{model} v{version}: {why}")
+
+        try:
+            fetch_missing(store, self.chunks, missing, deadline, workers=self.config.fetch_window, on_chunk=fetched,
+                          on_corrupt=refused, cancel=self._stop)
+        except StoreError as exc:
+            exc.counted = exc.kind == ErrorKind.CORRUPT_CHUNK  # type: ignore[attr-defined]  # each refusal was, in refused()
+            raise
+
+
+class _Follower:
+    """The worker thread that keeps one model at its desired release."""
+
+    def __init__(self, client: SyncClient, model: str) -> None:
+        self.model = model
+        self.wake = threading.Event()
+        self.target: tuple[int, str | None] | None = None
+        self.thread = threading.Thread(target=client._follow, args=(self,), name=f"sync-{model}", daemon=True)
+        self.thread.start()
 
 
 class _kind:

@@ -12,13 +12,14 @@ attempt too: what was stored so far stays, and the next attempt fetches only the
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
-from edge_sdk.errors import IntegrityError
+from edge_sdk.errors import IntegrityError, SyncError
 from edge_sdk.manifest import ChunkRef
+from edge_sdk.types import ErrorKind
 
 from .chunk_store import ChunkStore
 from .stores import Store, StoreError
@@ -33,16 +34,25 @@ class FetchStats:
 
 def fetch_missing(store: Store, local: ChunkStore, missing: list[ChunkRef], deadline: float, *, workers: int = 8,
                   corrupt_retries: int = 1, on_chunk: Callable[[ChunkRef], None] | None = None,
-                  on_corrupt: Callable[[ChunkRef, str], None] | None = None) -> FetchStats:
-    """Fetch ``missing`` from ``store`` into ``local``; see the module docstring."""
+                  on_corrupt: Callable[[ChunkRef, str], None] | None = None,
+                  cancel: threading.Event | None = None) -> FetchStats:
+    """Fetch ``missing`` from ``store`` into ``local``; see the module docstring. Setting ``cancel``
+    ends the attempt at once (a :class:`SyncError`); requests in flight finish in the background
+    (the workers are daemon threads, so they never hold up a process that exits)."""
     stats = FetchStats()
     lock = threading.Lock()
-    cancelled = threading.Event()
+    todo: queue.SimpleQueue[ChunkRef] = queue.SimpleQueue()
+    for ref in missing:
+        todo.put(ref)
+    errors: list[BaseException] = []
+    left = [len(missing)]
+    finished = threading.Event()
+
+    def stopped() -> bool:
+        return bool(errors) or (cancel is not None and cancel.is_set())
 
     def one(ref: ChunkRef) -> None:
         for attempt in range(corrupt_retries + 1):
-            if cancelled.is_set():
-                return
             data = store.fetch(ref, deadline)
             try:
                 local.put(ref.sha256, data, ref.size)
@@ -53,7 +63,7 @@ def fetch_missing(store: Store, local: ChunkStore, missing: list[ChunkRef], dead
                     on_corrupt(ref, str(exc))
                 if attempt == corrupt_retries:
                     raise StoreError(f"{store.url} served wrong bytes for chunk {ref.sha256[:12]}… "
-                                     f"{attempt + 1} times: {exc}", "corrupt_chunk") from None
+                                     f"{attempt + 1} times: {exc}", ErrorKind.CORRUPT_CHUNK) from None
                 continue
             with lock:
                 stats.chunks += 1
@@ -62,15 +72,33 @@ def fetch_missing(store: Store, local: ChunkStore, missing: list[ChunkRef], dead
                 on_chunk(ref)
             return
 
+    def work() -> None:
+        while not stopped():
+            try:
+                ref = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                one(ref)
+            except BaseException as exc:  # the first error ends the attempt
+                with lock:
+                    errors.append(exc)
+                finished.set()
+                return
+            with lock:
+                left[0] -= 1
+                if left[0] == 0:
+                    finished.set()
+
     if not missing:
         return stats
-    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(missing))), thread_name_prefix="chunk-fetch") as pool:
-        futures = [pool.submit(one, ref) for ref in missing]
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        failed = next((f for f in done if f.exception() is not None), None)
-        if failed is not None:
-            cancelled.set()
-            for future in futures:
-                future.cancel()
-            raise failed.exception()
+    threads = [threading.Thread(target=work, name="chunk-fetch", daemon=True)
+               for _ in range(max(1, min(workers, len(missing))))]
+    for thread in threads:
+        thread.start()
+    while not finished.wait(0.2):
+        if cancel is not None and cancel.is_set():
+            raise SyncError(f"fetching from {store.url} stopped with {left[0]} chunks still missing")
+    if errors:
+        raise errors[0]
     return stats

@@ -30,6 +30,9 @@ Guarantees:
   cannot be saved is kept in memory and saved with the next commit.
 * A database SQLite calls corrupt is moved aside (``outbox.db.corrupt-<time>``) and a fresh one
   created, at open or when a later statement finds the damage; :attr:`Outbox.recovered` says so.
+* A disk too full to even create or open the database does not fail the constructor: the outbox
+  starts *disabled* (:attr:`Outbox.disabled` says why; appends are refused and counted, batches
+  are empty) and opens itself once space returns, checked at most every ``REOPEN_S`` on use.
 * Records leave only through :meth:`ack` (or the drop policy). Freed pages are given back to the
   file system (``auto_vacuum=INCREMENTAL`` plus ``journal_size_limit``).
 * Upload order is FIFO (``id``); priority decides what survives a full outbox, not what is sent
@@ -38,6 +41,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -85,6 +89,8 @@ MAX_RECORD_BYTES = 512 * 1024
 #: The WAL index file (``-shm``) beside the database.
 _SHM_BYTES = 32 * 1024
 _CORRUPT = ("malformed", "not a database", "file is encrypted")
+#: a disabled outbox (disk full at open) tries to open again at most this often
+REOPEN_S = 2.0
 
 
 class Priority(IntEnum):
@@ -155,6 +161,8 @@ class OutboxStats:
     acked: int
     #: database + WAL + WAL index on disk now
     file_bytes: int = 0
+    #: why the outbox is not storing anything (None while it works); see :attr:`Outbox.disabled`
+    disabled: str | None = None
 
 
 class Outbox:
@@ -172,20 +180,43 @@ class Outbox:
         self._boot_saved = False
         #: where a corrupt database was moved, and why (None while nothing was recovered)
         self.recovered: dict[str, str] | None = None
+        #: why nothing can be stored (the disk was too full to open the database); None when open
+        self.disabled: str | None = None
+        self._db: sqlite3.Connection | None = None
+        self._reopen_at = 0.0
+        self._try_open()
+
+    def _try_open(self) -> None:
+        """Open (creating, or replacing a corrupt file); a full disk leaves the outbox disabled."""
+        config = self.config
         try:
             config.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise SyncError(f"cannot create the outbox folder {config.path.parent}: {exc}") from None
-        try:
-            self._open()
-        except sqlite3.DatabaseError as exc:
-            if not _is_corrupt(exc):
-                raise SyncError(f"cannot open outbox {config.path}: {exc}") from None
-            self._move_aside(exc)
             try:
                 self._open()
-            except sqlite3.Error as exc2:
-                raise SyncError(f"cannot recreate outbox {config.path}: {exc2}") from None
+            except sqlite3.DatabaseError as exc:
+                if not _is_corrupt(exc):
+                    raise
+                self._move_aside(exc)
+                self._open()
+        except (OSError, sqlite3.Error) as exc:
+            if not (_is_disk_full(exc) if isinstance(exc, sqlite3.Error) else exc.errno == errno.ENOSPC):
+                raise SyncError(f"cannot open outbox {config.path}: {exc}") from None
+            self._db = None
+            self._reopen_at = time.monotonic() + REOPEN_S
+            if self.disabled is None:
+                log.error("outbox %s disabled: the disk is full (%s); telemetry is refused and counted until "
+                          "space returns", config.path, exc)
+            self.disabled = f"the disk is full ({exc})"
+            return
+        if self.disabled is not None:
+            log.warning("outbox %s enabled again: space returned", config.path)
+        self.disabled = None
+
+    def _usable(self) -> bool:
+        """True if the database is open, trying again if it is time (caller holds the lock)."""
+        if self._db is None and time.monotonic() >= self._reopen_at:
+            self._try_open()
+        return self._db is not None
 
     def _open(self) -> None:
         config = self.config
@@ -267,6 +298,11 @@ class Outbox:
                 raise SyncError(f"record is not JSON-serialisable: {exc}") from None
         sizes = [len(t.encode()) + len(kind) + ROW_OVERHEAD for t in texts]
         need_rows, need_bytes = len(texts), sum(sizes)
+        with self._lock:
+            if not self._usable():
+                self._unsaved.update(rejected=need_rows)  # saved with the first commit once open
+                raise OutboxFullError(f"outbox {self.config.path} is disabled: {self.disabled}; "
+                                      f"{need_rows} record(s) refused")
         too_big = max(sizes) > self.config.max_record_bytes
         if too_big or need_rows > self.config.max_rows or need_bytes > self._quota_pages * self._page:
             with self._lock:
@@ -393,6 +429,8 @@ class Outbox:
         :meth:`next_batch` again) and retried with every later call; returns 0 then.
         """
         with self._lock:
+            if not self._usable():
+                return 0  # nothing was stored, so nothing of this boot was sent
             self._retry_settled()
             try:
                 return self._delete_acked(boot, upto)
@@ -438,6 +476,8 @@ class Outbox:
     def next_batch(self, after_id: int = 0, max_records: int = 500, max_bytes: int = 256 * 1024) -> Batch | None:
         """The oldest records with ``id > after_id``, all of one boot, within the limits (≥ 1 record)."""
         with self._lock:
+            if not self._usable():
+                return None
             self._retry_settled()
             skip = "".join(" AND NOT (boot = ? AND seq <= ?)" for _ in self._settled)
             skip_args = [v for item in self._settled.items() for v in item]
@@ -466,6 +506,10 @@ class Outbox:
 
     def stats(self) -> OutboxStats:
         with self._lock:
+            if not self._usable():
+                c = Counter(self._unsaved)
+                return OutboxStats(self.boot_id, 0, 0, c["appended"], c["dropped"], c["rejected"], c["acked"], 0,
+                                   self.disabled)
             try:
                 c = Counter(dict(self._db.execute("SELECT name, value FROM counters").fetchall()))
             except sqlite3.Error as exc:
@@ -482,7 +526,8 @@ class Outbox:
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            if self._db is not None:
+                self._db.close()
 
     def __enter__(self) -> Outbox:
         return self

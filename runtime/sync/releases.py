@@ -1,17 +1,20 @@
 """Release folders on the device: staging, atomic activation, rollback, retention, replay protection.
 
-Layout under ``root``::
+Layout under ``root`` (a device serves several models; each has its own pointers)::
 
     releases/<model>@v<version>/   complete, verified release folders (manifest.json [+ .sig] + files)
     staging/                       folders being assembled; emptied when the store is opened
-    current  -> releases/…         symlink: the active release
-    previous -> releases/…         symlink: what ``current`` pointed to before the last activation
+    current/<model>  -> ../releases/…   symlink: the model's active release
+    previous/<model> -> ../releases/…   symlink: what it pointed to before the model's last activation
     state.json                     highest version ever accepted per model (rollback protection)
 
 Every step is crash-safe. A release is assembled in ``staging/``, fsynced, and renamed into
-``releases/`` (then the folder is fsynced). Activation writes a new symlink beside ``current``
-and renames it over ``current`` (atomic on POSIX), then fsyncs ``root``: after a ``kill -9`` at any
-moment ``current`` names either the old or the new complete release, never a half one.
+``releases/`` (then the folder is fsynced). Activation writes a new symlink beside
+``current/<model>`` and renames it over it (atomic on POSIX), then fsyncs the folder: after a
+``kill -9`` at any moment ``current/<model>`` names either the old or the new complete release,
+never a half one. One model's activation, rollback or cleanup never touches another model's
+pointers or releases. The single-model layout of earlier versions (``current``/``previous``
+symlinks in ``root``) is moved to this one when the store is opened.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -33,6 +37,7 @@ from .chunk_store import ChunkStore, storage_error
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^(?P<model>.+)@v(?P<version>\d+)$")
+_POINTERS = ("current", "previous")  # folders of per-model symlinks
 
 
 def release_name(model: str, version: int) -> str:
@@ -48,12 +53,16 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(name, path)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 
@@ -62,6 +71,7 @@ class ReleaseStore:
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
+        self._state_lock = threading.Lock()  # models activate from their own threads
         self.releases = self.root / "releases"
         self.staging = self.root / "staging"
         for folder in (self.releases, self.staging):
@@ -107,10 +117,11 @@ class ReleaseStore:
         return int(self._state()["highest"].get(model, 0))
 
     def _record_accepted(self, model: str, version: int) -> None:
-        state = self._state()
-        if version > int(state["highest"].get(model, 0)):
-            state["highest"][model] = version
-            write_atomic(self._state_path, json.dumps(state, sort_keys=True).encode())
+        with self._state_lock:
+            state = self._state()
+            if version > int(state["highest"].get(model, 0)):
+                state["highest"][model] = version
+                write_atomic(self._state_path, json.dumps(state, sort_keys=True).encode())
 
     def check_version(self, model: str, version: int) -> None:
         """Rollback protection: refuse a release older than the highest ever accepted."""
@@ -124,30 +135,75 @@ class ReleaseStore:
         # Staging folders and half-written links are what a crash leaves behind; none is in use.
         for leftover in self.staging.iterdir():
             shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
-        for link in self.root.glob(".*.link"):
+        for link in self.root.glob(".*.link"):  # of the single-model layout
             link.unlink(missing_ok=True)
-        # A crash between switching `current` and recording the version: the switch wins.
-        active = self.active_ref()
-        if active is not None:
-            self._record_accepted(*active)
+        self._migrate_single_model_layout()
+        for kind in _POINTERS:
+            (self.root / kind).mkdir(exist_ok=True)
+            for link in (self.root / kind).glob(".*.link"):
+                link.unlink(missing_ok=True)
+        # A crash between switching `current/<model>` and recording the version: the switch wins.
+        for model in self.models():
+            ref = self.active_ref(model)
+            if ref is not None:
+                self._record_accepted(*ref)
+
+    def _migrate_single_model_layout(self) -> None:
+        """``root/current`` and ``root/previous`` symlinks (one model) → ``current/<model>``, ``previous/<model>``.
+
+        The old link is first renamed aside (freeing its name for the folder), then re-created in
+        the folder; a crash between the steps is finished by the next open."""
+        for kind in _POINTERS:
+            legacy, moving = self.root / kind, self.root / f".{kind}.migrating"
+            if legacy.is_symlink():
+                moving.unlink(missing_ok=True)
+                os.rename(legacy, moving)
+                fsync_dir(self.root)
+            if moving.is_symlink():
+                target = (self.root / os.readlink(moving)).resolve()
+                ref = parse_name(target.name)
+                (self.root / kind).mkdir(exist_ok=True)
+                if ref is not None and target.is_dir():
+                    self._point(kind, ref[0], target)
+                    fsync_dir(self.root / kind)
+                moving.unlink()
+                fsync_dir(self.root)
 
     # -- queries -----------------------------------------------------------------------------
-    def _pointer(self, name: str) -> Path | None:
-        link = self.root / name
+    def models(self) -> list[str]:
+        """Models with an active release, sorted."""
+        folder = self.root / "current"
+        return sorted(p.name for p in folder.iterdir() if p.is_symlink() and not p.name.startswith(".")) \
+            if folder.is_dir() else []
+
+    def _model(self, model: str | None) -> str | None:
+        """``model``, or the device's only model when None (None if it has none)."""
+        if model is not None:
+            return model
+        models = self.models()
+        if len(models) > 1:
+            raise SyncError(f"this device serves several models ({', '.join(models)}): name one")
+        return models[0] if models else None
+
+    def _pointer(self, kind: str, model: str | None) -> Path | None:
+        model = self._model(model)
+        if model is None:
+            return None
+        link = self.root / kind / model
         if not link.is_symlink():
             return None
-        target = (self.root / os.readlink(link)).resolve()
+        target = (link.parent / os.readlink(link)).resolve()
         return target if target.is_dir() else None
 
-    def active(self) -> Path | None:
-        """The active release folder, or None before the first activation."""
-        return self._pointer("current")
+    def active(self, model: str | None = None) -> Path | None:
+        """The active release folder of ``model`` (default: the only model), or None before its first activation."""
+        return self._pointer("current", model)
 
-    def previous(self) -> Path | None:
-        return self._pointer("previous")
+    def previous(self, model: str | None = None) -> Path | None:
+        return self._pointer("previous", model)
 
-    def active_ref(self) -> tuple[str, int] | None:
-        active = self.active()
+    def active_ref(self, model: str | None = None) -> tuple[str, int] | None:
+        active = self.active(model)
         return parse_name(active.name) if active else None
 
     def path_of(self, model: str, version: int) -> Path:
@@ -211,66 +267,76 @@ class ReleaseStore:
         return final
 
     # -- activation --------------------------------------------------------------------------
-    def _point(self, name: str, target: Path | None) -> None:
-        link = self.root / name
+    def _point(self, kind: str, model: str, target: Path | None) -> None:
+        folder = self.root / kind
+        link = folder / model
         if target is None:
             link.unlink(missing_ok=True)
             return
-        tmp = self.root / f".{name}.link"
+        tmp = folder / f".{model}.link"
         tmp.unlink(missing_ok=True)
-        os.symlink(os.path.relpath(target, self.root), tmp)
+        os.symlink(os.path.relpath(target, folder), tmp)
         os.replace(tmp, link)
 
     def activate(self, folder: Path) -> Path | None:
-        """Make ``folder`` the active release atomically; returns the release it replaced."""
+        """Make ``folder`` its model's active release atomically; returns the release it replaced."""
         ref = parse_name(folder.name)
         if ref is None or folder.parent.resolve() != self.releases.resolve():
             raise SyncError(f"{folder} is not a release folder of this store")
-        old = self.active()
+        model = ref[0]
+        old = self.active(model)
         if old is not None and old.resolve() == folder.resolve():
-            return self.previous()
+            return self.previous(model)
         try:
-            self._point("previous", old)  # written first: a crash here leaves `current` as it was
-            self._point("current", folder)
-            fsync_dir(self.root)
+            self._point("previous", model, old)  # written first: a crash here leaves `current` as it was
+            fsync_dir(self.root / "previous")
+            self._point("current", model, folder)
+            fsync_dir(self.root / "current")
             self._record_accepted(*ref)
         except OSError as exc:
             raise storage_error(f"activating {folder.name}", exc) from None
         return old
 
-    def rollback(self) -> Path | None:
-        """Point ``current`` back at ``previous``; returns the release now active (None if none)."""
-        prev = self.previous()
-        bad = self.active()
-        if prev is None:
-            self._point("current", None)
-        else:
-            self._point("current", prev)
-        self._point("previous", None)
-        fsync_dir(self.root)
+    def rollback(self, model: str | None = None) -> Path | None:
+        """Point ``model``'s ``current`` back at its ``previous``; returns the release now active (None if none)."""
+        model = self._model(model)
+        if model is None:
+            return None
+        prev, bad = self.previous(model), self.active(model)
+        self._point("current", model, prev)
+        fsync_dir(self.root / "current")
+        self._point("previous", model, None)
+        fsync_dir(self.root / "previous")
         if bad is not None and bad != prev:
             self._remove(bad)
         return prev
 
     def discard(self, folder: Path) -> None:
         """Remove a staged release that will not be activated (failed self-test)."""
-        if folder not in (self.active(), self.previous()):
+        ref = parse_name(folder.name)
+        if ref is None or folder not in (self.active(ref[0]), self.previous(ref[0])):
             self._remove(folder)
 
-    def cleanup(self) -> list[str]:
-        """Delete every release except the active and previous ones; returns the names removed."""
-        keep = {p.resolve() for p in (self.active(), self.previous()) if p is not None}
+    def cleanup(self, model: str | None = None) -> list[str]:
+        """Delete ``model``'s releases except its active and previous ones; returns the names removed.
+        Other models' releases are not touched."""
+        model = self._model(model)
+        if model is None:
+            return []
+        keep = {p.resolve() for p in (self.active(model), self.previous(model)) if p is not None}
         removed = []
         for folder in self.releases.iterdir():
-            if folder.resolve() not in keep:
+            ref = parse_name(folder.name)
+            if ref is not None and ref[0] == model and folder.resolve() not in keep:
                 self._remove(folder)
                 removed.append(folder.name)
         return removed
 
     def kept_chunks(self) -> set[str]:
-        """sha256 of every chunk of every file held by the active and previous releases."""
+        """sha256 of every chunk of every file held by every model's active and previous releases."""
         shas: set[str] = set()
-        for folder in (self.active(), self.previous()):
+        folders = [f for model in self.models() for f in (self.active(model), self.previous(model))]
+        for folder in folders:
             if folder is None:
                 continue
             manifest = Manifest.from_bytes((folder / MANIFEST_NAME).read_bytes(), str(folder))

@@ -126,11 +126,14 @@ def decode_batch(payload: bytes) -> WireBatch:
         if not isinstance(item, list) or len(item) != 5:
             raise SyncError(f"record {i} must be [seq, ts, priority, kind, data]")
         seq, ts, prio, kind, data = item
-        seq = _int(seq, f"record {i} seq", last + 1)  # ascending, and never below the floor
-        if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts):
+        # Fast paths first (ingest decodes every record; building the messages costs more than the checks).
+        if type(seq) is not int or seq <= last:
+            seq = _int(seq, f"record {i} seq", last + 1)  # ascending, and never below the floor
+        if type(ts) is not float and (isinstance(ts, bool) or not isinstance(ts, int)) or not math.isfinite(ts):
             raise SyncError(f"record {i} ts must be a finite number, got {ts!r}")
-        prio = _int(prio, f"record {i} priority", 0)
-        if not isinstance(kind, str) or not kind or len(kind) > 128:
+        if type(prio) is not int or prio < 0:
+            prio = _int(prio, f"record {i} priority", 0)
+        if type(kind) is not str or not kind or len(kind) > 128:
             raise SyncError(f"record {i} kind must be a non-empty string")
         records.append(WireRecord(seq, float(ts), prio, kind, data))
         last = seq
@@ -240,6 +243,7 @@ class TelemetryUploader:
             "batches_sent": self.batches_sent, "resends": self.resends, "bad_acks": self.bad_acks,
             "clamped_acks": self.clamped_acks, "oversized_messages": getattr(self.transport, "oversized", 0),
             "errors": self.errors, "in_flight": self.in_flight, "recovered": self.outbox.recovered,
+            "disabled": s.disabled,
         }
 
     # -- network thread ------------------------------------------------------------------------

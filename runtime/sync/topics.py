@@ -9,6 +9,7 @@ Layout (prefix defaults to ``edge/<fleet>``, any other prefix may be given)::
     <prefix>/releases/<model>/<version>/manifest   retained (signed manifest)
     <prefix>/releases/<model>/<version>/pending    retained while `cloud publish` runs (its chunk list)
     <prefix>/blobs/<sha256>                 retained content-addressed chunk
+    <prefix>/trust/root/<version>           retained trust root (TUF root.json), every version
     <prefix>/<device>/telemetry             QoS 1 record batches
     <prefix>/<device>/telemetry/ack         ingest → device: committed sequences
     $share/<group>/<prefix>/+/telemetry     what ingest workers subscribe to
@@ -21,7 +22,7 @@ Usage::
 
 Names (fleet, device, model, group) are single topic levels: non-empty, no ``/``, ``+``, ``#``,
 NUL, and not starting with ``$``; device ids may not be one of the reserved words used at the
-same level (``desired``, ``releases``, ``blobs``). Violations raise :class:`ConfigError`.
+same level (``desired``, ``releases``, ``blobs``, ``trust``). Violations raise :class:`ConfigError`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from edge_sdk.errors import ConfigError
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 #: Words that sit at the device level of the tree and therefore cannot be device ids.
-RESERVED_DEVICE_IDS = frozenset({"desired", "releases", "blobs"})
+RESERVED_DEVICE_IDS = frozenset({"desired", "releases", "blobs", "trust"})
 
 
 class TopicKind(enum.Enum):
@@ -49,6 +50,7 @@ class TopicKind(enum.Enum):
     BLOB = "blob"
     TELEMETRY = "telemetry"
     TELEMETRY_ACK = "telemetry_ack"
+    TRUST_ROOT = "trust_root"
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,11 @@ class Topics:
             raise ConfigError(f"blob id must be 64 lowercase hex digits (sha256), got {sha256!r}")
         return f"{self.prefix}/blobs/{sha256}"
 
+    def trust_root(self, version: int) -> str:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ConfigError(f"trust root version must be a positive integer, got {version!r}")
+        return f"{self.prefix}/trust/root/{version}"
+
     # -- subscription filters ------------------------------------------------------------------
     def telemetry_shared(self, group: str = "ingest") -> str:
         """``$share/<group>/<prefix>/+/telemetry``: workers of one group split the messages."""
@@ -142,6 +149,9 @@ class Topics:
 
     def all_pending(self) -> str:
         return f"{self.prefix}/releases/+/+/pending"
+
+    def all_trust_roots(self) -> str:
+        return f"{self.prefix}/trust/root/+"
 
     # -- parsing -------------------------------------------------------------------------------
     def parse(self, topic: str) -> TopicMatch | None:
@@ -159,6 +169,8 @@ class Topics:
             return TopicMatch(TopicKind.FLEET_DESIRED)
         if n == 2 and levels[0] == "blobs":
             return TopicMatch(TopicKind.BLOB, sha256=levels[1]) if _SHA256.fullmatch(levels[1]) else None
+        if n == 3 and levels[:2] == ["trust", "root"]:
+            return TopicMatch(TopicKind.TRUST_ROOT, version=int(levels[2])) if levels[2].isdigit() else None
         if n == 4 and levels[0] == "releases" and levels[3] in ("manifest", "pending"):
             if not levels[2].isdigit():
                 return None

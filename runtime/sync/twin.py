@@ -3,10 +3,12 @@
 Desired state (the models to run, each with its version and chunk store, and the runtime
 policy) is in :mod:`edge_sdk.runtime.sync.desired`.
 
-Reported state is one retained JSON object at ``…/<device>/reported``: the active release,
-backend, precision, resource figures (:meth:`~edge_sdk.runtime.monitor.ResourceSample.report`),
-the last error, per-kind error counters (:class:`~edge_sdk.types.ErrorKind`) and sync progress
-(:class:`~edge_sdk.types.SyncState`). :class:`Twin` publishes it on change, throttled for progress updates.
+Reported state is one retained JSON object at ``…/<device>/reported``: ``models`` (per model:
+its active ``release``, ``backend``, ``precision`` and ``sync`` progress, :class:`~edge_sdk.types.SyncState`),
+resource figures (:meth:`~edge_sdk.runtime.monitor.ResourceSample.report`), the last error,
+per-kind error counters (:class:`~edge_sdk.types.ErrorKind`); the top-level
+``release``/``backend``/``precision``/``sync`` repeat the model reported last (what single-model
+readers of earlier versions read). :class:`Twin` publishes it on change, throttled for progress updates.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ class Twin:
         self.resources = resources if resources is not None else SystemSource()
         self._lock = threading.Lock()
         self._state: dict[str, Any] = {"release": None, "backend": None, "precision": None, "last_error": None,
-                                       "sync": {"state": SyncState.IDLE.value}, "policy": {}}
+                                       "sync": {"state": SyncState.IDLE.value}, "policy": {}, "models": {}}
         self.errors: Counter[str] = Counter()
         self._last_sent = 0.0
         self.published = 0
@@ -93,12 +95,26 @@ class Twin:
             self._state.update(fields)
         self.publish()
 
+    def set_model(self, model: str, **fields: Any) -> None:
+        """Update ``models.<model>`` (``release``, ``backend``, ``precision``…) and the top-level copies; publish."""
+        with self._lock:
+            self._state["models"].setdefault(model, {}).update(fields)
+            self._state.update(fields)
+        self.publish()
+
     def progress(self, state: SyncState, **fields: Any) -> None:
-        """Update ``sync`` progress; published at most every ``throttle_s`` unless the state changes."""
+        """Update ``sync`` progress (of ``fields["model"]`` when given, also under ``models``);
+        published at most every ``throttle_s`` unless the state changes."""
         fields["state"] = SyncState(state).value
         with self._lock:
-            changed_state = fields["state"] != self._state["sync"].get("state")
-            self._state["sync"] = {**self._state["sync"], **fields} if not changed_state else dict(fields)
+            model = fields.get("model")
+            entry = self._state["models"].setdefault(model, {}) if model is not None else {}
+            before = entry.get("sync", {}) if model is not None else self._state["sync"]
+            changed_state = fields["state"] != before.get("state")
+            current = {**before, **fields} if not changed_state else dict(fields)
+            if model is not None:
+                entry["sync"] = current
+            self._state["sync"] = current
         self.publish(force=changed_state)
 
     def error(self, kind: ErrorKind, reason: str) -> None:

@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+from polling import wait_until
 
 from edge_sdk.cloud.ingest import IngestLimits, IngestWorker, SqliteSink, prepare
 from edge_sdk.runtime.sync.telemetry import decode_ack
@@ -45,15 +46,6 @@ class Acks:
         with self.cond:
             self.cond.wait_for(lambda: len(self.items) >= n, timeout)
             return list(self.items)
-
-
-def wait_until(predicate, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 @pytest.fixture

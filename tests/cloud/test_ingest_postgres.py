@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from polling import wait_until
 
 from edge_sdk.cloud.ingest import IngestLimits, IngestWorker, prepare
 from edge_sdk.cloud.sinks import open_sink
@@ -32,15 +33,6 @@ def transport(broker, cid: str, **kw) -> Transport:
 def batch(seqs, floor=1, data=lambda s: {"i": s}) -> bytes:
     return json.dumps({"v": 1, "boot": BOOT, "floor": floor,
                        "records": [[s, 1000.0 + s, 1, "m", data(s)] for s in seqs]}).encode()
-
-
-def wait_until(predicate, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def query(db: str, sql: str) -> list[tuple]:

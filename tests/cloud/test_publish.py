@@ -180,3 +180,163 @@ def test_publish_refuses_a_chunk_over_the_mqtt_cap_and_an_unknown_store(mosquitt
         publish_release(sync_releases["v1"], mosquitto.url, "capf", store_options=StoreOptions(max_message_bytes=biggest - 1))
     with pytest.raises(ConfigError, match="unknown scheme 'ftp'"):
         publish_release(sync_releases["v1"], mosquitto.url, "capf", store="ftp://x/y")
+
+
+# --- issue 15 class 6: nothing retained is trusted for being there --------------------------
+
+def _chunk_bytes(release, sha: str) -> bytes:
+    for entry in load_manifest(release).files():
+        offset = 0
+        for ref in entry.chunks:
+            if ref.sha256 == sha:
+                with open(release / entry.path, "rb") as handle:
+                    handle.seek(offset)
+                    return handle.read(ref.size)
+            offset += ref.size
+    raise KeyError(sha)
+
+
+def _flipped(data: bytes) -> bytes:
+    """``data`` with one bit changed in the middle: same size, so only a hash tells."""
+    bad = bytearray(data)
+    bad[len(bad) // 2] ^= 0x40
+    return bytes(bad)
+
+
+def _retain(url: str, topic: str, payload: bytes) -> None:
+    with connect(url, "test") as t:
+        assert t.publish(topic, payload, qos=1, retain=True, wait=5)
+
+
+def _forged_manifest(release, version: int, key) -> tuple[bytes, bytes]:
+    """(manifest bytes, statement) of ``release`` renumbered ``version``, signed with ``key``."""
+    from edge_sdk.trust import sign_release
+
+    manifest = json.loads((release / "manifest.json").read_text())
+    manifest["version"] = version
+    data = json.dumps(manifest).encode()
+    return data, sign_release(data, [key])
+
+
+def test_forged_retained_manifests_are_ignored_and_reported_not_a_lock_out(mosquitto, sync_releases, release_keypair,
+                                                                          tmp_path, capsys):
+    """A forged manifest retained at v999 used to make every later publish fail 'lower than v999'."""
+    from edge_sdk.runtime.sync.envelope import seal
+    from edge_sdk.signing import load_private_key
+
+    topics = Topics("forged")
+    publish_release(sync_releases["v1"], mosquitto.url, "forged")
+    attacker, _ = generate_keypair(tmp_path / "attacker.key")
+    _retain(mosquitto.url, topics.manifest("cnn", 999),
+            seal(*_forged_manifest(sync_releases["v1"], 999, load_private_key(attacker))))
+    unsigned, _ = _forged_manifest(sync_releases["v1"], 998, load_private_key(attacker))
+    _retain(mosquitto.url, topics.manifest("cnn", 998), seal(unsigned, None))
+    genuine_v1 = (sync_releases["v1"] / "manifest.json").read_bytes(), (sync_releases["v1"] / "manifest.sig").read_bytes()
+    _retain(mosquitto.url, topics.manifest("cnn", 997), seal(*genuine_v1))  # a real statement, at the wrong topic
+    _ok(["cloud", "publish", str(sync_releases["v2"]), "--broker", mosquitto.url, "--fleet", "forged",
+         "--sign-key", str(release_keypair[0]), "--json"])  # trusted: the sign key's public half
+    out = capsys.readouterr().out
+    report = json.loads(out[out.index("{"):])
+    ignored = report["ignored_manifests"]
+    assert sorted(ignored) == [topics.manifest("cnn", v) for v in (997, 998, 999)]
+    assert "signature does not verify" in ignored[topics.manifest("cnn", 999)]
+    assert "not signed" in ignored[topics.manifest("cnn", 998)]
+    assert "holds the manifest of cnn v1" in ignored[topics.manifest("cnn", 997)]
+    # v2 went out, and v1's verified manifest still let its shared chunks be skipped.
+    v1, v2 = _chunks(sync_releases["v1"]), _chunks(sync_releases["v2"])
+    assert report["chunks_skipped"] == len(set(v1) & set(v2)) > 0
+    with connect(mosquitto.url, "test") as t:
+        payload = collect_retained(t, topics, topics.all_manifests())[topics.manifest("cnn", 2)]
+    assert verify_envelope(payload, load_public_key(release_keypair[1]))[0].version == 2
+
+
+def test_publish_refuses_a_release_the_fleet_root_does_not_vouch_for(mosquitto, sync_releases, tmp_path):
+    _, other = generate_keypair(tmp_path / "other.key")
+    with pytest.raises(IntegrityError, match="signature does not verify"):
+        publish_release(sync_releases["v1"], mosquitto.url, "vouch", trust=other)
+    topics = Topics("vouch")
+    with connect(mosquitto.url, "test") as t:
+        assert collect_retained(t, topics, "#") == {}
+
+
+def test_plain_publish_repairs_a_corrupted_retained_chunk(mosquitto, sync_releases, release_keypair, capsys):
+    topics = Topics("repair")
+    publish_release(sync_releases["v1"], mosquitto.url, "repair")
+    chunks = _chunks(sync_releases["v1"])
+    victim = max(chunks, key=chunks.get)
+    with connect(mosquitto.url, "test") as t:
+        good = collect_retained(t, topics, topics.blob(victim))[topics.blob(victim)]
+    _retain(mosquitto.url, topics.blob(victim), _flipped(good))
+    _ok(["cloud", "publish", str(sync_releases["v1"]), "--broker", mosquitto.url, "--fleet", "repair", "--json"])
+    out = capsys.readouterr().out
+    report = json.loads(out[out.index("{"):])
+    assert (report["chunks_published"], report["bytes_published"]) == (1, len(good))
+    assert report["chunks_repaired"] == 1
+    with connect(mosquitto.url, "test") as t:
+        assert collect_retained(t, topics, topics.blob(victim))[topics.blob(victim)] == good
+    assert publish_release(sync_releases["v1"], mosquitto.url, "repair").chunks_published == 0
+
+
+@pytest.mark.parametrize("kind", ["s3", "http", "file"])
+def test_plain_publish_repairs_a_chunk_corrupted_in_the_store(kind, request, mosquitto, sync_releases, tmp_path,
+                                                             monkeypatch):
+    chunks = _chunks(sync_releases["v1"])
+    victim = max(chunks, key=chunks.get)
+    if kind == "s3":
+        seaweedfs, bucket = request.getfixturevalue("seaweedfs"), request.getfixturevalue("s3_bucket")
+        for name, value in seaweedfs.environ().items():
+            monkeypatch.setenv(name, value)
+        store = f"s3://{bucket}/c"
+
+        def corrupt(data: bytes) -> None:
+            seaweedfs.client().put_object(Bucket=bucket, Key=f"c/{victim}", Body=data)
+    else:
+        root = tmp_path / "www"
+        root.mkdir()
+        if kind == "http":
+            server = request.getfixturevalue("nginx_factory")(root, extra_server_conf="dav_methods PUT; "
+                                                                                     "dav_access user:rw all:r;")
+            store = server.url
+        else:
+            store = f"file://{root}"
+
+        def corrupt(data: bytes) -> None:
+            (root / victim).write_bytes(data)
+    fleet = f"repair-{kind}"
+    assert publish_release(sync_releases["v1"], mosquitto.url, fleet, store=store).chunks_published == len(chunks)
+    corrupt(_flipped(_chunk_bytes(sync_releases["v1"], victim)))
+    again = publish_release(sync_releases["v1"], mosquitto.url, fleet, store=store)
+    assert (again.chunks_published, again.bytes_published) == (1, chunks[victim])
+    assert again.chunks_repaired == 1
+    assert publish_release(sync_releases["v1"], mosquitto.url, fleet, store=store).chunks_published == 0
+
+
+def test_keys_publish_root_delivers_only_roots_that_chain(mosquitto, tmp_path, capsys):
+    from edge_sdk.trust import key_id, new_root, rotate_root
+
+    keys = {n: generate_keypair(tmp_path / f"{n}.key") for n in ("root1", "root2", "rel1", "rel2")}
+    from edge_sdk.signing import load_private_key as private
+
+    v1 = new_root([private(keys["root1"][0])], [load_public_key(keys["rel1"][1])])
+    v2 = rotate_root(v1, [private(keys["root1"][0])], add_release=[load_public_key(keys["rel2"][1])],
+                     revoke=[key_id(load_public_key(keys["rel1"][1]))])
+    (tmp_path / "root.1.json").write_bytes(v1)
+    (tmp_path / "root.2.json").write_bytes(v2)
+    for path in ("root.1.json", "root.2.json"):
+        _ok(["keys", "publish-root", str(tmp_path / path), "--broker", mosquitto.url, "--fleet", "roots"])
+    topics = Topics("roots")
+    assert "trust/root/2" in capsys.readouterr().out
+    with connect(mosquitto.url, "test") as t:
+        retained = collect_retained(t, topics, topics.all_trust_roots())
+    assert retained == {topics.trust_root(1): v1, topics.trust_root(2): v2}
+    # v3 signed by a key v2 does not list as a root key: devices would refuse it, so it is not sent
+    forged = rotate_root(v2, [private(keys["root2"][0])], add_root=[load_public_key(keys["root2"][1])])
+    with pytest.raises(IntegrityError, match="current root keys"):
+        from edge_sdk.cloud.publish import publish_root
+
+        publish_root(forged, mosquitto.url, "roots")
+    other_v2 = rotate_root(v1, [private(keys["root1"][0])])
+    with pytest.raises(IntegrityError, match="different root v2 is already retained"):
+        publish_root(other_v2, mosquitto.url, "roots")
+    with connect(mosquitto.url, "test") as t:
+        assert collect_retained(t, topics, topics.all_trust_roots()) == retained

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import simfleet
+from polling import wait_until
 
 import edge_sdk
 from edge_sdk import samples
@@ -168,15 +169,6 @@ def reported(broker, devices: list[str]) -> dict[str, dict]:
     return {d: json.loads(found[Topics(FLEET).reported(d)]) for d in devices if Topics(FLEET).reported(d) in found}
 
 
-def wait_until(predicate, timeout: float, every: float = 1.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(every)
-    return predicate()
-
-
 @pytest.mark.slow
 def test_fifty_devices_rollout_halts_at_the_first_wave_with_the_bad_profile_and_survives_kill9(
         mosquitto, rollout_releases, release_keypair, tmp_path):
@@ -197,7 +189,7 @@ def test_fifty_devices_rollout_halts_at_the_first_wave_with_the_bad_profile_and_
             now = reported(mosquitto, names)
             return [d for d in names if (now.get(d) or {}).get("release") != {"model": "cnn", "version": 1}]
 
-        assert wait_until(lambda: not on_v1(), 240), {d: reported(mosquitto, names).get(d) for d in on_v1()[:3]}
+        assert wait_until(lambda: not on_v1(), 240, 1.0), {d: reported(mosquitto, names).get(d) for d in on_v1()[:3]}
         cli = [sys.executable, "-m", "edge_sdk", "cloud", "rollout"]
         start = subprocess.Popen([*cli, "start", "--broker", mosquitto.url, "--fleet", FLEET, "--model", "cnn",
                                   "--version", "2", "--canary", "dev01,dev02", "--wave", "20%", "--wave", "100%",

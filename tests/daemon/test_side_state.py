@@ -78,3 +78,55 @@ def test_corrupt_side_files_are_moved_aside_and_the_synced_release_serves(fusion
     assert list(state.glob("outbox.db.corrupt-*")) and list((state / "sync").glob("state.json.corrupt-*"))
     rebuilt = json.loads((state / "sync" / "state.json").read_text())
     assert rebuilt["highest"] == {"fusion": 1}  # rollback protection kept, from the releases on disk
+
+
+def _reported(broker_url: str, fleet: str, device: str = "dev-test") -> dict:
+    import json
+
+    from edge_sdk.cloud.connection import collect_retained, connect
+    from edge_sdk.runtime.sync.topics import Topics
+
+    topics = Topics(fleet)
+    with connect(broker_url, "test") as t:
+        payload = collect_retained(t, topics, topics.reported(device)).get(topics.reported(device))
+    return json.loads(payload) if payload else {}
+
+
+def _until(check, timeout: float, what: str, proc=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"{what} within {timeout}s" + (f": {proc.logs()[-3000:]}" if proc else ""))
+
+
+def test_no_room_to_create_the_outbox_still_starts_sync_and_telemetry_comes_back(fusion_release: Path, tiny_disk,
+                                                                                 mosquitto, start_daemon, tmp_path):
+    """A full disk and no outbox.db yet used to mean "sync not started": no reported state, no
+    release ever synced. Now sync runs with telemetry disabled (and says so), and both the
+    release and telemetry follow once space returns, without a restart."""
+    from edge_sdk.cloud.desire import build_desired, write_desired
+    from edge_sdk.cloud.publish import publish_release
+
+    publish_release(fusion_release, mosquitto.url, "full")
+    write_desired(mosquitto.url, "full", build_desired("fusion", 1))
+    state = tiny_disk("16m")
+    _fill(state)
+    port = free_port()
+    config = write_config(tmp_path, [{"name": "fusion", "profile": "generic-x86_64"}], state_dir=str(state),
+                          http={"port": port},
+                          sync={"broker": mosquitto.url, "fleet": "full", "allow_unsigned": True,
+                                "telemetry_interval_s": 0.3})
+    daemon = start_daemon(config)
+    telemetry = _until(lambda: _reported(mosquitto.url, "full").get("telemetry"), 60, "telemetry in the reported state",
+                       daemon)
+    assert "disk is full" in (telemetry["disabled"] or ""), telemetry
+    assert not (state / "outbox.db").exists() or (state / "outbox.db").stat().st_size == 0
+    (state / "ballast").unlink()
+    _serving(f"http://127.0.0.1:{port}", timeout=120, proc=daemon)  # the desired release, synced after all
+    telemetry = _until(lambda: (t := _reported(mosquitto.url, "full").get("telemetry")) and t["appended"] > 0 and t,
+                       60, "telemetry stored again", daemon)
+    assert telemetry["disabled"] is None and telemetry["rejected"] > 0  # what was refused meanwhile is counted
+    assert daemon.proc.poll() is None

@@ -145,6 +145,7 @@ def test_a_device_sees_and_writes_only_its_own_fleet(fleet_broker) -> None:
     for t in (P1, P2):
         cam1.subscribe(t.all_manifests(), got)
         cam1.subscribe(t.all_blobs(), got)
+        cam1.subscribe(t.all_trust_roots(), got)
         cam1.subscribe(t.desired(), got)
     ops = client(fleet_broker, "publisher", "ops-1", services=True)
     sha = "ab" * 32
@@ -152,16 +153,16 @@ def test_a_device_sees_and_writes_only_its_own_fleet(fleet_broker) -> None:
         assert ops.wait_connected(10) and cam1.wait_connected(10)
         time.sleep(0.3)
         for t in (P2, P1):  # plant2 first: if it leaked it would arrive before plant1's
-            for topic in (t.manifest("cnn", 3), t.blob(sha), t.desired()):
+            for topic in (t.manifest("cnn", 3), t.blob(sha), t.trust_root(2), t.desired()):
                 assert ops.publish(topic, b"x", qos=1, retain=True, wait=5)
-        got.wait_for(3)
+        got.wait_for(4)
         time.sleep(0.3)
-        assert got.topics() == {P1.manifest("cnn", 3), P1.blob(sha), P1.desired()}
+        assert got.topics() == {P1.manifest("cnn", 3), P1.blob(sha), P1.trust_root(2), P1.desired()}
         # its own name in another fleet, any desired state, its own acks, release data: denied
         for topic in (P2.telemetry("cam-1"), P2.reported("cam-1"), P1.desired(), P1.desired("cam-1"),
-                      P1.telemetry_ack("cam-1"), P1.blob(sha), P1.manifest("cnn", 4)):
+                      P1.telemetry_ack("cam-1"), P1.blob(sha), P1.manifest("cnn", 4), P1.trust_root(3)):
             assert "Not authorized" in refused(cam1, topic)
-        assert cam1.refused == 7
+        assert cam1.refused == 8
 
 
 def test_device_passwords_do_not_work_on_the_services_listener_nor_wrong_ones_anywhere(fleet_broker) -> None:

@@ -116,3 +116,50 @@ def test_converted_releases_carry_statements_a_root_json_verifies(cnn_release: P
     assert load_manifest(cnn_release, load_trust(root)).model == "cnn"
     statement = json.loads((cnn_release / "manifest.sig").read_bytes())
     assert statement["signed"]["_type"] == "targets" and list(statement["signed"]["targets"]) == ["cnn/v1/manifest.json"]
+
+
+# --- roots delivered over the network (TrustStore) --------------------------------------------
+
+def _chain(keys) -> list[bytes]:
+    """Roots v1..v3: v2 swaps the root key root1 → root2 and adds rel2; v3 revokes rel1."""
+    v1 = new_root([keys["root1"][0]], [keys["rel1"][1]])
+    v2 = rotate_root(v1, [keys["root1"][0], keys["root2"][0]], add_release=[keys["rel2"][1]],
+                     add_root=[keys["root2"][1]], revoke=[keys["root1"][2]])
+    v3 = rotate_root(v2, [keys["root2"][0]], revoke=[keys["rel1"][2]])
+    return [v1, v2, v3]
+
+
+def test_a_trust_store_takes_roots_in_any_order_and_persists_each(keys, tmp_path: Path) -> None:
+    from edge_sdk.trust import TrustStore
+
+    v1, v2, v3 = _chain(keys)
+    store = TrustStore(TrustRoot.from_bytes(v1, "configured"), tmp_path / "trust")
+    assert store.offer(v3, "v3") is False and store.current.version == 1  # waits for v2
+    assert store.offer(v2, "v2") is True and store.current.version == 3  # then takes both
+    assert store.current.keyids() == [keys["rel2"][2]]
+    assert sorted(p.name for p in (tmp_path / "trust").iterdir()) == ["root.2.json", "root.3.json"]
+    assert store.offer(v1, "replayed") is False and store.current.version == 3
+    # A restart re-walks the chain from the configured root through the files kept on disk.
+    again = TrustStore(TrustRoot.from_bytes(v1, "configured"), tmp_path / "trust")
+    assert again.current.version == 3 and again.current.to_bytes() == store.current.to_bytes()
+
+
+def test_a_trust_store_refuses_roots_off_the_chain_even_from_its_own_folder(keys, tmp_path: Path) -> None:
+    from edge_sdk.trust import TrustStore
+
+    v1, v2, _ = _chain(keys)
+    forged = rotate_root(v1, [keys["rel1"][0]], add_release=[keys["rel3"][1]])  # a release key posing as root
+    store = TrustStore(TrustRoot.from_bytes(v1, "configured"), tmp_path / "trust")
+    assert store.offer(forged, "forged") is False and store.current.version == 1
+    assert "current root keys" in store.refused[2]
+    assert store.offer(b"{not json", "garbage") is False and "not TUF metadata" in store.refused[0]
+    assert not (tmp_path / "trust").exists()  # nothing refused is written
+    # Someone swaps a forged v2 into the folder: at the next start it is refused, v1 stays.
+    (tmp_path / "trust").mkdir()
+    (tmp_path / "trust" / "root.2.json").write_bytes(forged)
+    restarted = TrustStore(TrustRoot.from_bytes(v1, "configured"), tmp_path / "trust")
+    assert restarted.current.version == 1 and 2 in restarted.refused
+    assert restarted.offer(v2, "v2") and restarted.current.version == 2  # the real v2 still gets through
+    # A lone pinned public key cannot be rotated from the network.
+    pinned = TrustStore(TrustRoot.from_public_key(keys["rel1"][1]))
+    assert pinned.offer(v2, "v2") is False and "pins a single public key" in pinned.refused[2]

@@ -67,8 +67,11 @@ def main(spec_path: str) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     print("ready", flush=True)
     stopping.wait()
-    for client in clients:
-        client.stop()
+    stoppers = [threading.Thread(target=client.stop) for client in clients]  # each joins its own threads
+    for thread in stoppers:
+        thread.start()
+    for thread in stoppers:
+        thread.join()
 
 
 if __name__ == "__main__":

@@ -19,13 +19,15 @@ import random
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edge_sdk.errors import ConfigError, SyncError
 from edge_sdk.manifest import ChunkRef
+from edge_sdk.types import ErrorKind
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..topics import Topics
@@ -46,7 +48,7 @@ class StoredChunk:
 class StoreError(SyncError):
     """A chunk store failed; ``kind`` names how (see the module docstring)."""
 
-    def __init__(self, message: str, kind: str = "store_error") -> None:
+    def __init__(self, message: str, kind: ErrorKind = ErrorKind.STORE_ERROR) -> None:
         super().__init__(message)
         self.kind = kind
 
@@ -63,6 +65,7 @@ class StoreOptions:
     backoff_s: float = 0.5
     backoff_max_s: float = 30.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    stall_s: float = 5.0  # mqtt: subscribe again to a chunk not received after this
     transport: Transport | None = field(default=None, compare=False)  # the fleet's MQTT link (mqtt store)
     topics: Topics | None = field(default=None, compare=False)
 
@@ -95,6 +98,27 @@ class Store(ABC):
     def put(self, sha256: str, data: bytes) -> None:
         """Store one chunk under its sha256 (the caller has checked it)."""
 
+    def intact(self, chunks: Mapping[str, bytes]) -> set[str]:
+        """Those of ``chunks`` (sha256 → the bytes it names) the store holds byte for byte.
+
+        The publisher asks before it skips a chunk, so a chunk corrupted or replaced in the store
+        is sent again rather than trusted for being there. This default reads each one back;
+        stores that can tell more cheaply override it.
+        """
+        deadline = time.monotonic() + self.options.timeout_s * (1 + self.options.retries)
+
+        def same(item: tuple[str, bytes]) -> str | None:
+            sha, data = item
+            try:
+                return sha if self.fetch(ChunkRef(sha256=sha, size=len(data)), deadline) == data else None
+            except StoreError as exc:
+                if exc.kind in ("chunk_missing", "store_error"):  # store_error: e.g. more bytes than listed
+                    return None
+                raise
+
+        with ThreadPoolExecutor(8) as pool:
+            return {sha for sha in pool.map(same, chunks.items()) if sha is not None}
+
     def flush(self) -> None:
         """Return once every :meth:`put` so far is durable on the store (for stores that batch)."""
 
@@ -118,6 +142,6 @@ class Store(ABC):
         delay = self.options.backoff(attempt)
         if attempt > self.options.retries or time.monotonic() + delay > deadline:
             raise StoreError(f"{what}: {self.url} did not answer after {attempt} attempts ({exc})",
-                             "store_unreachable") from None
+                             ErrorKind.STORE_UNREACHABLE) from None
         self.counters["retries"] += 1
         time.sleep(delay)

@@ -14,6 +14,7 @@ from urllib.parse import unquote, urlsplit
 
 from edge_sdk.errors import ConfigError
 from edge_sdk.manifest import ChunkRef
+from edge_sdk.types import ErrorKind
 
 from .base import Store, StoredChunk, StoreError, StoreOptions
 
@@ -37,7 +38,7 @@ class FileStore(Store):
         try:
             data = self._path(ref.sha256).read_bytes()
         except FileNotFoundError:
-            raise StoreError(f"chunk {ref.sha256[:12]}… is not in {self.root}", "chunk_missing") from None
+            raise StoreError(f"chunk {ref.sha256[:12]}… is not in {self.root}", ErrorKind.CHUNK_MISSING) from None
         except OSError as exc:
             raise StoreError(f"chunk {ref.sha256[:12]}…: cannot read {self.root}: {exc}") from None
         self.counters["chunks_fetched"] += 1

@@ -19,6 +19,7 @@ from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 
 from edge_sdk.manifest import ChunkRef
+from edge_sdk.types import ErrorKind
 
 from .base import Store, StoreError, StoreOptions
 
@@ -40,7 +41,7 @@ class HttpStore(Store):
             tls = {"cert_reqs": "CERT_REQUIRED", "ca_certs": str(options.ca_certs) if options.ca_certs else None,
                    "cert_file": str(options.certfile) if options.certfile else None,
                    "key_file": str(options.keyfile) if options.keyfile else None}
-        self._pool = urllib3.PoolManager(num_pools=4, maxsize=16, block=False,
+        self._pool = urllib3.PoolManager(num_pools=4, maxsize=64, block=False,
                                          timeout=urllib3.Timeout(connect=options.timeout_s, read=options.timeout_s),
                                          **{k: v for k, v in tls.items() if v is not None})
 
@@ -82,7 +83,7 @@ class HttpStore(Store):
                         received += part
                         if len(received) > ref.size:
                             raise StoreError(f"{what}: {self.chunk_url(ref.sha256)} sent more than the "
-                                             f"{ref.size} bytes the manifest lists", "store_error")
+                                             f"{ref.size} bytes the manifest lists", ErrorKind.STORE_ERROR)
                 finally:
                     response.release_conn()
                 if len(received) == ref.size:
@@ -99,7 +100,7 @@ class HttpStore(Store):
                 self._wait_before_retry(attempt, deadline, what, exc)
             except self._urllib3.exceptions.HTTPError as exc:  # refused, reset, timed out, TLS…
                 if isinstance(exc, self._urllib3.exceptions.SSLError):
-                    raise StoreError(f"{what}: TLS with {self.url} failed: {exc}", "store_unreachable") from None
+                    raise StoreError(f"{what}: TLS with {self.url} failed: {exc}", ErrorKind.STORE_UNREACHABLE) from None
                 attempt += 1
                 self._wait_before_retry(attempt, deadline, what, exc)
 
@@ -107,11 +108,11 @@ class HttpStore(Store):
         if status in (200, 206):
             return
         if status == 404:
-            raise StoreError(f"{what}: {self.url} has no such chunk (HTTP 404)", "chunk_missing")
+            raise StoreError(f"{what}: {self.url} has no such chunk (HTTP 404)", ErrorKind.CHUNK_MISSING)
         if status in _DENIED_STATUS:
             raise StoreError(f"{what}: {self.url} refused access (HTTP {status}): check the credentials or "
-                             "the URL's token", "store_denied")
-        raise StoreError(f"{what}: {self.url} answered HTTP {status}", "store_error")
+                             "the URL's token", ErrorKind.STORE_DENIED)
+        raise StoreError(f"{what}: {self.url} answered HTTP {status}", ErrorKind.STORE_ERROR)
 
     # -- cloud side ----------------------------------------------------------------------------
     def present(self, shas: Collection[str]) -> set[str]:

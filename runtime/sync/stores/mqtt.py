@@ -16,10 +16,11 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 
 from edge_sdk.errors import ConfigError
 from edge_sdk.manifest import ChunkRef
+from edge_sdk.types import ErrorKind
 
 from ..transport import Message
 from .base import Store, StoredChunk, StoreError, StoreOptions
@@ -27,7 +28,6 @@ from .base import Store, StoredChunk, StoreError, StoreOptions
 #: Wait for the broker's acknowledgement after this many chunks / bytes (bounds memory in flight).
 ACK_EVERY_CHUNKS = 32
 ACK_EVERY_BYTES = 4 << 20
-STALL_S = 5.0  # subscribe again to a chunk not received after this
 
 
 class MqttStore(Store):
@@ -38,9 +38,9 @@ class MqttStore(Store):
         if options.transport is None or options.topics is None:
             raise ConfigError("the mqtt chunk store needs the fleet's MQTT transport and topics")
         self.transport, self.topics = options.transport, options.topics
-        self.stall_s = STALL_S
         self._lock = threading.Lock()
         self._unacked_chunks = self._unacked_bytes = 0
+        self._verified: set[str] | None = None  # retained blobs whose payload hashes to their topic
 
     # -- device side ---------------------------------------------------------------------------
     def fetch(self, ref: ChunkRef, deadline: float) -> bytes:
@@ -54,8 +54,8 @@ class MqttStore(Store):
                 now = time.monotonic()
                 if now > deadline:
                     raise StoreError(f"chunk {ref.sha256[:12]}… did not arrive from the broker in time "
-                                     f"(not published, or the broker is unreachable)", "store_unreachable")
-                if now - asked > self.stall_s and self.transport.connected:
+                                     f"(not published, or the broker is unreachable)", ErrorKind.STORE_UNREACHABLE)
+                if now - asked > self.options.stall_s and self.transport.connected:
                     self.transport.unsubscribe(topic)
                     self.transport.subscribe(topic, box.put, qos=1)
                     self.counters["retries"] += 1
@@ -70,7 +70,7 @@ class MqttStore(Store):
                     self.counters["oversized_messages"] += 1
                     raise StoreError(f"chunk {ref.sha256[:12]}…: {len(message.payload)}-byte message at {topic} is "
                                      f"over the {self.options.max_message_bytes}-byte cap; refused",
-                                     "oversized_message")
+                                     ErrorKind.OVERSIZED_MESSAGE)
                 self.counters["chunks_fetched"] += 1
                 self.counters["bytes_received"] += len(message.payload)
                 return message.payload
@@ -82,13 +82,25 @@ class MqttStore(Store):
         wanted = set(shas)
         return {chunk.sha256 for chunk in self.listing() if chunk.sha256 in wanted}
 
-    def listing(self) -> Iterator[StoredChunk]:
-        from edge_sdk.cloud.connection import retained_sizes  # cloud side only
+    def intact(self, chunks: Mapping[str, bytes]) -> set[str]:
+        """From the listing, which hashes every retained payload as it passes (it has to receive
+        them all anyway: MQTT cannot list without delivering)."""
+        if self._verified is None:
+            for _ in self.listing():
+                pass
+        return {sha for sha in chunks if sha in self._verified}
 
-        for topic, size in retained_sizes(self.transport, self.topics, self.topics.all_blobs()).items():
+    def listing(self) -> Iterator[StoredChunk]:
+        from edge_sdk.cloud.connection import retained_digests  # cloud side only
+
+        verified: set[str] = set()
+        for topic, (size, digest) in retained_digests(self.transport, self.topics, self.topics.all_blobs()).items():
             match = self.topics.parse(topic)
             if match is not None and match.sha256 is not None:
+                if digest == match.sha256:
+                    verified.add(digest)
                 yield StoredChunk(match.sha256, size, 0.0)  # MQTT keeps no time
+        self._verified = verified
 
     def delete(self, sha256: str) -> None:
         """Clear the retained chunk (an empty retained message); :meth:`flush` waits for the broker."""
@@ -98,7 +110,7 @@ class MqttStore(Store):
         if len(data) > self.options.max_message_bytes:
             raise StoreError(f"chunk {sha256[:12]}… is {len(data)} bytes, over the broker's "
                              f"{self.options.max_message_bytes}-byte message cap: publish to an s3:// or http(s):// "
-                             "store, or raise the cap", "oversized_message")
+                             "store, or raise the cap", ErrorKind.OVERSIZED_MESSAGE)
         self._send(self.topics.blob(sha256), data)
         self.counters["chunks_put"] += 1
         self.counters["bytes_sent"] += len(data)
@@ -112,7 +124,7 @@ class MqttStore(Store):
                 self._unacked_chunks = self._unacked_bytes = 0
         # PUBACKs come in order, so waiting for one acknowledges every message sent before it.
         if not self.transport.publish(topic, payload, qos=1, retain=True, wait=60.0 if wait else None):
-            raise StoreError(f"broker did not take {topic} within 60s", "store_unreachable")
+            raise StoreError(f"broker did not take {topic} within 60s", ErrorKind.STORE_UNREACHABLE)
 
     def flush(self) -> None:
         with self._lock:
@@ -122,4 +134,4 @@ class MqttStore(Store):
         # An acknowledged QoS 1 message after the chunks acknowledges them all (PUBACKs are in order).
         probe = f"{self.topics.prefix}/_probe/{uuid.uuid4().hex}"
         if not self.transport.publish(probe, b"", qos=1, wait=60.0):
-            raise StoreError("broker did not acknowledge the published chunks within 60s", "store_unreachable")
+            raise StoreError("broker did not acknowledge the published chunks within 60s", ErrorKind.STORE_UNREACHABLE)

@@ -11,17 +11,20 @@ non-AWS servers such as SeaweedFS or MinIO, ``AWS_CA_BUNDLE``). Devices read wit
 
 from __future__ import annotations
 
+import hashlib
 import re
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 from edge_sdk.errors import ConfigError, MissingDependencyError
 from edge_sdk.manifest import ChunkRef
+from edge_sdk.types import ErrorKind
 
 from .base import Store, StoredChunk, StoreError, StoreOptions
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_MD5 = re.compile(r"[0-9a-f]{32}")
 
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
            "AllAccessDisabled", "403", "401"}
@@ -45,7 +48,7 @@ class S3Store(Store):
             raise MissingDependencyError("boto3", "s3", "the s3 chunk store") from None
         self._errors = exceptions
         config = Config(connect_timeout=options.timeout_s, read_timeout=options.timeout_s,
-                        retries={"mode": "standard", "max_attempts": 1 + options.retries}, max_pool_connections=16)
+                        retries={"mode": "standard", "max_attempts": 1 + options.retries}, max_pool_connections=64)
         self._client = boto3.session.Session().client("s3", config=config, verify=str(options.ca_certs) if options.ca_certs else None)
 
     def key(self, sha256: str) -> str:
@@ -56,14 +59,14 @@ class S3Store(Store):
             code = str(exc.response.get("Error", {}).get("Code", ""))
             status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
             if code in _MISSING or status == "404":
-                return StoreError(f"{what}: not in {self.url}", "chunk_missing")
+                return StoreError(f"{what}: not in {self.url}", ErrorKind.CHUNK_MISSING)
             if code in _DENIED or status in ("401", "403"):
-                return StoreError(f"{what}: {self.url} refused the credentials ({code or status})", "store_denied")
-            return StoreError(f"{what}: {self.url} answered {code or status}", "store_error")
+                return StoreError(f"{what}: {self.url} refused the credentials ({code or status})", ErrorKind.STORE_DENIED)
+            return StoreError(f"{what}: {self.url} answered {code or status}", ErrorKind.STORE_ERROR)
         if isinstance(exc, self._errors.NoCredentialsError):
             return StoreError(f"{what}: no AWS credentials found for {self.url} (environment, ~/.aws or a role)",
-                              "store_denied")
-        return StoreError(f"{what}: {self.url} did not answer ({exc})", "store_unreachable")
+                              ErrorKind.STORE_DENIED)
+        return StoreError(f"{what}: {self.url} did not answer ({exc})", ErrorKind.STORE_UNREACHABLE)
 
     def fetch(self, ref: ChunkRef, deadline: float) -> bytes:
         what = f"chunk {ref.sha256[:12]}…"
@@ -80,7 +83,7 @@ class S3Store(Store):
                     received += part
                     if len(received) > ref.size:
                         raise StoreError(f"{what}: {self.url} holds more than the {ref.size} bytes the manifest "
-                                         "lists", "store_error")
+                                         "lists", ErrorKind.STORE_ERROR)
                 if len(received) == ref.size:
                     self.counters["chunks_fetched"] += 1
                     self.counters["bytes_received"] += ref.size
@@ -90,7 +93,7 @@ class S3Store(Store):
                 raise
             except (self._errors.BotoCoreError, self._errors.ClientError) as exc:
                 error = self._translate(exc, what)
-                if error.kind != "store_unreachable":
+                if error.kind != ErrorKind.STORE_UNREACHABLE:
                     raise error from None
                 attempt += 1
                 self._wait_before_retry(attempt, deadline, what, exc)
@@ -103,12 +106,35 @@ class S3Store(Store):
                 return sha
             except (self._errors.BotoCoreError, self._errors.ClientError) as exc:
                 error = self._translate(exc, f"probing {sha[:12]}…")
-                if error.kind == "chunk_missing":
+                if error.kind == ErrorKind.CHUNK_MISSING:
                     return None
                 raise error from None
 
         with ThreadPoolExecutor(8) as pool:
             return {sha for sha in pool.map(probe, list(shas)) if sha is not None}
+
+    def intact(self, chunks: Mapping[str, bytes]) -> set[str]:
+        """By ``HeadObject``: a single-part upload's ETag is the MD5 of what the server stored, so
+        comparing it with the local bytes' MD5 checks the content without reading it back."""
+        def same(item: tuple[str, bytes]) -> str | None:
+            sha, data = item
+            try:
+                self.counters["requests_head"] += 1
+                head = self._client.head_object(Bucket=self.bucket, Key=self.key(sha))
+            except (self._errors.BotoCoreError, self._errors.ClientError) as exc:
+                error = self._translate(exc, f"checking {sha[:12]}…")
+                if error.kind == "chunk_missing":
+                    return None
+                raise error from None
+            if int(head.get("ContentLength", -1)) != len(data):
+                return None
+            etag = str(head.get("ETag", "")).strip('"')
+            if _MD5.fullmatch(etag):
+                return sha if etag == hashlib.md5(data, usedforsecurity=False).hexdigest() else None
+            return sha if super(S3Store, self).intact({sha: data}) else None  # multipart/SSE-KMS: no digest ETag
+
+        with ThreadPoolExecutor(8) as pool:
+            return {sha for sha in pool.map(same, chunks.items()) if sha is not None}
 
     def put(self, sha256: str, data: bytes) -> None:
         try:

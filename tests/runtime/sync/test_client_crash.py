@@ -181,7 +181,7 @@ def test_kill_in_every_phase_never_leaves_a_broken_release(mosquitto, sync_relea
         assert done.returncode == -signal.SIGKILL, (phase, done.returncode, done.stderr[-2000:])
         killed_in[json.loads(log.read_text())["killed_in"]] += 1
         store = ReleaseStore(root)  # what a restarted device opens first
-        active = store.active()
+        active = store.active("cnn")
         assert active is not None and active.name in outcomes
         if phase != "activating":
             assert active.name == "cnn@v1", phase  # nothing switches before the activation step
@@ -198,3 +198,67 @@ def test_kill_in_every_phase_never_leaves_a_broken_release(mosquitto, sync_relea
     done = subprocess.run(_cmd(mosquitto, root, release_keypair[1], 2), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert ReleaseStore(root).active().name == "cnn@v2"
+
+
+@pytest.mark.slow
+def test_kill_during_http_store_download_never_leaves_a_broken_release(mosquitto, nginx_factory, sync_releases,
+                                                                      release_keypair, tmp_path):
+    """20 kill -9s of a v1 → v2 update whose chunks come from nginx (slowed so the kills land in the
+    download, as well as in staging, self-test and activation): the active release is always v1 or
+    v2, hash-valid and loadable; a restart then completes the update, fetching only what is missing."""
+    from edge_sdk import EdgeModel
+
+    www = tmp_path / "www"
+    server = nginx_factory(www, limit_rate="3k")  # v2's ~28 KB of new chunks take seconds, not milliseconds
+    for name in ("v1", "v2"):
+        publish_release(sync_releases[name], mosquitto.url, FLEET, store=f"file://{www}")
+    snapshot = tmp_path / "snapshot"
+    client = SyncClient(SyncConfig(broker=mosquitto.url, fleet=FLEET, device="cam-1", root=snapshot, profile=PROFILE,
+                                   public_key=release_keypair[1], store=server.url))
+    client.transport.start()
+    try:
+        assert client.sync("cnn", 1, timeout=300).status == "activated"
+    finally:
+        client.transport.stop()
+    root = tmp_path / "dev"
+    command = [*_cmd(mosquitto, root, release_keypair[1], 2, window=2), "--store", server.url]
+
+    def fresh() -> None:
+        if root.exists():
+            shutil.rmtree(root)
+        shutil.copytree(snapshot, root, symlinks=True)
+
+    fresh()
+    started = time.monotonic()
+    calibration = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    duration = time.monotonic() - started
+    assert calibration.returncode == 0, calibration.stderr[-2000:]
+    new = json.loads(calibration.stdout.strip().splitlines()[-1])
+    assert new["chunks_fetched"] > 0
+
+    rng = random.Random(7)
+    outcomes = {"cnn@v1": 0, "cnn@v2": 0}
+    partial = 0  # kills that left some, not all, of v2's new chunks stored
+    for _ in range(20):
+        fresh()
+        before = _stored(root)
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.0, duration))
+        _kill(proc)
+        store = ReleaseStore(root)
+        active = store.active("cnn")
+        assert active is not None and active.name in outcomes
+        outcomes[active.name] += 1
+        store.verify(active)
+        EdgeModel.load(active, profile=PROFILE, monitor=False, public_key=release_keypair[1]).close()
+        partial += before < _stored(root) < before + new["chunks_fetched"]
+    print(f"\nhttp store kills: active after the kill {outcomes}, {partial} mid-download")
+    assert sum(outcomes.values()) == 20 and partial > 0
+    # From what the last kill left, a restart completes the update and fetches only what is missing.
+    had = _stored(root)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert ReleaseStore(root).active("cnn").name == "cnn@v2"
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if result["status"] == "activated":
+        assert result["chunks_fetched"] == new["chunks_fetched"] - (had - before)

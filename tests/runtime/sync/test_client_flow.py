@@ -163,9 +163,10 @@ def test_corrupt_chunk_on_broker_is_refused_then_recovers(published, sync_releas
     client = _client(published, tmp_path / "dev", release_keypair[1], fetch_window=1)
     client.transport.start()
     try:
-        with pytest.raises(SyncError, match="corrupt chunk"):
+        with pytest.raises(SyncError, match="served wrong bytes for chunk") as info:
             client.sync("cnn", 1, timeout=30)
-        assert client.twin.errors["corrupt_chunk"] == 1
+        assert info.value.kind == "corrupt_chunk"
+        assert client.twin.errors["corrupt_chunk"] == 2  # refused, asked for again once, refused again
         assert client.releases.active() is None and not client.chunks.has(victim.sha256)
         # The cloud republishes every chunk; the device resumes and activates.
         publish_release(sync_releases["v1"], published.url, FLEET, force=True)

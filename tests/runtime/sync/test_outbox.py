@@ -188,6 +188,29 @@ def test_an_ack_on_a_full_disk_is_kept_and_its_records_are_not_sent_again(tiny_d
     assert (s.rows, s.acked) == (rows - 50 + 1, 50) and s.rejected >= 1
 
 
+def test_no_room_to_create_the_outbox_disables_it_until_space_returns(tiny_disk, monkeypatch):
+    """A full disk and no outbox file yet used to fail the constructor (and with it sync)."""
+    import edge_sdk.runtime.sync.outbox as outbox_module
+
+    monkeypatch.setattr(outbox_module, "REOPEN_S", 0.0, raising=False)
+    disk = tiny_disk("1m")
+    _fill(disk)
+    b = Outbox(OutboxConfig(path=disk / "outbox.db"))
+    assert b.disabled is not None and "disk is full" in b.disabled
+    with pytest.raises(OutboxFullError, match="disabled: the disk is full"):
+        b.append({"lost": 1})
+    assert b.next_batch(0) is None and b.ack("other-boot", 5) == 0
+    s = b.stats()
+    assert (s.rows, s.rejected, s.disabled) == (0, 1, b.disabled)
+    (disk / "ballast").unlink()
+    seq = b.append({"kept": 1})  # opens itself: no restart needed
+    assert b.disabled is None and seq == 1
+    assert b.next_batch(0).records[0].data == '{"kept":1}'
+    b.close()
+    s = Outbox(OutboxConfig(path=disk / "outbox.db")).stats()
+    assert (s.rows, s.appended, s.rejected, s.disabled) == (1, 1, 1, None)  # the refusal is on disk too
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_a_corrupt_outbox_is_moved_aside_and_recreated(tmp_path, damage):
     path = tmp_path / "outbox.db"

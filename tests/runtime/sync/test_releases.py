@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from edge_sdk.errors import IntegrityError
+from edge_sdk.errors import IntegrityError, SyncError
 from edge_sdk.manifest import load_manifest
 from edge_sdk.runtime.sync.chunk_store import ChunkStore
 from edge_sdk.runtime.sync.client import select_variants
@@ -35,7 +35,7 @@ def test_stage_activate_rollback_cleanup(tmp_path, sync_releases):
     v1 = _stage(store, chunks, sync_releases["v1"])
     assert store.active() is None  # staging never touches `current`
     assert store.activate(v1) is None
-    assert os.path.islink(tmp_path / "current") and store.active() == v1
+    assert os.path.islink(tmp_path / "current" / "cnn") and store.active("cnn") == store.active() == v1
     store.verify(v1)
     assert (v1 / "manifest.sig").exists()
     v2 = _stage(store, chunks, sync_releases["v2"])
@@ -69,15 +69,54 @@ def test_replay_protection_is_durable(tmp_path, sync_releases):
 def test_crash_leftovers_are_recovered(tmp_path, sync_releases):
     store, chunks = ReleaseStore(tmp_path), ChunkStore(tmp_path / "chunks")
     v1 = _stage(store, chunks, sync_releases["v1"])
-    # A crash after `current` was switched but before the version was recorded …
-    os.symlink(os.path.relpath(v1, tmp_path), tmp_path / "current")
+    # A crash after `current/cnn` was switched but before the version was recorded …
+    os.symlink(os.path.relpath(v1, tmp_path / "current"), tmp_path / "current" / "cnn")
     # … and one mid-staging and one mid-link-write.
     (store.staging / "cnn@v2.abc").mkdir()
     (store.staging / "cnn@v2.abc" / "half.onnx").write_bytes(b"\0" * 10)
-    os.symlink("releases/nowhere", tmp_path / ".current.link")
+    os.symlink("../releases/nowhere", tmp_path / "current" / ".cnn.link")
     reopened = ReleaseStore(tmp_path)
-    assert reopened.highest_accepted("cnn") == 1
-    assert list(reopened.staging.iterdir()) == [] and not (tmp_path / ".current.link").is_symlink()
+    assert reopened.highest_accepted("cnn") == 1 and reopened.active("cnn") == v1
+    assert list(reopened.staging.iterdir()) == [] and not (tmp_path / "current" / ".cnn.link").is_symlink()
+
+
+@pytest.mark.parametrize("crash_after_rename", [False, True])
+def test_single_model_layout_is_migrated(tmp_path, sync_releases, crash_after_rename):
+    store, chunks = ReleaseStore(tmp_path), ChunkStore(tmp_path / "chunks")
+    v1, v2 = _stage(store, chunks, sync_releases["v1"]), _stage(store, chunks, sync_releases["v2"])
+    for folder in ("current", "previous"):
+        (tmp_path / folder).rmdir()
+    os.symlink("releases/cnn@v2", tmp_path / "current")  # the layout of earlier versions
+    if crash_after_rename:  # a crash in the middle of an earlier migration
+        os.symlink("releases/cnn@v1", tmp_path / ".previous.migrating")
+    else:
+        os.symlink("releases/cnn@v1", tmp_path / "previous")
+    reopened = ReleaseStore(tmp_path)
+    assert (reopened.models(), reopened.active("cnn"), reopened.previous("cnn")) == (["cnn"], v2, v1)
+    assert reopened.highest_accepted("cnn") == 2 and not list(tmp_path.glob(".*.migrating"))
+
+
+def test_models_are_activated_rolled_back_and_cleaned_up_independently(tmp_path, sync_releases, release_keypair):
+    from edge_sdk.manifest import write_manifest
+    from edge_sdk.signing import load_private_key
+
+    store, chunks = ReleaseStore(tmp_path), ChunkStore(tmp_path / "chunks")
+    detector = tmp_path / "src-detector"
+    shutil.copytree(sync_releases["v1"], detector)
+    manifest = load_manifest(detector).model_copy(update={"model": "detector"})
+    write_manifest(detector, manifest, load_private_key(release_keypair[0]))
+    cnn1, cnn2 = _stage(store, chunks, sync_releases["v1"]), _stage(store, chunks, sync_releases["v2"])
+    det1 = _stage(store, chunks, detector)
+    store.activate(det1)
+    store.activate(cnn1)
+    store.activate(cnn2)
+    assert store.models() == ["cnn", "detector"]
+    with pytest.raises(SyncError, match="several models"):
+        store.active()
+    assert store.cleanup("cnn") == [] and store.rollback("cnn") == cnn1
+    assert (store.active("cnn"), store.active("detector")) == (cnn1, det1)  # the detector is untouched
+    assert not cnn2.exists() and det1.exists()
+    assert store.highest_accepted("cnn") == 2 and store.highest_accepted("detector") == 1
 
 
 def test_restaging_replaces_a_damaged_release_folder(tmp_path, sync_releases):

@@ -169,39 +169,14 @@ def test_http_range_resume_after_nginx_is_killed_mid_chunk(tmp_path, nginx_facto
     assert log[0].bytes_sent == big.size - first
 
 
-def test_https_with_the_fleet_ca(tmp_path, nginx_factory):
-    import ipaddress
-    from datetime import datetime, timedelta, timezone
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    now = datetime.now(timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(name("fleet CA")).issuer_name(name("fleet CA"))
-          .public_key(ca_key.public_key()).serial_number(1).not_valid_before(now - timedelta(hours=1))
-          .not_valid_after(now + timedelta(days=1)).add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-          .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder().subject_name(name("127.0.0.1")).issuer_name(ca.subject).public_key(key.public_key())
-            .serial_number(2).not_valid_before(now - timedelta(hours=1)).not_valid_after(now + timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .sign(ca_key, hashes.SHA256()))
-    (tmp_path / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                         serialization.NoEncryption()))
+def test_https_with_the_fleet_ca(tmp_path, nginx_factory, make_certs):
+    ca = make_certs(tmp_path)
     root = tmp_path / "www"
-    server = nginx_factory(root, tls=(tmp_path / "cert.pem", tmp_path / "key.pem"))
+    server = nginx_factory(root, tls=(tmp_path / "server.crt", tmp_path / "server.key"))
     refs, payloads = make_chunks(100_000, seed=8)
     publish(f"file://{root}", payloads)
     url = server.url
-    trusted = open_store(url, StoreOptions(ca_certs=tmp_path / "ca.pem", timeout_s=5, retries=0))
+    trusted = open_store(url, StoreOptions(ca_certs=ca, timeout_s=5, retries=0))
     assert trusted.fetch(refs[0], time.monotonic() + 30) == payloads[refs[0].sha256]
     with pytest.raises(StoreError, match="TLS") as info:  # the system CAs do not know the fleet CA
         open_store(url, StoreOptions(timeout_s=5, retries=0)).fetch(refs[0], time.monotonic() + 30)

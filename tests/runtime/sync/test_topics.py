@@ -39,6 +39,7 @@ def test_parse_round_trips():
         t.blob(SHA): TopicMatch(TopicKind.BLOB, sha256=SHA),
         t.telemetry("d"): TopicMatch(TopicKind.TELEMETRY, device="d"),
         t.telemetry_ack("d"): TopicMatch(TopicKind.TELEMETRY_ACK, device="d"),
+        t.trust_root(3): TopicMatch(TopicKind.TRUST_ROOT, version=3),
     }
     for topic, expected in cases.items():
         assert t.parse(topic) == expected, topic
@@ -50,7 +51,8 @@ def test_parse_round_trips():
     "topic",
     ["edge/f", "edge/f/", "edge/f/d", "edge/f/d/unknown", "edge/f//telemetry", "edge/g/d/telemetry",
      "edge/f/blobs/xyz", "edge/f/blobs/" + "AB" * 32, "edge/f/releases/m/v1/manifest", "edge/f/releases/m/1",
-     "edge/f/d/telemetry/ack/x", "edge/f/desired/telemetry", "", "edge/f/+/telemetry"],
+     "edge/f/d/telemetry/ack/x", "edge/f/desired/telemetry", "", "edge/f/+/telemetry", "edge/f/trust/root/v2",
+     "edge/f/trust/status"],
 )
 def test_parse_rejects_foreign_topics(topic):
     assert Topics("f").parse(topic) is None
@@ -68,7 +70,7 @@ def test_bad_names_are_config_errors(bad):
 
 def test_reserved_device_ids_and_bad_versions_and_shas():
     t = Topics("f")
-    for word in ("desired", "releases", "blobs"):
+    for word in ("desired", "releases", "blobs", "trust"):
         with pytest.raises(ConfigError, match="reserved"):
             t.status(word)
     for version in (-1, "3", 1.5, True):
