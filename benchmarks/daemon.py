@@ -3,14 +3,19 @@
 
 * in-process ``EdgeModel.run`` vs the daemon's KServe v2 API over HTTP (JSON tensors and the
   binary extension) and gRPC (``tritonclient.grpc``, raw contents) on the same release and
-  precision, a 1x3x224x224 FP32 input: p50/p99 latency and calls/s, sequential and with
-  ``--workers`` client threads, and the overhead of each transport over in-process;
+  precision, a 1x3x224x224 FP32 input. Paired: each round calls in-process and every transport
+  once (rotating order), so all share the machine's load of that moment; the overhead is the
+  median over rounds of (transport - in-process), repeated ``--repeats`` times. Also p50/p99,
+  calls/s sequential and with ``--workers`` client threads, and CPU time per call of the daemon
+  process and of the client (load-independent where wall time is not: on a shared machine a
+  call waits for a core as long as it computes);
 * a 50-thread burst against the admission queue: calls/s, p99, share of 503s;
 * RSS peak above idle while 8 clients send 16 MB JSON bodies at once, against the tensor bytes
   those bodies declare;
 * daemon start-up time to ``/v2/health/ready``; daemon RSS idle and peak under load.
 
 Run: .venv/bin/python benchmarks/daemon.py [--calls 300] [--release DIR]
+(``PYTHONPATH=<another checkout>`` benchmarks that checkout's daemon and runtime the same way.)
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -63,14 +69,36 @@ def binary_body(x: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
                                                                "Content-Type": "application/octet-stream"}
 
 
-def timed(fn, calls: int) -> tuple[list[float], float]:
-    lat = []
-    started = time.perf_counter()
+def side_by_side(calls: dict[str, Callable[[int], object]], rounds: int, repeats: int) -> tuple[dict, dict]:
+    """Each round calls every entry once, in an order rotated per round; returns per entry
+    p50/p99/mean (all repeats) and, per entry but the first (the reference), the median of its
+    paired difference to the reference in each repeat."""
+    names = list(calls)
+    latency = {name: [] for name in names}
+    paired: dict[str, list[float]] = {name: [] for name in names[1:]}
+    for _ in range(repeats):
+        this = {name: [] for name in names}
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                started = time.perf_counter()
+                calls[name](r)
+                this[name].append(time.perf_counter() - started)
+        reference = np.asarray(this[names[0]])
+        for name in names[1:]:
+            paired[name].append(round(float(np.median(np.asarray(this[name]) - reference)) * 1000, 3))
+        for name in names:
+            latency[name] += this[name]
+    stats = {name: {**percentiles(lat), "throughput_per_s": round(len(lat) / sum(lat), 1)} for name, lat in latency.items()}
+    return stats, {name: {"median_ms": round(float(np.median(d)), 3), "per_repeat_ms": d} for name, d in paired.items()}
+
+
+def cpu_per_call(call: Callable[[int], object], calls: int, daemon) -> dict[str, float]:
+    """CPU milliseconds per call of the daemon process (psutil) and of this, the client, process."""
+    daemon_before, client_before = sum(daemon.cpu_times()[:4]), time.process_time()
     for i in range(calls):
-        t = time.perf_counter()
-        fn(i)
-        lat.append(time.perf_counter() - t)
-    return lat, calls / (time.perf_counter() - started)
+        call(i)
+    return {"daemon": round((sum(daemon.cpu_times()[:4]) - daemon_before) * 1000 / calls, 3),
+            "client": round((time.process_time() - client_before) * 1000 / calls, 3)}
 
 
 def concurrent(fn, calls: int, workers: int) -> float:
@@ -127,7 +155,7 @@ def side_state_recovery(release: Path, work: Path, timeout: float) -> dict[str, 
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        config = {"device_id": "bench", "state_dir": str(state), "http": {"port": port},
+        config = {"device_id": "bench", "state_dir": str(state), "http": {"port": port}, "grpc": {"port": 0},
                   "api": {"auth": {"anonymous_loopback": True}},
                   "models": [{"name": "fusion", "profile": "generic-x86_64", "precision": "fp32"}],
                   "sync": {"broker": "mqtt://127.0.0.1:1", "allow_unsigned": True},
@@ -220,12 +248,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3, help="repetitions of the paired rounds")
     parser.add_argument("--release", type=Path, help="a release taking image [1, 3, 224, 224] -> logits")
     parser.add_argument("--burst", type=int, default=2000, help="calls of the 50-thread burst")
     parser.add_argument("--ready-timeout", type=float, default=120.0, help="seconds the daemon may take to be ready")
     args = parser.parse_args()
 
     import httpx
+    import psutil
     import tritonclient.grpc as tg
 
     import edge_sdk
@@ -234,14 +264,16 @@ def main() -> None:
     release = args.release or make_release(work)
     feeds = [inputs(i) for i in range(16)]
 
-    # In-process, same release/precision/threads the daemon uses.
+    # In-process, same release/precision/threads the daemon uses; kept loaded for the paired rounds.
     model = edge_sdk.EdgeModel.load(release, profile="generic-x86_64", precision="fp32", monitor=False)
-    for i in range(20):
+
+    def run_in_process(i: int) -> None:
         model.run(feeds[i % 16])
-    lat_in, tput_in = timed(lambda i: model.run(feeds[i % 16]), args.calls)
-    tput_in_conc = concurrent(lambda i: model.run(feeds[i % 16]), args.calls, args.workers)
+
+    for i in range(20):
+        run_in_process(i)
+    tput_in_conc = concurrent(run_in_process, args.calls, args.workers)
     want = model.run(feeds[0])["logits"]
-    model.close()
 
     started = time.perf_counter()
     proc, daemon = start_daemon(work, [{"name": "cnn", "release": str(release), "profile": "generic-x86_64",
@@ -262,7 +294,7 @@ def main() -> None:
 
         def http_client() -> httpx.Client:
             if getattr(local, "http", None) is None:
-                local.http = httpx.Client(base_url=daemon["url"], headers=auth)
+                local.http = httpx.Client(base_url=daemon["url"], headers=auth, timeout=120)  # (a loaded machine is slow)
             return local.http
 
         def grpc_client():
@@ -290,17 +322,18 @@ def main() -> None:
         if not np.array_equal(got, want) or not np.array_equal(call_grpc(0).as_numpy("logits"), want):
             raise SystemExit("the daemon's answer differs from in-process EdgeModel.run")
         transports = {"http_json": call_json, "http_binary": call_bin, "grpc": call_grpc}
-        results = {}
-        idle_rss = peak_rss = 0
-        for name, call in transports.items():
+        for call in transports.values():
             for i in range(20):
                 call(i)
-            lat, tput = timed(call, args.calls)
-            idle_rss, peak = rss_peak_during(proc.pid, lambda: results.__setitem__(
-                name + "_conc", concurrent(call, args.calls, args.workers)))
+        results, paired = side_by_side({"in_process": run_in_process, **transports}, args.calls, args.repeats)
+        daemon_ps = psutil.Process(proc.pid)
+        cpu = {name: cpu_per_call(call, args.calls // 3, daemon_ps)
+               for name, call in {"in_process": run_in_process, **transports}.items()}
+        idle_rss = peak_rss = 0
+        for name, call in transports.items():
+            idle_rss, peak = rss_peak_during(proc.pid, lambda: results[name].__setitem__(
+                "throughput_concurrent_per_s", round(concurrent(call, args.calls, args.workers), 1)))
             peak_rss = max(peak_rss, peak)
-            results[name] = {**percentiles(lat), "throughput_per_s": round(tput, 1),
-                             "throughput_concurrent_per_s": round(results.pop(name + "_conc"), 1)}
 
         # A burst of 50 threads against the queue (64 deep): nothing refused up to its bound.
         codes: list[int] = []
@@ -318,6 +351,7 @@ def main() -> None:
         burst_tput = concurrent(burst_call, args.burst, 50)
     finally:
         stop_daemon(proc)
+        model.close()
 
     # Memory: 8 clients at once, each a 16 MB JSON body (a 1x3x512x512 FP32 tensor).
     big = make_release(work, 512, "cnn512")
@@ -342,14 +376,17 @@ def main() -> None:
     finally:
         stop_daemon(proc)
 
-    inproc = percentiles(lat_in)
+    inproc = results.pop("in_process")
     result = {
         "model": "generated CNN (width 8), image 1x3x224x224 FP32 -> logits 1x10, onnxruntime fp32",
-        "calls": args.calls, "workers": args.workers, "cpu_count": os.cpu_count(),
-        "in_process": {**inproc, "throughput_per_s": round(tput_in, 1), "throughput_concurrent_per_s": round(tput_in_conc, 1)},
+        "calls": args.calls, "repeats": args.repeats, "workers": args.workers, "cpu_count": os.cpu_count(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "in_process": {**inproc, "throughput_concurrent_per_s": round(tput_in_conc, 1)},
         **results,
-        "overhead_ms_p50_over_in_process": {k: round(v["p50_ms"] - inproc["p50_ms"], 3) for k, v in results.items()},
+        "overhead_ms_p50_paired": paired,
         "ratios_p50_over_in_process": {k: round(v["p50_ms"] / inproc["p50_ms"], 2) for k, v in results.items()},
+        "cpu_ms_per_call": cpu,
+        "server_cpu_overhead_ms_per_call": {k: round(cpu[k]["daemon"] - cpu["in_process"]["client"], 3) for k in results},
         "burst_50_threads": {"calls": len(codes), "throughput_per_s": round(burst_tput, 1),
                              **percentiles(burst_lat), "share_503": round(codes.count(503) / len(codes), 4),
                              "other_errors": len([c for c in codes if c not in (200, 503)])},

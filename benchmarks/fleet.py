@@ -266,6 +266,9 @@ def main() -> None:
         url, prefix, *numbers = sys.argv[2:]
         load_child(url, prefix, *map(int, numbers))
         return
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout still stops servers and devices
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", default="delivery,ingest")
     parser.add_argument("--devices", type=int, default=1000)

@@ -68,8 +68,9 @@ class Staging:
         assert self.dir is not None  # noqa: S101 - internal invariant (inside the with-block)
         folder = self.dir / "self_test"
         folder.mkdir(exist_ok=True)
-        np.savez(self.dir / SELF_TEST_INPUTS, **inputs)
-        np.savez(self.dir / SELF_TEST_EXPECTED, **expected)
+        # String tensors as fixed-width unicode: an object array would be pickled, which devices refuse to load.
+        np.savez(self.dir / SELF_TEST_INPUTS, **{k: _storable(v) for k, v in inputs.items()})
+        np.savez(self.dir / SELF_TEST_EXPECTED, **{k: _storable(v) for k, v in expected.items()})
         expected_path = self.dir / SELF_TEST_EXPECTED
         return SelfTest(inputs=FileEntry.from_file(self.dir, self.dir / SELF_TEST_INPUTS),
                         expected=FileEntry.from_file(self.dir, expected_path), digest=sha256_file(expected_path))
@@ -120,3 +121,11 @@ def _os_error(output: Path, exc: OSError) -> ConversionError | ConfigError:
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return ConfigError(f"output {output}: not writable ({exc.strerror}); nothing was written")
     return ConversionError(f"output {output}: cannot write the release ({exc}); nothing was written")
+
+
+def _storable(array: np.ndarray) -> np.ndarray:
+    array = np.asarray(array)
+    if array.dtype != object:
+        return array
+    return np.vectorize(lambda x: x.decode("utf-8") if isinstance(x, bytes) else str(x), otypes=[str])(array) \
+        if array.size else array.astype(str)

@@ -47,23 +47,38 @@ def median_latency_ms(session: Session, sample: Feeds, runs: int = 50, warmup: i
     return statistics.median(times) * 1000.0
 
 
+def _numeric(outputs: Outputs) -> np.ndarray:
+    return np.concatenate([outputs[k].ravel().astype(np.float64) for k in sorted(outputs) if _is_numeric(outputs[k])]
+                          or [np.empty(0)])
+
+
+def _is_numeric(array: np.ndarray) -> bool:
+    return np.asarray(array).dtype.kind in "biuf"
+
+
 def compare(reference: Sequence[Outputs], candidate: Sequence[Outputs], metric: TaskMetric | None = None) -> Validation:
-    """Error figures of ``candidate`` against ``reference`` (same samples, same order)."""
-    ref = np.concatenate([np.concatenate([o[k].ravel().astype(np.float64) for k in sorted(o)]) for o in reference])
-    got = np.concatenate([np.concatenate([o[k].ravel().astype(np.float64) for k in sorted(o)]) for o in candidate])
+    """Error figures of ``candidate`` against ``reference`` (same samples, same order). Outputs
+    that are not numbers (strings: labels, tokens) have no error, only agreement: they count as
+    top-1 agreement, the share of their elements equal to the reference's."""
+    ref = np.concatenate([_numeric(o) for o in reference])
+    got = np.concatenate([_numeric(o) for o in candidate])
     diff = np.abs(ref - got)
     finite = bool(np.all(np.isfinite(got)))
     norm = np.linalg.norm(ref) * np.linalg.norm(got)
     cosine = float(ref @ got / norm) if norm > 0 and finite else (1.0 if np.array_equal(ref, got) else 0.0)
     validation = Validation(
         samples=len(reference),
-        max_abs_error=float(diff.max()) if finite else float("inf"),
-        mean_abs_error=float(diff.mean()) if finite else float("inf"),
+        max_abs_error=(float(diff.max()) if diff.size else 0.0) if finite else float("inf"),
+        mean_abs_error=(float(diff.mean()) if diff.size else 0.0) if finite else float("inf"),
         cosine_similarity=cosine,
     )
+    agreement = []
     if _classes(reference[0]) is not None:
-        agree = np.concatenate([_classes(r) == _classes(c) for r, c in zip(reference, candidate)])
-        validation.top1_agreement = float(agree.mean())
+        agreement.append(np.concatenate([_classes(r) == _classes(c) for r, c in zip(reference, candidate)]))
+    agreement += [np.asarray(r[k]).ravel() == np.asarray(c[k]).ravel() for r, c in zip(reference, candidate)
+                  for k in sorted(r) if not _is_numeric(r[k])]
+    if agreement:
+        validation.top1_agreement = float(np.concatenate(agreement).mean())
     if metric is not None:
         validation.metric_name = metric.name
         validation.metric = metric(candidate) if finite else 0.0
@@ -192,12 +207,12 @@ def self_test_tolerance(validation: Validation, reference: Sequence[Outputs]) ->
     Twice the measured maximum, and never below a small fraction of the output scale, so a
     different CPU's rounding (FMA, thread split) does not fail a correct deployment.
     """
-    scale = max(float(np.max(np.abs(v))) for o in reference for v in o.values())
+    scale = max((float(np.max(np.abs(v))) for o in reference for v in o.values() if _is_numeric(v) and v.size), default=1.0)
     return float(max(2.0 * (validation.max_abs_error or 0.0), 1e-4 * max(scale, 1.0)))
 
 
 def _classes(outputs: Outputs) -> np.ndarray | None:
     first = outputs[next(iter(outputs))] if outputs else None
-    if first is None or first.ndim != 2 or first.shape[1] < 2:
+    if first is None or first.ndim != 2 or first.shape[1] < 2 or not _is_numeric(first):
         return None
     return first.argmax(axis=1)

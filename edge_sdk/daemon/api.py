@@ -217,7 +217,7 @@ class InferenceApi:
     def label(self, name: str) -> str:
         # Metric labels only for configured models: a client sending random names must not be
         # able to grow the metrics registry without bound.
-        return name if name in self.repository.names() else "_unknown"
+        return name if self.repository.has(name) else "_unknown"
 
     # ---- inference -----------------------------------------------------------------------------
 
@@ -235,10 +235,10 @@ class InferenceApi:
             await self.admission.acquire()
             elapsed = None
             try:
-                backend, precision = served.backend_precision()
                 started = time.perf_counter()
                 outputs = await asyncio.get_running_loop().run_in_executor(self._executor, served.run, feed)
                 elapsed = time.perf_counter() - started
+                backend, precision = served.labels()
             finally:
                 self.admission.release(elapsed)
             result = make_result(name, served.version, request, outputs, served.manifest.labels)

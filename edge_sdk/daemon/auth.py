@@ -4,20 +4,23 @@ and the browser checks (Origin, Host) that keep a web page from reaching a loopb
 A connection is authenticated by its transport when it comes over the Unix socket (the socket
 file's permissions decide who can connect) or over TLS with a client certificate the configured
 CA signed; otherwise a request needs ``Authorization: Bearer <token>`` with a token listed in the
-tokens file (one per line, ``#`` comments). The file is re-read when it changes, so a token is
-rotated without a restart.
+tokens file (one per line, ``#`` comments). The file is re-read when it changes (it is looked at
+once a second), so a token is rotated without a restart.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
 import logging
+import math
 import os
 import secrets
 import ssl
 import stat
+import time
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -27,8 +30,11 @@ from .kserve import ApiError, Status
 log = logging.getLogger(__name__)
 
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
+#: The tokens file is looked at (stat) at most this often: a rotated token works within a second.
+_RECHECK_S = 1.0
 
 
+@functools.lru_cache(maxsize=256)
 def is_loopback(host: str) -> bool:
     host = host.strip("[]")
     if host in LOOPBACK_NAMES:
@@ -65,10 +71,15 @@ class Authenticator:
         self.tokens_file = tokens_file
         self._stamp: tuple[int, int] | None = None
         self._digests: set[bytes] = set()
+        self._checked_at = -math.inf
 
     def _tokens(self) -> set[bytes]:
         if self.tokens_file is None:
             return set()
+        now = time.monotonic()
+        if now - self._checked_at < _RECHECK_S:  # a stat() per call is measurable on small devices
+            return self._digests
+        self._checked_at = now
         try:
             st = self.tokens_file.stat()
             stamp = (st.st_mtime_ns, st.st_size)

@@ -8,8 +8,9 @@ from __future__ import annotations
 import re
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from ..config import FieldError, StrictModel, load_yaml_model
 from ..errors import EdgeSDKError
@@ -234,8 +235,15 @@ class LoggingConfig(StrictModel):
     format: LogFormat = LogFormat.TEXT
 
 
+#: Keys that moved to ``api:`` (shared by HTTP and gRPC); an old config still loads, with a warning
+#: (a device upgraded with its old edge.yaml keeps serving), unless it sets the new key differently.
+MOVED_TO_API = [("http", "max_body_bytes"), ("http", "max_concurrent_infer")]
+
+
 class DaemonConfig(StrictModel):
     """Everything ``edge-sdk daemon`` needs; see :data:`EXAMPLE_YAML`."""
+
+    _deprecations: list[str] = PrivateAttr(default_factory=list)
 
     device_id: str
     state_dir: Path
@@ -259,6 +267,36 @@ class DaemonConfig(StrictModel):
         if not _NAME.match(value):
             raise ValueError("must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
         return value
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _moved_keys(cls, data: Any, handler: Any) -> DaemonConfig:
+        notes = []
+        moved = [(section, key) for section, key in MOVED_TO_API
+                 if isinstance(data, dict) and isinstance(data.get(section), dict) and key in data[section]]
+        if moved:
+            data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+            api = data.setdefault("api", {})
+            for section, key in moved:
+                value = data[section].pop(key)
+                try:  # checked here, so that an error names the key the file has
+                    ApiConfig.model_validate({key: value})
+                except ValidationError as exc:
+                    raise FieldError((section, key), exc.errors()[0]["msg"]) from None
+                if isinstance(api, dict):  # (else api's own error says what is wrong with it)
+                    if key in api and api[key] != value:
+                        raise FieldError((section, key), f"moved to api.{key}, which is also set (to {api[key]!r}): "
+                                                         f"keep only api.{key}")
+                    api[key] = value
+                notes.append(f"{section}.{key} is deprecated: it moved to api.{key} (read as that; move it there)")
+        config = handler(data)
+        config._deprecations = notes
+        return config
+
+    @property
+    def deprecations(self) -> list[str]:
+        """One line per deprecated key the file used (the daemon logs them as warnings)."""
+        return list(self._deprecations)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> DaemonConfig:

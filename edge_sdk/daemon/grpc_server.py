@@ -195,9 +195,11 @@ class GrpcServer:
     async def _infer(self, request: Any, pb: Any) -> Any:
         api = self.api
         api.enter()
-        held = api.budget.reserve(request.ByteSize())
+        held = 0
         try:
             parsed = infer_request_from_proto(request)
+            # (not request.ByteSize(): upb computes it by serializing the whole message again)
+            held = api.budget.reserve(sum(array.nbytes for array in parsed.inputs.values()))
             result = await api.infer(request.model_name, request.model_version or None, parsed)
         finally:
             api.budget.free(held)

@@ -18,6 +18,7 @@ unhandled exception.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import logging
@@ -37,8 +38,17 @@ log = logging.getLogger(__name__)
 #: Responses smaller than this are sent uncompressed whatever Accept-Encoding says.
 _COMPRESS_MIN = 1024
 _INFLATE_STEP = 1 << 16
-#: Body chunks larger than this are decoded off the event loop.
-_OFFLOAD_CHUNK = 1 << 15
+
+if hasattr(asyncio, "timeout_at"):  # Python 3.11+: one deadline for the whole body
+    _deadline = asyncio.timeout_at
+
+    def _receive_by(request, deadline: float):
+        return request.receive()
+else:  # pragma: no cover - Python 3.10: a timeout per receive
+    _deadline = contextlib.nullcontext
+
+    def _receive_by(request, deadline: float):
+        return asyncio.wait_for(request.receive(), max(deadline - asyncio.get_running_loop().time(), 0.001))
 
 
 @dataclass(frozen=True)
@@ -166,31 +176,31 @@ def create_app(api: InferenceApi, auth: Authenticator, listener: Listener):
             if n > config.max_body_bytes:
                 raise ApiError(Status.TOO_LARGE, f"request body of {n} bytes exceeds the {config.max_body_bytes}-byte limit")
         inflater = _Inflater(request.headers.get("content-encoding"))
-        deadline = time.monotonic() + config.body_timeout_s
+        deadline = asyncio.get_running_loop().time() + config.body_timeout_s
         received = inflated = 0
         more = True
-        while more:
-            remaining = deadline - time.monotonic()
-            try:
-                message = await asyncio.wait_for(request.receive(), max(remaining, 0.001))
-            except asyncio.TimeoutError:
-                metrics.timeouts.labels("body").inc()
-                raise ApiError(Status.TIMEOUT, f"the request body did not arrive within {config.body_timeout_s:g}s "
-                                               "(api.body_timeout_s)") from None
-            if message["type"] == "http.disconnect":
-                raise ClientDisconnect()
-            chunk, more = message.get("body", b""), message.get("more_body", False)
-            received += len(chunk)
-            if received > config.max_body_bytes:  # chunked uploads have no Content-Length: count as we go
-                raise ApiError(Status.TOO_LARGE, f"request body exceeds the {config.max_body_bytes}-byte limit")
-            for piece in inflater.inflate(chunk, final=not more):
-                inflated += len(piece)
-                if inflated > config.max_body_bytes:
-                    raise ApiError(Status.TOO_LARGE, f"the request body inflates past the {config.max_body_bytes}-byte limit")
-                if len(piece) > _OFFLOAD_CHUNK:
-                    await asyncio.to_thread(sink, piece)
-                else:
-                    sink(piece)
+        try:
+            async with _deadline(deadline):
+                while more:
+                    message = await _receive_by(request, deadline)
+                    if message["type"] == "http.disconnect":
+                        raise ClientDisconnect()
+                    chunk, more = message.get("body", b""), message.get("more_body", False)
+                    received += len(chunk)
+                    if received > config.max_body_bytes:  # chunked uploads have no Content-Length: count as we go
+                        raise ApiError(Status.TOO_LARGE, f"request body exceeds the {config.max_body_bytes}-byte limit")
+                    # Decoded here, on the loop: a thread hand-off per chunk cost more than it freed
+                    # (the decoder holds the GIL), and a chunk is at most a few ms of work.
+                    for piece in inflater.inflate(chunk, final=not more):
+                        inflated += len(piece)
+                        if inflated > config.max_body_bytes:
+                            raise ApiError(Status.TOO_LARGE,
+                                           f"the request body inflates past the {config.max_body_bytes}-byte limit")
+                        sink(piece)
+        except asyncio.TimeoutError:
+            metrics.timeouts.labels("body").inc()
+            raise ApiError(Status.TIMEOUT, f"the request body did not arrive within {config.body_timeout_s:g}s "
+                                           "(api.body_timeout_s)") from None
 
     async def decoded(request: Request, held: list[int]) -> tuple[Any, Any]:
         """(JSON header, binary section) of the body; reserved tensor bytes added to ``held``."""
@@ -200,12 +210,10 @@ def create_app(api: InferenceApi, auth: Authenticator, listener: Listener):
             return nbytes
 
         length = request.headers.get("content-length")
-        total = int(length) if length is not None and length.isdigit() else None
-        header = split_header(request.headers.get("inference-header-content-length"),
-                              total if request.headers.get("content-encoding") in (None, "identity") else None)
-        binary = total - header if header is not None and total is not None and \
-            request.headers.get("content-encoding") in (None, "identity") else None
-        decoder = BodyDecoder(header, config.max_body_bytes, reserve, binary)
+        identity = request.headers.get("content-encoding") in (None, "identity")
+        size = int(length) if identity and length is not None and length.isdigit() else None
+        header = split_header(request.headers.get("inference-header-content-length"), size)
+        decoder = BodyDecoder(header, config.max_body_bytes, reserve, size)
         await read_body(request, decoder.feed)
         return decoder.finish()
 
@@ -362,22 +370,60 @@ def create_app(api: InferenceApi, auth: Authenticator, listener: Listener):
     return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found, 500: internal})
 
 
+#: After answering a request whose body is still coming (408, 413, 401 …), the connection sends its
+#: FIN and discards what the client still sends for up to this long (this long between two reads at
+#: most), as nginx's lingering close: closing at once would make the kernel answer the unread bytes
+#: with a reset, and a client still writing its body then loses the response.
+_LINGER_S = 10.0
+_LINGER_IDLE_S = 2.0
+
+
+class _LingeringTransport:
+    """The transport as uvicorn's protocol sees it: ``close()`` lingers when the request body is unread."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: Any) -> None:
+        self._transport, self._protocol = transport, protocol
+        self._closing = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self._closing or self._transport.is_closing()
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        cycle = self._protocol.cycle
+        if cycle is None or not cycle.more_body or self._transport.is_closing():
+            self._transport.close()
+            return
+        if self._transport.can_write_eof():  # (TLS cannot: the response's length tells the end)
+            self._transport.write_eof()
+        self._protocol.linger()
+
+
 def protocol_class(header_timeout_s: float, max_connections: int, on_timeout=None):
-    """uvicorn's HTTP protocol with the two defences it lacks against starving clients:
+    """uvicorn's HTTP protocol with the defences it lacks against starving clients, and a lingering close:
 
     * a connection must complete its request headers within ``header_timeout_s`` of connecting
       (or of its previous response), else it is closed: half-open and slowloris connections go;
     * beyond ``max_connections``, the connection idle longest (no request in progress) is closed
-      to make room, so a flood of idle connections never locks out a new caller.
+      to make room, so a flood of idle connections never locks out a new caller;
+    * a response sent before its request's body was read reaches the client (:data:`_LINGER_S`).
     """
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
     class GuardedProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         _header_timer: asyncio.TimerHandle | None = None
         _idle_since: float = 0.0
+        _linger_until: float | None = None
+        _linger_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport) -> None:
-            super().connection_made(transport)
+            self._raw = transport
+            super().connection_made(_LingeringTransport(transport, self))
             self._arm()
             if len(self.connections) > max_connections:
                 idle = [c for c in self.connections if c is not self and getattr(c, "_idle_since", None)
@@ -388,6 +434,9 @@ def protocol_class(header_timeout_s: float, max_connections: int, on_timeout=Non
                     transport.close()
 
         def data_received(self, data: bytes) -> None:
+            if self._linger_until is not None:  # the rest of an answered request: dropped
+                self._linger_step()
+                return
             before = self.cycle
             super().data_received(data)
             if self.cycle is not before:  # a request's headers are complete
@@ -401,7 +450,27 @@ def protocol_class(header_timeout_s: float, max_connections: int, on_timeout=Non
 
         def connection_lost(self, exc) -> None:
             self._disarm()
+            if self._linger_timer is not None:
+                self._linger_timer.cancel()
             super().connection_lost(exc)
+
+        def shutdown(self) -> None:
+            if self._linger_until is not None:  # the server stops: no more waiting for the rest of a body
+                self._raw.close()
+                return
+            super().shutdown()
+
+        def linger(self) -> None:
+            self._disarm()
+            self._linger_until = self.loop.time() + _LINGER_S
+            self._raw.resume_reading()  # (uvicorn pauses reading while a body waits to be consumed)
+            self._linger_step()
+
+        def _linger_step(self) -> None:
+            if self._linger_timer is not None:
+                self._linger_timer.cancel()
+            when = min(self.loop.time() + _LINGER_IDLE_S, self._linger_until)
+            self._linger_timer = self.loop.call_at(when, self._raw.close)
 
         def _arm(self) -> None:
             self._disarm()

@@ -75,12 +75,13 @@ MAX_RANK = 16
 def v2_datatype(dtype: str | np.dtype) -> str:
     """The KServe datatype of a numpy dtype (``object``/``str`` are BYTES)."""
     try:
-        dt = np.dtype(dtype)
+        dt = dtype if isinstance(dtype, np.dtype) else np.dtype(dtype)
     except TypeError:
         return str(dtype).upper()
-    if dt.kind in "OSU":
-        return BYTES
-    return _NP_TO_V2.get(dt, str(dtype).upper())
+    found = _NP_TO_V2.get(dt)
+    if found is not None:
+        return found
+    return BYTES if dt.kind in "OSU" else str(dtype).upper()
 
 
 def check_shape(shape: Any, where: str) -> list[int]:
@@ -150,6 +151,8 @@ def decode_tensor(where: str, shape: list[int], datatype: str, *, raw: bytes | m
     if isinstance(values, np.ndarray):
         array = values
     else:
+        if dtype.kind == "f" and isinstance(values, list) and None in values:
+            raise bad(f"{where}: 'data' holds null; use NaN")
         try:
             array = np.asarray(values if isinstance(values, list) else list(values), dtype=dtype)
         except (ValueError, TypeError, OverflowError) as exc:
@@ -225,38 +228,44 @@ def json_plan(max_elements: int, reserve: Callable[[int], Any] | None = None):
 class BodyDecoder:
     """An HTTP request body fed in chunks, per the binary tensor extension: the first
     ``header_length`` bytes (all of them without it) are JSON, decoded as they arrive; the rest is
-    the binary section, gathered into one buffer. Memory stays near the tensors declared."""
+    the binary section, copied once into one buffer (sized up front when ``body_size``, the
+    body's length before any inflating, is known). Memory stays near the tensors declared."""
 
     def __init__(self, header_length: int | None, max_body_bytes: int, reserve: Callable[[int], Any] | None = None,
-                 binary_size: int | None = None) -> None:
-        from .jsonstream import JsonStream
+                 body_size: int | None = None) -> None:
+        from .jsonstream import WHOLE_MAX, JsonStream
 
-        self._json = JsonStream(json_plan(max_body_bytes // 2, reserve))
+        json_size = header_length if header_length is not None else body_size
+        if reserve is not None and json_size is not None and json_size <= WHOLE_MAX:
+            reserve(json_size)  # decoded at once (plain lists): it holds about its own size
+        self._json = JsonStream(json_plan(max_body_bytes // 2, reserve), size=json_size)
         self._left = header_length  # JSON bytes still to come (None: the whole body)
         self._reserve = reserve
-        self._binary = bytearray()
-        if binary_size is not None and reserve is not None:
-            reserve(binary_size)
-            self._reserved_binary = binary_size
-        else:
-            self._reserved_binary = 0
+        binary_size = body_size - header_length if header_length is not None and body_size is not None else None
+        self._binary = bytearray(binary_size or 0)
+        self._filled = 0
+        self._reserved_binary = 0
+        if binary_size and reserve is not None:
+            self._reserved_binary = reserve(binary_size) or binary_size
 
     def feed(self, chunk: bytes) -> None:
+        view = memoryview(chunk)
         try:
             if self._left is None:
-                self._json.feed(chunk)
+                self._json.feed(view)
                 return
-            head, rest = chunk[:self._left], chunk[self._left:]
+            head, view = view[:self._left], view[self._left:]
             if head:
                 self._json.feed(head)
                 self._left -= len(head)
         except ValueError as exc:  # JsonStreamError
             raise bad(f"request body is not valid JSON: {exc}") from None
-        if rest:
-            grown = len(self._binary) + len(rest) - self._reserved_binary
-            if grown > 0 and self._reserve is not None:
-                self._reserved_binary += self._reserve(grown) or grown
-            self._binary += rest
+        if view:
+            end = self._filled + len(view)
+            if end > self._reserved_binary and self._reserve is not None:  # size not known up front: count as it grows
+                self._reserved_binary += self._reserve(end - self._reserved_binary) or end - self._reserved_binary
+            self._binary[self._filled:min(end, len(self._binary))] = view  # (grows the buffer when it must)
+            self._filled = end
 
     def finish(self) -> tuple[Any, memoryview | None]:
         """(the JSON header, the binary section or None)."""
@@ -266,12 +275,13 @@ class BodyDecoder:
             document = self._json.close()
         except ValueError as exc:
             raise bad(f"request body is not valid JSON: {exc}") from None
-        return document, (memoryview(self._binary) if self._left is not None else None)
+        return document, (memoryview(self._binary)[:self._filled] if self._left is not None else None)
 
 
 def decode_infer_body(body: bytes, header_length: int | None, max_body_bytes: int = 1 << 30) -> InferRequest:
     """A whole infer body at once (what the HTTP route does chunk by chunk)."""
-    decoder = BodyDecoder(split_header(None if header_length is None else str(header_length), len(body)), max_body_bytes)
+    decoder = BodyDecoder(split_header(None if header_length is None else str(header_length), len(body)), max_body_bytes,
+                          body_size=len(body))
     decoder.feed(body)
     return infer_request_from_json(*decoder.finish())
 

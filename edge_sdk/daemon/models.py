@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 import numpy as np
 
 from ..errors import EdgeSDKError, ModelError
@@ -37,6 +38,7 @@ class ServedModel:
     _users: int = 0
     _retired: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _labels: dict[Any, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def version(self) -> int:
@@ -58,6 +60,18 @@ class ServedModel:
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.model.run(inputs)
+
+    def labels(self) -> tuple[str, str]:
+        """(backend, precision) of what runs now for a call's metrics: one info() per precision the
+        model runs at (a precision is one variant of the release), not one per call."""
+        try:
+            precision = self.model.precision
+        except Exception:  # closed or broken: as backend_precision() says
+            return "unknown", "unknown"
+        found = self._labels.get(precision)
+        if found is None:
+            found = self._labels[precision] = self.backend_precision()
+        return found
 
     def acquire(self) -> ServedModel:
         with self._lock:

@@ -85,6 +85,9 @@ class Repository:
     def names(self) -> list[str]:
         return sorted(set(self._configured()) | set(self.models.names()))
 
+    def has(self, name: str) -> bool:
+        return name in self._configured() or self.models.get(name) is not None or self.models.error(name) is not None
+
     def releases(self, name: str) -> dict[int, LocalRelease]:
         """Version → release present on disk, best candidate first when two hold one version."""
         found: dict[int, LocalRelease] = {}
@@ -130,7 +133,7 @@ class Repository:
 
     def view(self, name: str, version: str | None) -> VersionView:
         """The version to describe (metadata, config, ready); raises NOT_FOUND/UNAVAILABLE."""
-        if name not in self.names():
+        if not self.has(name):
             raise self._unknown(name)
         wanted = self._parse_version(name, version)
         active = self.models.get(name)
@@ -158,7 +161,7 @@ class Repository:
 
     async def checkout(self, name: str, version: str | None) -> ServedModel:
         """The model to run, with a use taken on it (``release()`` it after)."""
-        if name not in self.names():
+        if not self.has(name):
             raise self._unknown(name)
         wanted = self._parse_version(name, version)
         served = self.models.checkout(name)
@@ -242,7 +245,7 @@ class Repository:
             raise ApiError(Status.UNAVAILABLE, f"model {name!r} did not load: {self.models.error(name) or 'unknown error'}")
 
     def unload(self, name: str) -> None:
-        if name not in self.names():
+        if not self.has(name):
             raise self._unknown(name)
         self.models.remove(name)
         self.models.set_error(name, UNLOADED.format(name=name))

@@ -300,6 +300,8 @@ class Daemon:
             if self.sync is not None:
                 self.sync.reconfigure(new)
             setup_logging(new.logging)
+            for note in new.deprecations:
+                log.warning("config: %s", note)
             old_models = {m.name: m for m in old.models}
             for model in new.models:
                 if old_models.get(model.name) != model or old.policy != new.policy:
@@ -326,6 +328,8 @@ class Daemon:
             (signal.SIGHUP, self._on_early_hup))}
         try:
             setup_logging(self.config.logging)
+            for note in self.config.deprecations:
+                log.warning("config: %s", note)
             check_state_dir(self.config.state_dir, sync=self.config.sync.broker is not None)
             if self._listeners_needing_tokens():
                 auth = self.config.api.auth

@@ -44,11 +44,41 @@ def repo(fusion_release: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return root
 
 
+WORDS = ["cat", "dog", "vögel"]
+NAMES = ["Katze", "Hund", "Vögel"]
+
+
+def make_label_model(path: Path) -> Path:
+    """A string model (ai.onnx.ml LabelEncoders): text [3] -> label int64 [3] and name string [3]."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("LabelEncoder", ["text"], ["label"], domain="ai.onnx.ml", keys_strings=WORDS,
+                              values_int64s=[0, 1, 2], default_int64=-1),
+             helper.make_node("LabelEncoder", ["label"], ["name"], domain="ai.onnx.ml", keys_int64s=[0, 1, 2],
+                              values_strings=NAMES, default_string="?")]
+    graph = helper.make_graph(nodes, "labels", [helper.make_tensor_value_info("text", TensorProto.STRING, [3])],
+                              [helper.make_tensor_value_info("label", TensorProto.INT64, [3]),
+                               helper.make_tensor_value_info("name", TensorProto.STRING, [3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)])
+    model.ir_version = 9
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, path)
+    return path
+
+
 @pytest.fixture(scope="module")
-def daemon(repo: Path, tmp_path_factory: pytest.TempPathFactory):
+def labels_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("labels")
+    return _convert(make_label_model(root / "labels.onnx"), root / "release", 1, "labels")
+
+
+@pytest.fixture(scope="module")
+def daemon(repo: Path, labels_release: Path, tmp_path_factory: pytest.TempPathFactory):
     folder = tmp_path_factory.mktemp("compat-daemon")
     config = write_config(folder, [{"name": "fusion", "release": str(repo / "fusion"), "precision": "fp32"},
-                                   {"name": "cnn", "release": str(repo / "cnn"), "precision": "fp32"}],
+                                   {"name": "cnn", "release": str(repo / "cnn"), "precision": "fp32"},
+                                   {"name": "labels", "release": str(labels_release), "precision": "fp32"}],
                           api={"max_body_bytes": 4_000_000, "max_inactive_versions": 1})
     proc = DaemonProcess(config)
     try:
@@ -221,6 +251,42 @@ def test_async_clients(daemon, references) -> None:
     asyncio.run(main())
 
 
+def test_bytes_tensors_in_and_out_over_every_transport(daemon, labels_release: Path) -> None:
+    import tritonclient.grpc as tg
+    import tritonclient.http as th
+
+    text = np.array(["dog", "fish", "vögel"], dtype=object)
+    model = edge_sdk.EdgeModel.load(labels_release, profile="generic-x86_64", precision="fp32", monitor=False)
+    want = model.run({"text": text})
+    model.close()
+    assert want["label"].tolist() == [1, -1, 2] and want["name"].tolist() == ["Hund", "?", "Vögel"]
+    meta = http_client(daemon).get_model_metadata("labels", headers=auth(daemon))
+    assert [(t["name"], t["datatype"]) for t in meta["inputs"] + meta["outputs"]] == \
+        [("text", "BYTES"), ("label", "INT64"), ("name", "BYTES")]
+    h, g = http_client(daemon), grpc_client(daemon)
+    for binary in (False, True):  # JSON strings, or the binary extension's length-prefixed elements
+        item = th.InferInput("text", [3], "BYTES")
+        item.set_data_from_numpy(text, binary_data=binary)
+        result = h.infer("labels", [item], headers=auth(daemon), outputs=[
+            th.InferRequestedOutput("label", binary_data=binary), th.InferRequestedOutput("name", binary_data=binary)])
+        np.testing.assert_array_equal(result.as_numpy("label"), want["label"])
+        names = result.as_numpy("name")
+        assert [n.decode() if isinstance(n, bytes) else n for n in names] == want["name"].tolist()
+    item = tg.InferInput("text", [3], "BYTES")
+    item.set_data_from_numpy(np.array([t.encode() for t in text], dtype=object))
+    result = g.infer("labels", [item], headers=auth(daemon))
+    np.testing.assert_array_equal(result.as_numpy("label"), want["label"])
+    assert [n.decode() for n in result.as_numpy("name")] == want["name"].tolist()
+    # A number where the model takes strings is refused, naming both datatypes.
+    from tritonclient.utils import InferenceServerException
+
+    wrong = tg.InferInput("text", [3], "FP32")
+    wrong.set_data_from_numpy(np.zeros(3, np.float32))
+    with pytest.raises(InferenceServerException) as err:
+        g.infer("labels", [wrong], headers=auth(daemon))
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and "datatype FP32 but the model takes BYTES" in err.value.message()
+
+
 def test_classification_with_labels_from_the_manifest(daemon, references) -> None:
     import tritonclient.grpc as tg
     import tritonclient.http as th
@@ -246,7 +312,8 @@ def test_repository_index_unload_load(daemon) -> None:
     h, g = http_client(daemon), grpc_client(daemon)
     headers = auth(daemon)
     index = h.get_model_repository_index(headers=headers)
-    assert {(m["name"], m["version"]) for m in index} == {("cnn", "1"), ("cnn", "2"), ("fusion", "1"), ("fusion", "2")}
+    assert {(m["name"], m["version"]) for m in index} == {("cnn", "1"), ("cnn", "2"), ("fusion", "1"), ("fusion", "2"),
+                                                          ("labels", "1")}
     assert {m["state"] for m in index if m["version"] == "2"} == {"READY"}
     grpc_index = g.get_model_repository_index(headers=headers, as_json=True)["models"]
     assert sorted((m["name"], m["version"], m["state"]) for m in grpc_index) == \

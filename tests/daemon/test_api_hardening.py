@@ -85,6 +85,37 @@ def test_slow_bodies_do_not_hold_the_inference_slots(daemon) -> None:
     assert metric_value(text, "edge_api_timeouts_total", phase="body") >= 6
 
 
+def test_a_408_or_413_reaches_a_client_still_sending_its_body(daemon) -> None:
+    # Old daemon: it closed the connection with the body unread, so the kernel answered the client's
+    # next bytes with a reset (and, with unread bytes at close, dropped what was not yet sent): a
+    # client still writing its body got a broken pipe, and on a real network often no 408/413 at all.
+    # Now the connection half-closes after the answer and discards the rest of the body.
+    def request(length: int, first: bytes) -> socket.socket:
+        s = socket.create_connection((daemon.host, daemon.port), timeout=15)
+        s.sendall(f"POST /v2/models/fusion/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {daemon.token}\r\n"
+                  f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n".encode() + first)
+        return s
+
+    def keep_sending_then_read(s: socket.socket, pieces: int) -> bytes:
+        for _ in range(pieces):  # old daemon: BrokenPipeError / ConnectionResetError here
+            s.sendall(b" " * 4096)
+            time.sleep(0.01)
+        reply = b""
+        while chunk := s.recv(65536):  # an orderly end (FIN), not a reset
+            reply += chunk
+        s.close()
+        return reply
+
+    s = request(1_000_000, b'{"inputs": [')
+    time.sleep(LIMITS["body_timeout_s"] + 1)  # the 408 is sent meanwhile
+    reply = keep_sending_then_read(s, 50)
+    assert reply.startswith(b"HTTP/1.1 408") and b"api.body_timeout_s" in reply, reply[:200]
+    s = request(20 * 1024 * 1024, b"")  # past api.max_body_bytes: refused on its Content-Length alone
+    reply = keep_sending_then_read(s, 250)
+    assert reply.startswith(b"HTTP/1.1 413") and b"exceeds the" in reply, reply[:200]
+    assert infer(daemon).status_code == 200
+
+
 def test_half_open_connections_do_not_take_the_api_down(daemon) -> None:
     # Old daemon: 300 idle connections passed uvicorn's limit_concurrency (256): 503 for everyone.
     idle = []
@@ -152,7 +183,9 @@ def test_beyond_the_queue_calls_get_503_with_retry_after(fusion_release: Path, t
         assert len(results) == 120 and {r.status_code for r in results} <= {200, 503}
         assert refused and all(int(r.headers["retry-after"]) >= 1 and "api.max_queue" in r.json()["error"]
                                for r in refused)
-        assert sum(r.status_code == 200 for r in results) >= 3 * 10  # the queue kept slots busy
+        # Refused only beyond the queue: each refusal saw the slot busy and both queue places taken.
+        assert {r.json()["error"].split(" (")[0] for r in refused} == {"overloaded: 1 calls running and 2 waiting"}
+        assert sum(r.status_code == 200 for r in results) > 3  # and queued calls were served
     finally:
         stop(proc)
 
@@ -205,8 +238,8 @@ def test_eight_concurrent_16mb_json_bodies_stay_within_twice_their_tensors(big_r
         sampler.join()
         assert statuses == [200] * 16
         grown = max(peak) - idle
-        # The goal is < 2x (benchmarks/daemon.py measures it: 1.4x); 3x leaves room for a loaded machine
-        # and still rules out the old parse (~14x).
+        # The goal is < 2x (benchmarks/daemon.py measures it). Measured here: 1.0-1.4x; with the body
+        # parsed whole by json.loads, as the old daemon did, 12.5x. 3x leaves room for a loaded machine.
         assert grown < 3 * declared, f"RSS grew {grown / 2**20:.1f} MiB for {declared / 2**20:.1f} MiB of tensors"
     finally:
         stop(proc)
