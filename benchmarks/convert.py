@@ -8,7 +8,10 @@ Per variant: file size and ratio to FP32, latency (median of ``--runs`` batch-1 
 interleaved with FP32 so machine load hits both alike) and ratio to FP32, accuracy vs FP32, the
 gate's status/reason, and the conversion wall time. Prints JSON on stdout.
 
-    .venv/bin/python benchmarks/convert.py [--runs 200] [--size 384] [--quick]
+The same model converted ``--repeat`` times must give the same statuses, recipes and artifact bytes;
+the default proxy metric's verdicts are set beside the held-out task metric (false rejects/accepts).
+
+    .venv/bin/python benchmarks/convert.py [--runs 200] [--size 384] [--quick] [--repeat 5]
 """
 
 from __future__ import annotations
@@ -158,11 +161,44 @@ def bench_centerface(work: Path, runs: int, size: int, quick: bool) -> dict:
             "conversion_seconds": walls, "defaults_per_channel": defaults, "variants": runs_out}
 
 
+def bench_repeat(work: Path, size: int, repeats: int, runs: int) -> dict:
+    """CenterFace converted ``repeats`` times with the defaults (held-out split, the proxy metric for its
+    output kind): statuses, recipes and artifact hashes must not change; the proxy's verdict is set
+    beside the held-out task metric (face F1) so a false reject or false accept shows."""
+    calib = work / "cf_repeat_calib"
+    calib.mkdir()
+    for i, mosaic in enumerate(ce.make_mosaics(24, size, seed=1)):
+        np.save(calib / f"m{i:02d}.npy", mosaic.image)
+    held_out = ce.make_mosaics(16, size, seed=3)
+    outcomes, walls, proxy = [], [], []
+    for k in range(repeats):
+        release = work / f"cf_repeat_{k}"
+        t0 = time.perf_counter()
+        manifest = edge_sdk.convert(ce.centerface_path(), ["intel-nuc"], release, calibration=calib, targets=["onnx"],
+                                    input_shapes={ce.INPUT: (1, 3, size, size)}, latency_runs=30)
+        walls.append(round(time.perf_counter() - t0, 2))
+        outcomes.append({v.id: [v.status, v.validation.recipe, [f.sha256 for f in v.files]] for v in manifest.variants})
+        _log(f"centerface repeat {k + 1}/{repeats}: {[(v.id, v.status, v.validation.recipe) for v in manifest.variants]}")
+        if k == 0:
+            fp32_f1 = ce.evaluate(_session(release, manifest.variant("onnx-fp32")).run, held_out).f1
+            for v in manifest.variants:
+                if v.files:
+                    task_drop = 100 * (fp32_f1 - ce.evaluate(_session(release, v).run, held_out).f1)
+                    proxy.append({"variant": v.id, "proxy": manifest.report.metric,
+                                  "proxy_drop_points": round(100 * (v.validation.metric_fp32 - v.validation.metric), 3),
+                                  "task_f1_drop_points": round(task_drop, 3), "status": v.status,
+                                  "false_reject": v.status != "ok" and task_drop <= 1.0 and "slower" not in (v.reason or ""),
+                                  "false_accept": v.status == "ok" and task_drop > 1.0})
+    return {"repeats": repeats, "identical": all(o == outcomes[0] for o in outcomes), "conversion_seconds": walls,
+            "statuses": {vid: value[:2] for vid, value in outcomes[0].items()}, "proxy_vs_task": proxy}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=200, help="latency runs per variant (median)")
     parser.add_argument("--size", type=int, default=384, help="CenterFace input side")
     parser.add_argument("--quick", action="store_true", help="fewer held-out mosaics, no dynamic-INT8 run")
+    parser.add_argument("--repeat", type=int, default=5, help="CenterFace conversions that must come out identical")
     args = parser.parse_args()
     import onnxruntime
 
@@ -172,6 +208,7 @@ def main() -> None:
             "benchmark": "convert", "onnxruntime": onnxruntime.__version__, "threads": 1, "latency_runs": args.runs,
             "cnn": bench_cnn(work, args.runs),
             "centerface": bench_centerface(work, args.runs, args.size, args.quick),
+            "centerface_repeated": bench_repeat(work, args.size, args.repeat, args.runs),
         }
     print(json.dumps(result, indent=2, default=str))
 

@@ -98,10 +98,7 @@ class VariantBuilder:
             return [self._rejected(planned, TARGET_BACKEND[planned.target], f"build: {describe_failure(exc)}")]
         finally:
             self._write_log(planned.id, log)
-            # Candidates that were not chosen are of no more use, except INT8's: the MIXED search starts from one.
-            for built in ([planned.id] if planned.precision != Precision.INT8 else []) + \
-                    ([f"{planned.target.value}-{Precision.INT8.value}"] if planned.precision == Precision.MIXED else []):
-                shutil.rmtree(self.work_dir / "candidates" / built, ignore_errors=True)
+            self._discard_candidates(planned)
 
     def _build(self, planned: PlannedBuild, log: list[str]) -> list[Variant]:
         try:
@@ -272,15 +269,14 @@ class VariantBuilder:
                 base = self.mixed_bases[planned.target]
                 ranking = sensitivity.int8_ranking(self.loaded.path, base.result.files[0], ranking_samples)
         log.append(captured.text)
-        trials: dict[int, tuple[Session, Validation]] = {}
 
         def export(kept: list[str]) -> ExportResult:
             return self._export(planned, target, recipe, kept, log, f"{recipe.name}-keep{len(kept)}")
 
         def evaluate(result: ExportResult) -> Validation:
-            measured = self._validation(planned, target, recipe, result, log)
-            trials[id(result)] = measured
-            return measured[1]
+            session, validation = self._validation(planned, target, recipe, result, log)
+            session.close()  # only the winner is timed: it is loaded again below
+            return validation
 
         found = sensitivity.keep_fp32_search(export, evaluate, ranking, self.config.validation.max_accuracy_drop)
         self.report.sensitivity[planned.id] = SensitivitySearch(
@@ -288,7 +284,8 @@ class VariantBuilder:
             ranking=[(name, round(err, 6)) for name, err in ranking[:20]])
         if found.result is None:
             raise RecipeFailed(recipe.says("no node could be ranked by sensitivity"))
-        candidate = self._judge(planned, recipe, found.result, trials[id(found.result)])
+        session = self._load(target, found.result, planned.precision)
+        candidate = self._judge(planned, recipe, found.result, (session, found.validation))
         candidate.validation.nodes_kept_fp32 = list(found.kept_fp32)
         if not found.reached and candidate.accepted:
             candidate.reason = "even with every ranked node in FP32 the accuracy target is missed"
@@ -314,6 +311,14 @@ class VariantBuilder:
             shutil.move(str(path), destination)
             moved.append(destination)
         return moved
+
+    def _discard_candidates(self, planned: PlannedBuild) -> None:
+        """Drop the candidates that were not chosen; INT8's wait for the MIXED search, which starts from one."""
+        if planned.precision == Precision.INT8:
+            return
+        done = [planned.id] + ([f"{planned.target.value}-{Precision.INT8.value}"] if planned.precision == Precision.MIXED else [])
+        for variant_id in done:
+            shutil.rmtree(self.work_dir / "candidates" / variant_id, ignore_errors=True)
 
     def _rejected(self, planned: PlannedBuild, backend: str, reason: str) -> Variant:
         return Variant(id=planned.id, profiles=list(planned.profiles), target=planned.target, precision=planned.precision,

@@ -3,8 +3,9 @@
 Refuses what would break or endanger the later steps with a :class:`ModelError` naming the
 problem: not a file, not ONNX, truncated protobuf, ``external_data`` escaping the model's folder
 (CVE-2022-25882 class: the file could read arbitrary host files), an opset we cannot run, dynamic
-input dimensions without ``input_shapes``. Opsets below 13 are upgraded with
-``onnx.version_converter``: per-channel QDQ needs ``DequantizeLinear``'s ``axis`` (opset 13).
+input dimensions that neither ``input_shapes`` nor the samples fix. Opsets below 13 are upgraded
+with ``onnx.version_converter`` (per-channel QDQ needs ``DequantizeLinear``'s ``axis``, opset 13);
+when that fails the model keeps its opset and the per-channel recipes are skipped.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def model_facts(model: onnx.ModelProto) -> ModelFacts:
 
     walk(model.graph, 0)
     floats = sum(1 for v in _graph_inputs(model) if v.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16))
-    return ModelFacts(op_counts=dict(ops), weight_params=dict(weights), subgraph_nodes=inside, float_inputs=floats)
+    return ModelFacts(op_counts=dict(ops), weight_params=dict(weights), subgraph_nodes=inside, float_inputs=floats,
+                      opset=_default_opset(model))
 
 
 def _all_initializers(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
@@ -229,8 +231,11 @@ def _upgrade(path: Path, model: onnx.ModelProto, opset: int, notes: list[str]) -
                          f"re-export the model with opset >= {MIN_OPSET})")
     try:
         upgraded = onnx.version_converter.convert_version(model, MIN_OPSET)
-    except Exception as exc:
-        raise ModelError(f"{path}: unsupported opset {opset}: upgrading to {MIN_OPSET} failed ({_first_line(exc)})") from None
+        onnx.checker.check_model(upgraded)
+    except Exception as exc:  # noqa: BLE001 - the model as given still converts; per-channel recipes are skipped
+        notes.append(f"opset {opset} kept: upgrading to {MIN_OPSET} failed in onnx's version converter "
+                     f"({type(exc).__name__}); per-channel INT8 recipes need >= {MIN_OPSET}")
+        return model
     notes.append(f"upgraded opset {opset} -> {MIN_OPSET} (per-channel INT8 needs >= {MIN_OPSET})")
     return upgraded
 

@@ -50,11 +50,14 @@ def convert(model: Path | str, profiles: Sequence[str] | str = (AUTO,), output: 
     :data:`~edge_sdk.converters.config.OPTIONS`, each a field of :class:`ConvertConfig`:
     ``calibration`` (a folder/file of ``.npy``/``.npz`` or images, a list of feeds dicts, or
     ``"random"``, an explicit opt-in warned about in the report; without it INT8 is dynamic);
-    ``validation`` (held-out samples; default: the calibration samples); ``labels`` (top-1
-    accuracy as the task metric) or ``metric`` (any :class:`~edge_sdk.converters.validate.TaskMetric`);
-    ``max_accuracy_drop`` in points (task metric, else top-1 agreement with FP32, else cosine x 100);
-    ``prune`` (``"METHOD:AMOUNT"``, e.g. ``"channel:0.3"``); ``targets``; ``input_shapes``;
-    ``calibration_method``; ``per_channel``; ``latency_runs``; ``validation_limit``; ``speed_gate``
+    ``validation`` (samples to validate on; default: a seeded held-out part of the calibration
+    samples, which then do not calibrate); ``labels`` (top-1 accuracy as the task metric) or
+    ``metric`` (a :class:`~edge_sdk.converters.metrics.TaskMetric`, or ``"top1"``, ``"cosine"``,
+    ``"f1"``, ``"module:function"``; default: by the output's kind, see ``converters/metrics.py``);
+    ``max_accuracy_drop`` in points of that measure; ``prune`` (``"METHOD:AMOUNT"``, e.g.
+    ``"channel:0.3"``); ``targets``; ``input_shapes`` (dims neither a dynamic batch, fixed to 1,
+    nor the samples fix); ``calibration_method``; ``per_channel``; ``calibration_limit``;
+    ``mixed_precision``; ``latency_runs``; ``validation_limit``; ``speed_gate``
     (False keeps variants slower than FP32 here, for builds whose machine is unlike the device);
     ``image_options``; ``sign_key``; ``release_version``; ``model_name``. Nothing is written at
     ``output`` unless the whole conversion succeeds.

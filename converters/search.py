@@ -12,8 +12,8 @@ For each recipe of :meth:`ExportTarget.recipes` (see ``targets/base.py`` for wha
 
 The best accepted candidate becomes the variant: candidates whose speed verdict is clear beat
 inconclusive ones; among those, a later candidate replaces the current best only when it is
-clearly faster (its latency-ratio interval lies wholly below the best's) or, at a speed tie,
-clearly smaller (under 90% of the size). Recipe order breaks every other tie, so the same
+clearly faster (its latency-ratio interval lies wholly below the best's, and its ratio is at least
+10% lower) or, at a speed tie, clearly smaller (under 90% of the size). Recipe order breaks every other tie, so the same
 measurements always choose the same recipe. With nothing accepted, the most accurate candidate
 stands as the rejected variant, its reason naming what every recipe gave.
 """
@@ -70,7 +70,8 @@ class SearchResult:
     chosen: Candidate | None = None
 
     def most_accurate(self) -> Candidate | None:
-        return min(self.candidates, key=lambda c: c.drop, default=None)
+        """The candidate that stands for a rejected variant: one that changed something, then the most accurate."""
+        return min(self.candidates, key=lambda c: (c.result.nodes_quantized == 0, c.drop), default=None)
 
 
 def run_recipes(recipes: Sequence[Recipe], attempt: Callable[[Recipe], Candidate], *, facts: ModelFacts,

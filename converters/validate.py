@@ -118,8 +118,9 @@ class SpeedComparison:
             return SpeedVerdict.SLOWER
         return SpeedVerdict.OK if self.high <= limit else SpeedVerdict.INCONCLUSIVE
 
-    def clearly_faster_than(self, other: SpeedComparison) -> bool:
-        return self.high < other.low
+    def clearly_faster_than(self, other: SpeedComparison, margin: float = 0.9) -> bool:
+        """Intervals apart and at least ``1 - margin`` faster: a choice no rerun on a noisy machine flips."""
+        return self.high < other.low and self.ratio < margin * other.ratio
 
 
 def compare_speed(reference: Session, candidate: Session, sample: Feeds, *, runs: int = 50, limit: float = 1.0,

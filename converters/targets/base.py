@@ -55,6 +55,7 @@ class ModelFacts:
     weight_params: Mapping[str, int]  # op type -> parameters of the initializers it reads
     subgraph_nodes: int = 0  # nodes inside If/Loop/Scan bodies
     float_inputs: int = 1
+    opset: int = 13
 
     @property
     def matmul_heavy(self) -> bool:

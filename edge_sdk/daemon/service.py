@@ -29,7 +29,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from ..errors import ConfigError, EdgeSDKError, MissingDependencyError
+from ..errors import ConfigError, EdgeSDKError, IntegrityError, MissingDependencyError
 from ..runtime.monitor import SystemSource
 from ..runtime.policy import PolicyEvent
 from . import systemd
@@ -202,8 +202,7 @@ class Daemon:
                 log.info("model %s: not loading %s: shutting down", model.name, folder)
                 return None
             try:
-                served = load_served(model, folder, public_key=self.config.sync.public_key, policy=self.config.policy,
-                                     resources=self.resources)
+                served, repaired = self._load_or_repair(model, folder)
             except EdgeSDKError as exc:
                 errors.append(f"{folder}: {exc}")
                 log.error("model %s: cannot load %s: %s", model.name, folder, exc)
@@ -212,13 +211,46 @@ class Daemon:
                 errors.append(f"{folder}: {type(exc).__name__}: {exc}")
                 log.exception("model %s: unexpected error loading %s", model.name, folder)
                 continue
-            return served if self._activate(served) else None
+            if errors:  # a better candidate failed: say so, the cloud must not think it runs
+                return served if self._activate(served, "fallback", "; ".join(errors)) else None
+            return served if self._activate(served, "repaired" if repaired else "active", repaired) else None
         if self.models.get(model.name) is None:
             self.models.set_error(model.name, "; ".join(errors) or "no release yet (waiting for sync)")
         return None
 
-    def _activate(self, served: ServedModel) -> bool:
-        """Serve ``served``; False (and it is closed) when the daemon is shutting down."""
+    def _load_or_repair(self, model: ModelConfig, folder: Path) -> tuple[ServedModel, str | None]:
+        """Load ``folder``; a synced release whose files fail their hashes is rebuilt from the local
+        chunk store and loaded again (returns why, else None). Chunks that are not local are
+        fetched again in the background, and the release served once rebuilt."""
+        def load() -> ServedModel:
+            return load_served(model, folder, public_key=self.config.sync.public_key, policy=self.config.policy,
+                               resources=self.resources)
+
+        try:
+            return load(), None
+        except IntegrityError as exc:
+            if self.sync is None:
+                raise
+            started = time.monotonic()
+            try:
+                report = self.sync.repair(folder)
+            except EdgeSDKError as why:  # the manifest itself is bad: only a new sync helps
+                log.error("model %s: %s cannot be rebuilt: %s", model.name, folder, why)
+                raise exc from None
+            if report is None or not report.complete:
+                if report is not None:
+                    log.error("model %s: %s is damaged (%s); %d chunks are not local: fetching them again",
+                              model.name, folder, exc, len(report.missing))
+                    self.sync.refetch(folder, report.missing, lambda: self.load_model(model, folder))
+                raise
+            why = f"{', '.join(report.repaired) or 'nothing'} rebuilt from local chunks ({exc})"
+            log.warning("model %s: %s was damaged: %s in %.0f ms", model.name, folder, why,
+                        (time.monotonic() - started) * 1000)
+            return load(), why
+
+    def _activate(self, served: ServedModel, state: str = "active", reason: str | None = None) -> bool:
+        """Serve ``served``; False (and it is closed) when the daemon is shutting down. ``state``
+        and ``reason`` (active, repaired, fallback) go to the reported state."""
         # A load that ends during shutdown must not leave a model open once the table is closed;
         # put() refuses (and closes the model) when close() got there first.
         if self._stopping:
@@ -233,6 +265,8 @@ class Daemon:
         self.metrics.set_active(served.name, str(served.version), backend, precision)
         self._watch_precision(served)
         log.info("model %s: serving v%s from %s (%s, %s)", served.name, served.version, served.release_dir, backend, precision)
+        if self.sync is not None:
+            self.sync.report_serving(served, state, reason)
         return True
 
     def _watch_precision(self, served: ServedModel) -> None:

@@ -28,9 +28,12 @@ from ..errors import EdgeSDKError, OutboxFullError
 from ..profiles import AUTO, resolve_profile
 from ..runtime.monitor import ResourceSource
 from ..runtime.policy import PolicyEvent, PolicyOverride
+from ..manifest import ChunkRef
 from ..runtime.sync.client import Selection, SyncClient, SyncConfig
+from ..runtime.sync.fetch import fetch_missing
 from ..runtime.sync.outbox import Outbox, OutboxConfig, Priority
 from ..runtime.sync.releases import parse_name
+from ..runtime.sync.repair import RepairReport, repair_release
 from ..runtime.sync.telemetry import TelemetryUploader
 from ..types import ErrorKind, RecordKind
 from .config import DaemonConfig, ModelConfig
@@ -85,6 +88,7 @@ class SyncBridge:
         self.last_success: float | None = None  # wall time of the last release activation
         self.policy: PolicyOverride | None = None  # the desired runtime policy last received
         self._results: list[dict[str, Any]] = []
+        self._refetching: set[Path] = set()  # damaged releases whose chunks are being fetched again
         #: How long a clean SyncClient.stop() may take at shutdown before the link is cut.
         self.link_stop_s = 3.0
 
@@ -174,6 +178,60 @@ class SyncBridge:
             if target is not None and target.name == model_name:
                 found += [f for f in (releases.active(synced), releases.previous(synced)) if f is not None]
         return found
+
+    # ---- side state: damaged synced releases ----------------------------------------------------
+
+    def repair(self, release_dir: Path) -> RepairReport | None:
+        """Rebuild a synced release's damaged files from the local chunk store; None if
+        ``release_dir`` is not a synced release (nothing to rebuild it from)."""
+        release_dir = Path(release_dir).resolve()
+        if release_dir.parent != self.client.releases.releases.resolve():
+            return None
+        return repair_release(release_dir, self.client.chunks, self.client.public_key)
+
+    def refetch(self, release_dir: Path, missing: list[ChunkRef], then: Callable[[], None]) -> None:
+        """In the background: fetch ``missing`` chunks of the damaged ``release_dir`` from its
+        model's chunk store (retrying with backoff), rebuild it, then call ``then``."""
+        release_dir = Path(release_dir).resolve()
+        with self._loaded_lock:
+            if release_dir in self._refetching:
+                return
+            self._refetching.add(release_dir)
+        model = (parse_name(release_dir.name) or ("",))[0]
+
+        def run() -> None:
+            chunks, delay = list(missing), self.client.config.retry_min_s
+            try:
+                while not self._stop.is_set():
+                    try:
+                        entry = self.client.desired().wanted.get(model)
+                        store = self.client.store((entry.store if entry else None) or self.client.config.store)
+                        fetch_missing(store, self.client.chunks, chunks,
+                                      time.monotonic() + self.client.config.sync_timeout_s, cancel=self._stop)
+                        report = self.repair(release_dir)
+                        if report is None or report.complete:
+                            log.warning("%s: damaged files fetched again and rebuilt: %s", release_dir.name,
+                                        report.repaired if report else [])
+                            then()
+                            return
+                        chunks = report.missing
+                    except EdgeSDKError as exc:
+                        log.warning("%s: re-fetching %d damaged chunks failed, retrying in %.1fs: %s",
+                                    release_dir.name, len(chunks), delay, exc)
+                    self._stop.wait(delay)
+                    delay = min(delay * 2, self.client.config.retry_max_s)
+            finally:
+                with self._loaded_lock:
+                    self._refetching.discard(release_dir)
+
+        threading.Thread(target=run, name=f"refetch-{model}", daemon=True).start()
+
+    def report_serving(self, served: ServedModel, state: str, reason: str | None) -> None:
+        """Reported state says what is served and why: ``models.<m>.release`` is the release
+        actually serving, ``serving`` = {state: active|repaired|fallback, reason, release_dir}."""
+        manifest = served.manifest
+        self.client.twin.set_model(manifest.model, release={"model": manifest.model, "version": manifest.version},
+                                   serving={"state": state, "reason": reason, "release_dir": str(served.release_dir)})
 
     def _on_policy(self, policy: PolicyOverride) -> None:
         """Desired runtime policy changed: apply it to every served model, live (no reload)."""

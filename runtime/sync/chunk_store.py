@@ -121,7 +121,9 @@ class ChunkStore:
                     data = self.get(ref.sha256)
                     if len(data) != ref.size or sha256_bytes(data) != ref.sha256:
                         self.path(ref.sha256).unlink(missing_ok=True)
-                        raise IntegrityError(f"{entry.path}: stored chunk {ref.sha256[:12]}… is corrupt; removed")
+                        error = IntegrityError(f"{entry.path}: stored chunk {ref.sha256[:12]}… is corrupt; removed")
+                        error.kind = ErrorKind.CORRUPT_CHUNK  # type: ignore[attr-defined]  # local damage: fetch again
+                        raise error
                     out.write(data)
                     digest.update(data)
                     written += len(data)

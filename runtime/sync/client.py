@@ -19,6 +19,11 @@ Flow for one release (``sync(model, version)``, also driven by desired-state mes
 Interrupted anywhere (broker or store gone, ``kill -9``), the next attempt starts over from the
 manifest but finds the chunks already stored and fetches only the rest. Every rejection is
 logged with its reason, counted in the twin, and leaves the active release untouched.
+
+A refusal is remembered by *content*, the sha256 of the manifest message (manifest + release
+statement), not by version: a forged or broken manifest is not tried again, but the genuine one
+published at the same version later is taken as soon as it is retained (each follower watches its
+model's manifest topics). A bad chunk is not a refusal of the release: it is fetched again.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +41,7 @@ from typing import Any
 
 from pydantic import Field
 
+from edge_sdk.chunking import sha256_bytes
 from edge_sdk.config import StrictModel
 from edge_sdk.errors import ConfigError, EdgeSDKError, IntegrityError, SyncError
 from edge_sdk.manifest import Manifest, Variant
@@ -54,6 +61,8 @@ from .transport import Message, TlsConfig, Transport, TransportConfig
 from .twin import DesiredState, Twin, merge_desired
 
 log = logging.getLogger(__name__)
+#: refused manifest messages remembered (by sha256), oldest forgotten first
+MAX_REFUSED = 256
 
 
 @dataclass(frozen=True)
@@ -182,6 +191,7 @@ class SyncClient:
         self._followers: dict[str, _Follower] = {}
         self._desired: dict[str, DesiredState | None] = {"fleet": None, "device": None}
         self._policy: dict[str, Any] | None = None  # the last applied policy, as set (explicit nulls kept)
+        self._refused: OrderedDict[str, str] = OrderedDict()  # sha256 of a refused manifest message -> why
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
@@ -275,7 +285,6 @@ class SyncClient:
         model = follower.model
         delay = self.config.retry_min_s
         timeout: float | None = None
-        failed: dict[tuple[int, str | None], str] = {}
         while not self._stop.is_set():
             follower.wake.wait(timeout)
             follower.wake.clear()
@@ -283,23 +292,37 @@ class SyncClient:
                 return
             entry = self.desired().wanted.get(model)
             timeout = None
-            if entry is None:
+            if entry is None or self.releases.active_ref(model) == (model, entry.version):
                 continue
-            target = (entry.version, entry.store)
-            if target != follower.target:  # a new desired release: earlier refusals no longer apply
-                failed.clear()
-                follower.target = target
-            if self.releases.active_ref(model) == (model, entry.version) or target in failed:
-                continue
+            if follower.manifests.get(entry.version) in self._refused:
+                continue  # the retained manifest is one refused before; the watcher wakes us for another
             try:
-                result = self.sync(model, entry.version, store=entry.store)
+                self.sync(model, entry.version, store=entry.store)
             except EdgeSDKError as exc:  # already reported in the twin; retry with backoff
                 log.info("sync of %s v%s failed, retrying in %.1fs: %s", model, entry.version, delay, exc)
                 timeout, delay = delay, min(delay * 2, self.config.retry_max_s)
                 continue
             delay = self.config.retry_min_s
-            if result.status in (SyncStatus.REJECTED, SyncStatus.ROLLED_BACK):
-                failed[target] = result.reason or result.status
+
+    def _on_manifest(self, follower: _Follower, message: Message) -> None:
+        """A retained manifest of the follower's model: remember its digest; wake the follower
+        if it is for the wanted version and is not one refused before."""
+        match = self.topics.parse(message.topic)
+        if match is None or match.kind is not TopicKind.MANIFEST or match.model != follower.model:
+            return
+        if not message.payload:
+            follower.manifests.pop(match.version, None)
+            return
+        digest = follower.manifests[match.version] = sha256_bytes(message.payload)
+        entry = self.desired().wanted.get(follower.model)
+        if entry is not None and entry.version == match.version and digest not in self._refused:
+            follower.wake.set()
+
+    def _refuse(self, digest: str, reason: str) -> None:
+        with self._lock:
+            self._refused[digest] = reason
+            while len(self._refused) > MAX_REFUSED:
+                self._refused.popitem(last=False)
 
     def _apply_policy(self, policy: PolicyOverride) -> None:
         # Compared as set: model equality ignores whether pin_precision was null or absent.
@@ -356,6 +379,20 @@ class SyncClient:
             self.releases.check_version(model, version)  # before any download
         self.twin.progress(state=SyncState.MANIFEST, model=model, version=version)
         payload = self._fetch_manifest(model, version, deadline)
+        digest = sha256_bytes(payload)
+        if digest in self._refused:  # this exact message was refused: not again, and not counted again
+            return SyncResult(model, version, SyncStatus.REJECTED, reason=f"refused before: {self._refused[digest]}")
+        try:
+            result = self._apply(model, version, payload, deadline, store_url)
+        except IntegrityError as exc:
+            self._refuse(digest, str(exc))
+            raise
+        if result.status in (SyncStatus.REJECTED, SyncStatus.ROLLED_BACK):
+            self._refuse(digest, result.reason or result.status.value)
+        return result
+
+    def _apply(self, model: str, version: int, payload: bytes, deadline: float, store_url: str) -> SyncResult:
+        """Everything after the manifest message arrived: verify, fetch, stage, self-test, activate."""
         with _kind(ErrorKind.BAD_SIGNATURE):
             manifest, data, signature = verify_envelope(payload, self.public_key)
         if (manifest.model, manifest.version) != (model, version):
@@ -377,7 +414,14 @@ class SyncClient:
                             bytes_total=sum(e.size for e in files), variants=[v.id for v in variants])
         self._fetch_chunks(missing, model, version, deadline, result, store_url)
         self.twin.progress(state=SyncState.STAGING, model=model, version=version)
-        folder = self.releases.stage(manifest, data, signature, files, self.chunks)
+        try:
+            folder = self.releases.stage(manifest, data, signature, files, self.chunks)
+        except IntegrityError as exc:
+            if getattr(exc, "kind", None) != ErrorKind.CORRUPT_CHUNK:
+                raise
+            # A stored chunk went bad on this device (now removed): not the release's fault.
+            raise _tagged(SyncError(f"staging {model} v{version}: {exc}; fetching it again"),
+                          ErrorKind.CORRUPT_CHUNK) from None
         result.path = str(folder)
         selected: Selection | None = None
         if self._self_test is not None:
@@ -512,7 +556,9 @@ class _Follower:
     def __init__(self, client: SyncClient, model: str) -> None:
         self.model = model
         self.wake = threading.Event()
-        self.target: tuple[int, str | None] | None = None
+        self.manifests: dict[int, str] = {}  # version -> sha256 of the manifest message retained for it
+        # Its own filter (not the exact topic _fetch_manifest subscribes to), so both get the messages.
+        client.transport.subscribe(client.topics.all_manifests(model), lambda m: client._on_manifest(self, m), qos=1)
         self.thread = threading.Thread(target=client._follow, args=(self,), name=f"sync-{model}", daemon=True)
         self.thread.start()
 

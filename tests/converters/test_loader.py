@@ -102,6 +102,21 @@ def test_old_opset_is_upgraded_to_13(tmp_path):
     assert any("upgraded opset 9 -> 13" in n for n in loaded.notes)
 
 
+def test_a_failed_opset_upgrade_keeps_the_model_and_says_what_it_costs(tmp_path, monkeypatch):
+    def fail(model, version):
+        raise RuntimeError("no adapter for op Upsample")
+
+    monkeypatch.setattr(onnx.version_converter, "convert_version", fail)
+    path = tmp_path / "old.onnx"
+    onnx.save(_tiny(opset=9), str(path))
+    loaded = load_model(path, tmp_path / "")
+    assert loaded.opset == 9 and loaded.facts.opset == 9
+    assert any("opset 9 kept: upgrading to 13 failed" in n and "per-channel INT8 recipes need >= 13" in n for n in loaded.notes)
+    from edge_sdk.converters.targets.onnx import INT8_RECIPES
+
+    assert INT8_RECIPES[0].skip_reason(loaded.facts, has_calibration=True) == "per-channel QDQ needs opset >= 13 (the model has 9)"
+
+
 def test_a_dynamic_batch_becomes_1_with_a_note_and_input_shape_still_decides(tmp_path):
     path = samples.save(samples.make_cnn(batch="N"), tmp_path / "dyn.onnx")
     loaded = load_model(path, tmp_path)

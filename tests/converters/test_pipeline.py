@@ -115,17 +115,33 @@ def test_speed_gate_rejects_slow_variants_unless_turned_off(cnn_path, cnn_calibr
     assert manifest.variant("onnx-fp32").ok  # the yardstick is never speed-gated
 
 
-def test_nothing_quantized_is_rejected(tmp_path):
+def test_if_bodies_are_quantized_by_the_dynamic_recipe_where_static_ones_quantize_nothing(tmp_path):
     source = tmp_path / "if.onnx"
-    onnx.save(samples.make_if_model(), str(source))
+    onnx.save(samples.make_if_model(), str(source))  # every MatMul sits inside the If's branches
+    manifest = edge_sdk.convert(source, ["intel-nuc"], tmp_path / "rel", calibration="random", targets=["onnx"],
+                                latency_runs=5)
+    tried = {a.recipe: a for a in manifest.report.recipes["onnx-int8"]}
+    assert tried["qdq-per-channel"].reason == "nothing was quantized (the file is still FP32)"
+    assert tried["dynamic-matmul"].outcome in ("chosen", "accepted") or "slower" in tried["dynamic-matmul"].reason
+    int8 = manifest.variant("onnx-int8")
+    assert int8.validation.recipe == "dynamic-matmul" and int8.validation.nodes_quantized == 2
+    assert "dynamic int8: 2 of the quantized nodes are inside subgraphs (If/Loop/Scan bodies)" in int8.validation.notes
+    assert any("random" in w for w in manifest.report.warnings)
+
+
+def test_nothing_quantized_is_rejected(tmp_path):
+    model = samples.make_if_model()
+    for branch in model.graph.node[0].attribute:  # Add instead of MatMul: nothing any quantizer quantizes
+        branch.g.node[0].op_type = "Add"
+    source = tmp_path / "if_add.onnx"
+    onnx.save(model, str(source))
     manifest = edge_sdk.convert(source, ["intel-nuc"], tmp_path / "rel", calibration="random", targets=["onnx"],
                                 latency_runs=5)
     int8 = manifest.variant("onnx-int8")
     assert int8.status == "rejected" and "nothing was quantized" in int8.reason
     assert int8.validation.nodes_quantized == 0
-    assert any("subgraphs" in note for note in int8.validation.notes)
+    assert any("nodes inside subgraphs (If/Loop/Scan bodies) left FP32" in note for note in int8.validation.notes)
     assert manifest.defaults["intel-nuc"] != "onnx-int8"
-    assert any("random" in w for w in manifest.report.warnings)
 
 
 class _Crash(OnnxTarget):

@@ -90,3 +90,25 @@ def test_nothing_quantized_is_noticed(tmp_path):
     assert report.nodes_quantized == 0
     assert any("nothing was quantized" in n for n in report.notes)
     assert any("subgraphs" in n for n in report.notes)
+
+
+def test_weight_matmuls_only_and_dynamic_matmul_on_a_token_model(tmp_path):
+    """The transformer recipes: integer inputs untouched, only MatMuls by weights quantized."""
+    src = samples.save(samples.make_token_model(), tmp_path / "tokens.onnx")
+    from edge_sdk.converters.loader import read_model
+
+    rng = np.random.default_rng(0)
+    feeds = [{"input_ids": rng.integers(0, 64, (1, 8)).astype(np.int64), "attention_mask": np.ones((1, 8), np.int64)}
+             for _ in range(8)]
+    loaded = read_model(src).finish(tmp_path, {n: [f[n].shape for f in feeds] for n in feeds[0]})
+    static = quantize.quantize_static_int8(loaded.path, tmp_path / "s.onnx", feeds, op_types=("Conv", "MatMul", "Gemm"),
+                                           extra_options={"MatMulConstBOnly": True})
+    dynamic = quantize.quantize_dynamic_int8(loaded.path, tmp_path / "d.onnx", op_types=("MatMul", "Gemm"))
+    for path, report in ((tmp_path / "s.onnx", static), (tmp_path / "d.onnx", dynamic)):
+        graph = onnx.load(str(path)).graph
+        assert report.nodes_quantized >= 2
+        assert [i.type.tensor_type.elem_type for i in graph.input] == [TensorProto.INT64] * 2
+        reference = ort.InferenceSession(str(loaded.path), providers=["CPUExecutionProvider"]).run(None, feeds[0])[0]
+        got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds[0])[0]
+        assert float((reference * got).sum() / np.linalg.norm(reference) / np.linalg.norm(got)) > 0.99
+    assert "op types ['Conv', 'MatMul', 'Gemm']" in static.notes[-1]

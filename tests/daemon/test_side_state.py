@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from servers import free_port
 
 from .conftest import fusion_inputs, write_config
@@ -130,3 +131,95 @@ def test_no_room_to_create_the_outbox_still_starts_sync_and_telemetry_comes_back
                        60, "telemetry stored again", daemon)
     assert telemetry["disabled"] is None and telemetry["rejected"] > 0  # what was refused meanwhile is counted
     assert daemon.proc.poll() is None
+
+
+@pytest.fixture(scope="module")
+def fusion_v2(tmp_path_factory) -> Path:
+    from edge_sdk import samples
+
+    from .conftest import _convert
+
+    root = tmp_path_factory.mktemp("fusion-v2")
+    return _convert(samples.save(samples.make_multimodal(seed=1), root / "fusion.onnx"), root / "fusion-v2", 2, "fusion")
+
+
+def _damage_largest_model_file(release: Path):
+    """Flip one byte in the release's largest model file; returns its manifest entry."""
+    from edge_sdk.manifest import load_manifest
+
+    entry = max((e for e in load_manifest(release).files() if (release / e.path).exists()), key=lambda e: e.size)
+    data = bytearray((release / entry.path).read_bytes())
+    data[len(data) // 2] ^= 0x20
+    (release / entry.path).write_bytes(bytes(data))
+    return entry
+
+
+def _serving_state(broker_url: str, version: int, state: str):
+    def check():
+        model = _reported(broker_url, "heal").get("models", {}).get("fusion", {})
+        ok = model.get("release", {}).get("version") == version and (model.get("serving") or {}).get("state") == state
+        return model if ok else None
+    return check
+
+
+def test_a_damaged_active_release_is_rebuilt_or_falls_back_visibly(fusion_release: Path, fusion_v2: Path, mosquitto,
+                                                                   start_daemon, tmp_path):
+    """A corrupt file in the active release used to mean 503 forever (no previous) or a silent
+    fallback. Now: rebuilt from local chunks and served; with its chunks gone too, the previous
+    release serves, reported as a fallback, until the chunks are fetched again."""
+    import signal
+
+    from edge_sdk.cloud.desire import build_desired, write_desired
+    from edge_sdk.cloud.publish import publish_release
+    from edge_sdk.runtime.sync.chunk_store import ChunkStore
+    from edge_sdk.runtime.sync.topics import Topics
+
+    from .conftest import metric_value
+
+    publish_release(fusion_release, mosquitto.url, "heal")
+    write_desired(mosquitto.url, "heal", build_desired("fusion", 1))
+    state = tmp_path / "state"
+    config = write_config(tmp_path, [{"name": "fusion", "profile": "generic-x86_64", "precision": "fp32"}],
+                          sync={"broker": mosquitto.url, "fleet": "heal", "allow_unsigned": True,
+                                "telemetry_interval_s": 0.3})
+
+    def version(daemon) -> float | None:
+        text = httpx.get(daemon.url + "/metrics").text
+        return next((v for v in (1, 2) if metric_value(text, "edge_model_active", model="fusion", version=str(v),
+                                                         backend="onnxruntime", precision="fp32") == 1.0), None)
+
+    daemon = start_daemon(config).wait_ready(timeout=120)
+    v1 = state / "sync" / "releases" / "fusion@v1"
+    # 1. Only release, one file damaged: rebuilt from the local chunks, served, reported as repaired.
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(30) == 0
+    damaged = _damage_largest_model_file(v1)
+    daemon = start_daemon(config)
+    _serving(f"{daemon.wait_ready(timeout=120).url}", proc=daemon)
+    model = _until(_serving_state(mosquitto.url, 1, "repaired"), 30, "reported as repaired", daemon)
+    assert damaged.path in model["serving"]["reason"]
+    # 2. v2 active, v1 kept. v2 damaged and its chunk gone from the device and from the broker.
+    publish_release(fusion_v2, mosquitto.url, "heal")
+    write_desired(mosquitto.url, "heal", build_desired("fusion", 2))
+    _until(lambda: version(daemon) == 2, 120, "v2 synced", daemon)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(30) == 0
+    entry = _damage_largest_model_file(state / "sync" / "releases" / "fusion@v2")
+    lost = entry.chunks[len(entry.chunks) // 2]
+    ChunkStore(state / "sync" / "chunks").path(lost.sha256).unlink(missing_ok=True)
+    _retain_empty(mosquitto.url, Topics("heal").blob(lost.sha256))
+    daemon = start_daemon(config).wait_ready(timeout=120)
+    assert version(daemon) == 1  # the previous release serves at once...
+    model = _until(_serving_state(mosquitto.url, 1, "fallback"), 30, "reported as a fallback", daemon)
+    assert "fusion@v2" in model["serving"]["reason"]  # ...and the reported state says why
+    # 3. The cloud repairs its store (a plain publish); the device fetches the chunk and serves v2.
+    assert publish_release(fusion_v2, mosquitto.url, "heal").chunks_repaired == 1
+    _until(lambda: version(daemon) == 2, 120, "v2 served again", daemon)
+    _until(_serving_state(mosquitto.url, 2, "active"), 30, "reported as active", daemon)
+
+
+def _retain_empty(broker_url: str, topic: str) -> None:
+    from edge_sdk.cloud.connection import connect
+
+    with connect(broker_url, "test") as t:
+        assert t.publish(topic, b"", qos=1, retain=True, wait=5)

@@ -82,7 +82,7 @@ def test_per_tensor_int8_is_rejected_and_mixed_precision_recovers(data, tmp_path
     int8 = manifest.variant("onnx-int8")
     mixed = manifest.variant("onnx-mixed")
     assert int8.status == "rejected" and "face_f1_iou50 dropped" in int8.reason
-    assert mixed.validation.nodes_kept_fp32, manifest.report.mixed_precision
+    assert mixed.validation.nodes_kept_fp32, manifest.report.sensitivity
     assert mixed.validation.metric_fp32 - mixed.validation.metric <= 0.01
     assert len(mixed.validation.nodes_kept_fp32) < 0.5 * int8.validation.nodes_quantized
     assert mixed.size_bytes < 0.6 * manifest.variant("onnx-fp32").size_bytes
