@@ -120,6 +120,24 @@ def test_replayed_older_release_is_refused(published, release_keypair, tmp_path)
     assert again.releases.highest_accepted("cnn") == 2
 
 
+def test_the_previous_release_is_taken_back_without_downloading(published, release_keypair, tmp_path):
+    """A halted rollout sets an activated device back to the release it ran before: not a replay."""
+    client = _client(published, tmp_path / "dev", release_keypair[1])
+    client.transport.start()
+    try:
+        assert client.sync("cnn", 1, timeout=60).status == "activated"
+        assert client.sync("cnn", 2, timeout=60).status == "activated"
+        back = client.sync("cnn", 1, timeout=60)
+        assert back.status == "activated" and back.chunks_fetched == 0, back
+        assert client.releases.active().name == "cnn@v1" and client.releases.previous().name == "cnn@v2"
+        assert client.releases.highest_accepted("cnn") == 2 and client.twin.errors["replay"] == 0
+        _reported(published, "cam-1", lambda r: r["release"] == {"model": "cnn", "version": 1})
+        forward = client.sync("cnn", 2, timeout=60)  # and forward again, from what it kept
+        assert forward.status == "activated" and forward.chunks_fetched == 0
+    finally:
+        client.transport.stop()
+
+
 @pytest.mark.parametrize("case", ["wrong_key", "unsigned", "flipped_byte", "garbage"])
 def test_bad_signature_rejected_before_parsing(published, sync_releases, release_keypair, tmp_path, monkeypatch, case):
     v1 = sync_releases["v1"]
