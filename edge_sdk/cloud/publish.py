@@ -277,17 +277,25 @@ def publish_root(root: bytes, broker: str, fleet: str, *, prefix: str = "", tls:
     topic = topics.trust_root(new.version)
     with connect(broker, "publish-root", tls) as transport:
         retained = collect_retained(transport, topics, topics.all_trust_roots())
-        if new.version > 1:
-            previous = retained.get(topics.trust_root(new.version - 1))
-            if previous is not None:
-                TrustRoot.from_bytes(previous, topics.trust_root(new.version - 1)).rotate(root, "new root")
-            else:
-                log.warning("no root v%d retained at %s: only devices that already trust v%d can take v%d",
-                            new.version - 1, topics.trust_root(new.version - 1), new.version - 1, new.version)
+        previous = retained.get(topics.trust_root(new.version - 1)) if new.version > 1 else None
+        if previous is not None:
+            previous_root = TrustRoot.from_bytes(previous, topics.trust_root(new.version - 1))
+            previous_root.rotate(root, "new root")
+        elif new.version > 1:
+            log.warning("no root v%d retained at %s: only devices that already trust v%d can take v%d",
+                        new.version - 1, topics.trust_root(new.version - 1), new.version - 1, new.version)
         existing = retained.get(topic)
         if existing is not None and existing != root:
-            raise IntegrityError(f"a different root v{new.version} is already retained at {topic}; roots are "
-                                 f"versioned: rotate to v{new.version + 1}")
+            forged = None
+            if previous is not None:  # a retained root devices would refuse must not lock the publisher out
+                try:
+                    previous_root.rotate(existing, topic)
+                except IntegrityError as exc:
+                    forged = exc
+            if forged is None:
+                raise IntegrityError(f"a different root v{new.version} is already retained at {topic}; roots are "
+                                     f"versioned: rotate to v{new.version + 1}")
+            log.warning("replacing the root v%d retained at %s, which does not chain: %s", new.version, topic, forged)
         if not transport.publish(topic, root, qos=1, retain=True, wait=60.0):
             raise SyncError(f"broker did not acknowledge {topic} within 60s")
     return topic

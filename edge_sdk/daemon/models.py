@@ -18,6 +18,7 @@ from ..errors import EdgeSDKError, ModelError
 from ..manifest import Manifest, TensorSpec, load_manifest
 from ..profiles import resolve_profile
 from ..runtime.model import EdgeModel, ModelInfo
+from ..trust import TrustRoot
 from ..runtime.monitor import ResourceSource, SystemSource
 from .config import ModelConfig, PolicyConfig
 
@@ -100,7 +101,7 @@ class ServedModel:
             log.warning("model %s v%s: close failed: %s", self.name, self.version, exc)
 
 
-def load_served(config: ModelConfig, release_dir: Path, *, public_key: Path | None = None,
+def load_served(config: ModelConfig, release_dir: Path, *, public_key: TrustRoot | Path | None = None,
                 policy: PolicyConfig | None = None, resources: ResourceSource | None = None) -> ServedModel:
     """Load ``release_dir`` for ``config`` (hashes, signature and self-test are checked by EdgeModel.load).
 

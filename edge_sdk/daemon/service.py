@@ -43,6 +43,7 @@ from .metrics import DaemonMetrics, Snapshot
 from .models import ModelTable, ServedModel, load_served
 from .pipeline import Pipelines
 from .sync import SyncBridge
+from ..trust import TrustRoot, TrustStore, load_trust
 
 if TYPE_CHECKING:  # pragma: no cover - uvicorn is imported when the server starts
     import uvicorn
@@ -140,6 +141,14 @@ class Daemon:
         #: The one reader of resource figures: the precision policy, /metrics, twin and telemetry.
         self.resources = SystemSource(config.policy.resource_root or "/")
         self.metrics.add_source("resource", self._resource_snapshot)
+        #: The keys releases must be signed with: the configured root, moved forward by the roots
+        #: sync accepted (kept under state_dir/sync/trust), for local and synced releases alike.
+        self.trust = (TrustStore(load_trust(config.sync.public_key), config.state_dir / "sync" / "trust")
+                      if config.sync.public_key is not None else None)
+
+    @property
+    def trust_root(self) -> TrustRoot | None:
+        return self.trust.current if self.trust is not None else None
 
     def _resource_snapshot(self) -> Snapshot:
         """The same figures the precision policy decides on (cgroup-aware), read at scrape time."""
@@ -185,7 +194,7 @@ class Daemon:
 
     def _load_version(self, name: str, release_dir: Path) -> ServedModel:
         """A non-active version, for the API (not activated: the table keeps serving the active one)."""
-        return load_served(self._model_config(name), release_dir, public_key=self.config.sync.public_key,
+        return load_served(self._model_config(name), release_dir, public_key=self.trust_root,
                            policy=self.config.policy, resources=self.resources)
 
     def _load_named(self, name: str) -> bool:
@@ -223,7 +232,7 @@ class Daemon:
         chunk store and loaded again (returns why, else None). Chunks that are not local are
         fetched again in the background, and the release served once rebuilt."""
         def load() -> ServedModel:
-            return load_served(model, folder, public_key=self.config.sync.public_key, policy=self.config.policy,
+            return load_served(model, folder, public_key=self.trust_root, policy=self.config.policy,
                                resources=self.resources)
 
         try:
@@ -606,7 +615,7 @@ class Daemon:
         if self.config.sync.broker is None:
             return
         try:
-            self.sync = SyncBridge(self.config, self.models, self.on_release, self.resources)
+            self.sync = SyncBridge(self.config, self.models, self.on_release, self.resources, self.trust)
             self.sync.start()
             self.api.on_infer = self.sync.on_infer
         except MissingDependencyError:

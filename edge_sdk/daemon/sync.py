@@ -35,6 +35,7 @@ from ..runtime.sync.outbox import Outbox, OutboxConfig, Priority
 from ..runtime.sync.releases import parse_name
 from ..runtime.sync.repair import RepairReport, repair_release
 from ..runtime.sync.telemetry import TelemetryUploader
+from ..trust import TrustStore
 from ..types import ErrorKind, RecordKind
 from .config import DaemonConfig, ModelConfig
 from .metrics import Snapshot
@@ -55,7 +56,7 @@ class SyncBridge:
     """
 
     def __init__(self, config: DaemonConfig, models: ModelTable, on_release: ReleaseHook,
-                 resources: ResourceSource | None = None) -> None:
+                 resources: ResourceSource | None = None, trust: TrustStore | None = None) -> None:
         self.config = config
         self.models = models
         self.on_release = on_release
@@ -69,6 +70,7 @@ class SyncBridge:
                        public_key=sync.public_key, allow_unsigned=sync.allow_unsigned, prefix=sync.topic_prefix or "",
                        tls=sync.tls),
             self_test=self._load, on_activate=self._on_activate, on_policy=self._on_policy, resources=resources,
+            trust=trust,
         )
         self.outbox = Outbox(OutboxConfig(path=config.state_dir / "outbox.db", max_bytes=config.outbox.max_bytes,
                                           on_full=config.outbox.policy))
@@ -253,7 +255,7 @@ class SyncBridge:
         if target is None:
             raise EdgeSDKError(f"no configured model serves releases of {release_dir.name!r}")
         self._discard_loaded(ref[0])  # a load whose switch never came (the disk refused it)
-        served = load_served(target, release_dir, public_key=self.config.sync.public_key, policy=self.config.policy,
+        served = load_served(target, release_dir, public_key=self.client.public_key, policy=self.config.policy,
                              resources=self.resources)
         if self.policy is not None:
             try:  # a newly loaded model follows the desired policy too

@@ -46,7 +46,7 @@ from edge_sdk.config import StrictModel
 from edge_sdk.errors import ConfigError, EdgeSDKError, IntegrityError, SyncError
 from edge_sdk.manifest import Manifest, Variant
 from edge_sdk.profiles import AUTO
-from edge_sdk.trust import TrustRoot, load_trust
+from edge_sdk.trust import TrustRoot, TrustStore, load_trust
 from edge_sdk.types import ErrorKind, Precision, SyncState, SyncStatus
 
 from ..monitor import ResourceSource
@@ -155,23 +155,25 @@ class SyncClient:
     the merged desired runtime policy (a :class:`~edge_sdk.runtime.policy.PolicyOverride`) whenever
     it changes; raising reports the error in the twin (kind ``policy``) and the client keeps running.
     ``resources`` is the reader of the twin's resource figures (default: this machine, cgroup-aware).
+    ``trust`` is the device's :class:`~edge_sdk.trust.TrustStore` (default: one built from
+    ``config.public_key``, keeping accepted roots under ``<root>/trust``); the client follows the
+    fleet's retained roots (``<prefix>/trust/root/<N>``) and verifies releases with the newest it accepted.
     """
 
     def __init__(self, config: SyncConfig, *, transport: Transport | None = None,
                  self_test: SelfTest | None = None, on_activate: Callable[[Path], None] | None = None,
                  on_policy: Callable[[PolicyOverride], None] | None = None,
-                 resources: ResourceSource | None = None) -> None:
+                 resources: ResourceSource | None = None, trust: TrustStore | None = None) -> None:
         self.config = config
         store_scheme(config.store)  # an unknown default store is a config error now, not at the first sync
         self.topics = Topics(config.fleet, config.prefix)
         self.topics.status(config.device)  # validates the device id
-        if config.public_key is not None:
-            self.public_key = load_trust(config.public_key)
-        elif config.allow_unsigned:
-            self.public_key = None
-        else:
-            raise ConfigError("sync needs a public key to verify releases (or allow_unsigned for unsigned fleets)")
         root = Path(config.root)
+        if trust is None and config.public_key is not None:
+            trust = TrustStore(load_trust(config.public_key), root / "trust")
+        elif trust is None and not config.allow_unsigned:
+            raise ConfigError("sync needs a public key to verify releases (or allow_unsigned for unsigned fleets)")
+        self.trust = trust
         self.chunks = ChunkStore(root / "chunks")
         self.releases = ReleaseStore(root)
         self.transport = transport or Transport(TransportConfig.from_url(
@@ -192,6 +194,7 @@ class SyncClient:
         self._desired: dict[str, DesiredState | None] = {"fleet": None, "device": None}
         self._policy: dict[str, Any] | None = None  # the last applied policy, as set (explicit nulls kept)
         self._refused: OrderedDict[str, str] = OrderedDict()  # sha256 of a refused manifest message -> why
+        self._unverified: set[str] = set()  # refused for their signature: judged again when the root rotates
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
@@ -199,11 +202,19 @@ class SyncClient:
         for model in self.releases.models():
             self._report_active(model)
 
+    @property
+    def public_key(self) -> TrustRoot | None:
+        """The root releases are verified with now (None for an unsigned fleet)."""
+        return self.trust.current if self.trust is not None else None
+
     # -- lifecycle ---------------------------------------------------------------------------
     def subscribe_desired(self) -> None:
-        """Receive the fleet and device desired state (see :meth:`desired`); no syncing by itself."""
+        """Receive the fleet and device desired state (see :meth:`desired`) and the fleet's trust
+        roots; no syncing by itself."""
         self.transport.subscribe(self.topics.desired(None), self._on_desired, qos=1)
         self.transport.subscribe(self.topics.desired(self.config.device), self._on_desired, qos=1)
+        if self.trust is not None:
+            self.transport.subscribe(self.topics.all_trust_roots(), self._on_trust_root, qos=1)
 
     def start(self) -> None:
         """Connect in the background and follow desired state until :meth:`stop`."""
@@ -318,11 +329,39 @@ class SyncClient:
         if entry is not None and entry.version == match.version and digest not in self._refused:
             follower.wake.set()
 
-    def _refuse(self, digest: str, reason: str) -> None:
+    def _refuse(self, digest: str, reason: str, kind: ErrorKind | None = None) -> None:
         with self._lock:
             self._refused[digest] = reason
+            if kind is ErrorKind.BAD_SIGNATURE:
+                self._unverified.add(digest)
             while len(self._refused) > MAX_REFUSED:
-                self._refused.popitem(last=False)
+                self._unverified.discard(self._refused.popitem(last=False)[0])
+
+    def _on_trust_root(self, message: Message) -> None:
+        """A retained root: the trust store takes it if it chains (TUF's root update rule). Once the
+        root moves, releases refused for their signature are judged again under the new keys."""
+        match = self.topics.parse(message.topic)
+        if match is None or match.kind is not TopicKind.TRUST_ROOT or not message.payload or self.trust is None:
+            return
+        refused_before = dict(self.trust.refused)
+        try:
+            moved = self.trust.offer(message.payload, source=message.topic)
+        except OSError as exc:  # the accepted root could not be kept on disk: not trusted until it can be
+            self.twin.error(ErrorKind.STORAGE, f"trust root from {message.topic}: {exc.strerror or exc}")
+            return
+        for version, why in self.trust.refused.items():
+            if refused_before.get(version) != why:
+                self.twin.error(ErrorKind.TRUST_ROOT, why)
+        if not moved:
+            return
+        self.twin.set(trust_root=self.trust.current.version)
+        with self._lock:
+            for digest in self._unverified:
+                self._refused.pop(digest, None)
+            self._unverified.clear()
+            followers = list(self._followers.values())
+        for follower in followers:
+            follower.wake.set()
 
     def _apply_policy(self, policy: PolicyOverride) -> None:
         # Compared as set: model equality ignores whether pin_precision was null or absent.
@@ -385,7 +424,7 @@ class SyncClient:
         try:
             result = self._apply(model, version, payload, deadline, store_url)
         except IntegrityError as exc:
-            self._refuse(digest, str(exc))
+            self._refuse(digest, str(exc), getattr(exc, "kind", None))
             raise
         if result.status in (SyncStatus.REJECTED, SyncStatus.ROLLED_BACK):
             self._refuse(digest, result.reason or result.status.value)

@@ -6,7 +6,8 @@ Layout under ``root`` (a device serves several models; each has its own pointers
     staging/                       folders being assembled; emptied when the store is opened
     current/<model>  -> ../releases/…   symlink: the model's active release
     previous/<model> -> ../releases/…   symlink: what it pointed to before the model's last activation
-    state.json                     highest version ever accepted per model (rollback protection)
+    state.json                     highest version ever accepted per model (rollback protection;
+                                   only ``previous/<model>`` may be older, see ``check_version``)
 
 Every step is crash-safe. A release is assembled in ``staging/``, fsynced, and renamed into
 ``releases/`` (then the folder is fsynced). Activation writes a new symlink beside
@@ -124,9 +125,13 @@ class ReleaseStore:
                 write_atomic(self._state_path, json.dumps(state, sort_keys=True).encode())
 
     def check_version(self, model: str, version: int) -> None:
-        """Rollback protection: refuse a release older than the highest ever accepted."""
+        """Rollback protection: refuse a release older than the highest ever accepted — except the
+        model's ``previous`` release, which this device activated before and still holds: going
+        back to it is a rollback the fleet asked for (a halted rollout sets desired state back to
+        it), not a replay of one it moved past. Only that one step back; older ones stay refused."""
         highest = self.highest_accepted(model)
-        if version < highest:
+        previous = self.previous(model)
+        if version < highest and (previous is None or parse_name(previous.name) != (model, version)):
             raise IntegrityError(
                 f"release {model} v{version} is older than v{highest}, the highest this device accepted (replay refused)"
             )

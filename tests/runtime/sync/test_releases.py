@@ -66,6 +66,19 @@ def test_replay_protection_is_durable(tmp_path, sync_releases):
     reopened.check_version("cnn", 3)
 
 
+def test_only_the_previous_release_may_be_older(tmp_path, sync_releases):
+    store, chunks = ReleaseStore(tmp_path), ChunkStore(tmp_path / "chunks")
+    for name in ("v1", "v2", "v3"):
+        store.activate(_stage(store, chunks, sync_releases[name]))
+    store.check_version("cnn", 2)  # previous: a rollback the fleet may ask for
+    with pytest.raises(IntegrityError, match="cnn v1 is older than v3"):
+        store.check_version("cnn", 1)  # two steps back: a replay
+    store.activate(store.previous("cnn"))  # back on v2, v3 now previous
+    assert store.highest_accepted("cnn") == 3 and store.previous("cnn").name == "cnn@v3"
+    with pytest.raises(IntegrityError, match="replay refused"):
+        ReleaseStore(tmp_path).check_version("cnn", 1)
+
+
 def test_crash_leftovers_are_recovered(tmp_path, sync_releases):
     store, chunks = ReleaseStore(tmp_path), ChunkStore(tmp_path / "chunks")
     v1 = _stage(store, chunks, sync_releases["v1"])
