@@ -47,6 +47,31 @@ from .selection import Plan, plan_variants, rejected_reason
 PUBLIC_KEY_ENV = "EDGE_SDK_PUBLIC_KEY"  # path of the fleet's release-signing public key (PEM)
 
 
+_LIBC: Any = None
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by a closed session back to the OS (glibc ``malloc_trim``).
+
+    glibc raises its mmap threshold after large frees, so a model's weight buffers end up on the
+    heap, where freeing them keeps them resident: without a trim, stepping down to a smaller
+    variant would not lower RSS, and loading it could push the process over a cgroup limit.
+    Elsewhere (musl, macOS) this does nothing.
+    """
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
 def _rss_mb() -> float:
     import psutil
 
@@ -78,6 +103,8 @@ class _Slot:
             self.session.close()
         except Exception:  # noqa: S110 - closing must never fail a caller's request
             pass
+        self.session = None  # type: ignore[assignment]  # the native session goes with its last reference
+        release_freed_memory()
 
 
 @dataclass(frozen=True)
