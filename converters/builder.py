@@ -18,11 +18,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import BackendError, EdgeSDKError, MissingDependencyError, ToolchainError
 from ..manifest import FileEntry, TensorSpec, Validation, Variant
 from ..report import ConversionReport, SensitivitySearch
 from ..runtime.backends.base import BackendOptions, Session, get_backend
 from ..types import TARGET_BACKEND, Precision, Target, VariantStatus
+from ..runtime import footprint
 from . import sensitivity, validate
 from .calibration import SampleSet
 from .config import ConvertConfig
@@ -84,6 +87,7 @@ class VariantBuilder:
     int8_searches: dict[Target, SearchResult] = field(default_factory=dict)  # the base of each target's MIXED search
     mixed_bases: dict[Target, Candidate] = field(default_factory=dict)
     reference_ms: list[float] = field(default_factory=list)  # the reference's paired latency per variant
+    meter: footprint.FootprintMeter = field(default_factory=footprint.FootprintMeter)  # closed by the pipeline
 
     def build(self, planned: PlannedBuild) -> list[Variant]:
         """The variant for ``planned`` (none for a MIXED search with nothing to gain)."""
@@ -170,7 +174,21 @@ class VariantBuilder:
             self.fp32_drop[planned.target] = chosen.drop
         if search.chosen is None:
             variant.status, variant.reason = VariantStatus.REJECTED, "; ".join(search.lines)
+        elif self.config.validation.footprint:
+            self._measure_footprint(variant, files)
         return [variant]
+
+    def _measure_footprint(self, variant: Variant, files: list[Path]) -> None:
+        """Memory of the accepted ``variant`` on its backend, in fresh processes (a failure is a note)."""
+        feeds = self.work_dir / "footprint-feeds.npz"
+        if not feeds.exists():
+            sample = self.validation_set.samples[0]
+            np.savez(feeds, **{k: np.asarray(v) for k, v in sample.items()})
+        try:
+            variant.validation.footprint = self.meter.measure_files(
+                files, variant, inputs_path=feeds, threads=self.config.validation.latency_threads)
+        except EdgeSDKError as exc:
+            variant.validation.notes.append(f"footprint not measured: {exc}")
 
     def _worth_keeping(self, planned: PlannedBuild, chosen: Candidate) -> bool:
         reference_size = self.report.reference.size_bytes if self.report.reference else 0

@@ -107,6 +107,9 @@ class ValidationConfig:
     # Off when the build machine says nothing about the device's speed (cross-building, emulation):
     # latencies are still measured and reported, only not used to reject.
     speed_gate: bool = True
+    # Measure each accepted variant's memory footprint on its backend (one fresh process per
+    # backend memory mode, ~1 s each): the figures the device's memory ladder is ordered by.
+    footprint: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "max_accuracy_drop", float(self.max_accuracy_drop))
@@ -196,6 +199,7 @@ OPTIONS: dict[str, tuple[str | None, str]] = {
     "latency_runs": ("validation", "latency_runs"),
     "validation_limit": ("validation", "limit"),
     "speed_gate": ("validation", "speed_gate"),
+    "footprint": ("validation", "footprint"),
     "release_version": ("release", "version"),
     "model_name": ("release", "model_name"),
     "sign_key": ("release", "sign_key"),

@@ -108,9 +108,12 @@ def run(config: ConvertConfig, progress: ProgressCallback | None = None) -> Mani
         builder = VariantBuilder(stage.dir, work, loaded, loaded.facts, calib, validation_set, metric, reference,
                                  config, report)
         variants: list[Variant] = []
-        for index, planned in enumerate(plan):
-            notify(f"{planned.id}: export + validate", 3 + index, total)
-            variants.extend(builder.build(planned))
+        try:
+            for index, planned in enumerate(plan):
+                notify(f"{planned.id}: export + validate", 3 + index, total)
+                variants.extend(builder.build(planned))
+        finally:
+            builder.meter.close()
         if builder.reference_ms:
             # The reference timed alongside each variant (warm, under the same load) is the fairer yardstick.
             report.reference.latency_ms = round(statistics.median(builder.reference_ms), 4)

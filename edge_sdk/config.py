@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .errors import ConfigError
+from .errors import ConfigError, EdgeSDKError
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -101,3 +102,14 @@ def load_yaml_model(model: type[M], path: Path | str, text: str | None = None) -
         return model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(str(path), exc, text)) from None
+
+
+def json_object(payload: bytes | str, what: str, error: type[EdgeSDKError] = ConfigError) -> dict[str, Any]:
+    """``payload`` parsed as a JSON object, or ``error`` saying why ``what`` is not one."""
+    try:
+        data = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise error(f"{what} is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise error(f"{what} must be a JSON object, got {type(data).__name__}")
+    return data

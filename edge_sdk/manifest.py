@@ -78,6 +78,32 @@ class TensorSpec(_Model):
     layout: str | None = None
 
 
+class FootprintFigures(_Model):
+    """RSS of one variant in one backend memory mode, measured in a fresh process (MB)."""
+
+    load_rss_mb: float = Field(ge=0, description="RSS added by loading the session (before the first run)")
+    peak_rss_mb: float = Field(ge=0, description="peak RSS above the pre-load baseline while loading and running")
+
+
+class Footprint(_Model):
+    """Memory a variant takes on its backend: what the runtime's memory ladder is ordered by.
+
+    ``default`` is the backend's defaults; ``lean`` its memory-saving options (see
+    :class:`~edge_sdk.types.MemoryMode`), measured where the backend has them.
+    """
+
+    backend: str
+    weights_bytes: int = Field(ge=0, description="bytes of the artifact files (weights and graph)")
+    default: FootprintFigures
+    lean: FootprintFigures | None = None
+    machine: str = Field(default="", description="where it was measured: arch, backend package version")
+    runs: int = 0
+
+    def figures(self, mode: str = "default") -> FootprintFigures | None:
+        """The figures of a memory mode (``"default"`` or ``"lean"``), if measured."""
+        return self.lean if mode == "lean" else self.default
+
+
 class Validation(_Model):
     """How a variant compares with the FP32 ONNX original on the validation inputs."""
 
@@ -97,6 +123,7 @@ class Validation(_Model):
     latency_ratio: float | None = Field(default=None, description="median of paired latency ratios to FP32")
     latency_ratio_ci: tuple[float, float] | None = Field(default=None, description="95% confidence interval of that median")
     speed: SpeedVerdict | None = None
+    footprint: Footprint | None = Field(default=None, description="memory measured on the build machine")
 
 
 class Variant(_Model):

@@ -166,6 +166,33 @@ def make_token_model(seed: int = 0, vocab: int = 64, width: int = 32, out: int =
     return model
 
 
+def make_mlp(seed: int = 0, width: int = 2048, layers: int = 7, features: int = 256, classes: int = 16) -> onnx.ModelProto:
+    """A wide MLP whose size is nearly all MatMul weights: input ``x`` [1,features] → ``logits`` [1,classes].
+
+    The defaults give ~98 MB of FP32 weights: big enough that each variant's memory footprint
+    (pre-packed copies, FP16 casts, INT8 tables) stands out of the interpreter's own RSS.
+    """
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    x, dims = "x", [features] + [width] * layers + [classes]
+    for i, (cin, cout) in enumerate(zip(dims, dims[1:])):
+        w = (rng.standard_normal((cin, cout)) * np.sqrt(2.0 / cin)).astype(np.float32)
+        b = (rng.standard_normal(cout) * 0.01).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"fc{i}.weight"), numpy_helper.from_array(b, f"fc{i}.bias")]
+        nodes.append(helper.make_node("MatMul", [x, f"fc{i}.weight"], [f"mm{i}"]))
+        out = "logits" if i == len(dims) - 2 else f"add{i}"
+        nodes.append(helper.make_node("Add", [f"mm{i}", f"fc{i}.bias"], [out]))
+        if out != "logits":
+            nodes.append(helper.make_node("Relu", [out], [f"relu{i}"]))
+            out = f"relu{i}"
+        x = out
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, features])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, classes])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    return model
+
+
 def with_new_last_layer(model: onnx.ModelProto, seed: int) -> onnx.ModelProto:
     """A copy of a :func:`make_cnn` model whose final ``fc.weight`` is re-drawn: an update that
     touches one layer (what incremental sync should move cheaply)."""

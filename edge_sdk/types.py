@@ -152,6 +152,14 @@ class RecordKind(StrEnum):
     RELEASE_ACTIVATED = "release_activated"
 
 
+class MemoryMode(StrEnum):
+    """How a backend trades speed for memory (``BackendOptions.memory``; a ladder step of its own
+    where it saves measured memory, see ``runtime/ladder.py``)."""
+
+    DEFAULT = "default"  # the backend's defaults: fastest
+    LEAN = "lean"  # the backend's memory-saving options (onnxruntime: no pre-packing, no arena)
+
+
 class SpeedVerdict(StrEnum):
     """How a variant's paired latency compares with FP32's, against its precision's allowed ratio."""
 

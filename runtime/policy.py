@@ -30,7 +30,8 @@ from pydantic import Field
 from ..config import StrictModel
 from ..errors import ConfigError
 from ..profiles import Hysteresis, PolicySettings, Thresholds
-from ..types import PRECISION_LADDER, Precision, StrEnum
+from ..types import PRECISION_LADDER, MemoryMode, Precision, StrEnum
+from .ladder import Ladder, Rung, build_ladder
 from .monitor import ResourceSample
 
 
@@ -44,6 +45,9 @@ class EventKind(StrEnum):
     INITIAL = "initial"
     SWAP_FAILED = "swap_failed"  # the decided precision could not be loaded; the old one serves on
     HELD = "held"  # conditions fail but there is no cheaper variant to step down to
+    LADDER = "ladder"  # the memory ladder this release gets here: its steps, and the rungs skipped and why
+    MEASURED = "measured"  # device figures measured, read or unreadable (a side file, a cgroup file)
+    ACCEPTANCE = "acceptance"  # the on-device benchmark of a release's variants: a verdict or skipped
 
 
 @dataclass(frozen=True)
@@ -59,12 +63,18 @@ class PolicyEvent:
     swap_ms: float | None = None  # set once the swap it caused is done
     paused: bool = False  # the swap paused calls (not enough memory to hold both sessions)
     error: str | None = None
+    from_memory: MemoryMode | None = None  # the backend memory mode before and after (see runtime/ladder.py)
+    to_memory: MemoryMode | None = None
+
+    @property
+    def to_rung(self) -> Rung | None:
+        return Rung(self.to_precision, self.to_memory or MemoryMode.DEFAULT) if self.to_precision else None
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["kind"] = self.kind.value
-        data["from_precision"] = self.from_precision.value if self.from_precision else None
-        data["to_precision"] = self.to_precision.value if self.to_precision else None
+        for key in ("kind", "from_precision", "to_precision", "from_memory", "to_memory"):
+            value = getattr(self, key)
+            data[key] = value.value if value is not None else None
         return data
 
 
@@ -142,10 +152,13 @@ class PrecisionPolicy:
 
     def __init__(self, available: Sequence[Precision], settings: PolicySettings = PolicySettings(), *,
                  step_down_on_throttle: bool = True, clock: Callable[[], float] = time.monotonic,
-                 history: int = 256) -> None:
+                 history: int = 256, ladder: Ladder | None = None) -> None:
         if not available:
             raise ConfigError("precision policy: no precision available to run")
         self.ladder: list[Precision] = sorted(set(available), key=_rank)
+        #: Rungs (precision x backend memory mode) with measured footprints: what memory steps go by.
+        self.memory_ladder: Ladder = ladder if ladder is not None else build_ladder(self.ladder)
+        self.current_memory: MemoryMode = MemoryMode.DEFAULT
         self.settings = settings
         self.step_down_on_throttle = step_down_on_throttle
         self._clock = clock
@@ -166,8 +179,30 @@ class PrecisionPolicy:
     def thresholds(self, precision: Precision) -> Thresholds | None:
         return self.settings.thresholds.get(precision)
 
-    def violations(self, precision: Precision, sample: ResourceSample, margin: Hysteresis | None = None) -> list[str]:
-        """Why ``precision`` may not run on ``sample`` (empty: it may). ``margin`` adds hysteresis."""
+    @property
+    def rung(self) -> Rung:
+        """What serves now: the current precision in the current memory mode."""
+        return Rung(self.current, self.current_memory)
+
+    def free_if(self, rung: Rung, sample: ResourceSample, serving: Rung | None) -> float:
+        """Free memory once ``rung`` serves instead of ``serving`` (``None``: nothing loaded yet),
+        from the measured footprints; the sample's figure as is where they are not known."""
+        available = sample.available_memory_mb
+        if serving == rung:
+            return available
+        want = self.memory_ladder.footprint(rung)
+        if want is None:
+            return available
+        if serving is None:
+            return available - want
+        have = self.memory_ladder.footprint(serving)
+        return available if have is None else available + have - want
+
+    def violations(self, precision: Precision, sample: ResourceSample, margin: Hysteresis | None = None, *,
+                   memory: MemoryMode = MemoryMode.DEFAULT, serving: Rung | None | bool = True) -> list[str]:
+        """Why ``precision`` (in ``memory`` mode) may not run on ``sample`` (empty: it may).
+        ``margin`` adds hysteresis. ``serving`` is the rung the sample was taken under (``True``:
+        this one; ``None``: nothing loaded): free memory is then corrected by the footprints."""
         limits = self.thresholds(precision)
         reasons: list[str] = []
         if limits is None:
@@ -175,8 +210,11 @@ class PrecisionPolicy:
         mem_margin = margin.memory_mb if margin else 0.0
         cpu_margin = margin.cpu_percent if margin else 0.0
         temp_margin = margin.temperature_c if margin else 0.0
-        if sample.available_memory_mb < limits.min_free_memory_mb + mem_margin:
-            reasons.append(f"free memory {sample.available_memory_mb:.0f} MB < {limits.min_free_memory_mb + mem_margin:.0f} MB")
+        rung = Rung(precision, memory)
+        free = self.free_if(rung, sample, rung if serving is True else serving)  # type: ignore[arg-type]
+        if free < limits.min_free_memory_mb + mem_margin:
+            reasons.append(f"free memory {free:.0f} MB < {limits.min_free_memory_mb + mem_margin:.0f} MB"
+                           + ("" if free == sample.available_memory_mb else f" (measured footprints: {sample.available_memory_mb:.0f} MB free now)"))
         if limits.max_cpu_percent < 100 and sample.cpu_percent > limits.max_cpu_percent - cpu_margin:
             reasons.append(f"CPU {sample.cpu_percent:.0f}% > {limits.max_cpu_percent - cpu_margin:.0f}%")
         if sample.temperature_c is not None and sample.temperature_c > limits.max_temperature_c - temp_margin:
@@ -186,6 +224,10 @@ class PrecisionPolicy:
         if self.step_down_on_throttle and sample.throttled and precision == self.ladder[0] and len(self.ladder) > 1:
             reasons.append("CPU is throttled")
         return reasons
+
+    def _rung_violations(self, rung: Rung, sample: ResourceSample, serving: Rung | None,
+                         margin: Hysteresis | None = None) -> list[str]:
+        return self.violations(rung.precision, sample, margin, memory=rung.memory, serving=serving)
 
     # -- decisions -----------------------------------------------------------------------------
     def decide(self, sample: ResourceSample) -> PolicyEvent | None:
@@ -198,6 +240,7 @@ class PrecisionPolicy:
             event = self._decide(sample)
             if event is not None and event.kind in (EventKind.STEP_DOWN, EventKind.STEP_UP):
                 self.current = event.to_precision  # type: ignore[assignment]
+                self.current_memory = event.to_memory or MemoryMode.DEFAULT
                 self._last_switch = self._clock()
         return event
 
@@ -205,43 +248,69 @@ class PrecisionPolicy:
         if self.pinned is not None:
             return None
         figures = sample.as_dict()
-        current = self.current
-        problems = self.violations(current, sample)
+        current = self.rung
+        problems = self._rung_violations(current, sample, current)
         if problems:
-            # Step down as far as needed: the first cheaper precision whose conditions hold, or
-            # the cheapest one.
-            cheaper = self.ladder[self.ladder.index(current) + 1:]
+            # Step down as far as needed: the first lower rung whose conditions hold (free memory
+            # corrected by the measured footprints), or the cheapest one. Short of memory, only
+            # rungs that save measured memory are steps; the others are named in the reason.
+            short_of_memory = self.free_if(current, sample, current) < self._min_free(current)
+            skipped: list[str] = []
+            if short_of_memory:
+                cheaper, skipped = self.memory_ladder.memory_steps(current)
+            else:
+                cheaper = [r for r in self.memory_ladder.below(current) if r.precision != current.precision]
+            reason = "; ".join(problems) + (f"; skipped: {'; '.join(skipped)}" if skipped else "")
             if not cheaper:
                 if self._held:  # said so already; do not repeat it on every sample
                     return None
                 self._held = True
-                return PolicyEvent(EventKind.HELD, current, current,
-                                   f"{'; '.join(problems)}, but {current} is the cheapest variant available", figures)
-            target = next((p for p in cheaper if not self.violations(p, sample)), cheaper[-1])
-            return PolicyEvent(EventKind.STEP_DOWN, current, target, "; ".join(problems), figures)
+                why = (f"{current} is the cheapest variant available" if not self.memory_ladder.below(current)
+                       else f"no variant left that {'saves memory' if short_of_memory else 'is cheaper'} than {current}")
+                return PolicyEvent(EventKind.HELD, current.precision, current.precision, f"{reason}, but {why}", figures,
+                                   from_memory=current.memory, to_memory=current.memory)
+            target = next((r for r in cheaper if not self._rung_violations(r, sample, current)), None)
+            if target is None:
+                sized = [r for r in cheaper if self.memory_ladder.footprint(r) is not None]
+                target = min(sized, key=lambda r: self.memory_ladder.footprint(r)) if short_of_memory and sized else cheaper[-1]
+            return PolicyEvent(EventKind.STEP_DOWN, current.precision, target.precision, reason, figures,
+                               from_memory=current.memory, to_memory=target.memory)
         self._held = False
         if honour_dwell and self._last_switch is not None and self._clock() - self._last_switch < self.settings.min_dwell_s:
             return None
-        for candidate in self.ladder[:self.ladder.index(current)]:  # best first
-            if not self.violations(candidate, sample, self.settings.hysteresis):
+        for candidate in self.memory_ladder.above(current):  # best first
+            if not self._rung_violations(candidate, sample, current, self.settings.hysteresis):
                 why = "resources recovered beyond the hysteresis band"
-                if self.thresholds(candidate) is not None:
+                if self.thresholds(candidate.precision) is not None:
                     why += (f" (free memory {sample.available_memory_mb:.0f} MB, CPU {sample.cpu_percent:.0f}%"
                             + (f", {sample.temperature_c:.1f} °C" if sample.temperature_c is not None else "") + ")")
-                return PolicyEvent(EventKind.STEP_UP, current, candidate, why, figures)
+                return PolicyEvent(EventKind.STEP_UP, current.precision, candidate.precision, why, figures,
+                                   from_memory=current.memory, to_memory=candidate.memory)
         return None
 
+    def _min_free(self, rung: Rung) -> float:
+        limits = self.thresholds(rung.precision)
+        return limits.min_free_memory_mb if limits is not None else 0.0
+
     def initial(self, sample: ResourceSample | None) -> Precision:
-        """The precision to start with: the best whose conditions hold now (no hysteresis)."""
+        """The precision to start with: the best rung whose conditions hold now (no hysteresis;
+        free memory less the rung's measured footprint, since nothing is loaded yet)."""
         with self._lock:
             if self.pinned is not None:
                 return self.pinned
-            start = self.ladder[0]
+            start = self.memory_ladder.rungs[0]
             if sample is not None:
-                start = next((p for p in self.ladder if not self.violations(p, sample)), self.ladder[-1])
-            self.current = start
+                start = next((r for r in self.memory_ladder.rungs if not self._rung_violations(r, sample, None)),
+                             self._cheapest())
+            self.current, self.current_memory = start.precision, start.memory
             self._last_switch = self._clock()
-        return start
+        return start.precision
+
+    def _cheapest(self) -> Rung:
+        sized = [r for r in self.memory_ladder.rungs if self.memory_ladder.footprint(r) is not None]
+        if sized:
+            return min(sized, key=lambda r: (self.memory_ladder.footprint(r), r.quality))
+        return Rung(self.ladder[-1])
 
     def pin(self, precision: Precision) -> PolicyEvent:
         """Run ``precision`` until :meth:`unpin`, whatever the resources (event not yet published)."""
@@ -250,9 +319,11 @@ class PrecisionPolicy:
             raise ConfigError(f"cannot pin {precision}: this release has no usable {precision} variant here "
                               f"(available: {', '.join(p.value for p in self.ladder)})")
         with self._lock:
-            event = PolicyEvent(EventKind.PIN, self.current, precision, "pinned by the caller")
+            event = PolicyEvent(EventKind.PIN, self.current, precision, "pinned by the caller",
+                                from_memory=self.current_memory, to_memory=MemoryMode.DEFAULT)
             self.pinned = precision
             self.current = precision
+            self.current_memory = MemoryMode.DEFAULT
             self._last_switch = self._clock()
         return event
 
@@ -264,20 +335,23 @@ class PrecisionPolicy:
         """
         with self._lock:
             self.pinned = None
-            before = self.current
+            before = self.rung
             decision = self._decide(sample, honour_dwell=False) if sample is not None else None
-            target = decision.to_precision if decision is not None and decision.to_precision else before
-            self.current = target
+            target = decision.to_rung if decision is not None and decision.to_rung else before
+            self.current, self.current_memory = target.precision, target.memory
             self._last_switch = self._clock()
             reason = "unpinned: the policy decides again" + (f" ({decision.reason})" if decision and target != before else "")
-            return PolicyEvent(EventKind.UNPIN, before, target, reason, sample.as_dict() if sample else {})
+            return PolicyEvent(EventKind.UNPIN, before.precision, target.precision, reason, sample.as_dict() if sample else {},
+                               from_memory=before.memory, to_memory=target.memory)
 
-    def report_failure(self, event: PolicyEvent, actual: Precision, error: str) -> PolicyEvent:
-        """The switch ``event`` asked for failed; ``actual`` still serves."""
+    def report_failure(self, event: PolicyEvent, actual: Precision, error: str,
+                       actual_memory: MemoryMode = MemoryMode.DEFAULT) -> PolicyEvent:
+        """The switch ``event`` asked for failed; ``actual`` (in ``actual_memory``) still serves."""
         with self._lock:
-            self.current = actual
+            self.current, self.current_memory = actual, actual_memory
             failure = PolicyEvent(EventKind.SWAP_FAILED, actual, event.to_precision,
-                                  f"could not switch to {event.to_precision}: {error}", event.figures, error=error)
+                                  f"could not switch to {event.to_rung}: {error}", event.figures, error=error,
+                                  from_memory=actual_memory, to_memory=event.to_memory)
         self._publish(failure)
         return failure
 

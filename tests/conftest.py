@@ -11,6 +11,7 @@ skipped on a laptop, failed under ``CI=1``.
 from __future__ import annotations
 
 import itertools
+import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +23,12 @@ import servers
 from edge_sdk import samples
 from needs import missing, need_module, need_root
 from servers import MosquittoBroker, NginxServer, PostgresServer, SeaweedS3Server
+
+# Devices measure each release's footprint and benchmark its variants when they activate it
+# (runtime/acceptance.py): ~1-10 s per activation. The suite activates releases hundreds of times
+# for other reasons, so the checks are off by default here (also in the processes tests start);
+# tests/runtime/test_footprint.py, test_ladder.py and test_acceptance.py turn them on explicitly.
+os.environ.setdefault("EDGE_SDK_DEVICE_CHECKS", "off")
 
 
 @pytest.fixture(scope="session")
@@ -246,7 +253,7 @@ def cnn_release(tmp_path_factory: pytest.TempPathFactory, cnn_path: Path, cnn_ca
     out = tmp_path_factory.mktemp("releases") / "cnn"
     edge_sdk.convert(cnn_path, ["intel-nuc"], out, calibration=cnn_calibration_dir, targets=["onnx"],
                      max_accuracy_drop=20.0, sign_key=release_keypair[0], model_name="cnn", latency_runs=20,
-                     speed_gate=False)
+                     speed_gate=False, footprint=False)
     return out
 
 
@@ -256,12 +263,16 @@ def multimodal_release(tmp_path_factory: pytest.TempPathFactory, multimodal_path
 
     Runtime fixtures build with ``speed_gate=False``: which variant of a 0.1 ms model a shared (or
     emulated) build machine times as "slower than FP32" is noise; the gate has its own tests.
+    Shared releases build with ``footprint=False``: memory figures are the footprint/ladder tests'
+    subject (tests/runtime/test_footprint.py), and without them the runtime keeps the plain
+    precision ladder these fixtures' tests were written for.
     """
     import edge_sdk
 
     out = tmp_path_factory.mktemp("releases") / "multimodal"
     edge_sdk.convert(multimodal_path, ["intel-nuc"], out, calibration="random", targets=["onnx"],
-                     model_name="multimodal", latency_runs=20, speed_gate=False)
+                     model_name="multimodal", latency_runs=20, speed_gate=False,
+                     footprint=False)
     return out
 
 
@@ -275,7 +286,7 @@ def build_cnn_release(out: Path, model, version: int, sign_key: Path | None) -> 
     onnx_path = samples.save(model, out.parent / f"{out.name}.onnx")
     edge_sdk.convert(onnx_path, ["intel-nuc"], out, calibration="random", targets=["onnx"], model_name="cnn",
                      release_version=version, sign_key=sign_key, latency_runs=3, max_accuracy_drop=100.0,
-                     speed_gate=False)
+                     speed_gate=False, footprint=False)
     return out
 
 

@@ -62,17 +62,21 @@ config = json.load(open(sys.argv[1]))
 data = np.load(config["data"])
 norm = lambda name: re.sub(r"[^0-9a-z]", "_", name.lower())
 signature = tf.saved_model.load(config["saved_model"]).signatures["serving_default"]
-keys = list(signature.structured_input_signature[1])
+# Each input has two names: the signature's keyword (a Python identifier: "input_1") and its
+# tensor's name ("input.1"), which is what the converted model's signature runner, and so the
+# calibrator, looks samples up by. A sample carries both.
+specs = signature.structured_input_signature[1]
+names = {key: {key, spec.name} for key, spec in specs.items()}
 ours = {norm(name): name for name in data.files}
-by_key = {key: ours.get(norm(key)) for key in keys}
+by_key = {key: next((ours[norm(n)] for n in sorted(aliases) if norm(n) in ours), None) for key, aliases in names.items()}
 if None in by_key.values():  # onnx2tf renamed them: its inputs keep the model's order
-    by_key = dict(zip(keys, data.files))
+    by_key = dict(zip(specs, data.files))
 converter = tf.lite.TFLiteConverter.from_saved_model(config["saved_model"])
 converter.optimizations = [tf.lite.Optimize.DEFAULT]
 converter._experimental_disable_per_channel = not config["per_channel"]
 def representative():
     for i in range(len(data[data.files[0]])):
-        yield {key: data[name][i:i + 1] for key, name in by_key.items()}
+        yield {alias: data[name][i:i + 1] for key, name in by_key.items() for alias in names[key]}
 if config["full_integer"]:
     converter.representative_dataset = representative
     # INT8 kernels where TFLite has them, float kernels for the rest.

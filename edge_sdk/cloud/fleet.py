@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from edge_sdk.config import json_object
 from edge_sdk.errors import ConfigError, SyncError
 from edge_sdk.runtime.sync.topics import TopicKind, Topics
 from edge_sdk.runtime.sync.transport import Transport
@@ -126,12 +127,7 @@ def _model_report(name: str, entry: dict, what: str) -> ModelReport:
 
 def parse_reported(device: str, payload: bytes, online: bool | None = None) -> DeviceReport:
     """A device's reported state; :class:`SyncError` naming the problem if it is garbage."""
-    try:
-        state = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise SyncError(f"reported state is not JSON: {exc}") from None
-    if not isinstance(state, dict):
-        raise SyncError(f"reported state must be a JSON object, got {type(state).__name__}")
+    state = json_object(payload, "reported state", SyncError)
     models: dict[str, ModelReport] = {}
     for name, entry in _mapping(state.get("models"), "models").items():
         models[name] = _model_report(name, _mapping(entry, f"models.{name}"), f"models.{name}")

@@ -21,7 +21,7 @@ import numpy as np
 from ...errors import InputError
 from ...manifest import TensorSpec
 from ...registry import Registry
-from ...types import BackendName, Precision
+from ...types import BackendName, MemoryMode, Precision
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class BackendOptions:
     # Pin the runtime's worker threads to these cores (big cores on big.LITTLE); see cpu_affinity().
     cpu_affinity: tuple[int, ...] | None = None
     precision: Precision = Precision.FP32  # what the variant computes in (OpenVINO's precision hint)
+    memory: MemoryMode = MemoryMode.DEFAULT  # LEAN: the backend's memory-saving options, at some speed cost
 
 
 class Session(ABC):
@@ -101,6 +102,12 @@ class Backend(ABC):
 
     name: str
     extra: str  # the pip extra that installs the native package
+
+    #: Whether :attr:`MemoryMode.LEAN` changes anything on this backend (else it is no ladder step).
+    has_lean_mode: bool = False
+
+    def import_native(self) -> None:  # noqa: B027 - optional hook
+        """Import the native package now (a footprint measurement starts its baseline after this)."""
 
     @abstractmethod
     def load(self, files: Sequence[Path], inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],

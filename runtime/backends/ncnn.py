@@ -16,7 +16,7 @@ import numpy as np
 
 from ...errors import BackendError, InputError, MissingDependencyError
 from ...manifest import TensorSpec
-from ...types import BackendName, Precision
+from ...types import BackendName, MemoryMode, Precision
 from .base import Backend, BackendOptions, Session
 
 
@@ -66,6 +66,13 @@ class NcnnSession(Session):
 class NcnnBackend(Backend):
     name = BackendName.NCNN
     extra = "ncnn"
+    has_lean_mode = True
+
+    def import_native(self) -> None:
+        try:
+            import ncnn  # noqa: F401
+        except ImportError:
+            raise MissingDependencyError("ncnn", self.extra, "the NCNN backend") from None
 
     def load(self, files: Sequence[Path], inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
              options: BackendOptions = BackendOptions()) -> Session:
@@ -87,6 +94,11 @@ class NcnnBackend(Backend):
         net.opt.use_fp16_arithmetic = fp16
         net.opt.use_int8_inference = options.precision in (Precision.INT8, Precision.MIXED)
         net.opt.use_vulkan_compute = False
+        if options.memory is MemoryMode.LEAN:
+            # Winograd and sgemm convolutions keep transformed copies of the kernels: off, the
+            # direct kernels read the weights as loaded.
+            net.opt.use_winograd_convolution = False
+            net.opt.use_sgemm_convolution = False
         if options.threads:
             net.opt.num_threads = int(options.threads)
         # options.cpu_affinity is not applied: ncnn starts no threads while loading (its OpenMP

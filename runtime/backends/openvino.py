@@ -17,7 +17,7 @@ import numpy as np
 
 from ...errors import BackendError, MissingDependencyError
 from ...manifest import TensorSpec
-from ...types import BackendName, Precision
+from ...types import BackendName, MemoryMode, Precision
 from .base import Backend, BackendOptions, Session, cpu_affinity
 
 
@@ -80,6 +80,10 @@ class OpenVINOSession(Session):
 class OpenVINOBackend(Backend):
     name = BackendName.OPENVINO
     extra = "openvino"
+    has_lean_mode = True
+
+    def import_native(self) -> None:
+        import_openvino()
 
     def load(self, files: Sequence[Path], inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
              options: BackendOptions = BackendOptions()) -> Session:
@@ -98,6 +102,11 @@ class OpenVINOBackend(Backend):
             # Concat + MatMul returns all zeros with one inference thread unless the CPU plugin's
             # snippets (JIT-fused subgraphs) are off; 2+ threads are unaffected.
             config["SNIPPETS_MODE"] = "DISABLE"
+        if options.memory is MemoryMode.LEAN:
+            # The CPU plugin caches compiled kernels per input shape (default capacity 5000);
+            # 0 turns that cache off. One stream keeps one set of intermediate buffers.
+            config["CPU_RUNTIME_CACHE_CAPACITY"] = 0
+            config["NUM_STREAMS"] = 1
         try:
             model = core.read_model(str(xml), str(bin_))
             with cpu_affinity(options.cpu_affinity):  # the CPU plugin's stream threads start here

@@ -15,7 +15,7 @@ import numpy as np
 
 from ...errors import BackendError, MissingDependencyError
 from ...manifest import TensorSpec
-from ...types import BackendName
+from ...types import BackendName, MemoryMode
 from .base import Backend, BackendOptions, Session, cpu_affinity
 
 
@@ -86,9 +86,23 @@ def _dequantize(array: np.ndarray, detail: dict) -> np.ndarray:
     return np.array(array, copy=True)  # get_tensor's buffer is reused by the next invoke
 
 
+def _builtin_without_delegates(interpreter_cls):
+    """The ``OpResolverType`` member that turns XNNPACK off, from the interpreter's own module."""
+    import sys
+
+    resolver = getattr(sys.modules[interpreter_cls.__module__], "OpResolverType", None)
+    if resolver is None:  # tflite-runtime builds without the enum cannot turn XNNPACK off
+        raise BackendError("tflite: this interpreter cannot run without XNNPACK (no OpResolverType)")
+    return resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+
+
 class TFLiteBackend(Backend):
     name = BackendName.TFLITE
     extra = "tflite"
+    has_lean_mode = True
+
+    def import_native(self) -> None:
+        interpreter_class()
 
     def load(self, files: Sequence[Path], inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
              options: BackendOptions = BackendOptions()) -> Session:
@@ -98,7 +112,12 @@ class TFLiteBackend(Backend):
             raise BackendError(f"tflite: no .tflite file among {[str(f) for f in files]}")
         try:
             with cpu_affinity(options.cpu_affinity):  # XNNPACK's thread pool starts here
-                it = Interpreter(model_path=str(model), num_threads=options.threads or None)
+                kwargs = {}
+                if options.memory is MemoryMode.LEAN:
+                    # XNNPACK (the default delegate) repacks every weight into its own layout;
+                    # the built-in kernels read the flatbuffer's weights in place.
+                    kwargs["experimental_op_resolver_type"] = _builtin_without_delegates(Interpreter)
+                it = Interpreter(model_path=str(model), num_threads=options.threads or None, **kwargs)
                 it.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise BackendError(f"tflite cannot load {model.name}: {str(exc).strip().splitlines()[0]}") from None

@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from edge_sdk.config import StrictModel, describe_validation_error
+from edge_sdk.config import StrictModel, describe_validation_error, json_object
 from edge_sdk.errors import ConfigError
 
 from ..policy import PolicyOverride
@@ -103,12 +103,7 @@ class DesiredState(StrictModel):
         """Parse a desired-state message; an empty payload (cleared retained message) is None."""
         if not payload:
             return None
-        try:
-            data = json.loads(payload)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{source}: desired state is not JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: desired state must be a JSON object")
+        data = json_object(payload, f"{source}: desired state")
         try:
             return cls.model_validate(data)
         except ValidationError as exc:

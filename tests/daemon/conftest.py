@@ -23,7 +23,7 @@ EDGE_SDK = [sys.executable, "-m", "edge_sdk"]
 def _convert(model_path: Path, out: Path, version: int = 1, name: str | None = None) -> Path:
     edge_sdk.convert(model_path, profiles=["generic-x86_64", "generic-aarch64"], output=out, targets=["onnx"], calibration="random",
                      latency_runs=3, validation_limit=4, release_version=version, model_name=name,
-                     speed_gate=False)
+                     speed_gate=False, footprint=False)
     return out
 
 

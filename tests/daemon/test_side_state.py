@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from disk import fill_disk
 from servers import free_port
 
 from .conftest import fusion_inputs, write_config
@@ -34,18 +35,9 @@ def _serving(url: str, timeout: float = 60.0, proc=None) -> float:
     raise AssertionError(f"not serving within {timeout}s: {proc.logs()[-3000:] if proc else ''}")
 
 
-def _fill(folder: Path) -> None:
-    with open(folder / "ballast", "wb", buffering=0) as handle:
-        try:
-            while True:
-                handle.write(b"\0" * 4096)
-        except OSError:
-            pass
-
-
 def test_a_full_disk_does_not_stop_the_daemon(fusion_release: Path, tiny_disk, mosquitto, start_daemon, tmp_path):
     state = tiny_disk("1m")
-    _fill(state)
+    fill_disk(state)
     port = free_port()
     config = write_config(tmp_path, [{"name": "fusion", "release": str(fusion_release)}],
                           state_dir=str(state), http={"port": port},
@@ -114,7 +106,7 @@ def test_no_room_to_create_the_outbox_still_starts_sync_and_telemetry_comes_back
     publish_release(fusion_release, mosquitto.url, "full")
     write_desired(mosquitto.url, "full", build_desired("fusion", 1))
     state = tiny_disk("16m")
-    _fill(state)
+    fill_disk(state)
     port = free_port()
     config = write_config(tmp_path, [{"name": "fusion", "profile": "generic-x86_64"}], state_dir=str(state),
                           http={"port": port},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,3 +41,21 @@ def served_by(monkeypatch: pytest.MonkeyPatch) -> Iterator[ServedBy]:
 
     monkeypatch.setattr(Session, "run", run)
     yield observer
+
+
+@pytest.fixture(scope="session")
+def mlp_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Unsigned release of the ~98 MB generated MLP (intel-nuc; onnx and OpenVINO fp32/fp16/int8),
+    with the converter's footprint figures. Built once: the footprint, ladder and acceptance tests
+    share it (conversion ~20-40 s on 2 cores)."""
+    import edge_sdk
+    from edge_sdk import samples
+    from needs import need_module
+
+    need_module("openvino")
+    folder = tmp_path_factory.mktemp("mlp")
+    onnx_path = samples.save(samples.make_mlp(), folder / "mlp.onnx")
+    out = folder / "release"
+    edge_sdk.convert(onnx_path, ["intel-nuc"], out, calibration="random", targets=["onnx", "openvino"],
+                     model_name="mlp", latency_runs=3, speed_gate=False, max_accuracy_drop=100.0, mixed_precision=False)
+    return out

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 20.0, every: float = 0.05) -> bool:
+def wait_until(predicate: Callable[[], object], timeout: float = 30.0, every: float = 0.05) -> bool:
     """Poll ``predicate`` until it is true or ``timeout`` seconds passed; returns its last truth."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -10,7 +10,5 @@ TESTED = ("centerface",)
 
 GAPS: dict[tuple[str, str], str] = {
     ("centerface", "accepted-keep-metric"): "ncnn-int8 passes the gate but loses 2.4 points F1 on held-out mosaics",
-    ("centerface", "tflite-int8"): "TensorFlow's converter fails: KeyError: 'input.1'",
     ("centerface", "ncnn-int8"): "accepted, but -2.4 points F1 on held-out data (budget 1)",
-    ("corpus", "tflite"): "TFLite INT8 is not accepted within budget on the tested families",
 }

@@ -125,3 +125,28 @@ def test_identical_exports_are_byte_identical(cases, exported, tmp_path):
     first, _ = exported("multimodal", Precision.INT8)
     again = get_target("tflite").export(cases["multimodal"].request(Precision.INT8, tmp_path))
     assert first.files[0].read_bytes() == again.files[0].read_bytes()
+
+
+def test_int8_calibrates_an_input_whose_name_is_not_a_python_identifier(cases, parity_check, tmp_path):
+    """PyTorch exports name inputs ``input.1``: the SavedModel's signature keyword becomes ``input_1``
+    while the converted model's signature (what TensorFlow's calibrator looks samples up by) keeps
+    ``input.1``. Seen on CenterFace as ``KeyError: 'input.1'``."""
+    import onnx
+
+    case = cases["cnn"]
+    model = onnx.load(str(case.path))
+    for node in model.graph.node:
+        node.input[:] = ["input.1" if name == "image" else name for name in node.input]
+    model.graph.input[0].name = "input.1"
+    path = tmp_path / "dotted.onnx"
+    onnx.save(model, str(path))
+
+    def rename(feeds):
+        return [{"input.1": f["image"]} for f in feeds]
+
+    dotted = replace(case, path=path, inputs=[case.inputs[0].model_copy(update={"name": "input.1"})],
+                     calibration=rename(case.calibration), validation=rename(case.validation))
+    result = get_target("tflite").export(dotted.request(Precision.INT8, tmp_path / "out"))
+    assert any("full-integer" in n for n in result.notes)
+    assert result.nodes_quantized > 0
+    parity_check(dotted, result, "tflite", Precision.INT8)

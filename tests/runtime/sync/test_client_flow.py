@@ -19,6 +19,7 @@ from edge_sdk.runtime.sync.topics import Topics
 from edge_sdk.runtime.sync.transport import Transport, TransportConfig
 from edge_sdk.signing import generate_keypair, load_private_key
 from edge_sdk.trust import sign_release
+from polling import wait_until
 
 FLEET = "plant1"
 PROFILE = "intel-nuc"
@@ -251,8 +252,6 @@ def test_release_for_another_profile_is_refused(published, release_keypair, tmp_
 def test_follows_desired_state_device_wins(published, sync_releases, release_keypair, tmp_path):
     """Desired policy reaches a real EdgeModel live: a threshold override steps it down, a pin
     changes what serves; unknown keys and malformed messages are counted, the client keeps going."""
-    import time
-
     from edge_sdk.cloud.desire import build_desired, write_desired
     from edge_sdk.runtime.model import EdgeModel
     from edge_sdk.runtime.monitor import FakeSource
@@ -268,12 +267,6 @@ def test_follows_desired_state_device_wins(published, sync_releases, release_key
         policies.append(policy.as_dict())
         model.set_policy(policy)
 
-    def wait_for(predicate, timeout=30.0):
-        deadline = time.monotonic() + timeout
-        while not predicate() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return predicate()
-
     config = SyncConfig(broker=published.url, fleet=FLEET, device="cam-1", root=tmp_path / "dev", profile=PROFILE,
                         public_key=release_keypair[1], retry_min_s=0.2)
     client = SyncClient(config, on_policy=on_policy)
@@ -282,28 +275,28 @@ def test_follows_desired_state_device_wins(published, sync_releases, release_key
     client.start()
     try:
         assert client.wait_active("cnn", 1, timeout=60)
-        assert wait_for(lambda: model.precision == Precision.FP16)  # the threshold override took effect
+        assert wait_until(lambda: model.precision == Precision.FP16)  # the threshold override took effect
         assert not model.info().pinned
         # Malformed desired state and an unknown policy key: counted, and the client keeps following.
         writer = Transport(TransportConfig.from_url(published.url, client_id="evil", session_expiry_s=0))
         writer.start()
         assert writer.wait_connected(5)
         writer.publish(Topics(FLEET).desired("cam-1"), b"{not json", qos=1, retain=True, wait=5)
-        assert wait_for(lambda: client.twin.errors["bad_desired"] == 1)
+        assert wait_until(lambda: client.twin.errors["bad_desired"] == 1)
         writer.publish(Topics(FLEET).desired("cam-1"), b'{"policy": {"max_cpu": 80}}', qos=1, retain=True, wait=5)
-        assert wait_for(lambda: client.twin.errors["bad_desired"] == 2)
+        assert wait_until(lambda: client.twin.errors["bad_desired"] == 2)
         assert "policy.max_cpu" in client.twin.snapshot()["last_error"]["reason"]
         writer.stop()
         write_desired(published.url, FLEET, build_desired("cnn", 2, {"pin_precision": "int8"}), device="cam-1")
         assert client.wait_active("cnn", 2, timeout=60)
-        assert wait_for(lambda: model.precision == Precision.INT8) and model.info().pinned
+        assert wait_until(lambda: model.precision == Precision.INT8) and model.info().pinned
         merged = {**fp32_bar, "pin_precision": "int8"}
         assert merged in policies  # merged: the fleet's thresholds kept, the device's pin added
         assert client.twin.errors["bad_desired"] == 2 and client.twin.errors["policy"] == 0
         _reported(published, "cam-1", lambda r: r.get("policy") == merged)
         # The device withdraws its pin with an explicit null: back to the policy (FP32 still barred).
         write_desired(published.url, FLEET, build_desired("cnn", 2, {"pin_precision": None}), device="cam-1")
-        assert wait_for(lambda: not model.info().pinned and model.precision == Precision.FP16)
+        assert wait_until(lambda: not model.info().pinned and model.precision == Precision.FP16)
     finally:
         client.stop()
         model.close()
@@ -371,17 +364,6 @@ def _retain(broker, topic: str, payload: bytes) -> None:
     writer.stop()
 
 
-def _wait(predicate, timeout: float = 30.0) -> bool:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
 def test_signed_manifest_with_oversized_chunk_list_is_refused_end_to_end(published, sync_releases, release_keypair,
                                                                           tmp_path):
     """A correctly signed manifest whose chunk list covers more than a file's declared size:
@@ -405,7 +387,7 @@ def test_signed_manifest_with_oversized_chunk_list_is_refused_end_to_end(publish
     write_desired(published.url, FLEET, build_desired("cnn", 7, {}), device="cam-1")
     client.start()
     try:
-        assert _wait(lambda: client.twin.errors["bad_chunk_list"] >= 1)
+        assert wait_until(lambda: client.twin.errors["bad_chunk_list"] >= 1)
         assert client.releases.active() is None and client.chunks.shas() == set()
         assert client.releases.highest_accepted("cnn") == 0
         reason = client.twin.snapshot()["last_error"]["reason"]
@@ -436,9 +418,9 @@ def test_garbage_fleet_desired_and_cleared_blob_keep_the_client_running(publishe
         for garbage in (b"{not json", b"\x00\xff\xfe", b"[1, 2]", b'{"model": "cnn", "version": "two"}'):
             before = client.twin.errors["bad_desired"]
             _retain(published, topics.desired(), garbage)
-            assert _wait(lambda: client.twin.errors["bad_desired"] == before + 1), garbage
+            assert wait_until(lambda: client.twin.errors["bad_desired"] == before + 1), garbage
         write_desired(published.url, FLEET, build_desired("cnn", 1, {}))  # fleet level, well-formed
-        assert _wait(lambda: client.twin.snapshot()["sync"].get("chunks_done", 0) >= 1)
+        assert wait_until(lambda: client.twin.snapshot()["sync"].get("chunks_done", 0) >= 1)
         assert not client.wait_active("cnn", 1, timeout=3)  # waits for the cleared chunk …
         _retain(published, topics.blob(victim.sha256), b"")  # cleared again, now delivered live: ignored
         assert not client.wait_active("cnn", 1, timeout=1)
@@ -487,7 +469,7 @@ def test_disk_full_while_storing_chunks_activates_nothing_and_resumes(published,
     write_desired(published.url, FLEET, build_desired("cnn", 1, {}), device="cam-1")
     client.start()
     try:
-        assert _wait(lambda: client.twin.errors["storage"] >= 2)  # refused, retried, refused again
+        assert wait_until(lambda: client.twin.errors["storage"] >= 2)  # refused, retried, refused again
         last = client.twin.snapshot()["last_error"]
         assert last["kind"] == "storage" and "disk full" in last["reason"] and "storing chunk" in last["reason"]
         assert client.releases.active() is None and client.releases.highest_accepted("cnn") == 0
@@ -496,7 +478,7 @@ def test_disk_full_while_storing_chunks_activates_nothing_and_resumes(published,
         assert 0 < stored < len(_device_chunks(sync_releases["v1"]))
         tiny_fs.grow()  # space is freed: the next retry resumes from the stored chunks
         assert client.wait_active("cnn", 1, timeout=60)
-        assert _wait(lambda: bool(client.results))  # appended when sync() returns, just after the switch
+        assert wait_until(lambda: bool(client.results))  # appended when sync() returns, just after the switch
         result = client.results[-1]
         assert result.status == "activated" and result.chunks_reused >= stored  # a smaller chunk may have fitted later
         client.releases.verify(client.releases.active())

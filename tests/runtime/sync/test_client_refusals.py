@@ -14,6 +14,7 @@ from edge_sdk.runtime.sync.topics import Topics
 from edge_sdk.runtime.sync.transport import Transport, TransportConfig
 from edge_sdk.signing import generate_keypair, load_private_key
 from edge_sdk.trust import sign_release
+from polling import wait_until
 
 PROFILE = "intel-nuc"
 
@@ -22,13 +23,6 @@ def _client(broker, fleet: str, root, public_key) -> SyncClient:
     return SyncClient(SyncConfig(broker=broker.url, fleet=fleet, device="cam-1", root=root, profile=PROFILE,
                                  public_key=public_key, stall_timeout_s=2.0, manifest_timeout_s=5.0, retry_min_s=0.2,
                                  retry_max_s=1.0, self_test=False))
-
-
-def _until(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return predicate()
 
 
 def test_a_forged_manifest_does_not_block_the_genuine_one_at_the_same_version(mosquitto, sync_releases,
@@ -46,10 +40,10 @@ def test_a_forged_manifest_does_not_block_the_genuine_one_at_the_same_version(mo
     client = _client(mosquitto, fleet, tmp_path / "dev", release_keypair[1])
     client.start()
     try:
-        assert _until(lambda: client.twin.errors["bad_signature"] == 1)
+        assert wait_until(lambda: client.twin.errors["bad_signature"] == 1)
         # Another desired-state change wakes the follower: the same forged message is not tried again.
         write_desired(mosquitto.url, fleet, build_desired("cnn", 1, {"pin_precision": "fp32"}))
-        assert _until(lambda: client.twin.snapshot().get("policy") == {"pin_precision": "fp32"})
+        assert wait_until(lambda: client.twin.snapshot().get("policy") == {"pin_precision": "fp32"})
         time.sleep(0.5)
         assert client.twin.errors["bad_signature"] == 1 and client.releases.active("cnn") is None
         # The genuine v1 replaces it (the publisher ignores the forgery): taken with no desired change.

@@ -4,7 +4,6 @@ across restarts, and refuses roots that do not chain. Real Mosquitto, real SyncC
 
 from __future__ import annotations
 
-import time
 
 from edge_sdk.cloud.desire import build_desired, write_desired
 from edge_sdk.cloud.publish import publish_release, publish_root
@@ -13,6 +12,7 @@ from edge_sdk.runtime.sync.topics import Topics
 from edge_sdk.runtime.sync.transport import Transport, TransportConfig
 from edge_sdk.signing import generate_keypair, load_private_key, load_public_key
 from edge_sdk.trust import key_id, new_root, rotate_root
+from polling import wait_until
 
 PROFILE = "intel-nuc"
 
@@ -21,13 +21,6 @@ def _client(broker, fleet: str, root, public_key) -> SyncClient:
     return SyncClient(SyncConfig(broker=broker.url, fleet=fleet, device="cam-1", root=root, profile=PROFILE,
                                  public_key=public_key, stall_timeout_s=2.0, manifest_timeout_s=5.0, retry_min_s=0.2,
                                  retry_max_s=1.0, self_test=False))
-
-
-def _until(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return predicate()
 
 
 def test_a_rotated_root_from_the_fleet_lets_the_device_take_releases_of_the_new_key(
@@ -47,7 +40,7 @@ def test_a_rotated_root_from_the_fleet_lets_the_device_take_releases_of_the_new_
     client = _client(mosquitto, fleet, device, configured)
     client.start()
     try:
-        assert _until(lambda: client.twin.errors["bad_signature"] == 1)
+        assert wait_until(lambda: client.twin.errors["bad_signature"] == 1)
         assert client.releases.active("cnn") is None and client.public_key.version == 1
         # A root v3 signed by a key root v1 never listed: refused, counted, trust unchanged.
         forged = rotate_root(rotate_root(v1, [load_private_key(stranger)]), [load_private_key(stranger)],
@@ -59,7 +52,7 @@ def test_a_rotated_root_from_the_fleet_lets_the_device_take_releases_of_the_new_
                               retain=True, wait=5)
         assert writer.publish(Topics(fleet).trust_root(3), forged, qos=1, retain=True, wait=5)
         writer.stop()
-        assert _until(lambda: client.twin.errors["trust_root"] >= 1)
+        assert wait_until(lambda: client.twin.errors["trust_root"] >= 1)
         assert client.public_key.version == 1 and client.releases.active("cnn") is None
         # The genuine v2 (signed by the root key; adds the new release key, revokes the old one)
         # replaces the forgery: the device rotates and takes the release it refused, no desired change.

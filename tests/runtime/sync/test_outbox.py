@@ -12,6 +12,7 @@ import sys
 import textwrap
 
 import pytest
+from disk import fill_disk
 
 from edge_sdk.errors import OutboxFullError, SyncError
 from edge_sdk.runtime.sync.outbox import ROW_OVERHEAD, Outbox, OutboxConfig, Priority
@@ -122,16 +123,6 @@ def _free(folder) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def _fill(folder) -> None:
-    """Take every byte left on the file system with a ballast file."""
-    with open(folder / "ballast", "wb", buffering=0) as handle:
-        try:
-            while True:
-                handle.write(b"\0" * 4096)
-        except OSError:
-            pass
-
-
 def test_drop_oldest_runs_before_a_1mib_disk_fills(tiny_disk):
     """The disk, not max_bytes, is the limit here: the policy still runs, and the disk never fills."""
     disk = tiny_disk("1m")
@@ -172,7 +163,7 @@ def test_an_ack_on_a_full_disk_is_kept_and_its_records_are_not_sent_again(tiny_d
             b.append({"i": i, "pad": "x" * 200})
     except OutboxFullError:
         pass
-    _fill(disk)  # another process takes the rest, the reserve included
+    fill_disk(disk)  # another process takes the rest, the reserve included
     rows = b.stats().rows
     batch = b.next_batch(0, max_records=50)
     committed = b.ack(batch.boot, batch.last_seq)
@@ -194,7 +185,7 @@ def test_no_room_to_create_the_outbox_disables_it_until_space_returns(tiny_disk,
 
     monkeypatch.setattr(outbox_module, "REOPEN_S", 0.0, raising=False)
     disk = tiny_disk("1m")
-    _fill(disk)
+    fill_disk(disk)
     b = Outbox(OutboxConfig(path=disk / "outbox.db"))
     assert b.disabled is not None and "disk is full" in b.disabled
     with pytest.raises(OutboxFullError, match="disabled: the disk is full"):

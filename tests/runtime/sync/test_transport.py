@@ -15,6 +15,7 @@ import pytest
 from edge_sdk.errors import ConfigError, SyncError
 from edge_sdk.runtime.sync.topics import Topics
 from edge_sdk.runtime.sync.transport import OFFLINE, ONLINE, Message, Transport, TransportConfig
+from polling import wait_until
 
 T = Topics("f")
 
@@ -40,15 +41,6 @@ class Inbox:
         with self.cond:
             self.cond.wait_for(lambda: len(self.items) >= n, timeout)
             return list(self.items)
-
-
-def wait_until(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def test_url_parsing_and_bad_urls():
