@@ -8,7 +8,10 @@ process RSS growth from loading the variant.
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,8 @@ import numpy as np
 
 from ..errors import EdgeSDKError, IntegrityError
 from ..manifest import Manifest, Variant, verify_file
-from .backends.base import BackendOptions, get_backend
+from ..types import Precision, SpeedVerdict
+from .backends.base import BackendOptions, Session, get_backend
 from .monitor import MB
 
 
@@ -97,3 +101,94 @@ def bench_variant(release_dir: Path, manifest: Manifest, variant: Variant, *, ru
                            throughput_per_s=None, rss_mb=None, load_ms=None, error=str(exc))
     return BenchResult(**base, runs=runs, **percentiles(times), throughput_per_s=runs / loop_s,
                        rss_mb=rss_mb, load_ms=load_ms)
+
+
+# ---------------------------------------------------------------------------------------------
+# Paired speed comparison: the converter's gate on the build machine and the device's acceptance
+
+MIN_PAIRS = 6  # fewer pairs cannot give a 95% interval narrower than their own range
+
+# The speed gate: the most a variant's latency may be, as a multiple of FP32's, measured paired on
+# the build machine. INT8/mixed exist only to be faster, so they may not be slower at all. FP16
+# also halves the weights (the runtime policy steps down to it under memory pressure), and a build
+# CPU without FP16 arithmetic runs it at FP32 speed: it may take up to x1.25.
+MAX_LATENCY_RATIO: dict[Precision, float] = {Precision.FP16: 1.25, Precision.INT8: 1.0, Precision.MIXED: 1.0}
+
+
+@dataclass(frozen=True)
+class SpeedComparison:
+    """Paired latency of a candidate against FP32: medians, and the median per-pair ratio with its 95% CI."""
+
+    reference_ms: float
+    candidate_ms: float
+    ratio: float
+    low: float
+    high: float
+    pairs: int
+    reference_p99_ms: float | None = None
+    candidate_p99_ms: float | None = None
+
+    def verdict(self, limit: float) -> SpeedVerdict:
+        if self.low > limit:
+            return SpeedVerdict.SLOWER
+        return SpeedVerdict.OK if self.high <= limit else SpeedVerdict.INCONCLUSIVE
+
+    def clearly_faster_than(self, other: SpeedComparison, margin: float = 0.9) -> bool:
+        """Intervals apart and at least ``1 - margin`` faster: a choice no rerun on a noisy machine flips."""
+        return self.high < other.low and self.ratio < margin * other.ratio
+
+
+def compare_speed(reference: Session, candidate: Session, sample: dict[str, np.ndarray], *, runs: int = 50,
+                  limit: float = 1.0, max_rounds: int = 4, warmup: int = 5, deadline: float | None = None) -> SpeedComparison:
+    """Paired, interleaved runs (``runs`` pairs a round) until the ratio's CI is clear of ``limit``.
+
+    ``deadline`` (``time.monotonic()``) bounds the whole measurement: past it, the pairs measured
+    so far decide (at least :data:`MIN_PAIRS`; few pairs give a wide, often inconclusive interval).
+    """
+    for _ in range(warmup):
+        reference.run(sample)
+        candidate.run(sample)
+    ref_times: list[float] = []
+    cand_times: list[float] = []
+    for _ in range(max_rounds):
+        for i in range(runs):
+            if deadline is not None and len(ref_times) >= MIN_PAIRS and time.monotonic() > deadline:
+                break
+            first, second = (reference, candidate) if i % 2 == 0 else (candidate, reference)
+            start = time.perf_counter()
+            first.run(sample)
+            middle = time.perf_counter()
+            second.run(sample)
+            end = time.perf_counter()
+            ref, cand = (middle - start, end - middle) if i % 2 == 0 else (end - middle, middle - start)
+            ref_times.append(ref)
+            cand_times.append(cand)
+        comparison = paired_ratio(ref_times, cand_times)
+        if comparison.verdict(limit) != SpeedVerdict.INCONCLUSIVE:
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            break
+    return comparison
+
+
+def paired_ratio(reference_s: Sequence[float], candidate_s: Sequence[float]) -> SpeedComparison:
+    """Medians and the median per-pair ratio with its distribution-free 95% confidence interval."""
+    ratios = sorted(c / r for r, c in zip(reference_s, candidate_s) if r > 0)
+    n = len(ratios)
+    k = _sign_test_rank(n)
+    return SpeedComparison(reference_ms=statistics.median(reference_s) * 1000.0,
+                           candidate_ms=statistics.median(candidate_s) * 1000.0,
+                           ratio=statistics.median(ratios), low=ratios[k], high=ratios[n - 1 - k], pairs=n,
+                           reference_p99_ms=float(np.percentile(reference_s, 99)) * 1000.0,
+                           candidate_p99_ms=float(np.percentile(candidate_s, 99)) * 1000.0)
+
+
+def _sign_test_rank(n: int, alpha: float = 0.05) -> int:
+    """0-based rank k such that [x_(k), x_(n-1-k)] covers the median with probability >= 1 - alpha."""
+    cumulative, k = 0.0, 0
+    while k < n // 2:
+        cumulative += math.comb(n, k) / 2.0 ** n
+        if cumulative > alpha / 2:
+            break
+        k += 1
+    return k

@@ -36,8 +36,10 @@ from ..config import describe_validation_error
 from ..errors import BackendError, ConfigError, EdgeSDKError, InputError, IntegrityError, MissingDependencyError
 from ..manifest import Manifest, Variant, load_manifest, verify_file
 from ..profiles import AUTO, DeviceProfile, PolicySettings, ResolvedProfile, resolve_profile
-from ..types import Precision
+from ..types import MemoryMode, Precision
+from .acceptance import DeviceChecks, DeviceReport, check_release
 from .backends.base import BackendOptions, Session, get_backend
+from .ladder import Rung, build_ladder
 from .monitor import MB, ResourceMonitor, ResourceSample, ResourceSource, SystemSource
 from .policy import EventKind, PolicyEvent, PolicyOverride, PrecisionPolicy, parse_precision
 from .selection import Plan, plan_variants, rejected_reason
@@ -54,11 +56,13 @@ def _rss_mb() -> float:
 class _Slot:
     """One loaded variant plus the number of calls running on it."""
 
-    __slots__ = ("session", "variant", "refs", "retired", "closed", "load_ms", "rss_delta_mb", "lock", "check_finite")
+    __slots__ = ("session", "variant", "refs", "retired", "closed", "load_ms", "rss_delta_mb", "lock", "check_finite",
+                 "memory")
 
     def __init__(self, session: Session, variant: Variant, load_ms: float, rss_delta_mb: float,
-                 check_finite: bool) -> None:
+                 check_finite: bool, memory: MemoryMode = MemoryMode.DEFAULT) -> None:
         self.session = session
+        self.memory = memory
         self.variant = variant
         self.refs = 0
         self.retired = False
@@ -97,6 +101,9 @@ class ModelInfo:
     selection: str
     monitoring: bool
     swaps: int = 0
+    memory_mode: str = MemoryMode.DEFAULT.value  # the backend memory mode serving (lean: memory-saving options)
+    ladder: dict[str, Any] | None = None  # memory steps, skipped rungs and why, footprint per rung
+    device: dict[str, Any] | None = None  # figures measured on this device: footprint, p50/p99, verdicts
 
     def __getitem__(self, key: str) -> Any:
         return getattr(self, key)
@@ -149,6 +156,7 @@ class EdgeModel:
         self._policy_pin: Precision | None = None  # a pin that came from set_policy
         self._unavailable: str | None = None  # why no variant serves (both loads of a paused swap failed)
         self._self_test: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
+        self.device: DeviceReport | None = None  # what this device measured (footprints, acceptance)
 
     # ------------------------------------------------------------------------------------------
     # Loading
@@ -159,7 +167,7 @@ class EdgeModel:
              backend: str | None = None, *, public_key: Any = None, threads: int | None = None,
              monitor: ResourceMonitor | ResourceSource | bool | None = None, interval_s: float = 1.0,
              policy: PolicySettings | None = None, swap_reserve_mb: float = 64.0,
-             reject_non_finite: bool | None = None) -> EdgeModel:
+             reject_non_finite: bool | None = None, device_checks: DeviceChecks | None = None) -> EdgeModel:
         """Verify and load a release folder.
 
         ``profile``: a profile id, a profile YAML path, a :class:`DeviceProfile`, ``"auto"``, or
@@ -175,7 +183,9 @@ class EdgeModel:
         ``reject_non_finite``: raise :class:`InputError` for NaN/inf inputs, at the cost of one
         scan per input. ``None`` (default) does so while an INT8/mixed variant serves - quantizing
         turns NaN into plausible-looking garbage - and lets float variants propagate NaN as is;
-        ``True``/``False`` force it on/off for every variant.
+        ``True``/``False`` force it on/off for every variant. ``device_checks``: what this device
+        measures itself before serving (footprint per variant, the on-device acceptance benchmark,
+        see :mod:`~edge_sdk.runtime.acceptance`); default :meth:`DeviceChecks.from_env`.
         """
         release_dir = Path(release_dir)
         if not release_dir.is_dir():
@@ -197,7 +207,6 @@ class EdgeModel:
             cpu_affinity=tuple(device_profile.cpu.big_cores) or None,
         )
         settings = policy if policy is not None else device_profile.policy
-        precision_policy = PrecisionPolicy(plan.precisions, settings)
         if monitor is None or monitor is True:
             resource_monitor: ResourceMonitor | None = ResourceMonitor(SystemSource(), interval_s)
         elif monitor is False:
@@ -212,7 +221,18 @@ class EdgeModel:
             for variant in candidates:
                 for entry in variant.files:
                     verify_file(release_dir, entry)
+        checks = device_checks if device_checks is not None else DeviceChecks.from_env()
+        first_sample = resource_monitor.source.sample() if resource_monitor is not None else None
+        plan, device = check_release(release_dir, manifest, plan, checks, options, first_sample)
+        if requested is not None and requested not in plan.candidates:
+            raise ConfigError(f"release {manifest.model} v{manifest.version}: the {requested} variant failed this "
+                              f"device's checks: {'; '.join(device.rejected.values())}")
+        footprints = {p: found for p, vs in plan.candidates.items() if (found := device.footprint(vs[0])) is not None}
+        ladder = build_ladder(plan.precisions, footprints, min_saving=checks.min_memory_saving,
+                              lean_modes=checks.memory_modes)
+        precision_policy = PrecisionPolicy(plan.precisions, settings, ladder=ladder)
         model = cls(release_dir, manifest, plan, precision_policy, options, resource_monitor, swap_reserve_mb)
+        model.device = device
         model._reject_non_finite = reject_non_finite
         model._load_self_test()
         model._start(requested)
@@ -236,49 +256,66 @@ class EdgeModel:
         self._self_test = (inputs, expected)
 
     def _start(self, requested: Precision | None) -> None:
+        self._publish_checks()
         sample = self.monitor.sample_now() if self.monitor is not None else None
         if requested is not None:
             self.policy.pin(requested)
             slot = self._open(requested)
             reason = f"precision {requested} requested (pinned)"
         else:
-            start = self.policy.initial(sample)
+            self.policy.initial(sample)
+            start = self.policy.rung
             errors: list[EdgeSDKError] = []
             slot = None
             # Auto mode: a variant that fails to load or self-test is skipped for a cheaper one.
-            for precision in self.plan.precisions[self.plan.precisions.index(start):]:
+            rungs = self.policy.memory_ladder.rungs
+            for rung in rungs[rungs.index(start):]:
                 try:
-                    slot = self._open(precision)
+                    slot = self._open(rung.precision, rung.memory)
                     break
                 except EdgeSDKError as exc:
                     errors.append(exc)
             if slot is None:
                 raise combine_errors(errors)
-            self.policy.current = slot.variant.precision
+            self.policy.current, self.policy.current_memory = slot.variant.precision, slot.memory
             reason = "auto: the best precision the resources allow" + (f" (skipped: {'; '.join(map(str, errors))})" if errors else "")
         self._active = slot
         self.policy.record(PolicyEvent(EventKind.INITIAL, None, slot.variant.precision, reason,
-                                       sample.as_dict() if sample else {}, swap_ms=slot.load_ms))
+                                       sample.as_dict() if sample else {}, swap_ms=slot.load_ms, to_memory=slot.memory))
         if self.monitor is not None:
             self._unsubscribe = self.monitor.subscribe(self._on_sample)
             if not self.monitor.running:
                 self.monitor.start()
                 self._owns_monitor = True  # a monitor the caller already ran stays theirs to stop
 
-    def _open(self, precision: Precision) -> _Slot:
+    def _publish_checks(self) -> None:
+        """The device checks' findings and the memory ladder, as events (before the first load)."""
+        if self.device is not None:
+            for kind, text in self.device.notes:
+                self.policy.record(PolicyEvent(EventKind(kind), None, None, text))
+        ladder = self.policy.memory_ladder
+        if ladder.footprint_mb:
+            described = ladder.describe()
+            steps = " -> ".join(described["memory_steps"])  # type: ignore[arg-type]
+            skipped = described["skipped"]
+            self.policy.record(PolicyEvent(EventKind.LADDER, None, None, f"memory steps: {steps}"
+                                           + (f"; skipped: {'; '.join(skipped)}" if skipped else ""),  # type: ignore[arg-type]
+                                           described))
+
+    def _open(self, precision: Precision, memory: MemoryMode = MemoryMode.DEFAULT) -> _Slot:
         """Verify, load, self-test and warm up the best loadable variant of ``precision``."""
         errors: list[EdgeSDKError] = []
         # A backend whose package is missing, or a variant that fails, yields to the next one.
         for variant in self.plan.candidates[precision]:
             try:
-                return self._open_variant(variant)
+                return self._open_variant(variant, memory)
             except EdgeSDKError as exc:
                 errors.append(exc)
         raise combine_errors(errors)
 
-    def _open_variant(self, variant: Variant) -> _Slot:
+    def _open_variant(self, variant: Variant, memory: MemoryMode = MemoryMode.DEFAULT) -> _Slot:
         files = [verify_file(self.release_dir, entry) for entry in variant.files]
-        options = dataclasses.replace(self._options, precision=variant.precision)
+        options = dataclasses.replace(self._options, precision=variant.precision, memory=memory)
         rss_before = _rss_mb()
         started = time.perf_counter()
         try:
@@ -300,7 +337,7 @@ class EdgeModel:
         # RSS growth under-reports when the allocator reuses memory an earlier session freed (it
         # reads 0 for a small model), but the weights are resident either way: at least their size.
         weights_mb = sum(f.size for f in variant.files) / MB
-        return _Slot(session, variant, load_ms, max(_rss_mb() - rss_before, weights_mb), check)
+        return _Slot(session, variant, load_ms, max(_rss_mb() - rss_before, weights_mb), check, memory)
 
     def _check_self_test(self, session: Session, variant: Variant) -> None:
         if self._self_test is None:
@@ -406,40 +443,51 @@ class EdgeModel:
             return event
         return self._carry_out(event, sample)
 
+    def _serving(self) -> Rung | None:
+        slot = self._active
+        return Rung(slot.variant.precision, slot.memory) if slot is not None else None
+
     def _carry_out(self, event: PolicyEvent, sample: ResourceSample | None = None) -> PolicyEvent:
-        """Swap to ``event.to_precision``; publish the event (or a SWAP_FAILED one)."""
-        current = self._active.variant.precision if self._active else None
-        if event.to_precision == current:
+        """Swap to ``event.to_rung``; publish the event (or a SWAP_FAILED one)."""
+        current = self._serving()
+        target = event.to_rung
+        if target == current:
             self.policy.record(event)
             return event
         try:
-            swap_ms, paused = self._swap(event.to_precision, sample)  # type: ignore[arg-type]
+            swap_ms, paused = self._swap(target.precision, sample, target.memory)  # type: ignore[union-attr]
         except EdgeSDKError as exc:
             # With no variant serving (a paused swap lost both), the policy stays where it was.
-            actual = current if current is not None else event.from_precision
-            return self.policy.report_failure(event, actual, str(exc))  # type: ignore[arg-type]
+            actual = current if current is not None else Rung(event.from_precision, event.from_memory or MemoryMode.DEFAULT)  # type: ignore[arg-type]
+            return self.policy.report_failure(event, actual.precision, str(exc), actual.memory)
         done = dataclasses.replace(event, swap_ms=swap_ms, paused=paused,
                                    reason=event.reason + (" (paused calls: not enough memory for both variants)" if paused else ""))
         self.policy.record(done)
         return done
 
-    def _memory_too_tight(self, precision: Precision, sample: ResourceSample | None) -> bool:
+    def _memory_too_tight(self, precision: Precision, sample: ResourceSample | None,
+                          memory: MemoryMode = MemoryMode.DEFAULT) -> bool:
         if self.monitor is None:
             return False
         sample = sample or self.monitor.latest or self.monitor.source.sample()
-        variant = self.plan.candidates[precision][0]
-        # Weights plus the runtime's working buffers: about twice the artifact size.
-        need_mb = 2 * sum(f.size for f in variant.files) / MB
+        # Holding both sessions for a moment needs the new one's measured peak RSS; without
+        # figures, weights plus the runtime's working buffers: about twice the artifact size.
+        need_mb = self.policy.memory_ladder.footprint(Rung(precision, memory))
+        if need_mb is None:
+            variant = self.plan.candidates[precision][0]
+            need_mb = 2 * sum(f.size for f in variant.files) / MB
         return sample.available_memory_mb < need_mb + self._swap_reserve_mb
 
-    def _swap(self, precision: Precision, sample: ResourceSample | None = None) -> tuple[float, bool]:
-        """Make a ``precision`` variant active; returns (milliseconds, paused?). Caller holds the swap lock."""
+    def _swap(self, precision: Precision, sample: ResourceSample | None = None,
+              memory: MemoryMode = MemoryMode.DEFAULT) -> tuple[float, bool]:
+        """Make a ``precision`` variant active in ``memory`` mode; returns (milliseconds, paused?).
+        Caller holds the swap lock."""
         started = time.perf_counter()
-        if self._memory_too_tight(precision, sample):
-            self._swap_paused(precision)
+        if self._memory_too_tight(precision, sample, memory):
+            self._swap_paused(precision, memory)
             self._swaps += 1
             return (time.perf_counter() - started) * 1000, True
-        new = self._open(precision)  # loads and self-tests while the old one keeps serving
+        new = self._open(precision, memory)  # loads and self-tests while the old one keeps serving
         with self._cond:
             old, self._active = self._active, new
             close_now = False
@@ -453,7 +501,7 @@ class EdgeModel:
         self._swaps += 1
         return (time.perf_counter() - started) * 1000, False
 
-    def _swap_paused(self, precision: Precision) -> None:
+    def _swap_paused(self, precision: Precision, memory: MemoryMode = MemoryMode.DEFAULT) -> None:
         with self._cond:
             self._paused = True
             while self._active is not None and self._active.refs > 0:
@@ -465,13 +513,13 @@ class EdgeModel:
                 old.closed = True
                 old.close()
             try:
-                new = self._open(precision)
+                new = self._open(precision, memory)
             except EdgeSDKError as exc:
                 if old is None:
                     raise
                 # Bring the previous variant back before reporting the failure.
                 try:
-                    new = self._open(old.variant.precision)
+                    new = self._open(old.variant.precision, old.memory)
                 except EdgeSDKError as restore_exc:
                     # Nothing serves now: callers get this reason (a BackendError) until a later
                     # switch loads a variant again.
@@ -502,7 +550,7 @@ class EdgeModel:
         with self._swap_lock:
             before = self._active.variant.precision if self._active else None
             swap_ms, paused = (0.0, False)
-            if precision != before:
+            if Rung(precision) != self._serving():
                 try:
                     swap_ms, paused = self._swap(precision)
                 except EdgeSDKError as exc:
@@ -590,6 +638,8 @@ class EdgeModel:
             pinned=self.policy.pinned is not None, available_precisions=[p.value for p in self.plan.precisions],
             last_decision=last.as_dict() if last else None, selection=self.plan.note,
             monitoring=self.monitor is not None and self.monitor.running, swaps=self._swaps,
+            memory_mode=slot.memory.value, ladder=self.policy.memory_ladder.describe(),
+            device=self.device.as_dict() if self.device is not None else None,
         )
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ skipped on a laptop, failed under ``CI=1``.
 from __future__ import annotations
 
 import itertools
+import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +23,12 @@ import servers
 from edge_sdk import samples
 from needs import missing, need_module, need_root
 from servers import MosquittoBroker, NginxServer, PostgresServer, SeaweedS3Server
+
+# Devices measure each release's footprint and benchmark its variants when they activate it
+# (runtime/acceptance.py): ~1-10 s per activation. The suite activates releases hundreds of times
+# for other reasons, so the checks are off by default here (also in the processes tests start);
+# tests/runtime/test_footprint.py, test_ladder.py and test_acceptance.py turn them on explicitly.
+os.environ.setdefault("EDGE_SDK_DEVICE_CHECKS", "off")
 
 
 @pytest.fixture(scope="session")
