@@ -9,6 +9,9 @@
   calls/s sequential and with ``--workers`` client threads, and CPU time per call of the daemon
   process and of the client (load-independent where wall time is not: on a shared machine a
   call waits for a core as long as it computes);
+* the transport floor: a bare grpcio server in another process answering the same 602 KB request
+  bytes with an empty reply (no parsing, no model) — what any Python gRPC service pays before
+  doing anything, so the gRPC overhead can be read as floor + ours;
 * a 50-thread burst against the admission queue: calls/s, p99, share of 503s;
 * RSS peak above idle while 8 clients send 16 MB JSON bodies at once, against the tensor bytes
   those bodies declare;
@@ -91,6 +94,46 @@ def side_by_side(calls: dict[str, Callable[[int], object]], rounds: int, repeats
             latency[name] += this[name]
     stats = {name: {**percentiles(lat), "throughput_per_s": round(len(lat) / sum(lat), 1)} for name, lat in latency.items()}
     return stats, {name: {"median_ms": round(float(np.median(d)), 3), "per_repeat_ms": d} for name, d in paired.items()}
+
+
+def _grpc_echo_server(ports) -> None:
+    """A bare grpcio server (generic handler, bytes in, empty bytes out) for the transport floor."""
+    from concurrent import futures
+
+    import grpc
+
+    def raw(data: bytes) -> bytes:
+        return data
+
+    server = grpc.server(futures.ThreadPoolExecutor(4), options=[("grpc.max_receive_message_length", 64 << 20)])
+    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: b"", request_deserializer=raw,
+                                                  response_serializer=raw)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("floor.Echo", {"Echo": handler})])
+    ports.put(server.add_insecure_port("127.0.0.1:0"))
+    server.start()
+    server.wait_for_termination()
+
+
+def grpc_floor(payload: bytes):
+    """(call, stop): a unary call of ``payload`` to a bare grpcio server in its own process."""
+    import multiprocessing
+
+    import grpc
+
+    context = multiprocessing.get_context("spawn")
+    ports = context.Queue()
+    proc = context.Process(target=_grpc_echo_server, args=(ports,), daemon=True)
+    proc.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{ports.get(timeout=60)}",
+                                    options=[("grpc.max_send_message_length", 64 << 20)])
+    echo = channel.unary_unary("/floor.Echo/Echo", request_serializer=lambda b: b, response_deserializer=lambda b: b)
+
+    def stop() -> None:
+        channel.close()
+        proc.kill()
+        proc.join()
+
+    return (lambda i: echo(payload)), stop
 
 
 def cpu_per_call(call: Callable[[int], object], calls: int, daemon) -> dict[str, float]:
@@ -379,10 +422,17 @@ def main() -> None:
         if not np.array_equal(got, want) or not np.array_equal(call_grpc(0).as_numpy("logits"), want):
             raise SystemExit("the daemon's answer differs from in-process EdgeModel.run")
         transports = {"http_json": call_json, "http_binary": call_bin, "grpc": call_grpc}
-        for call in transports.values():
+        floor_call, stop_floor = grpc_floor(feeds[0]["image"].tobytes())  # the request's tensor bytes
+        for call in [*transports.values(), floor_call]:
             for i in range(20):
                 call(i)
-        results, paired = side_by_side({"in_process": run_in_process, **transports}, args.calls, args.repeats)
+        try:
+            results, paired = side_by_side({"in_process": run_in_process, **transports, "grpc_floor": floor_call},
+                                           args.calls, args.repeats)
+        finally:
+            stop_floor()
+        floor = results.pop("grpc_floor")
+        del paired["grpc_floor"]
         daemon_ps = psutil.Process(proc.pid)
         cpu = {name: cpu_per_call(call, args.calls // 3, daemon_ps)
                for name, call in {"in_process": run_in_process, **transports}.items()}
@@ -441,6 +491,7 @@ def main() -> None:
         "in_process": {**inproc, "throughput_concurrent_per_s": round(tput_in_conc, 1)},
         **results,
         "overhead_ms_p50_paired": paired,
+        "grpc_transport_floor": {**floor, "grpc_overhead_beyond_floor_ms": round(paired["grpc"]["median_ms"] - floor["p50_ms"], 3)},
         "ratios_p50_over_in_process": {k: round(v["p50_ms"] / inproc["p50_ms"], 2) for k, v in results.items()},
         "cpu_ms_per_call": cpu,
         "server_cpu_overhead_ms_per_call": {k: round(cpu[k]["daemon"] - cpu["in_process"]["client"], 3) for k in results},

@@ -281,7 +281,12 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=200_000, help="telemetry records per ingest run")
     args = parser.parse_args()
     sections = args.sections.split(",")
-    figures: dict = {"benchmark": "fleet", "python": sys.version.split()[0], "cpus": os.cpu_count()}
+    from edge_sdk.cloud import ingest as _ingest
+
+    # The machine is shared: the load average beside the figures says how much they can be trusted.
+    figures: dict = {"benchmark": "fleet", "python": sys.version.split()[0], "cpus": os.cpu_count(),
+                     "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+                     "ingest_fast_decoding": _ingest._FAST is not None}
     with tempfile.TemporaryDirectory(prefix="edge-fleet-") as tmp:
         work = Path(tmp)
         if "delivery" in sections:
@@ -289,6 +294,7 @@ def main() -> None:
                                            args.store)
         if "ingest" in sections:
             figures["ingest"] = ingest(work / "ingest", args.records)
+    figures["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(figures, indent=2))
 
 

@@ -57,7 +57,7 @@ MAX_RECORDS_PER_BATCH = 10_000
 #: Largest telemetry batch on the wire (a batch holds at most ``batch_bytes`` plus one record).
 MAX_BATCH_BYTES = 2 * MAX_RECORD_BYTES + 64 * 1024
 LOSS_KIND = "outbox.loss"
-_BOOT = re.compile(r"[0-9A-Za-z_-]{1,64}")
+BOOT_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")  # what a boot id may be
 
 
 # -- wire format ---------------------------------------------------------------------------------
@@ -93,7 +93,7 @@ def _int(value: object, what: str, minimum: int) -> int:
 
 
 def _boot(value: object) -> str:
-    if not isinstance(value, str) or not _BOOT.fullmatch(value):
+    if not isinstance(value, str) or not BOOT_ID.fullmatch(value):
         raise SyncError(f"boot id must be 1-64 characters of [0-9A-Za-z_-], got {value!r:.80}")
     return value
 

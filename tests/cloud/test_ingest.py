@@ -208,3 +208,47 @@ def test_watermark_is_highest_contiguous_for_any_delivery_order(tmp_path):
         check()
     finally:
         sink.close()
+
+
+# -- the fast decoding path (msgspec) against the reference path ---------------------------------------
+ODD = [{"a": 1}, "x" * 2000, "nul\u0000", {"t": "tab\there\nnl \\ back"}, [1, 2.5, None, True], "ünï€😀",
+       12345678901234567890123, {"k": {"n": [{}]}}, "\\u0000 spelled out"]
+
+
+@pytest.mark.parametrize("payload, fast", [
+    (json.dumps({"v": 1, "boot": BOOT, "floor": 1, "records": [[i + 1, 5.0 + i, i % 3, "k\t" * (i % 2) + "m", d]
+                                                               for i, d in enumerate(ODD)]}).encode(), True),
+    (b'{"v": 1, "boot": "' + BOOT.encode() + b'", "floor": 1, "records": [[1, 0, 1, "m", {"x": NaN}], [2, 0, 1, "m", 2]]}',
+     False),  # NaN: not JSON, so the reference path rejects that one record
+    (json.dumps({"records": [[1, 0.0, 1, "m", 1]], "floor": 1, "boot": BOOT, "v": 1}).encode(), True),  # any key order
+])
+def test_fast_path_stores_what_the_reference_path_stores(payload, fast):
+    from needs import need_module
+
+    need_module("msgspec", "pip install 'edge-sdk[cloud]'")
+    from edge_sdk.cloud import ingest
+
+    limits = IngestLimits(max_record_bytes=1000)
+    ref = ingest._prepare_stdlib("d1", payload, limits)
+    assert (ingest._prepare_fast("d1", payload, limits) is not None) is fast
+    got = prepare("d1", payload, limits)
+    assert (got.boot, got.floor, got.rejected) == (ref.boot, ref.floor, ref.rejected)
+    assert [r[:4] for r in got.records] == [r[:4] for r in ref.records]
+    assert [json.loads(r.data) for r in got.records] == [json.loads(r.data) for r in ref.records]
+
+
+@pytest.mark.parametrize("payload, message", [
+    (batch([1, 1]), "record 1 seq must be an integer ≥ 2"),
+    (b'{"v": 1, "boot": "' + BOOT.encode() + b'", "floor": 1, "records": [[true, 0, 1, "m", 1]]}', "record 0 seq"),
+    (batch([3], floor=5), "record 0 seq must be an integer ≥ 5"),
+    (json.dumps({"v": 2, "boot": BOOT, "floor": 1, "records": [[1, 0.0, 1, "m", 1]]}).encode(), "unsupported version 2"),
+    (json.dumps({"v": 1, "boot": "a b", "floor": 1, "records": [[1, 0.0, 1, "m", 1]]}).encode(), "boot id"),
+    (json.dumps({"v": 1, "boot": BOOT, "floor": 1, "records": [[1, 1e308 * 10, 1, "m", 1]]}).encode(), "finite"),
+    (json.dumps({"v": 1, "boot": BOOT, "floor": 1, "records": []}).encode(), "records must be a list"),
+    (json.dumps({"v": 1, "boot": BOOT, "floor": 1, "records": [[1, 0.0, 1, "k" * 129, 1]]}).encode(), "kind"),
+])
+def test_every_defect_is_named_whichever_path_decodes(payload, message):
+    from edge_sdk.errors import SyncError
+
+    with pytest.raises(SyncError, match=message):
+        prepare("d1", payload, IngestLimits())

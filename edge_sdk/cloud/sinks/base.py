@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from edge_sdk.errors import SyncError
 
@@ -16,8 +16,9 @@ class SinkUnavailable(SyncError):
     """
 
 
-@dataclass(frozen=True)
-class StoredRecord:
+class StoredRecord(NamedTuple):
+    """One record as a sink stores it (a tuple: ingest makes one per record, so it must be cheap)."""
+
     seq: int
     ts: float
     priority: int

@@ -1,12 +1,22 @@
 """The embedded sink: one SQLite file (WAL). Several worker processes may share it (``BEGIN
-IMMEDIATE`` serialises their commits); for several machines, or more throughput, use PostgreSQL."""
+IMMEDIATE`` serialises their commits); for several machines, or more throughput, use PostgreSQL.
+
+Writers of one file also queue on an advisory lock (``flock`` of ``<file>-writer.lock``) around each
+transaction: SQLite's own busy handler polls with sleeps up to 100 ms, so two workers contending
+for the file spent most of their time asleep (2 workers ingested 3x slower than 1); the kernel
+wakes the next writer the moment the lock is released. SQLite's locking still guarantees
+correctness; the advisory lock only decides who goes next.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .base import CommitResult, Incoming, SinkUnavailable, contiguous_upto
@@ -51,13 +61,24 @@ class SqliteSink:
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(watermarks)")}
             if "updated" not in columns:  # files written before retention existed
                 self._db.execute("ALTER TABLE watermarks ADD COLUMN updated REAL NOT NULL DEFAULT 0")
+            self._writer = os.open(f"{self.path}-writer.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except (sqlite3.Error, OSError) as exc:
             raise SinkUnavailable(f"cannot open ingest database {self.path}: {exc}") from None
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """This process's lock, then the advisory lock every writer of the file queues on."""
+        with self._lock:
+            fcntl.flock(self._writer, fcntl.LOCK_EX)  # blocks without the GIL
+            try:
+                yield
+            finally:
+                fcntl.flock(self._writer, fcntl.LOCK_UN)
 
     def commit(self, batches: Sequence[Incoming]) -> CommitResult:
         now = time.time()
         result = CommitResult()
-        with self._lock:
+        with self._writing():
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
@@ -84,7 +105,7 @@ class SqliteSink:
         self._db.executemany(
             "INSERT OR IGNORE INTO records (device, boot, seq, ts, priority, kind, data, received) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [(device, boot, r.seq, r.ts, r.priority, r.kind, r.data, now) for r in item.records])
+            [(device, boot, *r, now) for r in item.records])
         new = self._db.total_changes - before
         self._db.executemany(
             "INSERT OR IGNORE INTO rejected (device, boot, seq, size, reason, received) VALUES (?, ?, ?, ?, ?, ?)",
@@ -112,7 +133,7 @@ class SqliteSink:
             upto = moved
 
     def count_malformed(self, device: str | None, reason: str) -> None:
-        with self._lock:
+        with self._writing():
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 self._db.execute("UPDATE counters SET value = value + 1 WHERE name = 'malformed'")
@@ -126,7 +147,7 @@ class SqliteSink:
 
     def prune(self, max_age_s: float) -> int:
         cutoff = time.time() - max_age_s
-        with self._lock:
+        with self._writing():
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 deleted = self._db.execute("DELETE FROM records WHERE received < ?", (cutoff,)).rowcount
@@ -147,3 +168,4 @@ class SqliteSink:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            os.close(self._writer)
