@@ -282,7 +282,7 @@ def _paired(release_dir: Path, manifest: Manifest, reference: Variant, candidate
                 raise EdgeSDKError(f"loading {variant.id}: {type(exc).__name__}: {exc}") from exc
         sample = bench_inputs(release_dir, manifest, candidate)
         limit = MAX_LATENCY_RATIO.get(candidate.precision, float("inf"))
-        return compare_speed(sessions[0], sessions[1], sample, runs=20, limit=limit, max_rounds=10, warmup=2,
+        return compare_speed(sessions[0], sessions[1], sample, runs=50, limit=limit, max_rounds=8, warmup=10,
                              deadline=deadline)
     finally:
         for session in sessions:

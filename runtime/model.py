@@ -184,6 +184,7 @@ class EdgeModel:
         self._unavailable: str | None = None  # why no variant serves (both loads of a paused swap failed)
         self._self_test: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
         self.device: DeviceReport | None = None  # what this device measured (footprints, acceptance)
+        self._cgroup_error: str | None = None  # the last unreadable-cgroup problem reported
 
     # ------------------------------------------------------------------------------------------
     # Loading
@@ -285,6 +286,7 @@ class EdgeModel:
     def _start(self, requested: Precision | None) -> None:
         self._publish_checks()
         sample = self.monitor.sample_now() if self.monitor is not None else None
+        self._note_cgroup_error(sample)
         if requested is not None:
             self.policy.pin(requested)
             slot = self._open(requested)
@@ -441,7 +443,18 @@ class EdgeModel:
     # ------------------------------------------------------------------------------------------
     # Switching
 
+    def _note_cgroup_error(self, sample: ResourceSample | None) -> None:
+        """Say once (until it changes) that cgroup figures could not be read and host figures stand in."""
+        error = sample.cgroup_error if sample is not None else None
+        if error == self._cgroup_error:
+            return
+        self._cgroup_error = error
+        if error:
+            self.policy.record(PolicyEvent(EventKind.MEASURED, None, None,
+                                           f"cgroup figures unreadable ({error}): the policy uses host figures"))
+
     def _on_sample(self, sample: ResourceSample) -> None:
+        self._note_cgroup_error(sample)
         # Runs in the monitor thread. A pin/unpin in progress owns the swap lock; this sample
         # is simply skipped (the next one re-evaluates).
         if self._swap_lock.acquire(blocking=False):
