@@ -136,6 +136,12 @@ class VariantBuilder:
     def _refuse(self, recipe: Recipe) -> str | None:
         if not self.config.quantization.per_channel and getattr(recipe.options, "per_channel", False):
             return "per-channel, and --per-tensor was given"
+        # A recipe that differs from its target's plain one (options with the method left to the
+        # request) only by naming the method the request already gives would repeat it.
+        method = getattr(recipe.options, "calibration_method", None)
+        if (method is not None and method == self.config.quantization.method and dataclasses.is_dataclass(recipe.options)
+                and dataclasses.replace(recipe.options, calibration_method=None) == type(recipe.options)()):
+            return f"the plain recipe already calibrates with --calibration-method {method.value}"
         return None
 
     def _mixed_base(self, planned: PlannedBuild) -> Candidate | None:

@@ -4,7 +4,7 @@ For each recipe of :meth:`ExportTarget.recipes` (see ``targets/base.py`` for wha
 
 1. it is skipped, with the reason, when it does not apply to this model, needs calibration data
    there is not, is a :attr:`When.FALLBACK` and an earlier recipe was already accepted (or, keeping
-   sensitive nodes in FP32, no earlier candidate missed the accuracy budget), or names a recipe
+   nodes in FP32 to recover accuracy, no earlier candidate missed the accuracy budget), or names a recipe
    (``only_after_failure_of``) that did not fail;
 2. otherwise ``attempt(recipe)`` exports and validates it: a failure is :class:`RecipeFailed`
    carrying one clean line (step, recipe, cause), and the next recipe is tried;
@@ -13,8 +13,9 @@ For each recipe of :meth:`ExportTarget.recipes` (see ``targets/base.py`` for wha
 The best accepted candidate becomes the variant: candidates whose speed verdict is clear beat
 inconclusive ones; among those, a later candidate replaces the current best only when it is
 clearly faster (its latency-ratio interval lies wholly below the best's, and its ratio is at least
-10% lower) or, at a speed tie, clearly smaller (under 90% of the size). Recipe order breaks every other tie, so the same
-measurements always choose the same recipe. With nothing accepted, the most accurate candidate
+10% lower) or, at a speed tie, clearly smaller (under 90% of the size) or, at a size tie too, more
+accurate on the validation samples (recipes that differ only in calibration make files of one size
+and speed). Recipe order breaks every other tie, so the same measurements always choose the same recipe. With nothing accepted, the most accurate candidate
 stands as the rejected variant, its reason naming what every recipe gave.
 """
 
@@ -124,7 +125,11 @@ def _better(candidate: Candidate, best: Candidate) -> bool:
             return True
         if best.speed.clearly_faster_than(candidate.speed):
             return False
-    return candidate.size_bytes < SMALLER * best.size_bytes
+    if candidate.size_bytes < SMALLER * best.size_bytes:
+        return True
+    if best.size_bytes < SMALLER * candidate.size_bytes:
+        return False
+    return candidate.drop < best.drop
 
 
 def _skip_reason(recipe: Recipe, search: SearchResult, failed: set[str], facts: ModelFacts,
@@ -133,6 +138,7 @@ def _skip_reason(recipe: Recipe, search: SearchResult, failed: set[str], facts: 
         return f"only tried when {recipe.only_after_failure_of} fails"
     if recipe.when == When.FALLBACK and any(c.accepted for c in search.candidates):
         return "a fallback, and an earlier recipe was accepted"
-    if recipe.when == When.FALLBACK and recipe.keeps_sensitive_nodes and not any(c.inaccurate for c in search.candidates):
+    if recipe.when == When.FALLBACK and (recipe.keeps_sensitive_nodes or recipe.recovers_accuracy) \
+            and not any(c.inaccurate for c in search.candidates):
         return "no earlier candidate missed the accuracy budget"
     return recipe.skip_reason(facts, has_calibration)

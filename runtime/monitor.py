@@ -43,6 +43,7 @@ class ResourceSample:
     cpu_percent: float  # 0..100 of the CPUs this process may use (cgroup CPU quota respected)
     temperature_c: float | None
     throttled: bool | None  # the SoC is capping the CPU clock now (thermal / undervoltage)
+    cgroup_error: str | None = None  # a cgroup file that exists but cannot be read: host figures were used
 
     def as_dict(self) -> dict[str, float | bool | None]:
         return asdict(self)
@@ -71,6 +72,28 @@ def _read(path: Path) -> str | None:
     try:
         return path.read_text(encoding="ascii", errors="replace").strip()
     except OSError:
+        return None
+
+
+def _read_checked(path: Path, problems: list[str]) -> str | None:
+    """Like :func:`_read`, but a file that exists and cannot be read is noted in ``problems``."""
+    try:
+        return path.read_text(encoding="ascii", errors="replace").strip()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        problems.append(f"{path}: cannot be read ({exc.strerror or type(exc).__name__})")
+        return None
+
+
+def _int_checked(path: Path, problems: list[str]) -> int | None:
+    text = _read_checked(path, problems)
+    if text is None:
+        return None
+    try:
+        return int(text.split()[0], 0)
+    except (ValueError, IndexError):
+        problems.append(f"{path}: not a number ({text[:40]!r})")
         return None
 
 
@@ -163,24 +186,27 @@ class SystemSource:
                     break
                 folder = folder.parent
 
-    def _cgroup_memory(self) -> _CgroupMemory | None:
+    def _cgroup_memory(self, problems: list[str]) -> _CgroupMemory | None:
+        """The tightest limited cgroup up the chain; files that exist but cannot be read or
+        parsed are noted in ``problems`` (that level then counts as unlimited)."""
         tightest: _CgroupMemory | None = None
         for version, folder in self._cgroup_dirs():
             if version == 2:
-                limit_text = _read(folder / "memory.max")
+                limit_text = _read_checked(folder / "memory.max", problems)
                 if limit_text is None or limit_text == "max":
                     continue
                 try:
                     limit = int(limit_text)
                 except ValueError:
+                    problems.append(f"{folder / 'memory.max'}: not a number ({limit_text[:40]!r})")
                     continue
-                usage = _read_int(folder / "memory.current")
+                usage = _int_checked(folder / "memory.current", problems)
                 inactive = _stat_value(folder / "memory.stat", "inactive_file")
             else:
-                limit = _read_int(folder / "memory.limit_in_bytes")
+                limit = _int_checked(folder / "memory.limit_in_bytes", problems)
                 if limit is None or limit >= _V1_UNLIMITED:
                     continue
-                usage = _read_int(folder / "memory.usage_in_bytes")
+                usage = _int_checked(folder / "memory.usage_in_bytes", problems)
                 inactive = _stat_value(folder / "memory.stat", "total_inactive_file") or _stat_value(
                     folder / "memory.stat", "inactive_file")
             if usage is None:
@@ -305,7 +331,8 @@ class SystemSource:
     def _sample(self) -> ResourceSample:
         now = time.monotonic()
         host = self._host_available_mb()
-        cgroup = self._cgroup_memory()
+        problems: list[str] = []
+        cgroup = self._cgroup_memory(problems)
         available = min(host, cgroup.headroom_mb) if cgroup else host
         return ResourceSample(
             time=now,
@@ -317,6 +344,7 @@ class SystemSource:
             cpu_percent=max(self._host_cpu_percent(now), self._cgroup_cpu_percent(now)),
             temperature_c=self._temperature_c(),
             throttled=self._throttled(),
+            cgroup_error="; ".join(problems) or None,
         )
 
 

@@ -77,6 +77,9 @@ class Recipe:
     only_after_failure_of: str | None = None  # tried only when that recipe produced no runnable artifact
     applies: Callable[[ModelFacts], str | None] | None = None  # None, or why it does not fit this model
     keeps_sensitive_nodes: bool = False
+    # Trades speed or size for accuracy (FP32 islands): as a fallback, tried only after an earlier
+    # candidate missed the accuracy budget, never because the others were slower.
+    recovers_accuracy: bool = False
     options: Any = None  # the target's own typed options
 
     def says(self, reason: str) -> str:

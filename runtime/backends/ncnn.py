@@ -92,7 +92,10 @@ class NcnnBackend(Backend):
         net.opt.use_fp16_packed = fp16
         net.opt.use_fp16_storage = fp16
         net.opt.use_fp16_arithmetic = fp16
-        net.opt.use_int8_inference = options.precision in (Precision.INT8, Precision.MIXED)
+        # Always on (ncnn's default): ncnn computes INT8 only in layers whose weights are INT8, and
+        # with it off such a layer reads its INT8 weights as float32, past the end of the buffer (a
+        # segfault on ocr-cls when an INT8 file was loaded without precision=int8).
+        net.opt.use_int8_inference = True
         net.opt.use_vulkan_compute = False
         if options.memory is MemoryMode.LEAN:
             # Winograd and sgemm convolutions keep transformed copies of the kernels: off, the

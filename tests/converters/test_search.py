@@ -68,6 +68,10 @@ def test_keeping_nodes_in_fp32_is_tried_only_after_an_accuracy_miss():
     inaccurate = run_recipes([plain, keep], lambda r: _candidate(r, drop=5, reason="top-1 agreement dropped 5.00 points")
                              if r is plain else _candidate(r), facts=CONV_NET, has_calibration=True)
     assert inaccurate.chosen.recipe is keep
+    ends = _recipe("int8-keep-ends", when=When.FALLBACK, recovers_accuracy=True)
+    slow = run_recipes([plain, ends], lambda r: _candidate(r, ratio=3.0, reason="slower than FP32"), facts=CONV_NET,
+                       has_calibration=True)
+    assert [a.reason for a in slow.attempts][1] == "no earlier candidate missed the accuracy budget"
 
 
 def test_clearly_faster_wins_then_clearly_smaller_and_inconclusive_only_as_a_last_resort():
@@ -81,6 +85,15 @@ def test_clearly_faster_wins_then_clearly_smaller_and_inconclusive_only_as_a_las
     assert choose([straddling, _candidate(b, ratio=0.9, width=0.05)]).recipe is b
     assert choose([straddling]) is straddling
     assert choose([_candidate(c, reason="slower than FP32")]) is None
+
+
+def test_at_a_speed_and_size_tie_the_more_accurate_wins():
+    """Recipes that differ only in calibration (ncnn's range methods) make files of one size and speed."""
+    a, b, c = _recipe("minmax"), _recipe("percentile"), _recipe("kl")
+    assert choose([_candidate(a, drop=0.5), _candidate(b, drop=0.0), _candidate(c, drop=0.8)]).recipe is b
+    assert choose([_candidate(a, drop=0.5), _candidate(b, drop=0.5)]).recipe is a  # a true tie: order decides
+    assert choose([_candidate(a, drop=0.5, size=80), _candidate(b, drop=0.0, size=100)]).recipe is a  # smaller first
+    assert choose([_candidate(a, drop=0.5, ratio=0.4), _candidate(b, drop=0.0, ratio=0.6)]).recipe is a  # faster first
 
 
 @pytest.mark.parametrize("heavy, expected", [({"MatMul": 900, "Conv": 100}, True), ({"Conv": 900, "Gemm": 100}, False)])

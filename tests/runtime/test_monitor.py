@@ -235,3 +235,16 @@ def test_fake_source_refuses_misspelt_readings() -> None:
     assert source.sample().cpu_percent == 50.0
     with pytest.raises(ConfigError, match="temprature_c"):
         source.sample()
+
+
+def test_unreadable_cgroup_file_is_named_and_host_figures_are_used(tmp_path: Path) -> None:
+    pid = host(tmp_path, available_mb=4000, cgroup="0::/app\n")
+    write(tmp_path, "sys/fs/cgroup/cgroup.controllers", "cpu memory\n")
+    (tmp_path / "sys/fs/cgroup/app/memory.max").mkdir(parents=True)  # exists, cannot be read as a file
+    sample = SystemSource(tmp_path, pid=pid).sample()
+    assert sample.available_memory_mb == pytest.approx(4000) and sample.cgroup_limit_mb is None
+    assert "app/memory.max: cannot be read" in sample.cgroup_error
+    write(tmp_path, "sys/fs/cgroup/memory.max", "lots\n")  # a parent level with garbage in it
+    sample = SystemSource(tmp_path, pid=pid).sample()
+    assert "sys/fs/cgroup/memory.max: not a number ('lots')" in sample.cgroup_error
+    assert sample.available_memory_mb == pytest.approx(4000)

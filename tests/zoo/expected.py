@@ -9,6 +9,4 @@ from __future__ import annotations
 TESTED = ("centerface",)
 
 GAPS: dict[tuple[str, str], str] = {
-    ("centerface", "accepted-keep-metric"): "ncnn-int8 passes the gate but loses 2.4 points F1 on held-out mosaics",
-    ("centerface", "ncnn-int8"): "accepted, but -2.4 points F1 on held-out data (budget 1)",
 }

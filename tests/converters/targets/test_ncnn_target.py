@@ -80,6 +80,46 @@ def test_entropy_threshold_clips_a_long_tail_and_keeps_a_uniform_range():
     assert 150 <= ncnn_int8.entropy_threshold_bin(decaying) <= 1000
 
 
+def test_exact_zeros_stay_out_of_the_kl_histogram_but_count_for_percentiles():
+    """A ReLU's output is mostly exact zeros: counted into bin 0 they made the KL search clip
+    CenterFace's activations at an eighth of their range (F1 -99 points)."""
+    rng = np.random.default_rng(0)
+    bulk = np.abs(rng.standard_normal(200_000)).astype(np.float32)
+    relu = np.concatenate([np.zeros(600_000, np.float32), bulk])
+    plain, with_zeros = ncnn_int8.BlobStats(absmax=float(bulk.max())), ncnn_int8.BlobStats(absmax=float(bulk.max()))
+    plain.add_to_histogram(bulk)
+    with_zeros.add_to_histogram(relu)
+    assert with_zeros.zeros == 600_000 and np.array_equal(with_zeros.histogram, plain.histogram)
+    kl = CalibrationMethod.ENTROPY
+    assert with_zeros.threshold(kl) == plain.threshold(kl) and plain.threshold(kl) > 2.5  # 2.5 sigma and more kept
+    percentile = CalibrationMethod.PERCENTILE
+    assert with_zeros.threshold(percentile) < plain.threshold(percentile)  # the same share of more values
+
+
+def test_end_layers_are_those_reading_inputs_and_the_heads(cases, tmp_path):
+    result = get_target("ncnn").export(cases["multimodal"].request(Precision.FP32, tmp_path))
+    _, layers = ncnn_int8.parse_param(result.files[0].read_text())
+    quantizable = [layer.name for layer in layers if layer.type in ("Convolution", "ConvolutionDepthWise", "InnerProduct")]
+    ends = ncnn_int8.end_layers(result.files[0].read_text())
+    inputs = {top for layer in layers if layer.type == "Input" for top in layer.tops}
+    readers = {layer.name for layer in layers if layer.name in quantizable and set(layer.bottoms) & inputs}
+    assert readers and readers <= set(ends) and quantizable[-1] in ends and len(ends) < len(quantizable)
+
+
+def test_int8_recipes_try_each_range_method_and_keep_ends_as_a_fallback(cases, parity_check, tmp_path):
+    target = get_target("ncnn")
+    recipes = {r.name: r for r in target.recipes(Precision.INT8)}
+    assert list(recipes) == ["int8", "int8-percentile", "int8-kl", "int8-keep-ends"]
+    result = target.export(cases["cnn"].request(Precision.INT8, tmp_path, recipe=recipes["int8-keep-ends"]))
+    kept = ncnn_int8.end_layers(get_target("ncnn").export(cases["cnn"].request(Precision.FP32, tmp_path / "f")).files[0].read_text())
+    assert "ncnn int8 (percentile)" in result.notes[0] and any(", ".join(kept) in n for n in result.notes)
+    _, layers = ncnn_int8.parse_param(result.files[0].read_text())
+    assert {layer.name for layer in layers if layer.params.get("8")} .isdisjoint(kept)
+    assert result.nodes_quantized == sum(layer.type in ("Convolution", "ConvolutionDepthWise", "InnerProduct")
+                                         for layer in layers) - len(kept)
+    parity_check(cases["cnn"], result, "ncnn", Precision.INT8)
+
+
 def test_layer_bytes_are_where_ncnn_reads_each_layer(cases, tmp_path):
     result = get_target("ncnn").export(cases["cnn"].request(Precision.FP32, tmp_path))
     weights = result.files[1].read_bytes()

@@ -110,3 +110,45 @@ def test_non_contiguous_inputs_are_read_correctly(model):
         y = session.run({"x": x})["y"]
         del churn
         np.testing.assert_allclose(y, np.maximum(x, 0) * 2 - 1, rtol=1e-6, atol=1e-6)
+
+
+_RUN_AS = """
+import sys, numpy as np
+from edge_sdk.manifest import TensorSpec
+from edge_sdk.runtime.backends.base import BackendOptions, get_backend
+from edge_sdk.types import Precision
+files, precision = sys.argv[1:3], Precision(sys.argv[3])
+x = np.load(sys.argv[4])
+inputs = [TensorSpec(name="x", dtype="float32", shape=list(x.shape), artifact_name="in0")]
+outputs = [TensorSpec(name="y", dtype="float32", shape=[1, 64], artifact_name="out0")]
+y = get_backend("ncnn").load(files, inputs, outputs, BackendOptions(threads=1, precision=precision)).run({"x": x})["y"]
+np.save(sys.argv[5], y)
+"""
+
+
+def test_an_int8_file_runs_int8_whatever_precision_is_asked(tmp_path):
+    """ncnn reads an INT8 layer's weights as float32 when INT8 inference is off: a segfault (seen on
+    ocr-cls, loaded with the default precision). Run in a child process: a crash must fail the test, not end the run."""
+    import subprocess
+
+    from edge_sdk.converters.targets import ncnn_int8
+
+    rng = np.random.default_rng(3)
+    weights, bias = rng.standard_normal((64, 256)).astype(np.float32), rng.standard_normal(64).astype(np.float32)
+    param, bin_ = tmp_path / "fc.ncnn.param", tmp_path / "fc.ncnn.bin"
+    param.write_text("7767517\n2 2\nInput in0 0 1 in0\nInnerProduct fc 1 1 in0 out0 0=64 1=1 2=16384\n")
+    bin_.write_bytes(b"\0\0\0\0" + weights.tobytes() + bias.tobytes())
+    samples = [{"x": rng.standard_normal((1, 256)).astype(np.float32)} for _ in range(8)]
+    quantized = ncnn_int8.quantize(param, bin_, samples, {"x": "in0"})
+    param.write_text(quantized.param_text)
+    bin_.write_bytes(quantized.weights)
+    np.save(tmp_path / "x.npy", samples[0]["x"])
+    results = {}
+    for precision in ("int8", "fp32"):
+        run = subprocess.run([sys.executable, "-c", _RUN_AS, str(param), str(bin_), precision, str(tmp_path / "x.npy"),
+                              str(tmp_path / f"{precision}.npy")], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, (precision, run.returncode, run.stderr[-500:])
+        results[precision] = np.load(tmp_path / f"{precision}.npy")
+    np.testing.assert_array_equal(results["fp32"], results["int8"])
+    reference = samples[0]["x"] @ weights.T + bias
+    np.testing.assert_allclose(results["int8"], reference, atol=0.03 * np.abs(reference).max())  # INT8, not garbage
