@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cgroups import make_memory_cgroup, oom_kills, remove
+from cgroups import PRESSURE, make_memory_cgroup, oom_kills, remove
 from edge_sdk.manifest import Footprint, FootprintFigures
 from edge_sdk.profiles import Hysteresis, PolicySettings, Thresholds
 from edge_sdk.runtime.acceptance import DeviceChecks
@@ -109,96 +109,6 @@ def test_each_backend_gets_its_measured_ladder(mlp_release: Path, tmp_path: Path
     assert "measured on this device" in events[EventKind.MEASURED].reason
 
 
-CHILD = r"""
-import json, os, sys, threading, time
-from pathlib import Path
-import numpy as np
-from edge_sdk.profiles import Hysteresis, PolicySettings, Thresholds
-from edge_sdk.runtime.acceptance import DeviceChecks
-from edge_sdk.runtime.model import EdgeModel
-from edge_sdk.runtime.monitor import SystemSource
-
-release, folder, version = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
-limit_file = folder / ("memory.limit_in_bytes" if version == "v1" else "memory.max")
-usage_file = folder / ("memory.usage_in_bytes" if version == "v1" else "memory.current")
-MB = 2**20
-
-def working_set_mb():
-    # What the kernel charges and cannot simply drop: usage less inactive page cache.
-    stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines())
-    inactive = int(stat.get("total_inactive_file", stat.get("inactive_file", 0)))
-    return (int(usage_file.read_text()) - inactive) / MB
-
-def set_limit(mb):
-    print(f"limit {mb:.0f} MB (rss {rss_mb():.0f} MB, working set {working_set_mb():.0f} MB, {model.precision.value})",
-          file=sys.stderr, flush=True)
-    limit_file.write_text(str(int(mb * MB)))
-
-def rss_mb():
-    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MB
-
-# Memory only: 4 calling threads keep the CPU busy, which must not hold FP32 back here.
-settings = PolicySettings(thresholds={"fp32": Thresholds(min_free_memory_mb=100, max_cpu_percent=100)},
-                          hysteresis=Hysteresis(memory_mb=40), min_dwell_s=0)
-model = EdgeModel.load(release, profile="intel-nuc", backend="onnxruntime", monitor=SystemSource(), interval_s=0.05,
-                       policy=settings, device_checks=DeviceChecks(acceptance_budget_s=0, memory_modes=False))
-ladder = model.info().ladder
-report = {"initial": model.precision.value, "ladder": ladder, "calls": 0, "errors": [], "timeline": [], "max_rss_mb": 0}
-stop = threading.Event()
-lock = threading.Lock()
-x = np.random.default_rng(0).random((1, 256), dtype=np.float32)
-
-def call():
-    while not stop.is_set():
-        try:
-            model.run({"x": x})
-            with lock:
-                report["calls"] += 1
-        except Exception as exc:
-            with lock:
-                report["errors"].append(repr(exc))
-        time.sleep(0.002)  # callers with gaps, as requests come: the swap's load gets some CPU too
-
-def wait_for(precision, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        report["max_rss_mb"] = max(report["max_rss_mb"], rss_mb())
-        if model.precision.value == precision:
-            return True
-        time.sleep(0.02)
-    return False
-
-threads = [threading.Thread(target=call) for _ in range(4)]
-for t in threads:
-    t.start()
-time.sleep(0.5)
-fp32_mb, int8_mb = ladder["footprint_mb"]["fp32"], ladder["footprint_mb"]["int8"]
-serving_fp32 = rss_mb()
-# Tighten the limit to a little above what FP32 takes now: its threshold fails, INT8's holds.
-set_limit(working_set_mb() + 40)
-report["stepped_down"] = wait_for("int8", 120)
-step_down_at = time.monotonic()
-time.sleep(0.5)
-serving_int8, charged_int8 = rss_mb(), working_set_mb()
-# Now a limit that holds INT8 but could not hold FP32 at all.
-tight = charged_int8 + (fp32_mb - int8_mb) / 2
-set_limit(tight)
-report.update(tight_limit_mb=tight, serving_fp32_mb=serving_fp32, serving_int8_mb=serving_int8,
-              charged_int8_mb=charged_int8)
-time.sleep(1.5)
-report["held_int8"] = model.precision.value == "int8"
-report["rss_under_tight_mb"] = rss_mb()
-report["max_rss_tight_mb"] = 0
-set_limit(4096)
-report["stepped_up"] = wait_for("fp32", 120)
-stop.set()
-for t in threads:
-    t.join()
-report["events"] = [e.as_dict() for e in model.events]
-report["latest"], report["monitor_errors"] = model.monitor.latest.as_dict(), model.monitor.errors
-model.close()
-print(json.dumps(report))
-"""
 
 
 @pytest.mark.slow
@@ -213,7 +123,7 @@ def test_memory_cgroup_steps_down_before_the_oom_killer_and_back_up(mlp_release:
     release = tmp_path / "release"
     shutil.copytree(mlp_release, release)
     try:
-        proc = subprocess.run([sys.executable, "-c", CHILD, str(release), str(folder), version], capture_output=True,
+        proc = subprocess.run([sys.executable, str(PRESSURE), str(release), str(folder), version], capture_output=True,
                               text=True, timeout=400, preexec_fn=lambda: (folder / "cgroup.procs").write_text(str(os.getpid())))
         kills = oom_kills(folder, version)
     finally:

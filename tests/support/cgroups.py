@@ -13,6 +13,7 @@ from pathlib import Path
 
 V2 = Path("/sys/fs/cgroup")
 MB = 2**20
+PRESSURE = Path(__file__).with_name("pressure.py")  # the serving-under-pressure script run inside a cgroup
 
 
 def own_cgroup(controller_line) -> str:
