@@ -12,7 +12,8 @@
   run ends when every record is acked (so the rate is what ingest commits, not what it receives).
 
 Run: ``python benchmarks/fleet.py [--sections delivery,ingest] [--devices 1000] [--processes 20]
-[--width 188] [--records 200000]`` (needs mosquitto, nginx, PostgreSQL's initdb, the dev extra).
+[--fetch-window 8] [--store mqtt|http] [--width 188] [--records 200000]`` (needs mosquitto, nginx,
+PostgreSQL's initdb, the dev extra). The figures carry the load average at start and end.
 Figures on a shared machine are provisional: re-measure when it is quiet.
 """
 
@@ -78,7 +79,8 @@ class BrokerBytes:
         return dict(self.values)
 
 
-def delivery(work: Path, devices: int, processes: int, width: int, self_test: bool, store: str) -> dict:
+def delivery(work: Path, devices: int, processes: int, width: int, self_test: bool, store: str,
+             fetch_window: int = 8) -> dict:
     import psutil
 
     from edge_sdk.cloud.publish import publish_release
@@ -106,7 +108,7 @@ def delivery(work: Path, devices: int, processes: int, width: int, self_test: bo
             part = names[k * per:(k + 1) * per]
             if part:
                 procs.append(simfleet.spawn({"broker": broker.url, "fleet": FLEET, "root": str(work / "devices"),
-                                             "public_key": str(pub), "sync": {"self_test": self_test, "fetch_window": 8},
+                                             "public_key": str(pub), "sync": {"self_test": self_test, "fetch_window": fetch_window},
                                              "devices": [{"device": d, "profile": "generic-x86_64"} for d in part]},
                                             work, f"fleet{k}"))
         spawn_s = time.monotonic() - started_at
@@ -157,6 +159,7 @@ def delivery(work: Path, devices: int, processes: int, width: int, self_test: bo
         cpu = psutil.cpu_count()
         return {
             "devices": devices, "processes": processes, "devices_per_process": per, "self_test": self_test, "store": store,
+            "fetch_window": fetch_window,
             "spawn_seconds": round(spawn_s, 1), "active": len(active), "garbage_reports": garbage,
             "release_bytes_per_device": device_bytes, "seconds_until_all_active": round(total_s, 1),
             "per_device_seconds_to_active": _quantiles(list(active.values())) if active else None,
@@ -278,6 +281,8 @@ def main() -> None:
     parser.add_argument("--store", choices=["mqtt", "http"], default="mqtt",
                         help="where devices fetch chunks: retained blobs on the broker, or nginx (needs a SyncClient "
                              "that follows the store named in desired state)")
+    parser.add_argument("--fetch-window", type=int, default=8,
+                        help="chunk fetches in flight per device (each a thread; the simulated devices share a few cores)")
     parser.add_argument("--records", type=int, default=200_000, help="telemetry records per ingest run")
     args = parser.parse_args()
     sections = args.sections.split(",")
@@ -291,11 +296,12 @@ def main() -> None:
         work = Path(tmp)
         if "delivery" in sections:
             figures["delivery"] = delivery(work / "delivery", args.devices, args.processes, args.width, args.self_test,
-                                           args.store)
+                                           args.store, args.fetch_window)
         if "ingest" in sections:
             figures["ingest"] = ingest(work / "ingest", args.records)
-    figures["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    print(json.dumps(figures, indent=2))
+        figures["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        # before the clean-up: deleting 1,000 devices' state takes minutes, and a timeout then loses nothing
+        print(json.dumps(figures, indent=2), flush=True)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ class DeviceReport:
     notes: list[tuple[str, str]] = field(default_factory=list)  # (event kind, text)
     rejected: dict[str, str] = field(default_factory=dict)  # variant id -> why it is not used here
     acceptance: dict[str, Any] = field(default_factory=dict)  # budget, spent, skipped
+    build: dict[str, dict[str, Any]] = field(default_factory=dict)  # variant id -> the build machine's figures
 
     def footprint(self, variant: Variant) -> tuple[Footprint, str] | None:
         """The variant's footprint and where it was measured: this device's, else the build machine's."""
@@ -88,6 +89,7 @@ class DeviceReport:
                 "footprint_lean_mb": None if fp is None or fp.lean is None else fp.lean.peak_rss_mb,
                 "load_rss_mb": None if fp is None else fp.default.load_rss_mb,
                 "used": variant_id not in self.rejected,
+                "build": self.build.get(variant_id),
             }
         return {"machine": self.figures.machine, "variants": variants, "acceptance": dict(self.acceptance)}
 
@@ -114,6 +116,7 @@ def check_release(release_dir: Path, manifest: Manifest, plan: Plan, checks: Dev
     if problem:
         report.notes.append(("measured", problem))
     variants = [v for candidates in plan.candidates.values() for v in candidates]
+    report.build = {v.id: _build_figures(v) for v in variants}
     changed = _measure_footprints(release_dir, manifest, variants, checks, options, report)
     changed |= _accept(release_dir, manifest, plan, variants, checks, options, sample, report)
     if changed:
@@ -129,6 +132,14 @@ def check_release(release_dir: Path, manifest: Manifest, plan: Plan, checks: Dev
         report.rejected.clear()
         return plan, report
     return dataclasses.replace(plan, candidates=candidates), report
+
+
+def _build_figures(variant: Variant) -> dict[str, Any]:
+    """What the converter measured for ``variant`` on the build machine (shown beside the device's)."""
+    fp = variant.validation.footprint
+    return {"latency_ms": variant.latency_ms, "latency_ratio": variant.validation.latency_ratio,
+            "speed": variant.validation.speed.value if variant.validation.speed else None,
+            "footprint_mb": fp.default.peak_rss_mb if fp else None, "machine": fp.machine if fp else None}
 
 
 def _feeds_path(release_dir: Path, manifest: Manifest) -> Path | None:
@@ -271,7 +282,7 @@ def _paired(release_dir: Path, manifest: Manifest, reference: Variant, candidate
                 raise EdgeSDKError(f"loading {variant.id}: {type(exc).__name__}: {exc}") from exc
         sample = bench_inputs(release_dir, manifest, candidate)
         limit = MAX_LATENCY_RATIO.get(candidate.precision, float("inf"))
-        return compare_speed(sessions[0], sessions[1], sample, runs=20, limit=limit, max_rounds=10, warmup=2,
+        return compare_speed(sessions[0], sessions[1], sample, runs=50, limit=limit, max_rounds=8, warmup=10,
                              deadline=deadline)
     finally:
         for session in sessions:

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import EdgeSDKError, IntegrityError
 from ..manifest import Manifest, Variant, verify_file
-from ..types import Precision, SpeedVerdict
+from ..types import MemoryMode, Precision, SpeedVerdict
 from .backends.base import BackendOptions, Session, get_backend
 from .monitor import MB
 
@@ -66,7 +66,7 @@ def bench_inputs(release_dir: Path, manifest: Manifest, variant: Variant) -> dic
 
 
 def bench_variant(release_dir: Path, manifest: Manifest, variant: Variant, *, runs: int = 100, warmup: int = 10,
-                  threads: int | None = None) -> BenchResult:
+                  threads: int | None = None, memory: MemoryMode = MemoryMode.DEFAULT) -> BenchResult:
     """Time ``variant``; a failure to load or run becomes ``error`` in the result, not an exception."""
     import psutil
 
@@ -79,7 +79,8 @@ def bench_variant(release_dir: Path, manifest: Manifest, variant: Variant, *, ru
         rss_before = process.memory_info().rss
         started = time.perf_counter()
         session = get_backend(variant.backend).load(files, variant.inputs, variant.outputs,
-                                                    BackendOptions(threads=threads, precision=variant.precision))
+                                                    BackendOptions(threads=threads, precision=variant.precision,
+                                                                   memory=memory))
         try:
             for _ in range(max(warmup, 1)):
                 session.run(inputs)

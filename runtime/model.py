@@ -47,6 +47,31 @@ from .selection import Plan, plan_variants, rejected_reason
 PUBLIC_KEY_ENV = "EDGE_SDK_PUBLIC_KEY"  # path of the fleet's release-signing public key (PEM)
 
 
+_LIBC: Any = None
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by a closed session back to the OS (glibc ``malloc_trim``).
+
+    glibc raises its mmap threshold after large frees, so a model's weight buffers end up on the
+    heap, where freeing them keeps them resident: without a trim, stepping down to a smaller
+    variant would not lower RSS, and loading it could push the process over a cgroup limit.
+    Elsewhere (musl, macOS) this does nothing.
+    """
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
 def _rss_mb() -> float:
     import psutil
 
@@ -78,6 +103,8 @@ class _Slot:
             self.session.close()
         except Exception:  # noqa: S110 - closing must never fail a caller's request
             pass
+        self.session = None  # type: ignore[assignment]  # the native session goes with its last reference
+        release_freed_memory()
 
 
 @dataclass(frozen=True)
@@ -157,6 +184,7 @@ class EdgeModel:
         self._unavailable: str | None = None  # why no variant serves (both loads of a paused swap failed)
         self._self_test: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
         self.device: DeviceReport | None = None  # what this device measured (footprints, acceptance)
+        self._cgroup_error: str | None = None  # the last unreadable-cgroup problem reported
 
     # ------------------------------------------------------------------------------------------
     # Loading
@@ -258,6 +286,7 @@ class EdgeModel:
     def _start(self, requested: Precision | None) -> None:
         self._publish_checks()
         sample = self.monitor.sample_now() if self.monitor is not None else None
+        self._note_cgroup_error(sample)
         if requested is not None:
             self.policy.pin(requested)
             slot = self._open(requested)
@@ -414,7 +443,18 @@ class EdgeModel:
     # ------------------------------------------------------------------------------------------
     # Switching
 
+    def _note_cgroup_error(self, sample: ResourceSample | None) -> None:
+        """Say once (until it changes) that cgroup figures could not be read and host figures stand in."""
+        error = sample.cgroup_error if sample is not None else None
+        if error == self._cgroup_error:
+            return
+        self._cgroup_error = error
+        if error:
+            self.policy.record(PolicyEvent(EventKind.MEASURED, None, None,
+                                           f"cgroup figures unreadable ({error}): the policy uses host figures"))
+
     def _on_sample(self, sample: ResourceSample) -> None:
+        self._note_cgroup_error(sample)
         # Runs in the monitor thread. A pin/unpin in progress owns the swap lock; this sample
         # is simply skipped (the next one re-evaluates).
         if self._swap_lock.acquire(blocking=False):

@@ -43,6 +43,7 @@ class ResourceSample:
     cpu_percent: float  # 0..100 of the CPUs this process may use (cgroup CPU quota respected)
     temperature_c: float | None
     throttled: bool | None  # the SoC is capping the CPU clock now (thermal / undervoltage)
+    cgroup_error: str | None = None  # a cgroup file that exists but cannot be read: host figures were used
 
     def as_dict(self) -> dict[str, float | bool | None]:
         return asdict(self)
@@ -71,6 +72,28 @@ def _read(path: Path) -> str | None:
     try:
         return path.read_text(encoding="ascii", errors="replace").strip()
     except OSError:
+        return None
+
+
+def _read_checked(path: Path, problems: list[str]) -> str | None:
+    """Like :func:`_read`, but a file that exists and cannot be read is noted in ``problems``."""
+    try:
+        return path.read_text(encoding="ascii", errors="replace").strip()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        problems.append(f"{path}: cannot be read ({exc.strerror or type(exc).__name__})")
+        return None
+
+
+def _int_checked(path: Path, problems: list[str]) -> int | None:
+    text = _read_checked(path, problems)
+    if text is None:
+        return None
+    try:
+        return int(text.split()[0], 0)
+    except (ValueError, IndexError):
+        problems.append(f"{path}: not a number ({text[:40]!r})")
         return None
 
 
@@ -136,8 +159,8 @@ class SystemSource:
 
         return psutil.virtual_memory().available / MB
 
-    def _cgroup_dirs(self) -> Iterator[tuple[int, Path]]:
-        """(cgroup version, folder) for this process's memory cgroup and each ancestor."""
+    def _cgroup_dirs(self, controller: str = "memory") -> Iterator[tuple[int, Path]]:
+        """(cgroup version, folder) for this process's ``controller`` cgroup and each ancestor."""
         text = _read(self.root / f"proc/{self.pid}/cgroup") or _read(self.root / "proc/self/cgroup") or ""
         base = self.root / "sys/fs/cgroup"
         for line in text.splitlines():
@@ -148,8 +171,9 @@ class SystemSource:
             rel = rel.lstrip("/")
             if controllers == "" and (base / "cgroup.controllers").exists():
                 mount, version = base, 2
-            elif "memory" in controllers.split(","):
-                mount, version = base / "memory", 1
+            elif controller in controllers.split(","):
+                # v1 mounts a hierarchy under its controller's name, or under the co-mounted list.
+                mount, version = (base / controller if (base / controller).is_dir() else base / controllers), 1
             else:
                 continue
             folder = mount / rel
@@ -163,24 +187,27 @@ class SystemSource:
                     break
                 folder = folder.parent
 
-    def _cgroup_memory(self) -> _CgroupMemory | None:
+    def _cgroup_memory(self, problems: list[str]) -> _CgroupMemory | None:
+        """The tightest limited cgroup up the chain; files that exist but cannot be read or
+        parsed are noted in ``problems`` (that level then counts as unlimited)."""
         tightest: _CgroupMemory | None = None
         for version, folder in self._cgroup_dirs():
             if version == 2:
-                limit_text = _read(folder / "memory.max")
+                limit_text = _read_checked(folder / "memory.max", problems)
                 if limit_text is None or limit_text == "max":
                     continue
                 try:
                     limit = int(limit_text)
                 except ValueError:
+                    problems.append(f"{folder / 'memory.max'}: not a number ({limit_text[:40]!r})")
                     continue
-                usage = _read_int(folder / "memory.current")
+                usage = _int_checked(folder / "memory.current", problems)
                 inactive = _stat_value(folder / "memory.stat", "inactive_file")
             else:
-                limit = _read_int(folder / "memory.limit_in_bytes")
+                limit = _int_checked(folder / "memory.limit_in_bytes", problems)
                 if limit is None or limit >= _V1_UNLIMITED:
                     continue
-                usage = _read_int(folder / "memory.usage_in_bytes")
+                usage = _int_checked(folder / "memory.usage_in_bytes", problems)
                 inactive = _stat_value(folder / "memory.stat", "total_inactive_file") or _stat_value(
                     folder / "memory.stat", "inactive_file")
             if usage is None:
@@ -221,23 +248,52 @@ class SystemSource:
         self._cpu_percent = (value, self._cpu_percent[1])
         return value
 
+    def cpu_quota(self) -> tuple[float, int, Path] | None:
+        """The tightest CPU quota up this process's cgroup chain, as systemd's ``CPUQuota=`` sets
+        it: (CPUs, version, folder), from v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``/``cfs_period_us``."""
+        tightest: tuple[float, int, Path] | None = None
+        for version, folder in self._cgroup_dirs("cpu"):
+            if version == 2:
+                text = _read(folder / "cpu.max")
+                if not text or text.startswith("max"):
+                    continue
+                try:
+                    quota, period = (int(v) for v in text.split()[:2])
+                except ValueError:
+                    continue
+            else:
+                quota, period = _read_int(folder / "cpu.cfs_quota_us"), _read_int(folder / "cpu.cfs_period_us")
+                if quota is None or period is None or quota <= 0:
+                    continue  # -1: no quota at this level
+            if quota > 0 and period > 0 and (tightest is None or quota / period < tightest[0]):
+                tightest = (quota / period, version, folder)
+        return tightest
+
+    def _cgroup_usage_usec(self, version: int, folder: Path) -> int:
+        if version == 2:
+            return _stat_value(folder / "cpu.stat", "usage_usec")
+        # v1 counts CPU time in the cpuacct hierarchy, at the same path as the cpu one (or in the
+        # same folder when cpu and cpuacct are mounted together).
+        parts = folder.relative_to(self.root / "sys/fs/cgroup").parts
+        for acct in (self.root / "sys/fs/cgroup" / "cpuacct" / Path(*parts[1:]) if len(parts) > 1
+                     else self.root / "sys/fs/cgroup" / "cpuacct", folder):
+            ns = _read_int(acct / "cpuacct.usage")
+            if ns is not None:
+                return ns // 1000
+        return 0
+
     def _cgroup_cpu_percent(self, now: float) -> float:
-        """Usage as a share of a cgroup v2 ``cpu.max`` quota (0 when there is no quota)."""
-        base = self.root / "sys/fs/cgroup"
-        text = _read(base / "cpu.max")
-        if not text or text.startswith("max"):
+        """Usage as a share of the tightest CPU quota up the cgroup chain (0 when there is none)."""
+        found = self.cpu_quota()
+        if found is None:
             return 0.0
-        try:
-            quota, period = (int(v) for v in text.split()[:2])
-        except ValueError:
-            return 0.0
-        usage = _stat_value(base / "cpu.stat", "usage_usec")
+        cores, version, folder = found
+        usage = self._cgroup_usage_usec(version, folder)
         if self._last_cgroup_cpu is not None and now - self._last_cgroup_cpu[0] < MIN_CPU_WINDOW_S:
             return self._cpu_percent[1]
         previous, self._last_cgroup_cpu = self._last_cgroup_cpu, (now, usage)
-        if previous is None or now <= previous[0] or quota <= 0:
+        if previous is None or now <= previous[0] or cores <= 0:
             return 0.0
-        cores = quota / period
         value = min(100.0, 100.0 * (usage - previous[1]) / 1e6 / ((now - previous[0]) * cores))
         self._cpu_percent = (self._cpu_percent[0], value)
         return value
@@ -305,7 +361,8 @@ class SystemSource:
     def _sample(self) -> ResourceSample:
         now = time.monotonic()
         host = self._host_available_mb()
-        cgroup = self._cgroup_memory()
+        problems: list[str] = []
+        cgroup = self._cgroup_memory(problems)
         available = min(host, cgroup.headroom_mb) if cgroup else host
         return ResourceSample(
             time=now,
@@ -317,6 +374,7 @@ class SystemSource:
             cpu_percent=max(self._host_cpu_percent(now), self._cgroup_cpu_percent(now)),
             temperature_c=self._temperature_c(),
             throttled=self._throttled(),
+            cgroup_error="; ".join(problems) or None,
         )
 
 

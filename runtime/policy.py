@@ -205,16 +205,18 @@ class PrecisionPolicy:
         this one; ``None``: nothing loaded): free memory is then corrected by the footprints."""
         limits = self.thresholds(precision)
         reasons: list[str] = []
-        if limits is None:
-            return reasons
         mem_margin = margin.memory_mb if margin else 0.0
-        cpu_margin = margin.cpu_percent if margin else 0.0
-        temp_margin = margin.temperature_c if margin else 0.0
         rung = Rung(precision, memory)
         free = self.free_if(rung, sample, rung if serving is True else serving)  # type: ignore[arg-type]
-        if free < limits.min_free_memory_mb + mem_margin:
-            reasons.append(f"free memory {free:.0f} MB < {limits.min_free_memory_mb + mem_margin:.0f} MB"
+        # A precision without thresholds may always run - as long as its measured footprint fits.
+        need = (limits.min_free_memory_mb if limits is not None else 0.0) + mem_margin
+        if (limits is not None or free != sample.available_memory_mb) and free < need:
+            reasons.append(f"free memory {free:.0f} MB < {need:.0f} MB"
                            + ("" if free == sample.available_memory_mb else f" (measured footprints: {sample.available_memory_mb:.0f} MB free now)"))
+        if limits is None:
+            return reasons
+        cpu_margin = margin.cpu_percent if margin else 0.0
+        temp_margin = margin.temperature_c if margin else 0.0
         if limits.max_cpu_percent < 100 and sample.cpu_percent > limits.max_cpu_percent - cpu_margin:
             reasons.append(f"CPU {sample.cpu_percent:.0f}% > {limits.max_cpu_percent - cpu_margin:.0f}%")
         if sample.temperature_c is not None and sample.temperature_c > limits.max_temperature_c - temp_margin:

@@ -333,6 +333,14 @@ def fleet_status(
         row["precisions"] = ", ".join(f"{k} {v}" for k, v in row["precisions"].items())
     _print_table("per release and profile", summary,
                  ["model", "version", "profile", "devices", "health", "p50_ms_median", "backends", "precisions"])
+    figures = view.figures(model, labels) if model else []
+    for row in figures:
+        row["verdicts"] = ", ".join(f"{k} {v}" for k, v in sorted(row["verdicts"].items())) or None
+    if figures:
+        _print_table(f"{model}: measured on the devices vs the build machine", figures,
+                     ["version", "profile", "variant", "devices", "used_on", "device_p50_ms", "device_p99_ms",
+                      "device_ratio", "build_latency_ms", "build_ratio", "device_footprint_mb", "build_footprint_mb",
+                      "verdicts"])
     if view.garbage:
         console.print(f"{len(view.garbage)} devices reported unreadable state (left out): "
                       + "; ".join(f"{d}: {why}" for d, why in sorted(view.garbage.items())[:5]), highlight=False)

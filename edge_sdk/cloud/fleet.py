@@ -12,7 +12,11 @@ Reported state read here (``runtime/sync/twin.py`` writes it):
   stats: {calls, errors, p50_ms, p99_ms}}}`` — one entry per model; a device of the single-model
   shape reports ``release``/``backend``/``precision``/``sync``/``stats`` at the top level instead;
 * ``profile``, ``labels`` (str → str: what rollout groups match; ``profile`` counts as a label);
-* ``telemetry.queued_rows`` (outbox depth), ``updated`` (unix time of the report: last seen).
+* ``telemetry.queued_rows`` (outbox depth), ``updated`` (unix time of the report: last seen);
+* ``models.<m>.device.variants.<variant id>``: what the device measured itself at activation
+  (``p50_ms``, ``p99_ms``, ``footprint_mb``, ``verdict``, ``used``) and the build machine's figures
+  it was shipped with (``build``: ``latency_ms``, ``footprint_mb``); :meth:`FleetView.figures`
+  sets them side by side per profile.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ class ModelReport:
     errors: int | None = None
     p50_ms: float | None = None
     p99_ms: float | None = None
+    #: variant id -> figures the device measured itself (and the build machine's, under ``build``)
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def failed_version(self) -> int | None:
@@ -105,6 +111,24 @@ def _mapping(value: Any, what: str) -> dict:
     return value
 
 
+_FIGURES = ("p50_ms", "p99_ms", "footprint_mb", "footprint_lean_mb", "latency_ratio")
+_BUILD_FIGURES = ("latency_ms", "latency_ratio", "footprint_mb")
+
+
+def _variant_figures(device: dict, what: str) -> dict[str, dict[str, Any]]:
+    number = (int, float)
+    out = {}
+    for variant_id, entry in _mapping(device.get("variants"), f"{what}.variants").items():
+        entry = _mapping(entry, f"{what}.variants.{variant_id}")
+        figures: dict[str, Any] = {k: _opt(entry.get(k), number, f"{what}.variants.{variant_id}.{k}") for k in _FIGURES}
+        figures["verdict"] = _opt(entry.get("verdict"), str, f"{what}.variants.{variant_id}.verdict")
+        figures["used"] = _opt(entry.get("used"), bool, f"{what}.variants.{variant_id}.used")
+        build = _mapping(entry.get("build"), f"{what}.variants.{variant_id}.build")
+        figures["build"] = {k: _opt(build.get(k), number, f"{what}.variants.{variant_id}.build.{k}") for k in _BUILD_FIGURES}
+        out[str(variant_id)] = figures
+    return out
+
+
 def _model_report(name: str, entry: dict, what: str) -> ModelReport:
     release = _mapping(entry.get("release"), f"{what}.release")
     sync = _mapping(entry.get("sync"), f"{what}.sync")
@@ -122,6 +146,7 @@ def _model_report(name: str, entry: dict, what: str) -> ModelReport:
         errors=_opt(stats.get("errors"), int, f"{what}.stats.errors"),
         p50_ms=_opt(stats.get("p50_ms"), number, f"{what}.stats.p50_ms"),
         p99_ms=_opt(stats.get("p99_ms"), number, f"{what}.stats.p99_ms"),
+        variants=_variant_figures(_mapping(entry.get("device"), f"{what}.device"), f"{what}.device"),
     )
 
 
@@ -213,10 +238,35 @@ class FleetView:
             })
         return out
 
+    def figures(self, model: str | None = None, group: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+        """Per (model, version, profile, variant): the medians of what devices measured themselves
+        (p50/p99 latency, footprint), their verdicts, beside the build machine's figures."""
+        groups: dict[tuple, list[tuple[dict, dict]]] = defaultdict(list)
+        for d in self.select(model, group):
+            for m in (d.models[model],) if model else tuple(d.models.values()):
+                for variant_id, figures in m.variants.items():
+                    groups[(m.model, m.version, d.profile, variant_id)].append((figures, figures.get("build") or {}))
+        out = []
+        for (name, version, profile, variant_id), entries in sorted(groups.items(), key=lambda kv: tuple(str(k) for k in kv[0])):
+            def median(key: str, source: int = 0) -> float | None:
+                values = [e[source][key] for e in entries if e[source].get(key) is not None]
+                return round(statistics.median(values), 3) if values else None
+
+            out.append({
+                "model": name, "version": version, "profile": profile, "variant": variant_id, "devices": len(entries),
+                "device_p50_ms": median("p50_ms"), "device_p99_ms": median("p99_ms"),
+                "device_footprint_mb": median("footprint_mb"), "device_ratio": median("latency_ratio"),
+                "verdicts": dict(Counter(e[0]["verdict"] for e in entries if e[0].get("verdict"))),
+                "used_on": sum(1 for e in entries if e[0].get("used")),
+                "build_latency_ms": median("latency_ms", 1), "build_ratio": median("latency_ratio", 1),
+                "build_footprint_mb": median("footprint_mb", 1),
+            })
+        return out
+
     def to_dict(self, model: str | None = None, group: Mapping[str, str] | None = None) -> dict[str, Any]:
         return {"fleet": self.fleet, "read_at": self.read_at, "stale_after_s": self.stale_after_s,
                 "devices": self.rows(model, group), "summary": self.summary(model, group),
-                "garbage": self.garbage}
+                "figures": self.figures(model, group), "garbage": self.garbage}
 
 
 def every_device(topics: Topics, leaf: str) -> str:

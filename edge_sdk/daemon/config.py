@@ -15,6 +15,7 @@ from pydantic import Field, PrivateAttr, ValidationError, field_validator, model
 from ..config import FieldError, StrictModel, load_yaml_model
 from ..errors import EdgeSDKError
 from ..profiles import AUTO
+from ..runtime.acceptance import DeviceChecks
 from ..runtime.sync.transport import TlsConfig
 from ..types import AlignPolicy, OutboxPolicy, Precision
 
@@ -228,6 +229,9 @@ class PolicyConfig(StrictModel):
     min_dwell_s: float | None = Field(None, ge=0, le=86400, description="override the profile's wait before stepping up")
     resource_root: Path | None = Field(
         None, description="read /proc and /sys below this folder instead of / (simulations and tests)")
+    device_checks: DeviceChecks | None = Field(
+        None, description="footprint measuring and the on-device acceptance benchmark at each activation "
+                          "(default: on, 10 s budget; $EDGE_SDK_DEVICE_CHECKS=off turns them off)")
 
 
 class LoggingConfig(StrictModel):

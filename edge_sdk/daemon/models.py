@@ -125,7 +125,8 @@ def load_served(config: ModelConfig, release_dir: Path, *, public_key: TrustRoot
             settings = profile.profile.policy.model_copy(update={"min_dwell_s": policy.min_dwell_s})
     started = time.perf_counter()
     model = EdgeModel.load(release_dir, profile=profile, precision=config.precision, backend=config.backend,
-                           public_key=public_key, monitor=monitor, interval_s=policy.interval_s, policy=settings)
+                           public_key=public_key, monitor=monitor, interval_s=policy.interval_s, policy=settings,
+                           device_checks=policy.device_checks)
     info = model.info()
     log.info("model %s: loaded v%s from %s (%s, %s) in %.0f ms", config.name, manifest.version, release_dir,
              info.backend, info.precision, (time.perf_counter() - started) * 1000)

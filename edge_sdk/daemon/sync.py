@@ -36,7 +36,7 @@ from ..runtime.sync.releases import parse_name
 from ..runtime.sync.repair import RepairReport, repair_release
 from ..runtime.sync.telemetry import TelemetryUploader
 from ..trust import TrustStore
-from ..types import ErrorKind, RecordKind
+from ..types import ErrorKind, MemoryMode, RecordKind
 from .config import DaemonConfig, ModelConfig
 from .metrics import Snapshot
 from .models import ModelTable, ServedModel, load_served
@@ -233,7 +233,8 @@ class SyncBridge:
         actually serving, ``serving`` = {state: active|repaired|fallback, reason, release_dir}."""
         manifest = served.manifest
         self.client.twin.set_model(manifest.model, release={"model": manifest.model, "version": manifest.version},
-                                   serving={"state": state, "reason": reason, "release_dir": str(served.release_dir)})
+                                   serving={"state": state, "reason": reason, "release_dir": str(served.release_dir)},
+                                   device=device_figures(served))
 
     def _on_policy(self, policy: PolicyOverride) -> None:
         """Desired runtime policy changed: apply it to every served model, live (no reload)."""
@@ -285,9 +286,11 @@ class SyncBridge:
         if not self.on_release(served):
             raise EdgeSDKError(f"model {served.name}: the synced release {release_dir} did not load")
         backend, precision = served.backend_precision()
-        self.client.twin.set_model(model, backend=backend, precision=precision)
+        device = device_figures(served)
+        self.client.twin.set_model(model, backend=backend, precision=precision, device=device)
         self.last_success = time.time()
-        self.record(RecordKind.RELEASE_ACTIVATED, {"model": served.name, "release": str(release_dir)}, high=True)
+        self.record(RecordKind.RELEASE_ACTIVATED, {"model": served.name, "release": str(release_dir), "device": device},
+                    high=True)
 
     def on_precision_switch(self, model: str, event: PolicyEvent) -> None:
         """A served model switched precision: tell the cloud (telemetry and reported state)."""
@@ -296,7 +299,8 @@ class SyncBridge:
         self.record(RecordKind.PRECISION_SWITCH, {"model": model, "from": event.from_precision.value,
                                                    "to": event.to_precision.value, "kind": event.kind.value,
                                                    "reason": event.reason}, high=True)
-        self.client.twin.set_model(model, precision=event.to_precision.value)
+        self.client.twin.set_model(model, precision=event.to_precision.value,
+                                   memory_mode=(event.to_memory or MemoryMode.DEFAULT).value)
 
     # ---- telemetry ------------------------------------------------------------------------------
 
@@ -399,3 +403,15 @@ class SyncBridge:
                                                         "result buffer overflow)",
                               "bytes_fetched": "Release bytes fetched from the broker",
                               "connected": "1 while connected to the MQTT broker"})
+
+
+def device_figures(served: ServedModel) -> dict[str, Any] | None:
+    """What the device measured for the served release (footprint, p50/p99, verdict per variant,
+    the memory ladder), for the reported state and telemetry; None if it cannot say."""
+    try:
+        info = served.model.info()
+    except EdgeSDKError:
+        return None
+    if info.device is None:
+        return None
+    return {**info.device, "ladder": info.ladder}

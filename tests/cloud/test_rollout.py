@@ -95,6 +95,27 @@ def test_cli_refuses_an_unpublished_release_naming_it(mosquitto, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--wave", "100%", "--max-failure", "1.5"], "max_failure"),
+    (["--wave", "100%", "--max-error-rate", "-0.5"], "max_error_rate"),
+    (["--wave", "site=plant9"], "no device of this rollout has these labels"),
+    (["--wave", "100%", "--group", "site=plant9"], "no device of fleet 'f' reports model 'cnn' with labels"),
+    (["--canary", "dev01,ghost", "--wave", "100%"], "ghost is not a device of this rollout"),
+])
+def test_cli_refuses_bad_thresholds_and_unknown_groups_in_one_line(mosquitto, tmp_path, args, message):
+    topics = Topics(FLEET)
+    with connect(mosquitto.url, "seed") as t:
+        t.publish(topics.manifest("cnn", 2), b"x", qos=1, retain=True, wait=5)
+        for d in ("dev01", "dev02"):
+            t.publish(topics.reported(d), json.dumps({"release": {"model": "cnn", "version": 1}, "labels": {"site": "p1"},
+                                                      "updated": time.time()}).encode(), qos=1, retain=True, wait=5)
+    proc = subprocess.run([sys.executable, "-m", "edge_sdk", "cloud", "rollout", "start", "--broker", mosquitto.url,
+                           "--fleet", FLEET, "--model", "cnn", "--version", "2", "--state", str(tmp_path / "r.db"), *args],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) <= 3, proc.stderr
+
+
 # -- verdicts -------------------------------------------------------------------------------------------
 def test_a_device_passes_after_its_soak_and_fails_on_any_broken_bound(tmp_path):
     store = RolloutStore(tmp_path / "r.db")

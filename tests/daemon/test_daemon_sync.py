@@ -56,6 +56,16 @@ class Ingest:
         self.worker.stop()
 
 
+def reported_figures(broker: str, model: str) -> list[dict]:
+    """The fleet view's device-measured figures of ``model`` (from the retained reported state)."""
+    from edge_sdk.cloud.connection import connect
+    from edge_sdk.cloud.fleet import read_fleet
+    from edge_sdk.runtime.sync.topics import Topics
+
+    with connect(broker, "test-status") as transport:
+        return read_fleet(transport, Topics(FLEET), timeout=10).figures(model)
+
+
 def sync_config(tmp_path: Path, broker, keys, **extra) -> Path:
     return write_config(tmp_path, [{"name": "fusion", "profile": "generic-x86_64", "precision": "fp32"}],
                         sync={"broker": broker.url, "fleet": FLEET, "public_key": str(keys[1]), "telemetry_interval_s": 0.3},
@@ -70,9 +80,18 @@ def test_sync_hot_swap_telemetry_and_offline(fusion_release: Path, fusion_v2: Pa
     ingest = Ingest(mosquitto, tmp_path / "ingest.db")
     try:
         # 1. No local release: the daemon starts (not ready), syncs v1 over MQTT, then serves it.
-        daemon = start_daemon(sync_config(tmp_path, mosquitto, keys)).wait_ready(timeout=120)
+        # Device checks on (the suite turns them off): the activation measures and benchmarks here.
+        checks = {"policy": {"enabled": False, "device_checks": {"acceptance_budget_s": 3}}}
+        daemon = start_daemon(sync_config(tmp_path, mosquitto, keys, **checks)).wait_ready(timeout=120)
         meta = httpx.get(daemon.url + "/v2/models/fusion").json()
         assert meta["versions"] == ["1"] and "/sync/releases/fusion@v1" in meta["parameters"]["release_dir"]
+        # What the device measured itself reaches its reported state, beside the build machine's figures.
+        found: list[list[dict]] = []
+        wait_for(lambda: found.append(reported_figures(mosquitto.url, "fusion")) or any(
+            r["device_footprint_mb"] for r in found[-1]), timeout=30, what="device figures in the reported state")
+        figures = {r["variant"]: r for r in found[-1]}
+        assert all(r["device_footprint_mb"] for r in figures.values()), figures
+        assert figures["onnx-fp32"]["device_p50_ms"] > 0 and figures["onnx-fp32"]["build_latency_ms"] > 0
         text = httpx.get(daemon.url + "/metrics").text
         assert 0 < metric_value(text, "edge_sync_bytes_fetched_total") <= report.bytes_total
         assert metric_value(text, "edge_sync_chunks_fetched_total") > 0

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cgroups import make_memory_cgroup, remove
 from needs import missing, need_root
 
 CHILD = r"""
@@ -61,38 +62,6 @@ print(json.dumps(report))
 """
 
 
-def _own_cgroup(controller_line: str) -> str:
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if controller_line(controllers):
-            return path.lstrip("/")
-    return ""
-
-
-def make_memory_cgroup(limit_mb: int) -> tuple[Path, str] | None:
-    """Create a child memory cgroup limited to ``limit_mb``; (folder, procs file) or None."""
-    v1 = Path("/sys/fs/cgroup/memory")
-    name = f"edge-sdk-test-{os.getpid()}"
-    try:
-        if (v1 / "memory.limit_in_bytes").exists():
-            folder = v1 / _own_cgroup(lambda c: "memory" in c.split(",")) / name
-            folder.mkdir()
-            (folder / "memory.limit_in_bytes").write_text(str(limit_mb * 2**20))
-            return folder, "v1"
-        v2 = Path("/sys/fs/cgroup")
-        if "memory" in (v2 / "cgroup.controllers").read_text().split():
-            folder = v2 / _own_cgroup(lambda c: c == "") / name
-            folder.mkdir()
-            if not (folder / "memory.max").exists():
-                folder.rmdir()
-                return None
-            (folder / "memory.max").write_text(str(limit_mb * 2**20))
-            return folder, "v2"
-    except OSError:
-        return None
-    return None
-
-
 def run_child(release: Path, hog_mb: int, cgroup: Path | None) -> dict:
     def enter_cgroup() -> None:
         if cgroup is not None:
@@ -129,14 +98,7 @@ def test_cgroup_memory_pressure_steps_down_and_back(cnn_release: Path) -> None:
     try:
         report = run_child(cnn_release, hog_mb=240, cgroup=folder)
     finally:
-        for _ in range(50):
-            try:
-                folder.rmdir()
-                break
-            except OSError:
-                import time
-
-                time.sleep(0.1)
+        remove(folder)
     # The monitor saw the cgroup's budget, not the host's gigabytes.
     assert report["start"]["cgroup_limit_mb"] == pytest.approx(600), version
     assert report["start"]["available_memory_mb"] < 600

@@ -235,3 +235,42 @@ def test_fake_source_refuses_misspelt_readings() -> None:
     assert source.sample().cpu_percent == 50.0
     with pytest.raises(ConfigError, match="temprature_c"):
         source.sample()
+
+
+def test_unreadable_cgroup_file_is_named_and_host_figures_are_used(tmp_path: Path) -> None:
+    pid = host(tmp_path, available_mb=4000, cgroup="0::/app\n")
+    write(tmp_path, "sys/fs/cgroup/cgroup.controllers", "cpu memory\n")
+    (tmp_path / "sys/fs/cgroup/app/memory.max").mkdir(parents=True)  # exists, cannot be read as a file
+    sample = SystemSource(tmp_path, pid=pid).sample()
+    assert sample.available_memory_mb == pytest.approx(4000) and sample.cgroup_limit_mb is None
+    assert "app/memory.max: cannot be read" in sample.cgroup_error
+    write(tmp_path, "sys/fs/cgroup/memory.max", "lots\n")  # a parent level with garbage in it
+    sample = SystemSource(tmp_path, pid=pid).sample()
+    assert "sys/fs/cgroup/memory.max: not a number ('lots')" in sample.cgroup_error
+    assert sample.available_memory_mb == pytest.approx(4000)
+
+
+def test_cgroup_cpu_quota_on_a_parent_counts_v2(tmp_path: Path) -> None:
+    pid = host(tmp_path, cgroup="0::/system.slice/app.service\n")
+    write(tmp_path, "sys/fs/cgroup/cgroup.controllers", "cpu memory\n")
+    write(tmp_path, "sys/fs/cgroup/system.slice/cpu.max", "20000 100000\n")  # CPUQuota=20% on the slice
+    write(tmp_path, "sys/fs/cgroup/system.slice/app.service/cpu.max", "max 100000\n")
+    source = SystemSource(tmp_path, pid=pid)
+    cores, version, folder = source.cpu_quota()
+    assert cores == pytest.approx(0.2) and version == 2 and folder.name == "system.slice"
+
+
+def test_cgroup_cpu_quota_v1_with_cpuacct_usage(tmp_path: Path) -> None:
+    pid = host(tmp_path, cgroup="4:cpuacct:/app\n3:cpu:/app\n")
+    write(tmp_path, "sys/fs/cgroup/cpu/app/cpu.cfs_quota_us", "50000\n")
+    write(tmp_path, "sys/fs/cgroup/cpu/app/cpu.cfs_period_us", "100000\n")
+    write(tmp_path, "sys/fs/cgroup/cpu/cpu.cfs_quota_us", "-1\n")
+    write(tmp_path, "sys/fs/cgroup/cpu/cpu.cfs_period_us", "100000\n")
+    write(tmp_path, "sys/fs/cgroup/cpuacct/app/cpuacct.usage", "1000000000\n")
+    source = SystemSource(tmp_path, pid=pid)
+    assert source.cpu_quota()[:2] == (pytest.approx(0.5), 1)
+    source.sample()
+    time.sleep(0.2)
+    write(tmp_path, "sys/fs/cgroup/cpuacct/app/cpuacct.usage", "1050000000\n")  # 50 ms of CPU in ~0.2 s
+    busy = source.sample().cpu_percent
+    assert 20 < busy <= 50  # ~50 ms / (0.2 s x 0.5 CPU)

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 SYNC_DEFAULTS = {"stall_timeout_s": 3.0, "manifest_timeout_s": 15.0, "retry_min_s": 0.5, "retry_max_s": 3.0}
@@ -47,18 +48,40 @@ def stop(procs: list[subprocess.Popen], timeout: float = 30.0) -> None:
             proc.wait()
 
 
+class SharedReadings:
+    """One machine's resource readings for every device of the process, read at most every
+    ``max_age_s``: the devices share the machine, and each reading its own (a dozen ``/proc`` and
+    ``/sys`` files, under a lock, at every reported-state publish) made hundreds of threads queue."""
+
+    def __init__(self, max_age_s: float = 1.0) -> None:
+        from edge_sdk.runtime.monitor import SystemSource
+
+        self.source = SystemSource()
+        self.max_age_s = max_age_s
+        self._lock = threading.Lock()
+        self._last = None
+        self._at = 0.0
+
+    def sample(self):
+        with self._lock:
+            if self._last is None or time.monotonic() - self._at > self.max_age_s:
+                self._last, self._at = self.source.sample(), time.monotonic()
+            return self._last
+
+
 def main(spec_path: str) -> None:
     from edge_sdk.runtime.sync.client import SyncClient, SyncConfig
 
     spec = json.loads(Path(spec_path).read_text())
     root = Path(spec["root"])
+    readings = SharedReadings()
     clients = []
     for device in spec["devices"]:
         config = SyncConfig(broker=spec["broker"], fleet=spec["fleet"], device=device["device"],
                             root=root / device["device"], profile=device.get("profile"),
                             public_key=spec.get("public_key"), allow_unsigned=spec.get("public_key") is None,
                             **{**SYNC_DEFAULTS, **spec.get("sync", {})})
-        client = SyncClient(config)
+        client = SyncClient(config, resources=readings)
         client.twin.set(profile=device.get("profile"), labels=device.get("labels", {}))
         clients.append(client)
     for client in clients:

@@ -2,10 +2,12 @@
 
 Exactly one row per record however many workers share the ``$share`` subscription: the
 ``(device, boot, seq)`` primary key drops duplicates (``ON CONFLICT DO NOTHING``, counted). A
-commit takes the watermark rows of its (device, boot) keys with one ``INSERT … ON CONFLICT DO
-UPDATE`` in sorted key order, which serialises two workers committing batches of one device
-(the second sees the first's rows and moves the watermark over both) without deadlocks; a
-deadlock or serialization failure anyway is retried. Records go in with one ``COPY`` per commit
+commit writes its rows, then takes the watermark rows of its (device, boot) keys with one ``INSERT
+… ON CONFLICT DO UPDATE`` in sorted key order, which serialises two workers' watermark moves for
+one device (the second, in a fresh READ COMMITTED snapshot, sees the first's rows and moves the
+watermark over both) without deadlocks — no watermark lock is held while rows are written, so a
+wait on another transaction's duplicate key cannot close a cycle; a deadlock or serialization
+failure anyway is retried. Records go in with one ``COPY`` per commit
 (into a temporary table first, then ``INSERT … ON CONFLICT DO NOTHING``, only when the direct
 COPY hits a duplicate), and one commit carries every batch that arrived while the previous ran.
 
@@ -211,17 +213,19 @@ class PostgresSink:
             floors[item.key] = max(floors.get(item.key, 0), item.floor - 1)
         keys = sorted(floors)
         cur = conn.cursor()
-        cur.execute(_LOCK_WATERMARKS, ([k[0] for k in keys], [k[1] for k in keys]))
-        upto = {(d, b): max(u, floors[(d, b)]) for d, b, u in cur.fetchall()}
         rows = _copy_text(batches)
         rejected: list[list] = [[], [], [], [], []]
         for item in batches:
             for x in item.rejected:
                 for column, value in zip(rejected, (item.device, item.boot, x.seq, x.size, x.reason)):
                     column.append(value)
+        # Rows first, watermark locks last: another worker's commit of the same devices waits only
+        # for our advance and COMMIT, not for our COPY (the workers' COPYs run side by side).
         new = self._insert_records(conn, rows) if rows[0] else 0
         if rejected[0]:
             cur.execute(_INSERT_REJECTED, rejected)
+        cur.execute(_LOCK_WATERMARKS, ([k[0] for k in keys], [k[1] for k in keys]))
+        upto = {(d, b): max(u, floors[(d, b)]) for d, b, u in cur.fetchall()}
         cur.execute(_ADVANCE, ([k[0] for k in keys], [k[1] for k in keys], [upto[k] for k in keys]))
         result = CommitResult(new=new, rejected=sum(len(i.rejected) for i in batches),
                               upto={(d, b): u for d, b, u in cur.fetchall()})
