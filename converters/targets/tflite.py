@@ -5,7 +5,8 @@ tensors (``serving_default_<name>:0``). The target reads the artifact's real sig
 (with LiteRT inside the toolchain) and records, per tensor, the artifact name and the
 permutation, so the runtime keeps taking the caller's original names and layout.
 
-Precisions: fp32 (``*_float32``), fp16 (``*_float16``: FP16 weights, FP32 compute). INT8 is made
+Precisions: fp32 (``*_float32``), fp16 (``*_float16``: FP16 weights, FP32 compute). INT8 (recipes
+``int8``, then ``int8-dynamic-range`` as a fallback while nothing is accepted) is made
 from onnx2tf's SavedModel by TensorFlow's own converter, run in the toolchain (onnx2tf's quantizer
 casts every calibration input to float, which breaks models with int32/int64 inputs): with
 calibration data it is full-integer (INT8 weights and activations, float I/O; integer inputs stay
@@ -22,6 +23,7 @@ import json
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +33,7 @@ from ...errors import ConversionError
 from ...manifest import TensorSpec
 from ...types import Precision, Target
 from .. import toolchains
-from .base import ExportRequest, ExportResult, ExportTarget
+from .base import ExportRequest, ExportResult, ExportTarget, Recipe, When
 
 TIMEOUT_S = 1800.0
 # onnx2tf fetches this for any 3-channel image input unless it sits in its working dir. Our INT8
@@ -98,12 +100,31 @@ def channel_last(rank: int) -> list[int] | None:
     return [0, *range(2, rank), 1] if rank >= 3 else None
 
 
+@dataclass(frozen=True)
+class TFLiteInt8:
+    """How one INT8 recipe quantizes: full-integer from the calibration data, or dynamic-range (weights only)."""
+
+    dynamic_range: bool = False
+
+
+INT8_RECIPES = (
+    # Without calibration data the plain recipe is dynamic-range itself.
+    Recipe("int8", Precision.INT8, "TFLite INT8, full-integer with calibration data (else dynamic-range)",
+           options=TFLiteInt8()),
+    Recipe("int8-dynamic-range", Precision.INT8, "TFLite dynamic-range INT8: INT8 weights, float activations",
+           when=When.FALLBACK, needs_calibration=True, options=TFLiteInt8(dynamic_range=True)),
+)
+
+
 class TFLiteTarget(ExportTarget):
     target = Target.TFLITE
     backend = "tflite"
 
     def precisions(self) -> frozenset[Precision]:
         return frozenset({Precision.FP32, Precision.FP16, Precision.INT8})
+
+    def recipes(self, precision: Precision) -> tuple[Recipe, ...]:
+        return INT8_RECIPES if precision is Precision.INT8 else tuple(super().recipes(precision))
 
     def check_available(self) -> None:
         toolchains.require("tflite")
@@ -114,7 +135,9 @@ class TFLiteTarget(ExportTarget):
         for spec in request.inputs:
             if not all(isinstance(d, int) and d > 0 for d in spec.shape):
                 raise ConversionError(f"tflite: input {spec.name!r} has a dynamic shape {spec.shape}; onnx2tf needs static shapes")
-        full_integer = request.precision is Precision.INT8 and bool(request.calibration)
+        options = request.recipe.options if request.recipe is not None else None
+        dynamic_range = isinstance(options, TFLiteInt8) and options.dynamic_range
+        full_integer = request.precision is Precision.INT8 and bool(request.calibration) and not dynamic_range
         calibration = {spec.name: _stacked(request, spec) for spec in request.inputs} if full_integer else {}
         toolchains.require("tflite")
         request.out_dir.mkdir(parents=True, exist_ok=True)
@@ -131,8 +154,9 @@ class TFLiteTarget(ExportTarget):
                 raise ConversionError(f"tflite: {run.failure('onnx2tf', _unsupported(run.output))}", log=run.output)
             if request.precision is Precision.INT8:
                 produced = _quantize(work, request, calibration)
+                why = "the recipe" if dynamic_range else "no calibration data"
                 notes.append(f"int8 full-integer, calibrated on {len(request.calibration)} samples (NHWC)" if full_integer
-                             else "int8 dynamic-range (no calibration data): INT8 weights, float activations")
+                             else f"int8 dynamic-range ({why}): INT8 weights, float activations")
                 if request.float_ops:
                     notes.append(f"kept float: {', '.join(request.float_ops)}")
             else:
@@ -157,6 +181,7 @@ def static_copy(source: Path, dest: Path) -> None:
         model = onnx.load(str(source))
     except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and OSError alike
         raise ConversionError(f"tflite: cannot read {source.name} as ONNX ({type(exc).__name__})") from None
+    _scope_safe_node_names(model.graph)
     del model.graph.value_info[:]
     for output in model.graph.output:
         if any(not d.HasField("dim_value") for d in output.type.tensor_type.shape.dim):
@@ -166,6 +191,25 @@ def static_copy(source: Path, dest: Path) -> None:
     except Exception:  # noqa: BLE001 - onnx raises several types; onnx2tf can still infer shapes itself
         pass
     onnx.save(model, str(dest))
+
+
+_SCOPE_UNSAFE = re.compile(r"[^A-Za-z0-9_.\\/>-]")  # what a TensorFlow name scope may not contain
+
+
+def _scope_safe_node_names(graph: onnx.GraphProto) -> None:
+    """onnx2tf names each TF op after its ONNX node, and TensorFlow refuses a scope name outside
+    ``[A-Za-z0-9_.\\/>-]`` (PP-OCR's ``Softmax@0``): such node names get ``_`` instead, kept unique.
+    Tensor names, which the signature is matched by, are left alone."""
+    taken = {node.name for node in graph.node}
+    for node in graph.node:
+        if not _SCOPE_UNSAFE.search(node.name):
+            continue
+        base = _SCOPE_UNSAFE.sub("_", node.name)
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        taken.add(name)
+        node.name = name
 
 
 def _quantize(work: Path, request: ExportRequest, calibration: dict[str, np.ndarray]) -> Path:

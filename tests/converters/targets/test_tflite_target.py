@@ -60,6 +60,16 @@ def test_int8_without_calibration_is_dynamic_range(cases, parity_check, tmp_path
     parity_check(case, result, "tflite", Precision.INT8)
 
 
+def test_dynamic_range_is_a_fallback_recipe_even_with_calibration_data(cases, parity_check, tmp_path):
+    target = get_target("tflite")
+    recipes = {r.name: r for r in target.recipes(Precision.INT8)}
+    assert list(recipes) == ["int8", "int8-dynamic-range"] and recipes["int8-dynamic-range"].when == "fallback"
+    result = target.export(cases["cnn"].request(Precision.INT8, tmp_path, recipe=recipes["int8-dynamic-range"]))
+    assert result.notes[0] == "int8 dynamic-range (the recipe): INT8 weights, float activations"
+    assert result.nodes_quantized > 0
+    parity_check(cases["cnn"], result, "tflite", Precision.INT8)
+
+
 def test_sizes_shrink_with_precision(exported):
     sizes = {p: exported("cnn", p)[0].files[0].stat().st_size for p in (Precision.FP32, Precision.FP16, Precision.INT8)}
     assert sizes[Precision.FP16] < 0.6 * sizes[Precision.FP32]
@@ -150,3 +160,20 @@ def test_int8_calibrates_an_input_whose_name_is_not_a_python_identifier(cases, p
     assert any("full-integer" in n for n in result.notes)
     assert result.nodes_quantized > 0
     parity_check(dotted, result, "tflite", Precision.INT8)
+
+
+def test_node_names_tensorflow_refuses_as_scopes_are_made_safe(tmp_path):
+    """PP-OCR's classifier names a node ``Softmax@0``; onnx2tf makes it a TF name scope, which TF refuses."""
+    import onnx
+
+    from edge_sdk.converters.targets.tflite import static_copy
+    from edge_sdk.samples import make_cnn
+
+    model = make_cnn()
+    model.graph.node[-1].name = "Softmax@0"
+    model.graph.node[-2].name = "Softmax_0"  # the safe spelling is taken: stays unique
+    onnx.save(model, tmp_path / "at.onnx")
+    static_copy(tmp_path / "at.onnx", tmp_path / "safe.onnx")
+    names = [n.name for n in onnx.load(tmp_path / "safe.onnx").graph.node]
+    assert names[-2:] == ["Softmax_0", "Softmax_0_1"] and len(set(names)) == len(names)
+    assert [o.name for o in onnx.load(tmp_path / "safe.onnx").graph.output] == [o.name for o in model.graph.output]
