@@ -123,6 +123,7 @@ def pressure(release: Path) -> dict:
             "stepped_down": report["stepped_down"], "held_int8_under_tight_limit": report["held_int8"],
             "stepped_up": report["stepped_up"], "tight_limit_mb": round(report["tight_limit_mb"], 1),
             "rss_under_tight_limit_mb": round(report["rss_under_tight_mb"], 1),
+            "anon_rss_under_tight_limit_mb": round(report["anon_rss_under_tight_mb"], 1),
             "serving_fp32_rss_mb": round(report["serving_fp32_mb"], 1), "serving_int8_rss_mb": round(report["serving_int8_mb"], 1),
             "switches": [{"kind": k, "to": p, "swap_ms": round(ms, 1) if ms else None, "paused": paused}
                          for k, p, ms, paused in steps]}

@@ -98,13 +98,17 @@ class _Slot:
         self.lock = None if getattr(session, "thread_safe", True) else threading.Lock()
         self.check_finite = check_finite  # scan inputs for NaN/inf before this variant runs
 
-    def close(self) -> None:
+    def close(self, trim: bool = False) -> None:
+        """Close the session; ``trim`` hands the freed heap back to the OS at once (paused swaps:
+        the next variant loads into that memory). Otherwise the switch trims once it is recorded,
+        so neither a caller nor the event waits for it."""
         try:
             self.session.close()
         except Exception:  # noqa: S110 - closing must never fail a caller's request
             pass
         self.session = None  # type: ignore[assignment]  # the native session goes with its last reference
-        release_freed_memory()
+        if trim:
+            release_freed_memory()
 
 
 @dataclass(frozen=True)
@@ -503,6 +507,7 @@ class EdgeModel:
         done = dataclasses.replace(event, swap_ms=swap_ms, paused=paused,
                                    reason=event.reason + (" (paused calls: not enough memory for both variants)" if paused else ""))
         self.policy.record(done)
+        release_freed_memory()  # the old session's heap, once the switch is on record
         return done
 
     def _memory_too_tight(self, precision: Precision, sample: ResourceSample | None,
@@ -551,7 +556,7 @@ class EdgeModel:
         try:
             if old is not None:
                 old.closed = True
-                old.close()
+                old.close(trim=True)
             try:
                 new = self._open(precision, memory)
             except EdgeSDKError as exc:
