@@ -255,10 +255,26 @@ def ingest_run(work: Path, sink: str, workers: int, records: int, loaders: int =
             pg.cleanup()
 
 
+def decode_cost(per_batch: int = 500, repeats: int = 200) -> dict:
+    """CPU per record of checking one loader batch: msgspec's path vs the stdlib reference path."""
+    from edge_sdk.cloud import ingest as _ingest
+
+    payload = json.dumps({"v": 1, "boot": "b" * 32, "floor": 1,
+                          "records": [[i + 1, 1.0, 1, "m", RECORD] for i in range(per_batch)]}).encode()
+    limits = _ingest.IngestLimits()
+    out = {}
+    for name, fn in (("fast", _ingest.prepare), ("stdlib", _ingest._prepare_stdlib)):
+        t0 = time.process_time()
+        for _ in range(repeats):
+            fn("d", payload, limits)
+        out[name] = round((time.process_time() - t0) / repeats / per_batch * 1e6, 2)
+    return {"prepare_us_per_record": out, "stdlib_vs_fast": round(out["stdlib"] / out["fast"], 1)}
+
+
 def ingest(work: Path, records: int) -> dict:
     runs = [ingest_run(work, sink, workers, records) for sink in ("sqlite", "postgresql") for workers in (1, 2)]
     rate = {(r["sink"], r["workers"]): r["records_per_s"] for r in runs}
-    return {"runs": runs, "goal_postgresql_records_per_s": 50_000,
+    return {"runs": runs, "decoding": decode_cost(), "goal_postgresql_records_per_s": 50_000,
             "postgresql_vs_sqlite_1_worker": round(rate[("postgresql", 1)] / rate[("sqlite", 1)], 2),
             "postgresql_2_vs_1_workers": round(rate[("postgresql", 2)] / rate[("postgresql", 1)], 2),
             "sqlite_2_vs_1_workers": round(rate[("sqlite", 2)] / rate[("sqlite", 1)], 2)}

@@ -106,7 +106,7 @@ def pressure(release: Path) -> dict:
     copy = Path(tempfile.mkdtemp(prefix="pressure-")) / "release"
     shutil.copytree(release, copy)
     try:
-        proc = subprocess.run([sys.executable, str(PRESSURE), str(copy), str(folder), version], capture_output=True,
+        proc = subprocess.run([sys.executable, str(PRESSURE), str(copy), str(folder), version, PROFILE], capture_output=True,
                               text=True, timeout=600,
                               preexec_fn=lambda: (folder / "cgroup.procs").write_text(str(os.getpid())))
         kills = oom_kills(folder, version)

@@ -59,3 +59,34 @@ def mlp_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
     edge_sdk.convert(onnx_path, ["intel-nuc"], out, calibration="random", targets=["onnx", "openvino"],
                      model_name="mlp", latency_runs=3, speed_gate=False, max_accuracy_drop=100.0, mixed_precision=False)
     return out
+
+
+def missing_runtime(backend: str) -> str | None:
+    """Why ``backend`` cannot be tested here (its package or converter toolchain is absent), else None."""
+    import importlib.util
+
+    from edge_sdk.converters import toolchains
+
+    package, toolchain = {"onnxruntime": ("onnxruntime", None), "openvino": ("openvino", None),
+                          "tflite": ("ai_edge_litert", "tflite"), "ncnn": ("ncnn", "ncnn")}[backend]
+    if importlib.util.find_spec(package) is None:
+        return f"the {package} package is not installed"
+    if toolchain is not None and not toolchains.status(toolchain).installed:
+        return f"the {toolchain} converter toolchain is not installed (edge-sdk toolchain install {toolchain})"
+    return None
+
+
+TARGET_OF = {"onnxruntime": "onnx", "openvino": "openvino", "tflite": "tflite", "ncnn": "ncnn"}
+
+
+@pytest.fixture(scope="session")
+def all_backends_release(tmp_path_factory, cnn_path: Path, cnn_calibration_dir: Path) -> Path:
+    """The CNN for generic-x86_64 with every target whose package and toolchain are installed here
+    (with the converter's footprint figures: the hot-swap and footprint tests share it)."""
+    import edge_sdk
+
+    targets = [TARGET_OF[b] for b in TARGET_OF if missing_runtime(b) is None]
+    out = tmp_path_factory.mktemp("releases") / "cnn-all-backends"
+    edge_sdk.convert(cnn_path, ["generic-x86_64"], out, calibration=cnn_calibration_dir, targets=targets,
+                     max_accuracy_drop=20.0, model_name="cnn", latency_runs=5, speed_gate=False)
+    return out

@@ -94,3 +94,35 @@ def test_device_figures_file_round_trip_and_corruption(tmp_path: Path) -> None:
     (tmp_path / FIGURES_NAME).write_text("{not json")
     read, problem = DeviceFigures.read(tmp_path)
     assert read is None and FIGURES_NAME in problem and "measuring again" in problem
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino", "tflite", "ncnn"])
+def test_footprint_and_ladder_on_every_backend(all_backends_release: Path, tmp_path: Path, backend: str) -> None:
+    """The small CNN's artifacts on all four runtimes (where installed): each measured in both memory
+    modes by the converter, and the ladder the device builds from its own figures saves at every step."""
+    from edge_sdk.runtime.acceptance import DeviceChecks
+    from edge_sdk.runtime.model import EdgeModel
+    from needs import missing
+
+    from .conftest import missing_runtime
+
+    why = missing_runtime(backend)
+    if why is not None:
+        missing(why)
+    variants = [v for v in load_manifest(all_backends_release).variants if v.backend == backend and v.ok]
+    assert variants
+    for variant in variants:
+        fp = variant.validation.footprint
+        assert fp is not None and fp.backend == backend, variant.id
+        assert fp.default.peak_rss_mb > 0 and fp.lean is not None and fp.lean.peak_rss_mb > 0
+    folder = tmp_path / "release"
+    shutil.copytree(all_backends_release, folder)
+    with EdgeModel.load(folder, profile="generic-x86_64", backend=backend, monitor=False,
+                        device_checks=DeviceChecks(acceptance_budget_s=0)) as model:
+        ladder = model.info().ladder
+    steps, sizes = ladder["memory_steps"], ladder["footprint_mb"]
+    assert steps[0] == "fp32" and set(ladder["sources"].values()) == {"device"}
+    assert all(sizes[b] <= 0.9 * sizes[a] for a, b in zip(steps, steps[1:]))
+    # Every rung that is not a step is named with its figures.
+    named = {s.split(" is not a memory step")[0] for s in ladder["skipped"]}
+    assert named == set(sizes) - set(steps)

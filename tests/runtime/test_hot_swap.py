@@ -22,7 +22,7 @@ from edge_sdk.runtime.monitor import FakeSource
 from edge_sdk.runtime.policy import EventKind
 from edge_sdk.types import Precision
 
-from .conftest import ServedBy
+from .conftest import TARGET_OF, ServedBy, missing_runtime
 
 FP32, FP16, INT8 = Precision.FP32, Precision.FP16, Precision.INT8
 PROFILE = "intel-nuc"
@@ -264,36 +264,6 @@ def test_failed_loads_under_load_keep_serving(cnn_release: Path, tmp_path: Path,
 
 
 # --- every backend: the same switching under load on the other runtimes ---------------------
-
-
-def missing_runtime(backend: str) -> str | None:
-    """Why ``backend`` cannot be tested here (its package or converter toolchain is absent), else None."""
-    import importlib.util
-
-    from edge_sdk.converters import toolchains
-
-    package, toolchain = {"onnxruntime": ("onnxruntime", None), "openvino": ("openvino", None),
-                          "tflite": ("ai_edge_litert", "tflite"), "ncnn": ("ncnn", "ncnn")}[backend]
-    if importlib.util.find_spec(package) is None:
-        return f"the {package} package is not installed"
-    if toolchain is not None and not toolchains.status(toolchain).installed:
-        return f"the {toolchain} converter toolchain is not installed (edge-sdk toolchain install {toolchain})"
-    return None
-
-
-TARGET_OF = {"onnxruntime": "onnx", "openvino": "openvino", "tflite": "tflite", "ncnn": "ncnn"}
-
-
-@pytest.fixture(scope="module")
-def all_backends_release(tmp_path_factory, cnn_path: Path, cnn_calibration_dir: Path) -> Path:
-    """The CNN for generic-x86_64 with every target whose package and toolchain are installed here."""
-    import edge_sdk
-
-    targets = [TARGET_OF[b] for b in TARGET_OF if missing_runtime(b) is None]
-    out = tmp_path_factory.mktemp("releases") / "cnn-all-backends"
-    edge_sdk.convert(cnn_path, ["generic-x86_64"], out, calibration=cnn_calibration_dir, targets=targets,
-                     max_accuracy_drop=20.0, model_name="cnn", latency_runs=5, speed_gate=False)
-    return out
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino", "tflite", "ncnn"])

@@ -1,6 +1,6 @@
 """Serve a release under 4 calling threads inside a memory cgroup while it tightens and loosens.
 
-Run as ``python tests/support/pressure.py RELEASE CGROUP_FOLDER v1|v2`` from inside that cgroup
+Run as ``python tests/support/pressure.py RELEASE CGROUP_FOLDER v1|v2 [PROFILE]`` from inside that cgroup
 (tests/runtime/test_ladder.py, benchmarks/ladder.py). It loads the release's onnxruntime variants
 with device checks on (footprints measured here), then: tightens the limit to 40 MB above its
 working set (FP32's threshold fails, INT8's holds) and waits for the step down; sets a limit that
@@ -17,6 +17,7 @@ from edge_sdk.runtime.model import EdgeModel
 from edge_sdk.runtime.monitor import SystemSource
 
 release, folder, version = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+profile = sys.argv[4] if len(sys.argv) > 4 else "intel-nuc"
 limit_file = folder / ("memory.limit_in_bytes" if version == "v1" else "memory.max")
 usage_file = folder / ("memory.usage_in_bytes" if version == "v1" else "memory.current")
 MB = 2**20
@@ -38,7 +39,7 @@ def rss_mb():
 # Memory only: 4 calling threads keep the CPU busy, which must not hold FP32 back here.
 settings = PolicySettings(thresholds={"fp32": Thresholds(min_free_memory_mb=100, max_cpu_percent=100)},
                           hysteresis=Hysteresis(memory_mb=40), min_dwell_s=0)
-model = EdgeModel.load(release, profile="intel-nuc", backend="onnxruntime", monitor=SystemSource(), interval_s=0.05,
+model = EdgeModel.load(release, profile=profile, backend="onnxruntime", monitor=SystemSource(), interval_s=0.05,
                        policy=settings, device_checks=DeviceChecks(acceptance_budget_s=0, memory_modes=False))
 ladder = model.info().ladder
 report = {"initial": model.precision.value, "ladder": ladder, "calls": 0, "errors": [], "timeline": [], "max_rss_mb": 0}
