@@ -42,7 +42,7 @@ from typing import Any
 
 from pydantic import Field
 
-from edge_sdk.config import StrictModel
+from edge_sdk.config import StrictModel, json_object
 from edge_sdk.errors import SyncError
 
 from .outbox import MAX_RECORD_BYTES, Batch, Outbox, Priority
@@ -99,12 +99,7 @@ def _boot(value: object) -> str:
 
 
 def _object(payload: bytes, what: str) -> dict:
-    try:
-        obj = json.loads(payload)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise SyncError(f"{what} is not JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise SyncError(f"{what} must be a JSON object, got {type(obj).__name__}")
+    obj = json_object(payload, what, SyncError)
     if obj.get("v") != WIRE_VERSION:
         raise SyncError(f"{what} has unsupported version {obj.get('v')!r} (expected {WIRE_VERSION})")
     return obj

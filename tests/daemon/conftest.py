@@ -87,6 +87,16 @@ class DaemonProcess:
             time.sleep(0.05)
         raise AssertionError(f"daemon not ready within {timeout}s: {self.logs()}")
 
+    def ready(self, timeout: float = 60.0) -> DaemonProcess:
+        """:meth:`wait_ready`, killing the daemon if it never gets there; reads its API token (``token``)."""
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.kill()
+            raise
+        self.token = (self.folder / "state" / "api-tokens").read_text().split()[-1]
+        return self
+
     def logs(self) -> str:
         self._log.flush()
         return self.log_path.read_text(errors="replace")

@@ -80,13 +80,7 @@ def daemon(repo: Path, labels_release: Path, tmp_path_factory: pytest.TempPathFa
                                    {"name": "cnn", "release": str(repo / "cnn"), "precision": "fp32"},
                                    {"name": "labels", "release": str(labels_release), "precision": "fp32"}],
                           api={"max_body_bytes": 4_000_000, "max_inactive_versions": 1})
-    proc = DaemonProcess(config)
-    try:
-        proc.wait_ready()
-    except BaseException:
-        proc.kill()
-        raise
-    proc.token = (folder / "state" / "api-tokens").read_text().split()[-1]
+    proc = DaemonProcess(config).ready()
     proc.grpc_url = f"127.0.0.1:{(folder / 'state' / 'grpc.port').read_text().strip()}"
     proc.http_url = proc.url.removeprefix("http://")
     yield proc

@@ -26,13 +26,7 @@ LIMITS = {"max_concurrent_infer": 4, "max_queue": 64, "header_timeout_s": 2, "bo
 
 
 def start(folder: Path, models: list[dict], **sections) -> DaemonProcess:
-    proc = DaemonProcess(write_config(folder, models, **sections))
-    try:
-        proc.wait_ready()
-    except BaseException:
-        proc.kill()
-        raise
-    proc.token = (folder / "state" / "api-tokens").read_text().split()[-1]
+    proc = DaemonProcess(write_config(folder, models, **sections)).ready()
     proc.host, proc.port = "127.0.0.1", int(proc.url.rsplit(":", 1)[1])
     return proc
 

@@ -5,10 +5,18 @@ fails: delete the entry (the corpus ratchets up). ``benchmarks/zoo.py`` has the 
 from __future__ import annotations
 
 # Models the tests convert (all four targets each); benchmarks/zoo.py runs every model in CASES.
-# More join as their conversions fit the CI budget (magika next; see /work/wt/NOTES.md).
-TESTED = ("centerface", "ocr-cls")
+# More join as their conversions fit the CI budget (ocr-det and ocr-rec next).
+TESTED = ("centerface", "ocr-cls", "magika")
 
 GAPS: dict[tuple[str, str], str] = {
     ("ocr-cls", "onnx-int8-goal"): "onnx-int8 is 0.54x the FP32 size (goal 0.35): in a 0.58 MB model the QDQ nodes, "
                                    "their names, per-channel scales and int32 biases are ~45% of the INT8 file",
+    ("magika", "onnx-int8-goal"): "onnx-int8 (0.26x size) passes the gate but loses 1.36 points top-1 on held-out files "
+                                  "(budget 1)",
+    ("magika", "tflite-int8"): "onnx2tf's conversion itself is wrong: TFLite FP32 already loses 94 points top-1 "
+                               "(int8 full-integer and dynamic-range alike)",
+    ("magika", "openvino-int8"): "NNCF INT8 loses 22.5 points top-1 on validation",
+    ("magika", "ncnn-int8"): "pnnx crashes (SIGSEGV) on the model",
+    ("corpus", "tflite"): "TFLite INT8 accepted within budget on 2 of 3 tested families (magika: -94 points, from FP32 on)",
+    ("corpus", "openvino"): "OpenVINO INT8 accepted within budget on 2 of 3 tested families (magika: -22.5 points)",
 }
