@@ -194,6 +194,8 @@ class DaemonSyncConfig(StrictModel):
                           "or an Ed25519 public key (PEM)")
     allow_unsigned: bool = Field(False, description="serve unsigned releases (development only; without public_key)")
     telemetry_interval_s: float = Field(10.0, gt=0, le=86400)
+    labels: dict[str, str] = Field(default_factory=dict, description="reported with the device's profile: what "
+                                                                     "rollout groups match (e.g. site: plant1)")
 
     @model_validator(mode="after")
     def _check_broker(self) -> DaemonSyncConfig:

@@ -67,8 +67,8 @@ class SyncBridge:
         self.root = config.state_dir / "sync"
         self.client = SyncClient(
             SyncConfig(broker=sync.broker, fleet=sync.fleet, device=config.device_id, root=self.root, profile=profile,
-                       public_key=sync.public_key, allow_unsigned=sync.allow_unsigned, prefix=sync.topic_prefix or "",
-                       tls=sync.tls),
+                       labels=sync.labels, public_key=sync.public_key, allow_unsigned=sync.allow_unsigned,
+                       prefix=sync.topic_prefix or "", tls=sync.tls),
             self_test=self._load, on_activate=self._on_activate, on_policy=self._on_policy, resources=resources,
             trust=trust,
         )

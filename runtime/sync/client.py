@@ -85,6 +85,8 @@ class SyncConfig(StrictModel):
     device: str
     root: Path = Field(description="device state folder: chunks, releases, rollback-protection state")
     profile: str | None = Field(None, description="device profile id; None keeps every ok variant")
+    labels: dict[str, str] = Field(default_factory=dict, description="reported with the profile: what rollout "
+                                                                     "groups and the fleet view match (site=plant1)")
     public_key: Path | None = None
     allow_unsigned: bool = Field(False, description="accept unsigned releases (only without public_key)")
     prefix: str = ""
@@ -180,7 +182,7 @@ class SyncClient:
             config.broker, client_id=config.device, status_topic=self.topics.status(config.device), tls=config.tls))
         self.twin = Twin(self.topics.reported(config.device),
                          lambda topic, payload: self.transport.publish(topic, payload, qos=1, retain=True),
-                         resources=resources)
+                         resources=resources, identity={"profile": config.profile, "labels": dict(config.labels)})
         if self_test is None and config.self_test:
             self_test = lambda folder, profile: default_self_test(folder, profile, self.public_key)  # noqa: E731
         self._self_test = self_test

@@ -71,14 +71,15 @@ class Twin:
     """
 
     def __init__(self, topic: str, publish: Callable[[str, bytes], Any], throttle_s: float = 0.5,
-                 resources: ResourceSource | None = None) -> None:
+                 resources: ResourceSource | None = None, identity: dict[str, Any] | None = None) -> None:
         self.topic = topic
         self._publish = publish
         self.throttle_s = throttle_s
         self.resources = resources if resources is not None else SystemSource()
         self._lock = threading.Lock()
         self._state: dict[str, Any] = {"release": None, "backend": None, "precision": None, "last_error": None,
-                                       "sync": {"state": SyncState.IDLE.value}, "policy": {}, "models": {}}
+                                       "sync": {"state": SyncState.IDLE.value}, "policy": {}, "models": {},
+                                       **(identity or {})}  # what the fleet view and rollout groups match on
         self.errors: Counter[str] = Counter()
         self._last_sent = 0.0
         self.published = 0

@@ -56,19 +56,19 @@ class Ingest:
         self.worker.stop()
 
 
-def reported_figures(broker: str, model: str) -> list[dict]:
-    """The fleet view's device-measured figures of ``model`` (from the retained reported state)."""
+def fleet_view(broker: str):
+    """The fleet view (from the retained reported state), as `edge-sdk cloud status` reads it."""
     from edge_sdk.cloud.connection import connect
     from edge_sdk.cloud.fleet import read_fleet
-    from edge_sdk.runtime.sync.topics import Topics
 
     with connect(broker, "test-status") as transport:
-        return read_fleet(transport, Topics(FLEET), timeout=10).figures(model)
+        return read_fleet(transport, Topics(FLEET), timeout=10)
 
 
 def sync_config(tmp_path: Path, broker, keys, **extra) -> Path:
     return write_config(tmp_path, [{"name": "fusion", "profile": "generic-x86_64", "precision": "fp32"}],
-                        sync={"broker": broker.url, "fleet": FLEET, "public_key": str(keys[1]), "telemetry_interval_s": 0.3},
+                        sync={"broker": broker.url, "fleet": FLEET, "public_key": str(keys[1]), "telemetry_interval_s": 0.3,
+                              "labels": {"site": "plant1"}},
                         **extra)
 
 
@@ -87,10 +87,14 @@ def test_sync_hot_swap_telemetry_and_offline(fusion_release: Path, fusion_v2: Pa
         assert meta["versions"] == ["1"] and "/sync/releases/fusion@v1" in meta["parameters"]["release_dir"]
         # What the device measured itself reaches its reported state, beside the build machine's figures.
         found: list[list[dict]] = []
-        wait_for(lambda: found.append(reported_figures(mosquitto.url, "fusion")) or any(
+        wait_for(lambda: found.append(fleet_view(mosquitto.url).figures("fusion")) or any(
             r["device_footprint_mb"] for r in found[-1]), timeout=30, what="device figures in the reported state")
         figures = {r["variant"]: r for r in found[-1]}
         assert all(r["device_footprint_mb"] for r in figures.values()), figures
+        # ...grouped by the profile the daemon reports, with its labels (what rollout groups match).
+        assert {r["profile"] for r in figures.values()} == {"generic-x86_64"}, figures
+        device = fleet_view(mosquitto.url).devices["dev-test"]
+        assert device.matches({"site": "plant1", "profile": "generic-x86_64"}) and not device.matches({"site": "plant2"})
         assert figures["onnx-fp32"]["device_p50_ms"] > 0 and figures["onnx-fp32"]["build_latency_ms"] > 0
         text = httpx.get(daemon.url + "/metrics").text
         assert 0 < metric_value(text, "edge_sync_bytes_fetched_total") <= report.bytes_total

@@ -78,12 +78,10 @@ def main(spec_path: str) -> None:
     clients = []
     for device in spec["devices"]:
         config = SyncConfig(broker=spec["broker"], fleet=spec["fleet"], device=device["device"],
-                            root=root / device["device"], profile=device.get("profile"),
+                            root=root / device["device"], profile=device.get("profile"), labels=device.get("labels", {}),
                             public_key=spec.get("public_key"), allow_unsigned=spec.get("public_key") is None,
                             **{**SYNC_DEFAULTS, **spec.get("sync", {})})
-        client = SyncClient(config, resources=readings)
-        client.twin.set(profile=device.get("profile"), labels=device.get("labels", {}))
-        clients.append(client)
+        clients.append(SyncClient(config, resources=readings))
     for client in clients:
         client.start()
     stopping = threading.Event()
