@@ -113,7 +113,7 @@ def test_each_backend_gets_its_measured_ladder(mlp_release: Path, tmp_path: Path
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("EDGE_SDK_CGROUP_LADDER") != "1",
-                    reason="not applicable here by default: passes alone (4 of 4) but failed in 3 of 3 full-suite runs on "
+                    reason="not applicable here by default: passes alone (4 of 5 runs) but failed in both full-suite runs on "
                            "2 cores (issue 12 stays open on it); EDGE_SDK_CGROUP_LADDER=1 runs it")
 def test_memory_cgroup_steps_down_before_the_oom_killer_and_back_up(mlp_release: Path, tmp_path: Path) -> None:
     import shutil
