@@ -479,7 +479,7 @@ class EdgeModel:
     def _evaluate_locked(self, sample: ResourceSample) -> PolicyEvent | None:
         if self._closed:
             return None
-        event = self.policy.decide(sample)
+        event = self.policy.decide(sample, fits_beside=self._fits_beside)
         if event is None:
             return None
         if event.kind == EventKind.HELD or event.to_precision is None:
@@ -509,6 +509,9 @@ class EdgeModel:
         self.policy.record(done)
         release_freed_memory()  # the old session's heap, once the switch is on record
         return done
+
+    def _fits_beside(self, rung: Rung, sample: ResourceSample) -> bool:
+        return not self._memory_too_tight(rung.precision, sample, rung.memory)
 
     def _memory_too_tight(self, precision: Precision, sample: ResourceSample | None,
                           memory: MemoryMode = MemoryMode.DEFAULT) -> bool:
@@ -612,7 +615,7 @@ class EdgeModel:
             sample = None
             if self.monitor is not None:
                 sample = self.monitor.source.sample()
-            event = self.policy.unpin(sample)
+            event = self.policy.unpin(sample, fits_beside=self._fits_beside)
             return self._carry_out(event, sample)
 
     def set_policy(self, policy: PolicyOverride | dict[str, Any]) -> PolicyEvent | None:

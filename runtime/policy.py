@@ -6,9 +6,11 @@ FP32 → FP16 → MIXED → INT8 restricted to the precisions the release actual
 
 * **step down** at once (as far as needed) when the current precision's conditions fail -
   waiting would risk the OOM killer or thermal shutdown;
-* **step up** only when a higher precision's conditions hold *with the hysteresis margins* and
-  at least ``min_dwell_s`` has passed since the last switch, so a signal oscillating around a
-  threshold never makes it flap;
+* **step up** only when a higher precision's conditions hold *with the hysteresis margins*, at
+  least ``min_dwell_s`` has passed since the last switch, so a signal oscillating around a
+  threshold never makes it flap, and the better variant can load beside the serving one (the
+  caller's ``fits_beside``): a step up is for quality, so it never pauses calls, and a paused load
+  whose real peak overshoots a tight memory limit would meet the OOM killer;
 * a manual pin overrides everything until unpinned.
 
 The policy is pure decision logic (no threads, no sessions): :class:`~.model.EdgeModel` feeds it
@@ -232,21 +234,25 @@ class PrecisionPolicy:
         return self.violations(rung.precision, sample, margin, memory=rung.memory, serving=serving)
 
     # -- decisions -----------------------------------------------------------------------------
-    def decide(self, sample: ResourceSample) -> PolicyEvent | None:
+    def decide(self, sample: ResourceSample, fits_beside: Callable[[Rung, ResourceSample], bool] | None = None
+               ) -> PolicyEvent | None:
         """The switch ``sample`` calls for, or ``None`` to stay; updates :attr:`current`.
+        ``fits_beside(rung, sample)``: whether ``rung`` can load while the serving one still runs;
+        a rung that cannot is not stepped up to (None: every rung can).
 
         The caller carries the switch out and then publishes the event with :meth:`record`
         (with the swap's timing), or reports a failed switch with :meth:`report_failure`.
         """
         with self._lock:
-            event = self._decide(sample)
+            event = self._decide(sample, fits_beside=fits_beside)
             if event is not None and event.kind in (EventKind.STEP_DOWN, EventKind.STEP_UP):
                 self.current = event.to_precision  # type: ignore[assignment]
                 self.current_memory = event.to_memory or MemoryMode.DEFAULT
                 self._last_switch = self._clock()
         return event
 
-    def _decide(self, sample: ResourceSample, honour_dwell: bool = True) -> PolicyEvent | None:
+    def _decide(self, sample: ResourceSample, honour_dwell: bool = True,
+                fits_beside: Callable[[Rung, ResourceSample], bool] | None = None) -> PolicyEvent | None:
         if self.pinned is not None:
             return None
         figures = sample.as_dict()
@@ -281,6 +287,8 @@ class PrecisionPolicy:
         if honour_dwell and self._last_switch is not None and self._clock() - self._last_switch < self.settings.min_dwell_s:
             return None
         for candidate in self.memory_ladder.above(current):  # best first
+            if fits_beside is not None and not fits_beside(candidate, sample):
+                continue
             if not self._rung_violations(candidate, sample, current, self.settings.hysteresis):
                 why = "resources recovered beyond the hysteresis band"
                 if self.thresholds(candidate.precision) is not None:
@@ -329,7 +337,8 @@ class PrecisionPolicy:
             self._last_switch = self._clock()
         return event
 
-    def unpin(self, sample: ResourceSample | None) -> PolicyEvent:
+    def unpin(self, sample: ResourceSample | None,
+              fits_beside: Callable[[Rung, ResourceSample], bool] | None = None) -> PolicyEvent:
         """Hand control back to the policy; returns where it goes from here (not yet published).
 
         The pin counted as a switch for the dwell time, but the policy does not wait it out
@@ -338,7 +347,7 @@ class PrecisionPolicy:
         with self._lock:
             self.pinned = None
             before = self.rung
-            decision = self._decide(sample, honour_dwell=False) if sample is not None else None
+            decision = self._decide(sample, honour_dwell=False, fits_beside=fits_beside) if sample is not None else None
             target = decision.to_rung if decision is not None and decision.to_rung else before
             self.current, self.current_memory = target.precision, target.memory
             self._last_switch = self._clock()

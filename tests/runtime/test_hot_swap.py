@@ -14,7 +14,7 @@ from needs import missing
 from edge_sdk.chunking import sha256_file
 from edge_sdk.errors import BackendError
 from edge_sdk.manifest import load_manifest
-from edge_sdk.profiles import PolicySettings, Thresholds
+from edge_sdk.profiles import Hysteresis, PolicySettings, Thresholds
 from edge_sdk.runtime.backends.base import BACKENDS, BackendOptions, Session
 from edge_sdk.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from edge_sdk.runtime.model import EdgeModel
@@ -229,6 +229,24 @@ def test_memory_too_tight_for_both_pauses_and_queues_calls(cnn_release: Path, se
                     threading.Event().wait(0.001)
         assert callers.errors == []
         assert callers.served.get("onnx-fp16", 0) > 0 and callers.served.get("onnx-fp32", 0) > 0
+
+
+def test_a_step_up_waits_until_the_better_variant_fits_beside_the_serving_one(cnn_release: Path) -> None:
+    # A step up is for quality: it never pauses calls (a paused load overshooting a tight limit
+    # would meet the OOM killer), so it waits until both sessions fit for a moment.
+    source = FakeSource(available_memory_mb=4096)
+    settings = PolicySettings(thresholds={FP32: Thresholds(min_free_memory_mb=50)},
+                              hysteresis=Hysteresis(memory_mb=0), min_dwell_s=0)
+    with EdgeModel.load(cnn_release, profile=PROFILE, monitor=source, policy=settings, interval_s=3600,
+                        swap_reserve_mb=64) as model:
+        source.set(available_memory_mb=40.0)
+        down = model.evaluate()
+        assert down.kind == EventKind.STEP_DOWN and down.paused and model.precision != FP32
+        source.set(available_memory_mb=60.0)  # FP32's threshold holds, two sessions would not fit
+        assert model.evaluate() is None and model.precision != FP32
+        source.set(available_memory_mb=4096.0)
+        up = model.evaluate()
+        assert up.kind == EventKind.STEP_UP and up.to_precision == FP32 and not up.paused
 
 
 def test_failed_loads_under_load_keep_serving(cnn_release: Path, tmp_path: Path, served_by: ServedBy) -> None:
