@@ -127,7 +127,8 @@ class VariantBuilder:
             recipes = [dataclasses.replace(base.recipe, name=r.name, summary=r.summary, precision=Precision.MIXED,
                                            keeps_sensitive_nodes=True, when=r.when) for r in recipes]
         search = run_recipes(recipes, lambda recipe: self._attempt(planned, target, recipe, log), facts=self.facts,
-                             has_calibration=self.calib is not None, refuse=self._refuse)
+                             has_calibration=self.calib is not None, refuse=self._refuse,
+                             max_drop=self.config.validation.max_accuracy_drop)
         self.report.recipes[planned.id] = search.attempts
         if planned.precision == Precision.INT8:
             self.int8_searches[planned.target] = search

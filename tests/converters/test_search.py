@@ -60,6 +60,21 @@ def test_fallbacks_run_only_while_nothing_is_accepted_and_skips_say_why():
                        "keep-sensitive": "a fallback, and an earlier recipe was accepted"}
 
 
+def test_an_accepted_candidate_near_the_budget_does_not_stop_the_fallbacks():
+    """A drop over half the budget on the small validation sample may be over it on unseen data:
+    the fallback that quantizes less is measured too, and at a speed and size tie it wins."""
+    static, conv_matmul = _recipe("qdq-per-channel"), _recipe("qdq-conv-matmul", when=When.FALLBACK)
+    drops = {"qdq-per-channel": 0.66, "qdq-conv-matmul": 0.0}
+    thin = run_recipes([static, conv_matmul], lambda r: _candidate(r, drop=drops[r.name]), facts=CONV_NET,
+                       has_calibration=True, max_drop=1.0)
+    assert [a.outcome for a in thin.attempts] == ["accepted", "chosen"]
+    drops["qdq-per-channel"] = 0.4  # a clear margin: the fallback is not needed
+    clear = run_recipes([static, conv_matmul], lambda r: _candidate(r, drop=drops[r.name]), facts=CONV_NET,
+                        has_calibration=True, max_drop=1.0)
+    assert [(a.outcome, a.reason) for a in clear.attempts] == [
+        ("chosen", None), ("skipped", "a fallback, and an earlier recipe was accepted within 0.5 points")]
+
+
 def test_keeping_nodes_in_fp32_is_tried_only_after_an_accuracy_miss():
     plain, keep = _recipe("fp16"), _recipe("fp16-keep-sensitive", when=When.FALLBACK, keeps_sensitive_nodes=True)
     slow = run_recipes([plain, keep], lambda r: _candidate(r, ratio=3.0, reason="slower than FP32"), facts=CONV_NET,
