@@ -53,6 +53,13 @@ def test_the_metric_wins_over_agreement_and_cosine_is_the_last_resort():
     assert "cosine similarity dropped 5.00 points" in gate(regression, None, Precision.FP16, max_drop=1.0).reason
 
 
+def test_a_drop_exactly_at_the_budget_passes_despite_float_rounding():
+    one_miss = ACCURATE.model_copy(update={"metric_name": "top1_accuracy", "metric": 6 / 100, "metric_fp32": 7 / 100})
+    assert gate(one_miss, None, Precision.INT8, max_drop=1.0).reason is None  # 1.0000000000000009 points
+    two_misses = one_miss.model_copy(update={"metric": 5 / 100})
+    assert "dropped 2.00 points" in gate(two_misses, None, Precision.INT8, max_drop=1.0).reason
+
+
 def test_nan_outputs_are_rejected():
     assert gate(Validation(samples=1, max_abs_error=float("inf")), None, Precision.FP16).reason == "outputs contain NaN/inf"
 

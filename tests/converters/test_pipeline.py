@@ -167,8 +167,8 @@ def test_a_crashing_export_is_a_rejected_row_and_the_rest_completes(cnn_path, cn
     # One clause per recipe, naming it and where the crash happened; never the raw exception text.
     assert int8.reason.startswith("qdq-per-channel: export failed: RuntimeError in tests (test_pipeline.py, export); ")
     assert "simulated crash" not in int8.reason and "Traceback" not in int8.reason
-    for recipe in ("qdq-per-channel-no-bias-adjust", "qdq-conv-matmul", "qdq-per-tensor", "qdq-per-tensor-conv-matmul",
-                   "dynamic"):  # every recipe was tried, each failure is one clause
+    for recipe in ("qdq-per-channel-no-bias-adjust", "qdq-conv-matmul", "qdq-conv-matmul-no-bias-adjust", "qdq-per-tensor",
+                   "qdq-per-tensor-conv-matmul", "dynamic"):  # every recipe was tried, each failure is one clause
         assert f"; {recipe}: export failed: RuntimeError in tests" in int8.reason
     assert {a.outcome for a in manifest.report.recipes["onnx-int8"] if a.recipe != "dynamic-matmul"} == {"failed"}
     log = (tmp_path / "rel" / manifest.report.logs["onnx-int8"]).read_text()

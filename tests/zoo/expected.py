@@ -11,8 +11,6 @@ TESTED = ("centerface", "ocr-cls", "magika")
 GAPS: dict[tuple[str, str], str] = {
     ("ocr-cls", "onnx-int8-goal"): "onnx-int8 is 0.54x the FP32 size (goal 0.35): in a 0.58 MB model the QDQ nodes, "
                                    "their names, per-channel scales and int32 biases are ~45% of the INT8 file",
-    ("magika", "onnx-int8-goal"): "onnx-int8 (0.26x size) passes the gate but loses 1.36 points top-1 on held-out files "
-                                  "(budget 1)",
     ("magika", "tflite-int8"): "onnx2tf's conversion itself is wrong: TFLite FP32 already loses 94 points top-1 "
                                "(int8 full-integer and dynamic-range alike)",
     ("magika", "openvino-int8"): "NNCF INT8 loses 22.5 points top-1 on validation",
