@@ -98,6 +98,6 @@ def test_int8_is_accepted_on_four_of_five_families(zoo, target):
     families, i.e. on 80 % of the corpus's families."""
     families = {CASES[n].family.split(" (")[0] for n in TESTED}
     accepted = {CASES[n].family.split(" (")[0] for n in TESTED
-                if any(v.ok and v.target.value == target and v.precision in QUANTIZED and zoo(n).test_drop(v) <= MAX_DROP + HELD_OUT_SLACK
-                       for v in zoo(n).manifest.variants)}
+                if any(v.ok and v.target.value == target and v.precision in QUANTIZED
+                       and zoo(n).test_drop(v) <= MAX_DROP + HELD_OUT_SLACK for v in zoo(n).manifest.variants)}
     assert len(accepted) >= math.ceil(0.8 * len(families)), (sorted(accepted), sorted(families))
