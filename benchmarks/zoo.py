@@ -8,7 +8,10 @@ In the same run, the peers (``tests/zoo/peers.py``: plain onnxruntime quantizati
 NNCF) are built on the same data; the best of each tool, chosen on validation, is measured the
 same way. ``goals`` checks issue 11's per-model goal against both.
 
-    .venv/bin/python benchmarks/zoo.py [--models magika,ocr-cls] [--runs 200] [--out zoo.json]
+    .venv/bin/python benchmarks/zoo.py [--models magika,ocr-cls] [--runs 200] [--repeat 5] [--out zoo.json]
+
+``--repeat N`` converts each model N times and reports whether every variant's status, recipe
+and artifact bytes came out the same (issue 11: the gate and the exports are reproducible).
 
 Latency figures on a shared machine are provisional; ratios are paired (interleaved) to resist load.
 """
@@ -28,22 +31,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import onnxruntime as ort  # noqa: E402
 
 from tests.zoo import CASES, peers  # noqa: E402
-from tests.zoo.cases import ZooCase, ZooData  # noqa: E402
+from tests.zoo.cases import TARGETS, ZooCase, ZooData  # noqa: E402
 from tests.zoo.measure import interleaved_medians, onnx_session  # noqa: E402
 
-TARGETS = ("onnx", "tflite", "ncnn", "openvino")
 PROFILE = "generic-x86_64"
 GOAL = {"size_ratio": 0.35, "latency_ratio": 0.75, "metric_drop": 1.0}
 
 
 def convert(case: ZooCase, data: ZooData, out: Path):
     import edge_sdk
-    from edge_sdk.converters.validate import TaskMetric
 
-    return edge_sdk.convert(case.model(), [PROFILE], out, calibration=data.calibration, validation=data.validation.feeds,
-                            metric=TaskMetric(case.metric_name, lambda outputs: case.score(outputs, data.validation.truth)),
-                            input_shapes=dict(case.input_shapes), targets=list(TARGETS), model_name=case.name,
-                            validation_limit=len(data.validation.feeds))
+    return edge_sdk.convert(case.model(), [PROFILE], out, **case.convert_options(data))
 
 
 def _variant_run(release: Path, variant):
@@ -64,19 +62,16 @@ def _measure(case: ZooCase, data: ZooData, run, fp32: dict, reference_run, size_
             "latency_ms": round(candidate_ms, 3), "reference_ms": round(reference_ms, 3)}
 
 
-def _recipe(variant) -> str | None:
-    recipe = getattr(variant, "recipe", None)  # a field the recipe search may add; else the notes say
-    if recipe:
-        return str(recipe)
-    notes = [n for n in variant.validation.notes if "recipe" in n.lower()]
-    return notes[0] if notes else None
+def _fingerprint(manifest) -> dict:
+    """What must not change between identical conversions: each variant's status, recipe and file hashes."""
+    return {v.id: (str(v.status), v.validation.recipe, sorted(f.sha256 for f in v.files)) for v in manifest.variants}
 
 
 def _meets(figures: dict | None) -> bool:
     return bool(figures) and all(figures[k] <= v for k, v in GOAL.items())
 
 
-def bench_model(case: ZooCase, runs: int, with_peers: bool, work: Path) -> dict:
+def bench_model(case: ZooCase, runs: int, with_peers: bool, work: Path, repeat: int = 1) -> dict:
     data = case.data()
     reference = case.static_model()
     reference_run = onnx_session(reference)
@@ -92,13 +87,18 @@ def bench_model(case: ZooCase, runs: int, with_peers: bool, work: Path) -> dict:
         manifest = convert(case, data, release)
         entry["conversion_seconds"] = round(time.perf_counter() - started, 1)
         entry["warnings"] = list(manifest.report.warnings)
+        if repeat > 1:
+            first = _fingerprint(manifest)
+            again = [_fingerprint(convert(case, data, work / f"release-{k}")) for k in range(1, repeat)]
+            differing = sorted({i for other in again for i in set(first) | set(other) if first.get(i) != other.get(i)})
+            entry["repeat"] = {"conversions": repeat, "identical": not differing, "differing_variants": differing}
     except Exception as exc:  # noqa: BLE001 - a model the converter cannot take at all is a finding
         manifest = None
         entry["conversion_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     variants = []
     for variant in manifest.variants if manifest else []:
         row = {"id": variant.id, "target": variant.target.value, "precision": variant.precision.value,
-               "status": variant.status, "reason": variant.reason, "recipe": _recipe(variant),
+               "status": variant.status, "reason": variant.reason, "recipe": variant.validation.recipe,
                "gate_metric_drop": None if variant.validation.metric is None or variant.validation.metric_fp32 is None
                else round(case.drop_points(variant.validation.metric_fp32, variant.validation.metric), 2)}
         if variant.files:
@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=200, help="timed runs per artifact (interleaved with FP32)")
     parser.add_argument("--no-peers", action="store_true", help="skip the onnxruntime/NNCF peers")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="convert each model this many times and report whether statuses and artifacts are identical")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = sorted(set(names) - set(CASES))
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="edge-sdk-zoo-") as tmp:
         for name in names:
             print(f"[zoo] {name} ...", file=sys.stderr, flush=True)
-            models.append(bench_model(CASES[name], args.runs, not args.no_peers, Path(tmp) / name))
+            models.append(bench_model(CASES[name], args.runs, not args.no_peers, Path(tmp) / name, args.repeat))
     met = [m["model"] for m in models if m["goals"]["onnx_goal_met"] and m["goals"]["no_worse_than_best_peer"]]
     result = {
         "benchmark": "zoo", "machine": platform.machine(), "onnxruntime": ort.__version__, "runs": args.runs,
@@ -180,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             "openvino_int8_accepted": sum(m["goals"]["int8_accepted"]["openvino"] for m in models),
             "gate_false_rejects": sum(len(m["goals"]["gate_false_rejects"]) for m in models),
             "gate_false_accepts": sum(len(m["goals"]["gate_false_accepts"]) for m in models),
+            "repeats_identical": [m["model"] for m in models if m.get("repeat", {}).get("identical")],
             "seconds": round(time.perf_counter() - started, 1),
         },
     }

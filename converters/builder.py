@@ -12,9 +12,10 @@ goes to the release's ``report/<variant>.log``. Only a full or read-only disk ab
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import shutil
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,9 +51,10 @@ class Reference:
     latency_ms: float
 
     @classmethod
-    def build(cls, loaded: LoadedModel, samples: Sequence[Feeds], threads: int | None, runs: int) -> Reference:
+    def build(cls, loaded: LoadedModel, samples: Sequence[Feeds], threads: int | None, runs: int,
+              state: Mapping[str, str]) -> Reference:
         session = get_backend("onnxruntime").load([loaded.path], loaded.inputs, loaded.outputs, BackendOptions(threads=threads))
-        outputs = validate.run_all(session, samples)
+        outputs = validate.run_all(session, samples, state)
         return cls(outputs, session, validate.median_latency_ms(session, samples[0], runs=runs))
 
 
@@ -146,27 +148,28 @@ class VariantBuilder:
         return None
 
     def _mixed_base(self, planned: PlannedBuild) -> Candidate | None:
-        """The most accurate static INT8 candidate, when no INT8 recipe met the accuracy budget."""
+        """The most accurate static INT8 candidate (else dynamic) that quantized something, when no
+        INT8 recipe met the accuracy budget."""
         search = self.int8_searches.get(planned.target)
         budget = self.config.validation.max_accuracy_drop
-        if search is None or self.calib is None or any(c.drop <= budget for c in search.candidates):
+        quantized = [] if search is None else [c for c in search.candidates if c.result.nodes_quantized != 0]
+        if search is None or self.calib is None or any(c.drop <= budget for c in quantized):
             return None  # plain INT8 already meets the target (or could not be built at all)
         fp32_drop = self.fp32_drop.get(planned.target, 0.0)
         if fp32_drop > budget:
             self.report.notes.append(f"{planned.target.value}: no mixed-precision search: FP32 itself (after pruning) "
                                      f"misses max_accuracy_drop ({fp32_drop:.2f} points)")
             return None
-        static = [c for c in search.candidates if c.recipe.needs_calibration and c.result.nodes_quantized != 0]
-        return min(static, key=lambda c: c.drop, default=None)
+        return min(quantized, key=lambda c: (not c.recipe.needs_calibration, c.drop), default=None)
 
     def _variant(self, planned: PlannedBuild, target: ExportTarget, search: SearchResult) -> list[Variant]:
         chosen = search.chosen or search.most_accurate()
         if chosen is None and planned.precision == Precision.MIXED:
             self.report.notes.append(f"{planned.target.value}: the mixed-precision search found no variant "
-                                     f"({'; '.join(search.lines) or 'no recipe applies'})")
+                                     f"({search.summary() or 'no recipe applies'})")
             return []
         if chosen is None:
-            return [self._rejected(planned, target.backend, "; ".join(search.lines) or "no recipe applies")]
+            return [self._rejected(planned, target.backend, search.summary() or "no recipe applies")]
         if planned.precision == Precision.MIXED and not self._worth_keeping(planned, chosen):
             return []
         files = chosen.result.files = self._move_into_release(planned, chosen.result)
@@ -180,7 +183,7 @@ class VariantBuilder:
         if planned.precision == Precision.FP32:
             self.fp32_drop[planned.target] = chosen.drop
         if search.chosen is None:
-            variant.status, variant.reason = VariantStatus.REJECTED, "; ".join(search.lines)
+            variant.status, variant.reason = VariantStatus.REJECTED, search.summary()
         elif self.config.validation.footprint:
             self._measure_footprint(variant, files)
         return [variant]
@@ -225,7 +228,7 @@ class VariantBuilder:
             inputs=self.loaded.inputs, outputs=self.loaded.outputs,
             calibration=self.calib.samples if self.calib is not None and planned.precision in _QUANTIZED else (),
             calibration_method=self.config.quantization.method, per_channel=self.config.quantization.per_channel,
-            nodes_to_exclude=tuple(kept), recipe=recipe)
+            nodes_to_exclude=tuple(kept), recipe=recipe, scratch_dir=self.work_dir / "scratch" / planned.target.value)
         try:
             with quiet() as captured:
                 result = target.export(request)
@@ -243,7 +246,7 @@ class VariantBuilder:
         try:
             with quiet() as captured:
                 session = self._load(target, result, planned.precision)
-                outputs = validate.run_all(session, self.validation_set.samples)
+                outputs = validate.run_all(session, self.validation_set.samples, self.config.validation.state)
         except Exception as exc:  # noqa: BLE001 - a backend that cannot run it rejects this candidate only
             self._reraise_fatal(exc)
             log.extend([captured.text, _traceback(exc)])
@@ -286,17 +289,21 @@ class VariantBuilder:
 
     def _keep_sensitive(self, planned: PlannedBuild, target: ExportTarget, recipe: Recipe, log: list[str]) -> Candidate:
         """The fewest nodes kept in FP32 (ranked by the error this precision adds) that meet the budget."""
+        exports = itertools.count()
+
+        def export(kept: list[str], purpose: str = "keep") -> ExportResult:
+            return self._export(planned, target, recipe, kept, log, f"{recipe.name}-{purpose}{len(kept)}-{next(exports)}")
+
         ranking_samples = (self.calib.samples if self.calib is not None else self.validation_set.samples)[:4]
         with quiet() as captured:
             if planned.precision == Precision.FP16:
                 ranking = sensitivity.fp16_ranking(self.loaded.path, ranking_samples)
             else:
                 base = self.mixed_bases[planned.target]
-                ranking = sensitivity.int8_ranking(self.loaded.path, base.result.files[0], ranking_samples)
+                ranking = sensitivity.int8_ranking(self.loaded.path, base.result.files[0], ranking_samples) or \
+                    sensitivity.isolated_ranking(self.loaded.path, lambda kept: export(kept, "alone").files[0],
+                                                 ranking_samples)
         log.append(captured.text)
-
-        def export(kept: list[str]) -> ExportResult:
-            return self._export(planned, target, recipe, kept, log, f"{recipe.name}-keep{len(kept)}")
 
         def evaluate(result: ExportResult) -> Validation:
             session, validation = self._validation(planned, target, recipe, result, log)

@@ -141,27 +141,30 @@ def is_random(spec: object) -> bool:
     return isinstance(spec, str) and (spec == "random" or spec.startswith("random:"))
 
 
-def split_held_out(samples: SampleSet, limit: int, seed: int = 0) -> tuple[SampleSet, SampleSet]:
+def split_held_out(samples: SampleSet, limit: int, seed: int = 0, *, consecutive: bool = False) -> tuple[SampleSet, SampleSet]:
     """(calibration, validation): a seeded, disjoint split, so the gate judges on data calibration did not see.
 
     A quarter goes to validation (at least 8 when there are 16 or more, at most ``limit``); fewer
-    than 2 samples cannot be split and both sets are the same object.
+    than 2 samples cannot be split and both sets are the same object. ``consecutive``: the
+    samples are steps of streams (recurrent state), and validation is the last steps, in one piece.
     """
     count = len(samples.samples)
     if count < 2:
         return samples, samples
     held = min(limit, max(count // 4, min(8, count // 2)))
-    order = np.random.default_rng(seed).permutation(count)
+    order = np.arange(count)[::-1] if consecutive else np.random.default_rng(seed).permutation(count)
     validation, calibration = sorted(order[:held].tolist()), sorted(order[held:].tolist())
     return _pick(samples, calibration, "calibration split"), _pick(samples, validation, "held out")
 
 
-def subset(samples: SampleSet, limit: int, seed: int = 0) -> SampleSet:
-    """At most ``limit`` samples, a seeded choice that keeps their order (the same every run)."""
+def subset(samples: SampleSet, limit: int, seed: int = 0, *, consecutive: bool = False) -> SampleSet:
+    """At most ``limit`` samples, a seeded choice that keeps their order (the same every run);
+    ``consecutive``: the first ``limit`` (steps of streams must stay adjacent)."""
     count = len(samples.samples)
     if count <= limit:
         return samples
-    return _pick(samples, sorted(np.random.default_rng(seed).permutation(count)[:limit].tolist()), f"{limit} of {count}")
+    picked = range(limit) if consecutive else sorted(np.random.default_rng(seed).permutation(count)[:limit].tolist())
+    return _pick(samples, list(picked), f"{limit} of {count}")
 
 
 def _pick(samples: SampleSet, indices: Sequence[int], what: str) -> SampleSet:

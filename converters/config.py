@@ -92,6 +92,16 @@ class QuantizationConfig:
             raise ConfigError(f"unknown calibration method {self.method!r} (known: {known})") from None
 
 
+def _state_pairs(pairs: Mapping[str, str] | Sequence[str]) -> dict[str, str]:
+    items = pairs.items() if isinstance(pairs, Mapping) else [p.partition("=")[::2] for p in pairs]
+    state = {}
+    for name, output in items:
+        if not (isinstance(name, str) and isinstance(output, str) and name.strip() and output.strip()):
+            raise ConfigError(f"--state {name}={output}: expected INPUT=OUTPUT, the output that feeds the input next step")
+        state[name.strip()] = output.strip()
+    return state
+
+
 @dataclass(frozen=True)
 class ValidationConfig:
     """What each variant is judged on against FP32, and how its latency is measured."""
@@ -110,6 +120,10 @@ class ValidationConfig:
     # Measure each accepted variant's memory footprint on its backend (one fresh process per
     # backend memory mode, ~1 s each): the figures the device's memory ladder is ordered by.
     footprint: bool = True
+    # Recurrent state, input name -> the output that feeds it at the next step (or the CLI's
+    # ["state=stateN"]): the samples are then consecutive steps of streams and each variant is
+    # validated carrying its own state, as a device runs it (see validate.run_all).
+    state: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "max_accuracy_drop", float(self.max_accuracy_drop))
@@ -123,6 +137,7 @@ class ValidationConfig:
             raise ConfigError("give labels or a task metric, not both")
         if isinstance(self.metric, str) and self.metric not in BUILTIN and ":" not in self.metric:
             raise ConfigError(f"--metric {self.metric!r}: expected one of {', '.join(BUILTIN)} or module:function")
+        object.__setattr__(self, "state", _state_pairs(self.state))
 
 
 @dataclass(frozen=True)
@@ -200,6 +215,7 @@ OPTIONS: dict[str, tuple[str | None, str]] = {
     "validation_limit": ("validation", "limit"),
     "speed_gate": ("validation", "speed_gate"),
     "footprint": ("validation", "footprint"),
+    "state": ("validation", "state"),
     "release_version": ("release", "version"),
     "model_name": ("release", "model_name"),
     "sign_key": ("release", "sign_key"),

@@ -53,7 +53,7 @@ def model_facts(model: onnx.ModelProto) -> ModelFacts:
     """Op counts and weight parameters per op type, subgraph bodies included (recipes decide on them)."""
     ops: Counter[str] = Counter()
     weights: Counter[str] = Counter()
-    sizes = {t.name: int(np.prod(t.dims)) for t in _all_initializers(model.graph)}
+    sizes = {t.name: int(np.prod(t.dims)) for t in all_initializers(model.graph)}
     inside = 0
 
     def walk(graph: onnx.GraphProto, depth: int) -> None:
@@ -75,12 +75,12 @@ def model_facts(model: onnx.ModelProto) -> ModelFacts:
                       opset=_default_opset(model))
 
 
-def _all_initializers(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
+def all_initializers(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
     found = list(graph.initializer)
     for node in graph.node:
         for attribute in node.attribute:
             for body in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
-                found.extend(_all_initializers(body))
+                found.extend(all_initializers(body))
     return found
 
 
@@ -128,7 +128,11 @@ class SourceModel:
     source_sha256: str
     source_opset: int
     notes: list[str]
+    source_dims: dict[str, list[int | str]]  # each input's dims as the file declares them
     changed: bool = False  # an input shape was fixed: stale intermediate shapes must be re-inferred
+    # The input dims as asked for, when onnxruntime refused some of them fixed (they stay dynamic
+    # in the graph; random probe inputs still take these sizes).
+    run_dims: dict[str, list[int | str]] = field(default_factory=dict)
 
     @property
     def inputs(self) -> list[TensorSpec]:
@@ -137,10 +141,18 @@ class SourceModel:
     def finish(self, work_dir: Path, observed: Mapping[str, Sequence[Sequence[int]]] | None = None,
                samples: Sequence[dict[str, np.ndarray]] = ()) -> LoadedModel:
         """Fix the remaining symbolic input dims from ``observed`` sample shapes, resolve the rest, save."""
-        model = self.model
-        for value in _graph_inputs(model):
+        for value in _graph_inputs(self.model):
             if _fix_from_samples(self.path, value, (observed or {}).get(value.name, ()), self.notes):
                 self.changed = True
+        try:
+            return self._save(work_dir, samples)
+        except ModelError:
+            if not (self.changed and self._keep_refused_dims_dynamic()):
+                raise
+            return self._save(work_dir, samples)
+
+    def _save(self, work_dir: Path, samples: Sequence[dict[str, np.ndarray]]) -> LoadedModel:
+        model = self.model
         if self.changed:
             # Stale intermediate/output shapes would contradict the new input shapes: re-infer them.
             del model.graph.value_info[:]
@@ -156,11 +168,45 @@ class SourceModel:
         onnx.save(model, str(out))
         _check_runs(self.path, out)
         if _symbolic(model):
-            model = _shapes_from_a_run(model, out, samples, self.notes)
+            from .calibration import random_samples
+
+            probe = [spec.model_copy(update={"shape": self.run_dims.get(spec.name, spec.shape)})
+                     for spec in map(_spec, _graph_inputs(model))]
+            model = _shapes_from_a_run(model, samples or random_samples(probe, 2, seed=0).samples, self.notes)
             onnx.save(model, str(out))
         return LoadedModel(path=out, inputs=[_spec(v) for v in _graph_inputs(model)],
                            outputs=[_spec(v) for v in model.graph.output], source_sha256=self.source_sha256,
                            opset=_default_opset(model), source_opset=self.source_opset, notes=self.notes)
+
+    def _keep_refused_dims_dynamic(self) -> bool:
+        """Undo the input-dim fixes onnxruntime refuses, one dim at a time; True when that helps.
+
+        Shape inference also type-checks the ``If`` branch a model never takes at the fixed size
+        (silero-vad: the 8 kHz branch at the 16 kHz chunk length), so a model that runs at that
+        size can still be refused once the size is written into the graph. Such dims stay dynamic.
+        """
+        inputs = _graph_inputs(self.model)
+        fixed = {v.name: _dims(v) for v in inputs}
+        self.run_dims = fixed
+        for value in inputs:
+            _set_dims(value, self.source_dims[value.name])
+        if _refusal(self.model) is not None:
+            return False  # the source itself is refused: the first error is the one to report
+        for value in inputs:
+            kept, why = [], ""
+            for axis, (source, size) in enumerate(zip(self.source_dims[value.name], fixed[value.name], strict=True)):
+                if source == size:
+                    continue
+                _set_dim(value, axis, size)
+                refusal = _refusal(self.model)
+                if refusal is not None:
+                    _set_dim(value, axis, source)
+                    kept.append(f"{axis} (size {size})")
+                    why = why or refusal
+            if kept:
+                self.notes.append(f"input {value.name}: axes {', '.join(kept)} kept dynamic: onnxruntime refuses "
+                                  f"the model with them fixed ({why})")
+        return True
 
 
 def read_model(path: Path | str, input_shapes: Mapping[str, Sequence[int]] | None = None) -> SourceModel:
@@ -177,8 +223,10 @@ def read_model(path: Path | str, input_shapes: Mapping[str, Sequence[int]] | Non
     source_opset = _default_opset(model)
     model = _upgrade(path, model, source_opset, notes)
     _initializers_out_of_inputs(model, notes)
+    _subgraph_constants_to_initializers(model, notes)
     _name_nodes(model, notes)
-    source = SourceModel(path, model, hashlib.sha256(data).hexdigest(), source_opset, notes)
+    source = SourceModel(path, model, hashlib.sha256(data).hexdigest(), source_opset, notes,
+                         {v.name: _dims(v) for v in _graph_inputs(model)})
     source.changed = _fix_input_shapes(path, model, dict(input_shapes or {}), notes)
     return source
 
@@ -257,6 +305,37 @@ def _initializers_out_of_inputs(model: onnx.ModelProto, notes: list[str]) -> Non
         model.graph.input.extend(kept)
         model.ir_version = max(model.ir_version, 4)  # IR < 4 required initializers to be inputs
         notes.append(f"removed {removed} initializers from the graph inputs (they are constants)")
+
+
+def _subgraph_constants_to_initializers(model: onnx.ModelProto, notes: list[str]) -> None:
+    """Exporters write the weights inside ``If``/``Loop`` bodies as ``Constant`` nodes (silero-vad:
+    every Conv and LSTM weight); onnxruntime's quantizer only quantizes initializers ("Expected
+    ... to be an initializer"). Each such tensor becomes an initializer of its own body."""
+    lifted = 0
+
+    def lift(graph: onnx.GraphProto, inside: bool) -> None:
+        nonlocal lifted
+        outputs = {o.name for o in graph.output}
+        kept = []
+        for node in graph.node:
+            for attribute in node.attribute:
+                for body in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
+                    lift(body, True)
+            if (inside and node.op_type == "Constant" and [a.name for a in node.attribute] == ["value"]
+                    and node.output[0] not in outputs):
+                tensor = graph.initializer.add()
+                tensor.CopyFrom(node.attribute[0].t)
+                tensor.name = node.output[0]
+                lifted += 1
+            else:
+                kept.append(node)
+        if len(kept) != len(graph.node):
+            del graph.node[:]
+            graph.node.extend(kept)
+
+    lift(model.graph, False)
+    if lifted:
+        notes.append(f"{lifted} Constant nodes inside subgraphs made initializers (quantizers read weights from those)")
 
 
 def _name_nodes(model: onnx.ModelProto, notes: list[str]) -> None:
@@ -349,11 +428,39 @@ def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
             for d in value.type.tensor_type.shape.dim]
 
 
+def _set_dims(value: onnx.ValueInfoProto, dims: Sequence[int | str]) -> None:
+    for axis, dim in enumerate(dims):
+        _set_dim(value, axis, dim)
+
+
+def _set_dim(value: onnx.ValueInfoProto, axis: int, dim: int | str) -> None:
+    proto = value.type.tensor_type.shape.dim[axis]
+    proto.Clear()
+    if isinstance(dim, int):
+        proto.dim_value = dim
+    elif dim != "?":
+        proto.dim_param = dim
+
+
+def _refusal(model: onnx.ModelProto | Path) -> str | None:
+    """Why onnxruntime will not load ``model`` (a file: any size), in one line; None when it loads."""
+    import onnxruntime as ort
+
+    try:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        ort.InferenceSession(str(model) if isinstance(model, Path) else model.SerializeToString(), so,
+                             providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's refusal is the answer
+        return _ort_reason(exc)
+    return None
+
+
 def _symbolic(model: onnx.ModelProto) -> bool:
     return any(not isinstance(d, int) for v in [*model.graph.output, *model.graph.value_info] for d in _dims(v))
 
 
-def _shapes_from_a_run(model: onnx.ModelProto, path: Path, samples: Sequence[dict[str, np.ndarray]],
+def _shapes_from_a_run(model: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]],
                        notes: list[str]) -> onnx.ModelProto:
     """Output/intermediate dims shape inference left symbolic, taken from FP32 runs where they agree.
 
@@ -362,9 +469,7 @@ def _shapes_from_a_run(model: onnx.ModelProto, path: Path, samples: Sequence[dic
     """
     import onnxruntime as ort
 
-    from .calibration import random_samples
-
-    feeds = list(samples[:2]) or random_samples([_spec(v) for v in _graph_inputs(model)], 2, seed=0).samples
+    feeds = list(samples[:2])
     pending = [v for v in [*model.graph.output, *model.graph.value_info] if any(not isinstance(d, int) for d in _dims(v))]
     probe = onnx.ModelProto.FromString(model.SerializeToString())
     known = {o.name for o in probe.graph.output}
@@ -402,14 +507,9 @@ def _shapes_from_a_run(model: onnx.ModelProto, path: Path, samples: Sequence[dic
 
 
 def _check_runs(source: Path, path: Path) -> None:
-    import onnxruntime as ort
-
-    try:
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise ModelError(f"{source}: onnxruntime cannot load the model: {_first_line(exc)}") from None
+    refusal = _refusal(path)
+    if refusal is not None:
+        raise ModelError(f"{source}: onnxruntime cannot load the model: {refusal}")
 
 
 def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
@@ -420,6 +520,15 @@ def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
         raise ModelError(f"tensor {value.name!r}: unsupported element type {tensor.elem_type}") from None
     shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
     return TensorSpec(name=value.name, dtype=dtype, shape=shape)
+
+
+def _ort_reason(exc: BaseException) -> str:
+    """onnxruntime's load error in one line: no status prefix, and of a chain through subgraphs
+    ("Graph attribute inferencing failed: Node (..) ... Node (..) <cause>") only the innermost node."""
+    text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+    if text.startswith("[ONNXRuntimeError]"):
+        text = text.split(" : ", 3)[-1]  # "[ONNXRuntimeError] : 1 : FAIL : <message>"
+    return text.rsplit("Graph attribute inferencing failed: ", 1)[-1][:300]
 
 
 def _first_line(exc: BaseException) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import tempfile
 import time
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from . import metrics
 from .builder import PlannedBuild, Reference, VariantBuilder
 from .calibration import SampleSet, is_random, load_labels, load_samples, random_samples, split_held_out, subset
 from .config import ConvertConfig, DataSource
-from .loader import SourceModel, read_model
+from .loader import LoadedModel, SourceModel, read_model
 from .prune import prune_model
 from .release import Staging
 from .targets.base import Feeds
@@ -89,13 +89,17 @@ def run(config: ConvertConfig, progress: ProgressCallback | None = None) -> Mani
         report.calibration = CalibrationInfo(source=calib.source if calib else None, samples=len(calib.samples) if calib else 0,
                                              method=quantization.method.value, per_channel=quantization.per_channel)
         report.validation = SamplesInfo(source=validation_set.source, samples=len(validation_set.samples))
+        if checks.state:
+            pairs = ", ".join(f"{name} <- {output}" for name, output in checks.state.items())
+            report.notes.append(f"validation streams its {len(validation_set.samples)} samples as consecutive steps, "
+                                f"each variant carrying its own state ({pairs})")
         if calib is None:
             report.notes.append("no calibration data: INT8 is dynamic (weights only, often slower than FP32 on "
                                 "conv nets); pass calibration for static INT8")
 
         # The reference is the user's model as given: a pruned FP32 variant shows what pruning cost.
         notify("running FP32 reference", 2, total)
-        reference = Reference.build(loaded, validation_set.samples, checks.latency_threads, checks.latency_runs)
+        reference = Reference.build(loaded, validation_set.samples, checks.latency_threads, checks.latency_runs, checks.state)
         metric = _metric(config, loaded.load(), reference.outputs, data.labels)
         report.metric = metric.name
         # Ratios in the report table are against this, whether or not an onnx-fp32 variant is built.
@@ -212,6 +216,8 @@ class _Data:
         first = next(iter(read.values())).samples[:2] if read else ()
         loaded = source.finish(work, observed, first)
         inputs = loaded.inputs
+        _check_state(checks.state, loaded)
+        streams = bool(checks.state)
 
         def sample_set(spec: DataSource | None, what: str) -> SampleSet | None:
             if spec is None:
@@ -232,12 +238,12 @@ class _Data:
             validation = random_samples(inputs, checks.random_samples, seed=1)
             validation.source = "random (no calibration data given)" if calib is None else "random (calibration is random)"
         else:
-            calib, validation = split_held_out(calib, checks.limit)
+            calib, validation = split_held_out(calib, checks.limit, consecutive=streams)
             if validation is calib:
                 warnings.append(f"validation uses the calibration samples themselves (only {len(calib.samples)} given): "
                                 "pass more samples or --validation")
         validation.warnings = []
-        validation = subset(validation, checks.limit)
+        validation = subset(validation, checks.limit, consecutive=streams)
         if labels is not None:
             by_name = dict(zip(labels_for.names, labels))
             labels = np.asarray([by_name[name] for name in validation.names], np.int64)
@@ -261,6 +267,18 @@ def _metric(config: ConvertConfig, model, reference: Sequence[dict], labels: np.
     if labels is not None:
         return metrics.top1_accuracy(labels)
     return metrics.default_metric(model, reference)
+
+
+def _check_state(state: Mapping[str, str], loaded: LoadedModel) -> None:
+    inputs = {s.name: s for s in loaded.inputs}
+    outputs = {s.name: s for s in loaded.outputs}
+    for name, output in state.items():
+        if name not in inputs or output not in outputs:
+            raise ConfigError(f"--state {name}={output}: expected an input=output pair of the model "
+                              f"(inputs {sorted(inputs)}, outputs {sorted(outputs)})")
+        if inputs[name].dtype != outputs[output].dtype:
+            raise ConfigError(f"--state {name}={output}: the input is {inputs[name].dtype}, the output "
+                              f"{outputs[output].dtype}; a state output must feed its input unchanged")
 
 
 def _sample_set(spec: DataSource, inputs: Sequence[TensorSpec], what: str, config: ConvertConfig) -> SampleSet:

@@ -2,7 +2,7 @@
 
 FP16 uses ``onnxruntime.transformers.float16`` with FP32 I/O kept: ``onnxconverter_common``'s
 converter writes Cast nodes some models cannot load (EVAL_CASES); nodes named in ``keep_fp32``
-stay FP32 (the sensitivity search keeps overflowing ops there). Static INT8 runs
+stay FP32 (the sensitivity search keeps overflowing ops there). Both INT8 modes run
 ``quant_pre_process`` first (``skip_symbolic_shape`` avoids a sympy dependency) and falls back to
 the plain model when pre-processing fails. Quantizers skip subgraphs (If/Loop bodies) unless
 told otherwise (dynamic mode can quantize them), so every result counts what was really
@@ -13,6 +13,7 @@ text goes to the variant's tool log).
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -99,19 +100,41 @@ def quantize_dynamic_int8(src: Path, dst: Path, *, op_types: Sequence[str] | Non
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    excluded = _existing_nodes(onnx.load(str(src), load_external_data=False), nodes_to_exclude)
-    try:
-        with quiet():
-            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=list(op_types or []),
-                             per_channel=per_channel, nodes_to_exclude=excluded, extra_options={"EnableSubgraph": subgraphs})
-    except Exception as exc:
-        dst.unlink(missing_ok=True)
-        raise ConversionError("dynamic int8 quantization failed inside onnxruntime's quantizer") from exc
+    notes: list[str] = []
+    with _prepared(src, notes) as prepared:
+        excluded = _existing_nodes(onnx.load(str(prepared), load_external_data=False), nodes_to_exclude)
+        try:
+            with quiet():
+                quantize_dynamic(str(prepared), str(dst), weight_type=QuantType.QInt8,
+                                 op_types_to_quantize=list(op_types or []), per_channel=per_channel,
+                                 nodes_to_exclude=excluded, extra_options={"EnableSubgraph": subgraphs})
+        except Exception as exc:
+            dst.unlink(missing_ok=True)
+            raise ConversionError("dynamic int8 quantization failed inside onnxruntime's quantizer") from exc
     report = _count(dst, "dynamic")
+    report.notes[:0] = notes
     report.nodes_kept_fp32 = excluded
     report.notes.append(f"dynamic INT8 ({'per-channel' if per_channel else 'per-tensor'} INT8 weights, activations "
                         "quantized at run time)" + (f", op types {list(op_types)}" if op_types else ""))
     return report
+
+
+@contextlib.contextmanager
+def _prepared(src: Path, notes: list[str]) -> Iterator[Path]:
+    """``src`` after onnxruntime's ``quant_pre_process`` (BatchNorm folded, Constant nodes made
+    initializers: the quantizer finds weights only there), for the duration of the block; the
+    model as is, with a note, when pre-processing fails (it is an optimisation)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory(prefix="edge-sdk-quant-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        try:
+            with quiet():
+                quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+        except Exception as exc:  # noqa: BLE001
+            notes.append(f"quant_pre_process failed ({type(exc).__name__}); quantized the model as is")
+            prepared = src
+        yield prepared
 
 
 def quantize_static_int8(src: Path, dst: Path, calibration: Sequence[Feeds], *,
@@ -126,7 +149,6 @@ def quantize_static_int8(src: Path, dst: Path, calibration: Sequence[Feeds], *,
     """
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization import CalibrationMethod as OrtMethod
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if not calibration:
         raise ConversionError("static int8 quantization needs calibration samples")
@@ -145,14 +167,7 @@ def quantize_static_int8(src: Path, dst: Path, calibration: Sequence[Feeds], *,
     ort_method = {CalibrationMethod.MINMAX: OrtMethod.MinMax, CalibrationMethod.ENTROPY: OrtMethod.Entropy,
                   CalibrationMethod.PERCENTILE: OrtMethod.Percentile}[method]
     options = {"CalibTensorRangeSymmetric": False, "CalibMovingAverage": False, **(extra_options or {})}
-    with tempfile.TemporaryDirectory(prefix="edge-sdk-quant-") as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
-        try:
-            with quiet():
-                quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
-        except Exception as exc:  # pre-processing is an optimisation; quantize the plain model instead
-            notes.append(f"quant_pre_process failed ({type(exc).__name__}); quantized the model as is")
-            prepared = src
+    with _prepared(src, notes) as prepared:
         excluded = _existing_nodes(onnx.load(str(prepared), load_external_data=False), nodes_to_exclude)
         try:
             with quiet():
@@ -175,19 +190,25 @@ def quantize_static_int8(src: Path, dst: Path, calibration: Sequence[Feeds], *,
 
 def subgraph_nodes(graph: onnx.GraphProto) -> int:
     """How many nodes sit inside the If/Loop/Scan bodies of ``graph`` (at any depth)."""
-    count = 0
-    for node in graph.node:
-        for attribute in node.attribute:
-            for body in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
-                count += len(body.node) + subgraph_nodes(body)
-    return count
+    return len(all_nodes(graph)) - len(graph.node)
 
 
 def _existing_nodes(model: onnx.ModelProto, names: Sequence[str]) -> list[str]:
     if not names:
         return []
-    present = {n.name for n in model.graph.node}
+    present = {node.name for node in all_nodes(model.graph)}
     return [n for n in names if n in present]
+
+
+def all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """``graph``'s nodes, If/Loop/Scan bodies included, in order."""
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        for attribute in node.attribute:
+            for body in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                nodes += all_nodes(body)
+    return nodes
 
 
 def _count(path: Path, kind: str) -> QuantizeReport:

@@ -74,6 +74,20 @@ class SearchResult:
     attempts: list[RecipeAttempt] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)  # one per recipe that failed or was rejected
     chosen: Candidate | None = None
+    _recipes: list[tuple[str, bool]] = field(default_factory=list)  # each line's recipe, and whether it names it
+
+    def miss(self, recipe: Recipe, line: str) -> None:
+        self.lines.append(line)
+        self._recipes.append((recipe.name, line.startswith(f"{recipe.name}: ")))
+
+    def summary(self) -> str:
+        """The lines as one; recipes that missed for the same cause share it ("a, b: cause")."""
+        causes: dict[str, list[tuple[str, bool]]] = {}
+        for (name, named), line in zip(self._recipes, self.lines, strict=True):
+            causes.setdefault(line.removeprefix(f"{name}: ") if named else line, []).append((name, named))
+        # A target's one plain recipe (named after its precision) goes unnamed, unless it shares a cause.
+        return "; ".join(f"{', '.join(name for name, _ in group)}: {cause}" if len(group) > 1 or group[0][1] else cause
+                         for cause, group in causes.items())
 
     def most_accurate(self) -> Candidate | None:
         """The candidate that stands for a rejected variant: one that changed something, then the most accurate."""
@@ -97,12 +111,12 @@ def run_recipes(recipes: Sequence[Recipe], attempt: Callable[[Recipe], Candidate
             candidate = attempt(recipe)
         except RecipeFailed as failure:
             failed.add(recipe.name)
-            search.lines.append(failure.line)
+            search.miss(recipe, failure.line)
             search.attempts.append(RecipeAttempt(recipe=recipe.name, outcome=RecipeOutcome.FAILED, reason=failure.line))
             continue
         search.candidates.append(candidate)
         if not candidate.accepted:
-            search.lines.append(recipe.says(candidate.reason))
+            search.miss(recipe, recipe.says(candidate.reason))
     search.chosen = choose(search.candidates)
     for candidate in search.candidates:
         outcome = (RecipeOutcome.CHOSEN if candidate is search.chosen

@@ -8,6 +8,9 @@ Shared by every target (a target only has to honour ``request.nodes_to_exclude``
 - :func:`fp16_ranking`: every float node ranked the same way for FP16, and first of all a node
   that makes or takes a value outside FP16's range (|x| > 65504 in FP32): detectors with large
   intermediate activations overflow there;
+- :func:`isolated_ranking`: for what the QDQ ranking cannot read (dynamic INT8 has no Q/DQ pairs
+  to probe; nodes inside ``If``/``Loop`` bodies), each quantizable node ranked by the output
+  error of quantizing it alone; one export per node, so only for graphs with few of them;
 - :func:`keep_fp32_search`: bisect on k, the number of top-ranked nodes kept in FP32, for the
   smallest k that meets the accuracy budget (more FP32 nodes never hurt, which holds closely).
 """
@@ -30,6 +33,9 @@ from .toollog import quiet
 from .validate import accuracy_drop
 
 FP16_MAX = 65504.0
+# What onnxruntime's dynamic quantizer can quantize; isolated_ranking ranks nodes of these types.
+DYNAMIC_OP_TYPES = ("Conv", "MatMul", "Gemm", "LSTM", "GRU", "Gather", "Attention", "EmbedLayerNormalization")
+ISOLATED_LIMIT = 32  # quantizable nodes at most: isolated_ranking exports the model once per node
 
 
 @dataclass
@@ -180,6 +186,41 @@ def int8_ranking(fp32_path: Path, quantized_path: Path, samples: Sequence[Feeds]
         in_error = max((error.get(dq_source.get(i), 0.0) for i in node.input if dq_source.get(i)), default=0.0)
         ranking.append((node.name, max(out_error - in_error, 0.0) + weight_error.get(node.name, 0.0)))
     return sorted(ranking, key=lambda item: -item[1])
+
+
+def isolated_ranking(fp32_path: Path, export: Callable[[list[str]], Path], samples: Sequence[Feeds]) -> list[tuple[str, float]]:
+    """Quantizable nodes (of ``DYNAMIC_OP_TYPES``, with a weight) ranked by the output error of
+    quantizing each alone, worst first.
+
+    ``export(kept_fp32)`` writes the candidate with those nodes kept FP32 and returns its ONNX
+    file. Nodes quantizing alone changes nothing (the recipe skips them) are left out; a graph
+    with more than ``ISOLATED_LIMIT`` quantizable nodes gets no ranking.
+    """
+    from .loader import all_initializers
+    from .quantize import all_nodes
+
+    graph = onnx.load(str(fp32_path), load_external_data=False).graph
+    weights = {t.name for t in all_initializers(graph)}
+    nodes = [n.name for n in all_nodes(graph) if n.op_type in DYNAMIC_OP_TYPES and weights.intersection(n.input)]
+    if not nodes or len(nodes) > ISOLATED_LIMIT:
+        return []
+    reference = _final_outputs(fp32_path, samples)
+    ranking = []
+    for node in nodes:
+        quantized = _final_outputs(export([n for n in nodes if n != node]), samples)
+        ranking.append((node, _relative_error(reference, quantized)))
+    return [item for item in sorted(ranking, key=lambda item: -item[1]) if item[1] > 0]
+
+
+def _final_outputs(path: Path, samples: Sequence[Feeds]) -> list[np.ndarray]:
+    """Every float graph output of every sample, flattened, in order."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return [np.asarray(value, np.float64).ravel() for sample in samples for value in session.run(None, sample)
+            if np.issubdtype(np.asarray(value).dtype, np.floating)]
 
 
 def _weight_errors(quantized: onnx.ModelProto, reference: onnx.ModelProto, nodes: Sequence[onnx.NodeProto]) -> dict[str, float]:

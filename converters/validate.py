@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,8 +33,20 @@ __all__ = ["TaskMetric", "top1_accuracy", "run_all", "compare", "accuracy_drop",
            "MAX_LATENCY_RATIO", "SpeedComparison", "paired_ratio"]
 
 
-def run_all(session: Session, samples: Sequence[Feeds]) -> list[Outputs]:
-    return [session.run(sample) for sample in samples]
+def run_all(session: Session, samples: Sequence[Feeds], state: Mapping[str, str] | None = None) -> list[Outputs]:
+    """Each sample's outputs. With ``state`` (input -> the output that feeds it next step) the
+    samples are consecutive steps and each step gets the state the session itself returned at the
+    step before, as a device streams a recurrent model, so state drift counts; a sample whose state
+    is all zeros starts a new stream (the usual initial state) and keeps its own."""
+    outputs: list[Outputs] = []
+    for sample in samples:
+        feeds = dict(sample)
+        if outputs and state:
+            for name, output in state.items():
+                if np.any(sample[name]):
+                    feeds[name] = outputs[-1][output]
+        outputs.append(session.run(feeds))
+    return outputs
 
 
 def median_latency_ms(session: Session, sample: Feeds, runs: int = 50, warmup: int = 5) -> float:

@@ -106,6 +106,9 @@ class ExportRequest:
     nodes_to_exclude: Sequence[str] = ()  # ONNX node names kept in FP32 (sensitivity search)
     float_ops: Sequence[str] = ()  # TFLite op types kept float in full-integer INT8 (e.g. "SOFTMAX")
     recipe: Recipe | None = None  # None: the target's plain recipe for ``precision``
+    # Kept for the whole conversion: where a target keeps what its exports share (onnx2tf's output);
+    # None: nothing is shared, each export works in its own temporary folder.
+    scratch_dir: Path | None = None
 
 
 @dataclass

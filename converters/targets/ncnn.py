@@ -168,5 +168,9 @@ def _blob_names(param_text: str) -> tuple[list[str], list[str]]:
 
 def _unsupported(output: str) -> str:
     """Name the ops pnnx could not convert, when its log says so."""
+    gather = re.search(r"running Gather node\. Name:'([^']+)' Status Message: indices element out of data bounds", output)
+    if gather:  # pnnx runs the model on random inputs to trace shapes; token ids beyond a table crash it
+        return (f"its trial run on random integer inputs indexes past an embedding table ({gather.group(1)}); "
+                "pnnx cannot be given real token ids")
     ops = sorted(set(re.findall(r"(?:unsupported|not supported|ignore)\w*\s+(?:op\s+)?(\S+)", output, flags=re.I)))
     return f"ops not expressible in ncnn: {', '.join(ops[:10])}" if ops else ""

@@ -21,7 +21,9 @@ accepted candidate):
 
 4 to 8 are fallbacks (tried while nothing is accepted); ``--per-tensor`` keeps to the per-tensor
 recipes. FP16 tries the whole graph, then keeps the nodes that overflow or lose most in FP32
-(``fp16-keep-sensitive``); MIXED is the accuracy-aware search on the most accurate static recipe.
+(``fp16-keep-sensitive``); MIXED is the accuracy-aware search on the most accurate static recipe
+(on the most accurate dynamic one when no static recipe quantized anything: weights inside an
+``If``, which only dynamic INT8 reaches).
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ FP16_RECIPES = (
            when=When.FALLBACK, keeps_sensitive_nodes=True),
 )
 MIXED_RECIPES = (
-    Recipe("int8-keep-sensitive", Precision.MIXED, "the most accurate static INT8 recipe with its most "
+    Recipe("int8-keep-sensitive", Precision.MIXED, "the most accurate INT8 recipe with its most "
            "sensitive nodes kept FP32", needs_calibration=True, keeps_sensitive_nodes=True),
 )
 

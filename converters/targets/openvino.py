@@ -59,7 +59,7 @@ class OpenVINOTarget(ExportTarget):
         try:
             model = ov.convert_model(str(request.model_path))
         except Exception as exc:  # OpenVINO raises its own RuntimeError/OpConversionFailure types
-            raise ConversionError(f"openvino: cannot convert {request.model_path.name}: {_first_line(exc)}") from None
+            raise ConversionError(f"openvino: cannot convert {request.model_path.name}: {_conversion_failure(exc)}") from None
         source = onnx.load(str(request.model_path), load_external_data=False)
         nodes_quantized = 0
         if request.precision is Precision.INT8:
@@ -154,6 +154,20 @@ def canonical_names(model, keep: set[str]) -> None:
 def _onnx_names(graph: onnx.GraphProto) -> set[str]:
     names = {node.name for node in graph.node} | {o for node in graph.node for o in node.output}
     return names | {v.name for v in (*graph.input, *graph.output, *graph.initializer)}
+
+
+def _conversion_failure(exc: BaseException) -> str:
+    """OpenVINO's frontend report in one line: the ops it could not convert and the first cause,
+    not its first line (a "Check 'false' failed at <source file>" banner)."""
+    text = str(exc)
+    failed = re.search(r"Conversion is failed for: ([^\n]+)", text)
+    if failed is None:
+        return _first_line(exc)
+    causes = [line.strip() for line in text.splitlines()
+              if line.strip() and not re.match(r"(Check '|While validating|\[ONNX Frontend\]|-- |FrontEnd API|Model wasn't|Summary:)",
+                                               line.strip())]
+    cause = f" ({causes[0][:160]})" if causes else ""
+    return f"its ONNX frontend could not convert {failed.group(1).strip()}{cause}"[:300]
 
 
 def _first_line(exc: BaseException) -> str:

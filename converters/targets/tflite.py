@@ -19,6 +19,7 @@ onnx2tf gets a graph whose every shape is static: the intake fixes the inputs, a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -39,6 +40,11 @@ TIMEOUT_S = 1800.0
 # onnx2tf fetches this for any 3-channel image input unless it sits in its working dir. Our INT8
 # calibration never uses it (TensorFlow's converter gets the real samples), so any content will do.
 SAMPLE_FILE = "calibration_image_sample_data_20x128x128x3_float32.npy"
+# What onnx2tf's -rtpo can rewrite into builtin TFLite ops (its --help), and those of them TFLite
+# has no builtin kernel for at all: rewritten from the start, not after a first run shows them.
+PSEUDO_OPS = ("Asin", "Acos", "Atan", "Abs", "PReLU", "LeakyReLU", "Power", "GatherND", "Neg", "HardSwish", "Erf", "GeLU")
+NO_TFLITE_KERNEL = ("Erf", "Asin", "Acos", "Atan")
+LOG_FILE = "onnx2tf.log"  # the last onnx2tf run's output, beside what it wrote
 
 _INSPECT = r"""
 import json, sys
@@ -142,37 +148,84 @@ class TFLiteTarget(ExportTarget):
         toolchains.require("tflite")
         request.out_dir.mkdir(parents=True, exist_ok=True)
         out = request.out_dir / f"{request.variant_id}.tflite"
-        notes: list[str] = []
-        with tempfile.TemporaryDirectory(prefix="edge-sdk-onnx2tf-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="edge-sdk-tflite-") as tmp:
             work = Path(tmp)
-            static_copy(request.model_path, work / "model.onnx")
-            np.save(work / SAMPLE_FILE, np.zeros((20, 128, 128, 3), np.float32))
-            # -osd: a SavedModel with its signature, which TensorFlow's INT8 converter starts from.
-            args = ["-i", "model.onnx", "-o", "tf"] + (["-osd"] if request.precision is Precision.INT8 else [])
-            run = toolchains.run("tflite", args, cwd=work, timeout=TIMEOUT_S)
-            if run.returncode != 0:
-                raise ConversionError(f"tflite: {run.failure('onnx2tf', _unsupported(run.output))}", log=run.output)
+            converted, notes = _onnx2tf(request.model_path, request.scratch_dir or work)
             if request.precision is Precision.INT8:
-                produced = _quantize(work, request, calibration)
+                produced = _quantize(work, converted, request, calibration)
                 why = "the recipe" if dynamic_range else "no calibration data"
                 notes.append(f"int8 full-integer, calibrated on {len(request.calibration)} samples (NHWC)" if full_integer
                              else f"int8 dynamic-range ({why}): INT8 weights, float activations")
                 if request.float_ops:
                     notes.append(f"kept float: {', '.join(request.float_ops)}")
             else:
-                produced = work / "tf" / f"model_{_suffix(request)}.tflite"
+                produced = converted / f"model_{_suffix(request)}.tflite"
                 if not produced.is_file() or produced.stat().st_size == 0:
-                    raise ConversionError(f"tflite: onnx2tf exited 0 but wrote no {produced.name}", log=run.output)
+                    log = (converted.parent / LOG_FILE).read_text(encoding="utf-8")
+                    raise ConversionError(f"tflite: onnx2tf exited 0 but wrote no {produced.name}", log=log)
             signature = _inspect(work, produced)
             inputs = _match(request.inputs, signature["inputs"], "input")
             outputs = _match(request.outputs, signature["outputs"], "output")
-            shutil.move(str(produced), out)
+            shutil.copyfile(produced, out)  # onnx2tf's own files stay for the conversion's other exports
         return ExportResult(files=[out], inputs=inputs, outputs=outputs, notes=notes,
                             nodes_quantized=None if request.precision is not Precision.INT8 else _count_quantized(out))
 
 
-def static_copy(source: Path, dest: Path) -> None:
-    """Write ``source`` to ``dest`` with every intermediate and output shape re-inferred from its inputs.
+def _onnx2tf(model: Path, root: Path) -> tuple[Path, list[str]]:
+    """onnx2tf's output folder for ``model`` (its float32 and float16 ``.tflite`` files and the
+    SavedModel INT8 starts from, ``-osd``), and what was done to make it.
+
+    Made once per model under ``root``, which every precision and recipe of a conversion shares
+    (onnx2tf takes minutes on a transformer); a failure is kept too, so the other exports report
+    it at once instead of repeating it. Ops TFLite has no builtin kernel for come out as TF Select
+    ("Flex") ops, which LiteRT cannot run: those onnx2tf can rewrite into builtin ops (a
+    transformer's GELU ``Erf``) are, in a second run."""
+    with model.open("rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+    folder = root / f"onnx2tf-{digest}"
+    done, failed = folder / "done.json", folder / "failed.json"
+    if failed.is_file():
+        saved = json.loads(failed.read_text(encoding="utf-8"))
+        raise ConversionError(saved["message"], log=saved["log"])
+    if done.is_file():
+        return folder / "tf", json.loads(done.read_text(encoding="utf-8"))
+    shutil.rmtree(folder, ignore_errors=True)  # an interrupted earlier run
+    folder.mkdir(parents=True)
+    graph_ops = static_copy(model, folder / "model.onnx")
+    np.save(folder / SAMPLE_FILE, np.zeros((20, 128, 128, 3), np.float32))
+    pseudo = sorted(graph_ops & set(NO_TFLITE_KERNEL))
+    notes = [f"onnx2tf: {', '.join(pseudo)} rewritten into builtin TFLite ops (-rtpo): TFLite has no kernel for "
+             "them"] if pseudo else []
+    while True:
+        shutil.rmtree(folder / "tf", ignore_errors=True)
+        args = ["-i", "model.onnx", "-o", "tf", "-osd"] + (["-rtpo", *pseudo] if pseudo else [])
+        run = toolchains.run("tflite", args, cwd=folder, timeout=TIMEOUT_S)
+        (folder / LOG_FILE).write_text(run.output, encoding="utf-8")
+        if run.returncode != 0:
+            error = ConversionError(f"tflite: {run.failure('onnx2tf', _unsupported(run.output))}", log=run.output)
+            failed.write_text(json.dumps({"message": str(error), "log": run.output}), encoding="utf-8")
+            raise error
+        flex = _flex_ops(folder / "tf" / "model_float32.tflite")
+        rewritable = sorted(set(flex) & set(PSEUDO_OPS) - set(pseudo))
+        if not rewritable:
+            break
+        pseudo += rewritable
+        notes.append(f"onnx2tf: {', '.join(rewritable)} rewritten into builtin TFLite ops (-rtpo): as TF Select "
+                     "ops LiteRT could not run them")
+    done.write_text(json.dumps(notes), encoding="utf-8")
+    return folder / "tf", notes
+
+
+def _flex_ops(tflite: Path) -> list[str]:
+    """The TF Select ops a ``.tflite`` file uses (custom op codes ``Flex<Op>`` in the flatbuffer)."""
+    if not tflite.is_file():
+        return []
+    return sorted({m.decode() for m in re.findall(rb"Flex([A-Z][A-Za-z0-9]*)", tflite.read_bytes())})
+
+
+def static_copy(source: Path, dest: Path) -> set[str]:
+    """Write ``source`` to ``dest`` with every intermediate and output shape re-inferred from its
+    inputs; return the graph's op types.
 
     Exporters leave ``value_info`` computed for a dynamic batch (``unk__44``); once the inputs are
     fixed, inferring again from them makes every shape static for onnx2tf.
@@ -191,6 +244,7 @@ def static_copy(source: Path, dest: Path) -> None:
     except Exception:  # noqa: BLE001 - onnx raises several types; onnx2tf can still infer shapes itself
         pass
     onnx.save(model, str(dest))
+    return {node.op_type for node in model.graph.node}
 
 
 _SCOPE_UNSAFE = re.compile(r"[^A-Za-z0-9_.\\/>-]")  # what a TensorFlow name scope may not contain
@@ -212,16 +266,18 @@ def _scope_safe_node_names(graph: onnx.GraphProto) -> None:
         node.name = name
 
 
-def _quantize(work: Path, request: ExportRequest, calibration: dict[str, np.ndarray]) -> Path:
+def _quantize(work: Path, saved_model: Path, request: ExportRequest, calibration: dict[str, np.ndarray]) -> Path:
     data, out = work / "calibration.npz", work / "model_int8.tflite"
     np.savez(data, **calibration)  # empty for dynamic-range: no activation ranges needed
-    config = {"saved_model": "tf", "data": data.name, "out": out.name, "full_integer": bool(calibration),
+    config = {"saved_model": str(saved_model), "data": data.name, "out": out.name, "full_integer": bool(calibration),
               "per_channel": request.per_channel, "float_ops": list(request.float_ops)}
     (work / "quantize.json").write_text(json.dumps(config), encoding="utf-8")
     (work / "quantize_tflite.py").write_text(_QUANTIZE, encoding="utf-8")
     run = toolchains.run("tflite", ["quantize_tflite.py", "quantize.json"], cwd=work, timeout=TIMEOUT_S, program="bin/python")
     if run.returncode != 0 or not out.is_file() or out.stat().st_size == 0:
-        raise ConversionError("tflite int8: " + run.failure("TensorFlow's converter"), log=run.output)
+        select = re.search(r"TF Select ops: ([^\n]+)", run.output)
+        cause = f"no builtin TFLite kernel for {select.group(1).strip()[:120]} (TF Select ops)" if select else ""
+        raise ConversionError("tflite int8: " + run.failure("TensorFlow's converter", cause), log=run.output)
     return out
 
 

@@ -30,6 +30,7 @@ def convert_command(
     metric: str = typer.Option(None, "--metric", help="Accuracy measure: top1, cosine, f1 (thresholded maps) or module:function (outputs -> float, higher is better). Default: by the output's kind."),
     labels: Path = typer.Option(None, "--labels", help="Class labels of the validation (or calibration) samples (.npy, or 'name,label' lines): top-1 accuracy as the metric."),
     input_shape: list[str] = typer.Option([], "--input-shape", help="NAME=D1,D2,... for a dynamic input (repeatable)."),
+    state: list[str] = typer.Option([], "--state", help="INPUT=OUTPUT: a recurrent state the output feeds back next step (repeatable); samples are then consecutive steps, validated streaming."),
     prune: str = typer.Option(None, "--prune", help="METHOD:AMOUNT, e.g. magnitude:0.5 or channel:0.3."),
     targets: list[str] = typer.Option([], "--targets", "-t", help="Only these export targets: a comma list and/or repeated, e.g. onnx,tflite,ncnn,openvino (default: the profiles' targets)."),
     max_accuracy_drop: float = typer.Option(1.0, "--max-accuracy-drop", help="Points of task metric (else top-1 agreement, else cosine x100) a variant may lose."),
@@ -58,7 +59,7 @@ def convert_command(
                                image_options=_image_options(image_mean, image_std, image_layout, image_bgr)),
         quantization=cc.QuantizationConfig(calibration=calibration, method=calibration_method, per_channel=not per_tensor),
         validation=cc.ValidationConfig(data=validation, labels=labels, metric=metric, max_accuracy_drop=max_accuracy_drop,
-                                       latency_runs=latency_runs, speed_gate=speed_gate),
+                                       latency_runs=latency_runs, speed_gate=speed_gate, state=state),
         release=cc.ReleaseConfig(output=output, version=version, model_name=model_name, sign_key=sign_key),
     )
     # The bar writes to its own copy of stderr: the converter captures fds 1/2 while tools run.

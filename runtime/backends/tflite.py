@@ -7,6 +7,7 @@ always exchange float arrays.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -120,5 +121,8 @@ class TFLiteBackend(Backend):
                 it = Interpreter(model_path=str(model), num_threads=options.threads or None, **kwargs)
                 it.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
-            raise BackendError(f"tflite cannot load {model.name}: {str(exc).strip().splitlines()[0]}") from None
+            flex = sorted(set(re.findall(r"\((Flex\w+)\)", str(exc))))
+            cause = (f"it uses TF Select ops ({', '.join(flex)}), which LiteRT does not include" if flex
+                     else str(exc).strip().splitlines()[0])
+            raise BackendError(f"tflite cannot load {model.name}: {cause}") from None
         return TFLiteSession(it, inputs, outputs)

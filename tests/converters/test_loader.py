@@ -159,6 +159,41 @@ def test_symbolic_output_dims_left_by_shape_inference_come_from_an_fp32_run(tmp_
     assert [d.dim_value for d in onnx.load(str(loaded.path)).graph.output[0].type.tensor_type.shape.dim] == [1, 8]
 
 
+def _branchy(path):
+    """x [1, n] through an If on ``fast``: the then-branch is Identity, the else-branch reshapes x
+    to rows of 3, so it type-checks only when n is unknown or a multiple of 3 (silero-vad's shape:
+    the 8 kHz branch at the 16 kHz chunk length)."""
+    shape = numpy_helper.from_array(np.array([-1, 3], np.int64), "rows")
+    flat = numpy_helper.from_array(np.array([1, -1], np.int64), "flat")
+    then = helper.make_graph([helper.make_node("Identity", ["x"], ["y_then"], name="same")], "then", [],
+                             [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, [None, None])])
+    other = helper.make_graph([helper.make_node("Reshape", ["x", "rows"], ["r"], name="rows3"),
+                               helper.make_node("Reshape", ["r", "flat"], ["y_else"], name="back")], "else", [],
+                              [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, [None, None])])
+    graph = helper.make_graph([helper.make_node("If", ["fast"], ["y"], name="pick", then_branch=then, else_branch=other)],
+                              "branchy", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "n"]),
+                                          helper.make_tensor_value_info("fast", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None])], [shape, flat])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_an_input_dim_onnxruntime_refuses_once_fixed_stays_dynamic_with_a_note(tmp_path):
+    path = _branchy(tmp_path / "branchy.onnx")
+    feeds = {"x": np.arange(4, dtype=np.float32)[None], "fast": np.array(True)}
+    loaded = read_model(path, {"x": (1, 4)}).finish(tmp_path, samples=[feeds])
+    assert [s.shape for s in loaded.inputs] == [[1, "n"], []]  # batch fixed, n left as the file has it
+    note = next(n for n in loaded.notes if "kept dynamic" in n)
+    assert note.startswith("input x: axes 1 (size 4) kept dynamic: onnxruntime refuses the model with them fixed (Node (")
+    assert "Reshape" in note and "\n" not in note and "ONNXRuntimeError" not in note, note
+    session = ort.InferenceSession(str(loaded.path), providers=["CPUExecutionProvider"])
+    assert session.run(None, feeds)[0].tolist() == [[0.0, 1.0, 2.0, 3.0]]
+    # A size that type-checks in both branches is fixed as asked.
+    assert [s.shape for s in load_model(path, tmp_path, {"x": (1, 6)}).inputs] == [[1, 6], []]
+
+
 @pytest.mark.parametrize("spec, message", [
     (["image"], "expected NAME=D1"),
     (["image=1,x,3"], "must be integers"),

@@ -118,8 +118,9 @@ def test_speed_gate_rejects_slow_variants_unless_turned_off(cnn_path, cnn_calibr
 def test_if_bodies_are_quantized_by_the_dynamic_recipe_where_static_ones_quantize_nothing(tmp_path):
     source = tmp_path / "if.onnx"
     onnx.save(samples.make_if_model(), str(source))  # every MatMul sits inside the If's branches
+    # A loose budget: on random inputs the toy model's top-1 flips on a few of 16 samples (onnxruntime 1.32: 4).
     manifest = edge_sdk.convert(source, ["intel-nuc"], tmp_path / "rel", calibration="random", targets=["onnx"],
-                                latency_runs=5)
+                                latency_runs=5, max_accuracy_drop=50)
     tried = {a.recipe: a for a in manifest.report.recipes["onnx-int8"]}
     assert tried["qdq-per-channel"].reason == "nothing was quantized (the file is still FP32)"
     assert tried["dynamic-matmul"].outcome in ("chosen", "accepted") or "slower" in tried["dynamic-matmul"].reason
@@ -164,12 +165,11 @@ def test_a_crashing_export_is_a_rejected_row_and_the_rest_completes(cnn_path, cn
                                 targets=["onnx"], max_accuracy_drop=20, latency_runs=3)
     int8 = manifest.variant("onnx-int8")
     assert int8.status == "rejected" and int8.files == []
-    # One clause per recipe, naming it and where the crash happened; never the raw exception text.
-    assert int8.reason.startswith("qdq-per-channel: export failed: RuntimeError in tests (test_pipeline.py, export); ")
-    assert "simulated crash" not in int8.reason and "Traceback" not in int8.reason
-    for recipe in ("qdq-per-channel-no-bias-adjust", "qdq-conv-matmul", "qdq-conv-matmul-no-bias-adjust", "qdq-per-tensor",
-                   "qdq-per-tensor-conv-matmul", "dynamic"):  # every recipe was tried, each failure is one clause
-        assert f"; {recipe}: export failed: RuntimeError in tests" in int8.reason
+    # Every recipe was tried and named, with where the crash happened (one clause: they share the
+    # cause); never the raw exception text.
+    assert int8.reason == ("qdq-per-channel, qdq-per-channel-no-bias-adjust, qdq-conv-matmul, qdq-conv-matmul-no-bias-adjust, "
+                           "qdq-per-tensor, qdq-per-tensor-conv-matmul, dynamic: export failed: RuntimeError in tests "
+                           "(test_pipeline.py, export)")
     assert {a.outcome for a in manifest.report.recipes["onnx-int8"] if a.recipe != "dynamic-matmul"} == {"failed"}
     log = (tmp_path / "rel" / manifest.report.logs["onnx-int8"]).read_text()
     assert "simulated crash in the middle of a conversion" in log and "Traceback" in log
@@ -227,7 +227,8 @@ class _BadInt8(OnnxTarget):
 def _negate_fc(path: Path) -> None:
     model = onnx.load(str(path))
     for tensor in model.graph.initializer:
-        if tensor.name in ("fc.weight", "fc.weight_quantized"):  # not its scale: two sign flips cancel
+        # Not its scale (two sign flips cancel); quant_pre_process may have transposed it first.
+        if tensor.name in ("fc.weight", "fc.weight_quantized", "fc.weight_Transposed_quantized"):
             tensor.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(tensor), tensor.name))
     onnx.save(model, str(path))
 

@@ -81,3 +81,100 @@ def test_a_small_validation_folder_is_a_warning_and_validation_never_overlaps_ca
     assert manifest.report.validation.samples == 5 and manifest.report.calibration.samples == 16
     assert any("validation has only 5 samples (fewer than 8)" in w for w in manifest.report.warnings)
     assert load_manifest(tmp_path / "rel").variant("onnx-fp32").validation.samples == 5
+
+
+def _saved(graph, path):
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def _weights_inside_an_if(path):
+    """x [1, 16] -> If(flag): then x @ W1 @ W2 -> Relu -> @ W3, else x @ W1; every weight a Constant
+    node inside the bodies (as exporters write them: silero-vad). W1 has one outlier, so x @ W1 has
+    one huge column, and INT8 of that activation (the input of the second MatMul, quantized per
+    tensor at run time) rounds the other columns to 0. W3 quantizes well."""
+    rng = np.random.default_rng(3)
+    w1 = rng.normal(0, 1, (16, 16)).astype(np.float32)
+    w1[0, 0] = 2000.0
+    weights = {"w1": w1, "w2": rng.normal(0, 0.25, (16, 2048)).astype(np.float32),
+               "w3": rng.normal(0, 0.02, (2048, 16)).astype(np.float32)}
+
+    def constants(prefix, names):
+        return [onnx.helper.make_node("Constant", [], [f"{prefix}_{n}"], name=f"{prefix}_const_{n}",
+                                      value=onnx.numpy_helper.from_array(weights[n], f"{prefix}_{n}")) for n in names]
+
+    then = onnx.helper.make_graph(
+        constants("t", ["w1", "w2", "w3"]) + [
+            onnx.helper.make_node("MatMul", ["x", "t_w1"], ["t_h1"], name="t_mm1"),
+            onnx.helper.make_node("MatMul", ["t_h1", "t_w2"], ["t_h2"], name="t_mm2"),
+            onnx.helper.make_node("Relu", ["t_h2"], ["t_r"], name="t_relu"),
+            onnx.helper.make_node("MatMul", ["t_r", "t_w3"], ["t_y"], name="t_mm3")], "then", [],
+        [onnx.helper.make_tensor_value_info("t_y", onnx.TensorProto.FLOAT, [1, 16])])
+    other = onnx.helper.make_graph(constants("e", ["w1"]) + [onnx.helper.make_node("MatMul", ["x", "e_w1"], ["e_y"], name="e_mm1")],
+                                   "else", [], [onnx.helper.make_tensor_value_info("e_y", onnx.TensorProto.FLOAT, [1, 16])])
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("If", ["flag"], ["y"], name="branch", then_branch=then, else_branch=other)], "inside-if",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 16]),
+         onnx.helper.make_tensor_value_info("flag", onnx.TensorProto.BOOL, [])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 16])])
+    return _saved(graph, path)
+
+
+def test_weights_inside_subgraphs_are_quantized_and_the_one_that_breaks_is_kept_fp32(tmp_path):
+    model = _weights_inside_an_if(tmp_path / "inside-if.onnx")
+    rng = np.random.default_rng(4)
+    feeds = [{"x": rng.normal(0, 1, (1, 16)).astype(np.float32), "flag": np.array(True)} for _ in range(48)]
+    manifest = edge_sdk.convert(model, ["intel-nuc"], tmp_path / "rel", calibration=feeds, targets=["onnx"],
+                                metric="cosine", latency_runs=3, speed_gate=False)
+    assert any("Constant nodes inside subgraphs made initializers" in n for n in manifest.report.notes)
+    int8 = manifest.variant("onnx-int8")
+    assert not int8.ok and "dynamic-matmul: cosine similarity dropped" in int8.reason, int8.reason  # W1 breaks INT8
+    mixed = manifest.variant("onnx-mixed")
+    assert mixed.ok and mixed.validation.nodes_kept_fp32 == ["t_mm2"], (mixed.reason, mixed.validation)
+    assert mixed.validation.cosine_similarity > 0.99
+    assert mixed.size_bytes < 0.7 * manifest.variant("onnx-fp32").size_bytes
+
+
+def _leaky_integrator(path):
+    """h' = 0.9 h + x (a recurrent state, [1, 4]); outputs y = h' and the state."""
+    decay = onnx.numpy_helper.from_array(np.full((1, 4), 0.9, np.float32), "decay")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Mul", ["h", "decay"], ["kept"], name="keep"),
+         onnx.helper.make_node("Add", ["kept", "x"], ["hN"], name="add"),
+         onnx.helper.make_node("Identity", ["hN"], ["y"], name="out")], "integrator",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4]),
+         onnx.helper.make_tensor_value_info("h", onnx.TensorProto.FLOAT, [1, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4]),
+         onnx.helper.make_tensor_value_info("hN", onnx.TensorProto.FLOAT, [1, 4])], [decay])
+    return _saved(graph, path)
+
+
+def test_a_recurrent_state_is_validated_streaming_each_variant_carrying_its_own(tmp_path):
+    from edge_sdk.converters.loader import load_model
+    from edge_sdk.converters.validate import run_all
+    from edge_sdk.runtime.backends.base import BackendOptions, get_backend
+
+    path = _leaky_integrator(tmp_path / "integrator.onnx")
+    loaded = load_model(path, tmp_path)
+    session = get_backend("onnxruntime").load([loaded.path], loaded.inputs, loaded.outputs, BackendOptions(threads=1))
+    ones, recorded = np.ones((1, 4), np.float32), np.full((1, 4), 7.0, np.float32)
+    # Steps 2-3 carry a recorded state the session never returned; step 4's zeros start a new stream.
+    steps = [{"x": ones, "h": np.zeros((1, 4), np.float32)}, {"x": ones, "h": recorded}, {"x": ones, "h": recorded},
+             {"x": ones, "h": np.zeros((1, 4), np.float32)}]
+    streamed = [o["y"][0, 0] for o in run_all(session, steps, {"h": "hN"})]
+    assert np.allclose(streamed, [1.0, 1.9, 2.71, 1.0])
+    assert np.allclose([o["y"][0, 0] for o in run_all(session, steps)], [1.0, 7.3, 7.3, 1.0])  # teacher-forced
+
+    rng = np.random.default_rng(5)
+    feeds = [{"x": rng.normal(0, 1, (1, 4)).astype(np.float32), "h": np.zeros((1, 4), np.float32)} for _ in range(24)]
+    manifest = edge_sdk.convert(path, ["intel-nuc"], tmp_path / "rel", calibration=feeds, targets=["onnx"],
+                                state={"h": "hN"}, latency_runs=3, mixed_precision=False)
+    assert any("validation streams its 8 samples as consecutive steps, each variant carrying its own state (h <- hN)" in n
+               for n in manifest.report.notes), manifest.report.notes
+    with pytest.raises(ConfigError, match=r"--state h=y_next: expected an input=output pair of the model "
+                                          r"\(inputs \['h', 'x'\], outputs \['hN', 'y'\]\)"):
+        edge_sdk.convert(path, ["intel-nuc"], tmp_path / "rel2", calibration=feeds, targets=["onnx"], state={"h": "y_next"})
+    with pytest.raises(ConfigError, match="--state h=: expected INPUT=OUTPUT"):
+        edge_sdk.convert(path, ["intel-nuc"], tmp_path / "rel3", calibration=feeds, targets=["onnx"], state=["h="])

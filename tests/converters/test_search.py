@@ -43,6 +43,31 @@ def test_failures_are_one_line_each_and_the_next_recipe_is_tried():
     assert search.chosen.recipe is workaround  # as fast and as small as b: the earlier recipe wins the tie
 
 
+def test_the_reason_line_names_a_shared_cause_once_for_every_recipe_that_met_it():
+    recipes = [_recipe(name) for name in ("a", "b", "c")]
+
+    def attempt(recipe):
+        if recipe.name == "b":
+            return _candidate(recipe, reason="top1 dropped 3.00 points vs FP32 (> max_accuracy_drop 1)")
+        raise RecipeFailed(f"{recipe.name}: nothing was quantized (the file is still FP32)")
+
+    search = run_recipes(recipes, attempt, facts=CONV_NET, has_calibration=True)
+    assert search.chosen is None and len(search.lines) == 3
+    assert search.summary() == ("a, c: nothing was quantized (the file is still FP32); "
+                                "b: top1 dropped 3.00 points vs FP32 (> max_accuracy_drop 1)")
+
+    # A target's plain recipe (named after its precision) is unnamed alone, and named beside another.
+    plain, fallback = _recipe("int8"), _recipe("int8-dynamic-range", when=When.FALLBACK)
+
+    def both_fail(recipe):
+        raise RecipeFailed(recipe.says("export failed: no TFLite kernel for Erf"))
+
+    search = run_recipes([plain, fallback], both_fail, facts=CONV_NET, has_calibration=True)
+    assert search.summary() == "int8, int8-dynamic-range: export failed: no TFLite kernel for Erf"
+    search = run_recipes([plain], both_fail, facts=CONV_NET, has_calibration=True)
+    assert search.summary() == "export failed: no TFLite kernel for Erf"
+
+
 def test_fallbacks_run_only_while_nothing_is_accepted_and_skips_say_why():
     tried = []
     recipes = [_recipe("static", needs_calibration=True), _recipe("per-tensor", when=When.FALLBACK),

@@ -26,6 +26,7 @@ Feeds = dict[str, np.ndarray]
 Outputs = dict[str, np.ndarray]
 Run = Callable[[Feeds], Outputs]
 CACHE_FORMAT = 2  # bump when what data() pickles changes shape
+TARGETS = ("onnx", "tflite", "ncnn", "openvino")  # every corpus model goes through all four
 
 
 @dataclass
@@ -66,6 +67,7 @@ class ZooCase:
     higher_is_better: bool = True
     data_version: int = 1
     stream: Callable[[Run, Split], float] | None = None  # stateful evaluation of a split, if any
+    state: Mapping[str, str] = field(default_factory=dict)  # recurrent state input -> output (the converter's --state)
 
     def data(self) -> ZooData:
         """This case's splits, from the cache when an identical preparation is already there."""
@@ -86,6 +88,15 @@ class ZooCase:
         if self.stream is not None:
             return float(self.stream(run, split))
         return float(self.score([run(feeds) for feeds in split.feeds], split.truth))
+
+    def convert_options(self, data: ZooData) -> dict[str, Any]:
+        """The converter's keywords for this case, as a user would pass them (all four targets)."""
+        from edge_sdk.converters.validate import TaskMetric
+
+        metric = TaskMetric(self.metric_name, lambda outputs: self.score(outputs, data.validation.truth))
+        return dict(calibration=data.calibration, validation=data.validation.feeds, metric=metric,
+                    input_shapes=dict(self.input_shapes), state=dict(self.state), model_name=self.name,
+                    targets=list(TARGETS), validation_limit=len(data.validation.feeds))
 
     def static_model(self) -> Path:
         """The source model with ``input_shapes`` fixed, opset ≥ 13 and shapes inferred: the FP32

@@ -11,9 +11,8 @@ import pytest
 from edge_sdk.manifest import Manifest, Variant
 
 from . import CASES
-from .cases import Run, ZooCase, ZooData
+from .cases import TARGETS, Run, ZooCase, ZooData
 
-TARGETS = ("onnx", "tflite", "ncnn", "openvino")
 PROFILE = "generic-x86_64"  # runs all four targets
 TOOLCHAINS = ("tflite", "ncnn")  # isolated converter venvs (make toolchains)
 BACKEND_MODULES = ("ai_edge_litert", "ncnn", "openvino", "nncf")
@@ -51,12 +50,8 @@ class Converted:
 def convert(case: ZooCase, data: ZooData, out: Path, **options) -> Manifest:
     """The corpus model through the converter as a user would call it, all four targets."""
     import edge_sdk
-    from edge_sdk.converters.validate import TaskMetric
 
-    metric = TaskMetric(case.metric_name, lambda outputs: case.score(outputs, data.validation.truth))
-    return edge_sdk.convert(case.model(), [PROFILE], out, calibration=data.calibration, validation=data.validation.feeds,
-                            metric=metric, input_shapes=dict(case.input_shapes), targets=list(TARGETS),
-                            model_name=case.name, validation_limit=len(data.validation.feeds), **options)
+    return edge_sdk.convert(case.model(), [PROFILE], out, **{**case.convert_options(data), **options})
 
 
 def require_data(case: ZooCase) -> None:

@@ -165,6 +165,7 @@ CASE = ZooCase(
     score=_score,
     stream=_stream,
     input_shapes={"input": (1, CHUNK + CONTEXT), "state": (2, 1, 128)},
+    state={"state": "stateN"},
     modules=("silero_vad", "gensim", "scipy"),
     programs=("espeak-ng",),
 )

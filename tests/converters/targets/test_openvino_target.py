@@ -80,6 +80,25 @@ def test_corrupt_model_is_a_conversion_error(cases, tmp_path):
         get_target("openvino").export(replace(request, model_path=bad))
 
 
+def test_a_model_openvino_cannot_convert_names_the_ops_and_the_cause_in_one_line(cases, tmp_path):
+    import onnx
+    from dataclasses import replace
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((2, 1, 3), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "rankless",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],  # rank unknown
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "rankless.onnx"))
+    request = replace(cases["cnn"].request(Precision.FP32, tmp_path), model_path=tmp_path / "rankless.onnx")
+    with pytest.raises(ConversionError) as raised:
+        get_target("openvino").export(request)
+    assert str(raised.value) == ("openvino: cannot convert rankless.onnx: its ONNX frontend could not convert Conv-17 "
+                                 "(The input data tensor's rank has to be known (static))")
+
+
 def test_missing_openvino_names_the_extra(monkeypatch, cases, tmp_path):
     monkeypatch.setitem(sys.modules, "openvino", None)  # makes `import openvino` fail
     with pytest.raises(MissingDependencyError, match=r"edge-sdk\[openvino\]"):

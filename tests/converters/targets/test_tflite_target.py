@@ -22,13 +22,16 @@ def _toolchain():
 
 @pytest.fixture(scope="module")
 def exported(cases, tmp_path_factory):
-    """``exported(model, precision)``: each onnx2tf conversion (5-15 s) runs once per module."""
+    """``exported(model, precision)``: each onnx2tf conversion (5-15 s) runs once per module and
+    model, shared by its precisions as in a conversion."""
     memo = {}
+    scratch = tmp_path_factory.mktemp("tflite-scratch")
 
     def get(model, precision):
         if (model, precision) not in memo:
             out = tmp_path_factory.mktemp(f"tflite-{model}-{precision.value}")
-            memo[model, precision] = (get_target("tflite").export(cases[model].request(precision, out)), out)
+            request = cases[model].request(precision, out, scratch_dir=scratch)
+            memo[model, precision] = (get_target("tflite").export(request), out)
         return memo[model, precision]
 
     return get
@@ -93,6 +96,44 @@ def test_onnx2tf_failure_is_a_conversion_error_with_its_output(cases, tmp_path):
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
+def test_onnx2tf_runs_once_per_model_for_every_precision_and_a_failure_is_not_repeated(cases, tmp_path, monkeypatch):
+    from edge_sdk.converters import toolchains
+
+    real_run, conversions = toolchains.run, []
+
+    def counting(name, args, **kwargs):
+        if args[:1] == ["-i"]:
+            conversions.append(kwargs["cwd"])
+        return real_run(name, args, **kwargs)
+
+    monkeypatch.setattr(toolchains, "run", counting)
+    scratch = tmp_path / "scratch"
+    for precision in (Precision.FP32, Precision.FP16, Precision.INT8):
+        result = get_target("tflite").export(cases["cnn"].request(precision, tmp_path / precision.value, scratch_dir=scratch))
+        assert result.files[0].stat().st_size > 0
+    assert len(conversions) == 1, conversions
+
+    # A graph onnx2tf cannot take: the second export gives the first one's error and log, without a second run.
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Frobnicate", ["x"], ["y"], name="frob", domain="com.example")], "custom",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "custom.onnx"))
+    errors = []
+    for precision in (Precision.FP32, Precision.FP16):
+        request = replace(cases["cnn"].request(precision, tmp_path / f"u-{precision.value}", scratch_dir=scratch),
+                          model_path=tmp_path / "custom.onnx")
+        with pytest.raises(ConversionError) as info:
+            get_target("tflite").export(request)
+        errors.append((str(info.value), info.value.log))
+    assert len(conversions) == 2 and errors[0] == errors[1] and errors[0][1], conversions
+    assert errors[0][0].startswith("tflite: onnx2tf") and "\n" not in errors[0][0]
+
+
 def test_int8_keeps_an_integer_input_integer(cases, parity_check, exported):
     """Token ids are int32: calibration feeds them as int32 and the artifact still takes int32."""
     result, _ = exported("tokens", Precision.INT8)
@@ -110,6 +151,34 @@ def test_float_calibration_for_an_integer_input_is_refused(cases, tmp_path):
     floats = [{"tokens": f["tokens"].astype(np.float32)} for f in case.calibration[:4]]
     with pytest.raises(ConversionError, match=r"^tflite: calibration sample 0 gives input 'tokens' as float32; the model takes int32$"):
         get_target("tflite").export(replace(case.request(Precision.INT8, tmp_path), calibration=floats))
+
+
+def test_an_op_tflite_has_no_kernel_for_is_rewritten_into_builtin_ops(tmp_path):
+    """A transformer's GELU is Erf, which TFLite only has as a TF Select op that LiteRT cannot run."""
+    from math import erf
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edge_sdk.converters.targets.base import ExportRequest
+    from edge_sdk.manifest import TensorSpec
+    from edge_sdk.runtime.backends.base import BackendOptions, get_backend
+
+    graph = helper.make_graph([helper.make_node("Erf", ["x"], ["y"], name="erf")], "erf",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "erf.onnx"))
+    specs = ([TensorSpec(name="x", dtype="float32", shape=[1, 16])], [TensorSpec(name="y", dtype="float32", shape=[1, 16])])
+    result = get_target("tflite").export(ExportRequest(model_path=tmp_path / "erf.onnx", precision=Precision.FP32,
+                                                       out_dir=tmp_path / "out", variant_id="erf", inputs=specs[0],
+                                                       outputs=specs[1]))
+    assert any(n.startswith("onnx2tf: Erf rewritten into builtin TFLite ops") for n in result.notes), result.notes
+    assert b"FlexErf" not in result.files[0].read_bytes()
+    x = np.linspace(-3, 3, 16, dtype=np.float32)[None]
+    session = get_backend("tflite").load(result.files, result.inputs, result.outputs, BackendOptions(threads=1))
+    assert np.allclose(session.run({"x": x})["y"], [[erf(v) for v in x[0]]], atol=1e-3)
 
 
 def test_stale_symbolic_output_shapes_are_re_inferred(tmp_path):
