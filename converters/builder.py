@@ -31,10 +31,10 @@ from . import sensitivity, validate
 from .calibration import SampleSet
 from .config import ConvertConfig
 from .loader import LoadedModel
-from .metrics import TaskMetric
+from .metrics import Judged, OutputKind, TaskMetric, output_kind
 from .release import fatal_write_error
 from .search import Candidate, RecipeFailed, SearchResult, run_recipes
-from .targets.base import ExportRequest, ExportResult, ExportTarget, Feeds, ModelFacts, Recipe, get_target
+from .targets.base import AccuracyCheck, ExportRequest, ExportResult, ExportTarget, Feeds, ModelFacts, Recipe, get_target
 from .toollog import quiet
 
 LOG_FOLDER = "report"
@@ -44,18 +44,24 @@ NOT_SMALLER = 0.95  # a mixed variant at or above this fraction of the FP32 size
 
 @dataclass
 class Reference:
-    """FP32 ONNX outputs on the validation samples, and its session for paired latency runs."""
+    """FP32 ONNX outputs on the validation samples, its session for paired latency runs, and the
+    first output when it holds class scores (what top-1 agreement compares)."""
 
     outputs: list[dict]
     session: Session
     latency_ms: float
+    classes: Judged | None = None
 
     @classmethod
     def build(cls, loaded: LoadedModel, samples: Sequence[Feeds], threads: int | None, runs: int,
               state: Mapping[str, str]) -> Reference:
         session = get_backend("onnxruntime").load([loaded.path], loaded.inputs, loaded.outputs, BackendOptions(threads=threads))
         outputs = validate.run_all(session, samples, state)
-        return cls(outputs, session, validate.median_latency_ms(session, samples[0], runs=runs))
+        first = next(iter(outputs[0]))
+        numeric = np.asarray(outputs[0][first]).dtype.kind in "fiu"
+        judged = output_kind(loaded.load(), first, [o[first] for o in outputs]) if numeric else None
+        return cls(outputs, session, validate.median_latency_ms(session, samples[0], runs=runs),
+                   judged if judged is not None and judged.kind == OutputKind.CLASS_SCORES else None)
 
 
 @dataclass
@@ -228,7 +234,8 @@ class VariantBuilder:
             inputs=self.loaded.inputs, outputs=self.loaded.outputs,
             calibration=self.calib.samples if self.calib is not None and planned.precision in _QUANTIZED else (),
             calibration_method=self.config.quantization.method, per_channel=self.config.quantization.per_channel,
-            nodes_to_exclude=tuple(kept), recipe=recipe, scratch_dir=self.work_dir / "scratch" / planned.target.value)
+            nodes_to_exclude=tuple(kept), recipe=recipe, scratch_dir=self.work_dir / "scratch" / planned.target.value,
+            accuracy=self._accuracy_check() if recipe.recovers_accuracy else None)
         try:
             with quiet() as captured:
                 result = target.export(request)
@@ -240,6 +247,17 @@ class VariantBuilder:
         if planned.precision in _QUANTIZED and result.nodes_quantized == 0:
             log.append("nothing was quantized")
         return result
+
+    def _accuracy_check(self) -> AccuracyCheck | None:
+        if self.config.validation.state:
+            return None  # a streamed sample's outputs depend on the steps before it: no per-sample merge
+        reference = self.reference.outputs
+
+        def drop(outputs: Mapping[int, Mapping[str, np.ndarray]]) -> float:
+            merged = [dict(outputs.get(i, ref)) for i, ref in enumerate(reference)]
+            return validate.judged_drop(validate.compare(reference, merged, self.metric, self.reference.classes))
+
+        return AccuracyCheck(self.validation_set.samples, drop, self.config.validation.max_accuracy_drop)
 
     def _validation(self, planned: PlannedBuild, target: ExportTarget, recipe: Recipe, result: ExportResult,
                     log: list[str]) -> tuple[Session, Validation]:
@@ -253,7 +271,7 @@ class VariantBuilder:
             raise RecipeFailed(recipe.says(f"does not run in {target.backend}: {describe_failure(exc)}")) from None
         log.append(captured.text)
         try:
-            validation = validate.compare(self.reference.outputs, outputs, self.metric)
+            validation = validate.compare(self.reference.outputs, outputs, self.metric, self.reference.classes)
         except Exception as exc:  # noqa: BLE001 - the user's metric raised on this candidate's outputs
             log.append(_traceback(exc))
             raise RecipeFailed(recipe.says(f"metric {self.metric.name} raised {type(exc).__name__} on its outputs")) from None
@@ -272,6 +290,11 @@ class VariantBuilder:
         checks = self.config.validation
         if planned.precision in _QUANTIZED and result.nodes_quantized == 0:
             candidate.reason = "nothing was quantized (the file is still FP32)"
+            return candidate
+        reference_size = self.report.reference.size_bytes if self.report.reference else 0
+        if recipe.recovers_accuracy and reference_size and candidate.size_bytes >= NOT_SMALLER * reference_size:
+            candidate.reason = (f"kept so much in FP32 that it is {candidate.size_bytes / reference_size:.2f}x "
+                                "the FP32 size: nothing gained")
             return candidate
         verdict = validate.gate(validation, None, planned.precision, max_drop=checks.max_accuracy_drop)
         candidate.inaccurate = verdict.reason is not None

@@ -49,10 +49,13 @@ class TaskMetric:
     """A task figure in [0, 1], higher is better, computed from all validation outputs of a variant.
 
     ``fn`` receives one outputs dict per validation sample (caller names and layout).
+    ``against_fp32``: the figure measures agreement with FP32's own outputs (the built-in
+    defaults), so every change counts against it; a task figure against the truth can net changes out.
     """
 
     name: str
     fn: Callable[[Sequence[Outputs]], float]
+    against_fp32: bool = False
 
     def __call__(self, outputs: Sequence[Outputs]) -> float:
         return float(self.fn(outputs))
@@ -160,21 +163,21 @@ def top1_agreement(reference: Sequence[Outputs], output: str, axis: int = -1) ->
         return float(np.mean(np.concatenate([(np.asarray(o[output]).argmax(axis=axis) == e).ravel()
                                              for o, e in zip(outputs, expected)])))
 
-    return TaskMetric("top-1 agreement", agreement)
+    return TaskMetric("top-1 agreement", agreement, against_fp32=True)
 
 
 def exact_agreement(reference: Sequence[Outputs], output: str) -> TaskMetric:
     def agreement(outputs: Sequence[Outputs]) -> float:
         return float(np.mean(np.concatenate([(np.asarray(o[output]) == r[output]).ravel() for o, r in zip(outputs, reference)])))
 
-    return TaskMetric("exact agreement", agreement)
+    return TaskMetric("exact agreement", agreement, against_fp32=True)
 
 
 def cosine(reference: Sequence[Outputs], output: str) -> TaskMetric:
     def similarity(outputs: Sequence[Outputs]) -> float:
         return float(np.mean([_cosine(r[output], o[output]) for r, o in zip(reference, outputs)]))
 
-    return TaskMetric("cosine similarity", similarity)
+    return TaskMetric("cosine similarity", similarity, against_fp32=True)
 
 
 def map_f1(reference: Sequence[Outputs], output: str, thresholds: Sequence[float] = MAP_THRESHOLDS,
@@ -202,7 +205,7 @@ def map_f1(reference: Sequence[Outputs], output: str, thresholds: Sequence[float
                 scores.append(found / total)
         return float(np.mean(scores)) if scores else 1.0
 
-    return TaskMetric("thresholded-map F1", f1)
+    return TaskMetric("thresholded-map F1", f1, against_fp32=True)
 
 
 def _planes(array: np.ndarray) -> list[np.ndarray]:

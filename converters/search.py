@@ -32,7 +32,7 @@ from ..manifest import Validation
 from ..report import RecipeAttempt
 from ..types import RecipeOutcome, SpeedVerdict
 from .targets.base import ExportResult, ModelFacts, Recipe, When
-from .validate import SpeedComparison, accuracy_drop
+from .validate import SpeedComparison, accuracy_drop, judged_drop
 
 SMALLER = 0.9  # at a speed tie, a candidate wins on size only below this fraction of the best's size
 CLEAR_MARGIN = 0.5  # an accepted candidate's drop within this share of the budget stops the fallbacks
@@ -65,7 +65,8 @@ class Candidate:
 
     @property
     def drop(self) -> float:
-        return accuracy_drop(self.validation)[1]
+        """The drop the gate judged (points; see ``validate.judged_drop``)."""
+        return judged_drop(self.validation)
 
 
 @dataclass
@@ -74,20 +75,37 @@ class SearchResult:
     attempts: list[RecipeAttempt] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)  # one per recipe that failed or was rejected
     chosen: Candidate | None = None
+    max_drop: float | None = None  # the accuracy budget the candidates were judged by
     _recipes: list[tuple[str, bool]] = field(default_factory=list)  # each line's recipe, and whether it names it
+    _inaccurate: dict[int, tuple[str, Validation]] = field(default_factory=dict)  # line index -> recipe, validation
 
-    def miss(self, recipe: Recipe, line: str) -> None:
+    def miss(self, recipe: Recipe, line: str, inaccurate: Validation | None = None) -> None:
+        """Record why ``recipe`` gave no accepted candidate (``inaccurate``: it missed the budget with these figures)."""
+        if inaccurate is not None:
+            self._inaccurate[len(self.lines)] = (recipe.name, inaccurate)
         self.lines.append(line)
         self._recipes.append((recipe.name, line.startswith(f"{recipe.name}: ")))
 
     def summary(self) -> str:
-        """The lines as one; recipes that missed for the same cause share it ("a, b: cause")."""
+        """The lines as one; recipes that missed for the same cause share it ("a, b: cause"), and
+        several accuracy misses share one clause with each recipe's figure."""
         causes: dict[str, list[tuple[str, bool]]] = {}
-        for (name, named), line in zip(self._recipes, self.lines, strict=True):
+        grouped = len(self._inaccurate) > 1 and self.max_drop is not None
+        for index, ((name, named), line) in enumerate(zip(self._recipes, self.lines, strict=True)):
+            if grouped and index in self._inaccurate:
+                causes.setdefault(self._accuracy_clause(), [])
+                continue
             causes.setdefault(line.removeprefix(f"{name}: ") if named else line, []).append((name, named))
         # A target's one plain recipe (named after its precision) goes unnamed, unless it shares a cause.
-        return "; ".join(f"{', '.join(name for name, _ in group)}: {cause}" if len(group) > 1 or group[0][1] else cause
-                         for cause, group in causes.items())
+        return "; ".join(f"{', '.join(name for name, _ in group)}: {cause}" if len(group) > 1 or group and group[0][1]
+                         else cause for cause, group in causes.items())
+
+    def _accuracy_clause(self) -> str:
+        misses = list(self._inaccurate.values())
+        what = accuracy_drop(misses[0][1])[0]
+        figures = ", ".join(f"{name} {accuracy_drop(v)[1]:.2f}" + (f" ±{v.metric_margin:.2f}" if v.metric_margin else "")
+                            for name, v in misses)
+        return f"{what} dropped more than max_accuracy_drop {self.max_drop:g} vs FP32: {figures} points"
 
     def most_accurate(self) -> Candidate | None:
         """The candidate that stands for a rejected variant: one that changed something, then the most accurate."""
@@ -100,7 +118,7 @@ def run_recipes(recipes: Sequence[Recipe], attempt: Callable[[Recipe], Candidate
     """Try ``recipes`` in order (``refuse`` adds the caller's own reasons to skip one) and choose.
     ``max_drop`` is the gate's accuracy budget in points (None: any accepted candidate stops the
     fallbacks)."""
-    search = SearchResult()
+    search = SearchResult(max_drop=max_drop)
     failed: set[str] = set()
     for recipe in recipes:
         skip = _skip_reason(recipe, search, failed, facts, has_calibration, max_drop) or refuse(recipe)
@@ -116,15 +134,15 @@ def run_recipes(recipes: Sequence[Recipe], attempt: Callable[[Recipe], Candidate
             continue
         search.candidates.append(candidate)
         if not candidate.accepted:
-            search.miss(recipe, recipe.says(candidate.reason))
+            search.miss(recipe, recipe.says(candidate.reason), candidate.validation if candidate.inaccurate else None)
     search.chosen = choose(search.candidates)
     for candidate in search.candidates:
         outcome = (RecipeOutcome.CHOSEN if candidate is search.chosen
                    else RecipeOutcome.ACCEPTED if candidate.accepted else RecipeOutcome.REJECTED)
         search.attempts.append(RecipeAttempt(
             recipe=candidate.recipe.name, outcome=outcome, reason=candidate.reason, size_bytes=candidate.size_bytes,
-            accuracy_drop=round(candidate.drop, 4), latency_ratio=round(candidate.speed.ratio, 4) if candidate.speed else None,
-            speed=candidate.verdict))
+            accuracy_drop=round(accuracy_drop(candidate.validation)[1], 4),
+            latency_ratio=round(candidate.speed.ratio, 4) if candidate.speed else None, speed=candidate.verdict))
     order = {r.name: i for i, r in enumerate(recipes)}
     search.attempts.sort(key=lambda a: order[a.recipe])
     return search

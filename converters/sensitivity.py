@@ -30,7 +30,7 @@ from ..manifest import Validation
 from ..report import MixedTrial
 from .targets.base import ExportResult, Feeds
 from .toollog import quiet
-from .validate import accuracy_drop
+from .validate import accuracy_drop, judged_drop
 
 FP16_MAX = 65504.0
 # What onnxruntime's dynamic quantizer can quantize; isolated_ranking ranks nodes of these types.
@@ -66,7 +66,7 @@ def keep_fp32_search(export: Callable[[list[str]], ExportResult], evaluate: Call
         validation = evaluate(result)
         what, drop = accuracy_drop(validation)
         trials.append(MixedTrial(kept_fp32=k, drop_points=round(drop, 4), measure=what))
-        return result, validation, drop <= max_drop
+        return result, validation, judged_drop(validation) <= max_drop
 
     best = attempt(len(names))
     if not best[2]:

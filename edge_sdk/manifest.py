@@ -115,6 +115,8 @@ class Validation(_Model):
     metric_name: str | None = None
     metric: float | None = None
     metric_fp32: float | None = None
+    metric_margin: float | None = Field(default=None, description="one standard error (points) of the metric's drop "
+                                        "from class predictions that changed both ways; the gate adds it")
     self_test_tolerance: float | None = None
     nodes_quantized: int | None = None
     nodes_kept_fp32: list[str] = Field(default_factory=list)

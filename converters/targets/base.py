@@ -93,6 +93,17 @@ class Recipe:
 
 
 @dataclass(frozen=True)
+class AccuracyCheck:
+    """The gate's own accuracy measure, for a recipe that searches within the budget itself
+    (NNCF's accuracy control): ``drop(outputs)`` is the drop in points the gate would judge when
+    the validation ``samples`` at the given indices give these outputs (the rest FP32's)."""
+
+    samples: Sequence[Feeds]
+    drop: Callable[[Mapping[int, Mapping[str, np.ndarray]]], float]
+    max_drop: float
+
+
+@dataclass(frozen=True)
 class ExportRequest:
     model_path: Path  # checked FP32 ONNX with static shapes
     precision: Precision
@@ -106,6 +117,7 @@ class ExportRequest:
     nodes_to_exclude: Sequence[str] = ()  # ONNX node names kept in FP32 (sensitivity search)
     float_ops: Sequence[str] = ()  # TFLite op types kept float in full-integer INT8 (e.g. "SOFTMAX")
     recipe: Recipe | None = None  # None: the target's plain recipe for ``precision``
+    accuracy: AccuracyCheck | None = None  # None: no validation samples a recipe can search on (streamed state)
     # Kept for the whole conversion: where a target keeps what its exports share (onnx2tf's output);
     # None: nothing is shared, each export works in its own temporary folder.
     scratch_dir: Path | None = None

@@ -378,3 +378,40 @@ def test_interrupt_leaves_no_output(cnn_path, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         edge_sdk.convert(cnn_path, ["intel-nuc"], tmp_path / "rel", targets=["onnx"], latency_runs=2, progress=interrupt)
     assert not (tmp_path / "rel").exists() and _leftovers(tmp_path) == []
+
+
+class _RecoversEverything(OnnxTarget):
+    """INT8 whose plain recipe is wrong (sign-flipped classifier) and whose accuracy-recovering
+    fallback keeps the whole model FP32 but one quantized op: accurate, and no smaller."""
+
+    def recipes(self, precision: Precision):
+        from edge_sdk.converters.targets.base import Recipe, When
+
+        if precision != Precision.INT8:
+            return super().recipes(precision)
+        return (Recipe("int8", Precision.INT8, "wrong INT8"),
+                Recipe("recover-all", Precision.INT8, "everything back to FP32", when=When.FALLBACK,
+                       needs_calibration=True, recovers_accuracy=True))
+
+    def export(self, request: ExportRequest) -> ExportResult:
+        if request.precision != Precision.INT8:
+            return super().export(request)
+        if request.recipe.name == "int8":
+            result = super().export(request)
+            _negate_fc(result.files[0])
+            return result
+        out = request.out_dir / f"{request.variant_id}.onnx"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(request.model_path, out)
+        return ExportResult(files=[out], inputs=list(request.inputs), outputs=list(request.outputs), nodes_quantized=1)
+
+
+def test_an_accuracy_recovery_that_keeps_the_fp32_size_gains_nothing_and_is_rejected(cnn_path, cnn_calibration_dir,
+                                                                                   tmp_path, monkeypatch):
+    monkeypatch.setitem(TARGETS._entries, "onnx", _RecoversEverything)
+    manifest = edge_sdk.convert(cnn_path, ["intel-nuc"], tmp_path / "rel", calibration=cnn_calibration_dir,
+                                targets=["onnx"], max_accuracy_drop=5, latency_runs=3)
+    int8 = manifest.variant("onnx-int8")
+    assert int8.status == "rejected", manifest.report.recipes
+    assert "recover-all: kept so much in FP32 that it is 1.00x the FP32 size: nothing gained" in int8.reason
+    assert "top-1 agreement dropped" in int8.reason  # and the plain recipe's own miss

@@ -50,7 +50,8 @@ def test_multimodal_release_has_three_inputs(multimodal_release):
         if variant.status == "ok":
             assert variant.reason is None, variant.id
         else:
-            # A searched variant says why each recipe it tried failed: "recipe: reason; recipe: reason".
+            # A searched variant says why each recipe it tried failed: "recipe: reason; recipe: reason",
+            # accuracy misses of several recipes in one clause ("top-1 agreement dropped more than ...").
             assert variant.status == "rejected", (variant.id, variant.reason)
-            for line in re.split(r"; (?=[a-z0-9-]+: )", variant.reason):
-                assert line.split(": ", 1)[-1].startswith(gate_reasons), (variant.id, line)
+            for line in re.split(r"; (?=[a-z0-9-]+: |top-1|cosine)", variant.reason):
+                assert line.startswith(gate_reasons) or line.split(": ", 1)[-1].startswith(gate_reasons), (variant.id, line)

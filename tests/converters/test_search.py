@@ -68,6 +68,20 @@ def test_the_reason_line_names_a_shared_cause_once_for_every_recipe_that_met_it(
     assert search.summary() == "export failed: no TFLite kernel for Erf"
 
 
+def test_several_accuracy_misses_share_one_clause_with_each_recipes_figure():
+    recipes = [_recipe(name) for name in ("int8", "int8-kl", "int8-keep-ends", "int8-broken")]
+
+    def attempt(recipe):
+        if recipe.name == "int8-broken":
+            raise RecipeFailed("int8-broken: export failed: pnnx crashed")
+        drop = {"int8": 3.0, "int8-kl": 2.5, "int8-keep-ends": 1.5}[recipe.name]
+        return _candidate(recipe, drop=drop, reason=f"top-1 agreement dropped {drop:.2f} points vs FP32 (> max_accuracy_drop 1)")
+
+    search = run_recipes(recipes, attempt, facts=CONV_NET, has_calibration=True, max_drop=1.0)
+    assert search.summary() == ("top-1 agreement dropped more than max_accuracy_drop 1 vs FP32: int8 3.00, "
+                                "int8-kl 2.50, int8-keep-ends 1.50 points; int8-broken: export failed: pnnx crashed")
+
+
 def test_fallbacks_run_only_while_nothing_is_accepted_and_skips_say_why():
     tried = []
     recipes = [_recipe("static", needs_calibration=True), _recipe("per-tensor", when=When.FALLBACK),

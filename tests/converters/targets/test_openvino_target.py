@@ -197,3 +197,79 @@ def test_transformer_graphs_use_nncf_transformer_model_type():
                              "cnn", [], [])
     assert is_transformer(attention) and not is_transformer(conv)
     assert isinstance(attention, onnx.GraphProto)
+
+
+def _recipe(name: str):
+    return next(r for r in get_target("openvino").recipes(Precision.INT8) if r.name == name)
+
+
+def _quantized_op_types(xml) -> set[str]:
+    """The op types whose inputs a FakeQuantize feeds (directly or through a weight Convert)."""
+    import openvino as ov
+
+    fed = set()
+    for op in ov.Core().read_model(str(xml)).get_ops():
+        for source in (op.input_value(i).get_node() for i in range(op.get_input_size())):
+            if source.get_type_name() == "Convert" and source.get_input_size():
+                source = source.input_value(0).get_node()
+            if source.get_type_name() == "FakeQuantize":
+                fed.add(op.get_type_name())
+    return fed
+
+
+def test_int8_falls_back_to_weighted_ops_then_to_accuracy_control():
+    recipes = get_target("openvino").recipes(Precision.INT8)
+    assert [r.name for r in recipes] == ["int8", "int8-conv-matmul", "nncf-accuracy-control"]
+    assert [r.when.value for r in recipes] == ["always", "fallback", "fallback"]
+    assert recipes[2].recovers_accuracy and recipes[2].needs_calibration
+
+
+def test_the_conv_matmul_recipe_quantizes_only_weighted_ops(cases, tmp_path):
+    import dataclasses
+
+    case = cases["multimodal"]
+    target = get_target("openvino")
+    plain = target.export(case.request(Precision.INT8, tmp_path / "plain"))
+    weighted = target.export(dataclasses.replace(case.request(Precision.INT8, tmp_path / "weighted"),
+                                                 recipe=_recipe("int8-conv-matmul")))
+    assert 0 < weighted.nodes_quantized < plain.nodes_quantized
+    assert _quantized_op_types(plain.files[0]) - {"Convolution", "MatMul"}  # plain also quantizes Add, Concat...
+    assert _quantized_op_types(weighted.files[0]) <= {"Convolution", "GroupConvolution", "MatMul"}
+
+
+def test_accuracy_control_reverts_ops_until_the_gates_measure_is_met(cases, tmp_path):
+    """NNCF's accuracy control asks the request's AccuracyCheck (the gate's measure) and reverts
+    quantized ops to FP32 until it is within budget: here a budget only a near-exact model meets."""
+    import dataclasses
+
+    from edge_sdk.converters.targets.base import AccuracyCheck
+
+    case = cases["cnn"]
+    name = case.outputs[0].name
+    asked: list[int] = []
+
+    def drop(outputs) -> float:  # points: the worst relative error of the given samples' outputs
+        asked.append(len(outputs))
+        errors = [np.abs(out[name] - case.reference[i]).max() / np.abs(case.reference[i]).max() for i, out in outputs.items()]
+        return 100.0 * max(errors, default=0.0)
+
+    target = get_target("openvino")
+    plain = target.export(case.request(Precision.INT8, tmp_path / "plain"))
+    request = dataclasses.replace(case.request(Precision.INT8, tmp_path / "ac"), recipe=_recipe("nncf-accuracy-control"),
+                                  accuracy=AccuracyCheck(case.validation, drop, max_drop=0.5))
+    controlled = target.export(request)
+    assert max(asked) == len(case.validation)  # the whole validation set, through the check
+    assert controlled.nodes_quantized < plain.nodes_quantized
+    assert "accuracy control on 12 validation samples" in controlled.notes[0]
+    session = get_backend("openvino").load(controlled.files, controlled.inputs, controlled.outputs,
+                                           BackendOptions(precision=Precision.INT8))
+    assert drop({i: session.run(f) for i, f in enumerate(case.validation)}) <= 0.5
+
+
+def test_accuracy_control_without_validation_samples_is_one_line(cases, tmp_path):
+    import dataclasses
+
+    request = dataclasses.replace(cases["cnn"].request(Precision.INT8, tmp_path), recipe=_recipe("nncf-accuracy-control"))
+    assert request.accuracy is None  # what the builder passes for a streamed --state
+    with pytest.raises(ConversionError, match=r"^openvino: accuracy control needs validation samples"):
+        get_target("openvino").export(request)
