@@ -2,8 +2,10 @@
 
 Every artifact is run through its own runtime backend on validation inputs the calibration did
 not see and compared with the FP32 outputs: max/mean absolute error, cosine similarity, top-1
-agreement (first output, when it is [N, classes]) and the accuracy measure of
+agreement (first output, when it holds class scores) and the accuracy measure of
 ``converters/metrics.py`` (the task metric, ``--metric``, or the default for the output's kind).
+A task metric over class scores can net changed predictions out (new errors against fixed ones),
+so its drop is judged with one standard error of that net added (``Validation.metric_margin``).
 
 Speed is measured paired: FP32 and the candidate run alternately (in ABBA order, so warm-up and
 frequency drift hit both alike) on the same input, and the verdict rests on the median of the
@@ -30,8 +32,7 @@ from ..types import Precision, SpeedVerdict
 from .metrics import Judged, Outputs, TaskMetric, top1_accuracy
 from .targets.base import Feeds
 
-__all__ = ["TaskMetric", "top1_accuracy", "run_all", "compare", "accuracy_drop", "judged_drop",
-           "compare_speed", "gate",
+__all__ = ["TaskMetric", "top1_accuracy", "run_all", "compare", "accuracy_drop", "judged_drop", "compare_speed", "gate",
            "MAX_LATENCY_RATIO", "SpeedComparison", "paired_ratio"]
 
 

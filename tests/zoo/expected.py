@@ -29,3 +29,7 @@ GAPS: dict[tuple[str, str], str] = {
     ("corpus", "tflite"): "TFLite INT8 accepted within budget on 3 of 5 tested families "
                           "(magika: -94 points from FP32 on; silero-vad: onnx2tf fails on its If)",
 }
+
+# Gaps whose figures straddle the budget, so another CPU's kernels (VNNI or not, ncnn's int8 paths)
+# can land either side of it: they run as non-strict xfails, an XPASS there is not a failure.
+STRADDLING = frozenset({("ocr-cls", "ncnn-int8")})

@@ -3,7 +3,8 @@ models it was not tuned on. Each model is converted once per session (``conftest
 artifact is re-scored on the held-out test split through its own runtime backend.
 
 Goals not met yet are listed in ``expected.GAPS`` and run as strict xfails: a change that meets
-one turns it into a failure until its entry is deleted, so the corpus only ever ratchets up.
+one turns it into a failure until its entry is deleted, so the corpus only ever ratchets up
+(``expected.STRADDLING``: gaps at the budget's edge, non-strict).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from edge_sdk.types import Precision
 
 from . import CASES
 from .conftest import TARGETS
-from .expected import GAPS, TESTED
+from .expected import GAPS, STRADDLING, TESTED
 
 QUANTIZED = (Precision.INT8, Precision.MIXED)
 MAX_DROP = 1.0  # points of the task metric: issue 11's budget
@@ -33,7 +34,8 @@ def _params(checks, ids=None):
     for name in TESTED:
         for check in checks:
             gap = GAPS.get((name, check))
-            marks = [pytest.mark.xfail(strict=True, reason=f"issue 11 gap: {gap}")] if gap else []
+            strict = (name, check) not in STRADDLING
+            marks = [pytest.mark.xfail(strict=strict, reason=f"issue 11 gap: {gap}")] if gap else []
             params.append(pytest.param(name, check, marks=marks, id=f"{name}-{check}"))
     return params
 
