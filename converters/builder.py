@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from ..errors import BackendError, EdgeSDKError, MissingDependencyError, ToolchainError
 from ..manifest import FileEntry, TensorSpec, Validation, Variant
@@ -39,7 +40,7 @@ from .toollog import quiet
 
 LOG_FOLDER = "report"
 _QUANTIZED = (Precision.INT8, Precision.MIXED)
-NOT_SMALLER = 0.95  # a mixed variant at or above this fraction of the FP32 size gains nothing
+NOT_SMALLER = 0.95  # a mixed or accuracy-recovering variant at or above this fraction of the FP32 size gains nothing
 
 
 @dataclass
@@ -53,13 +54,13 @@ class Reference:
     classes: Judged | None = None
 
     @classmethod
-    def build(cls, loaded: LoadedModel, samples: Sequence[Feeds], threads: int | None, runs: int,
-              state: Mapping[str, str]) -> Reference:
+    def build(cls, loaded: LoadedModel, model: onnx.ModelProto, samples: Sequence[Feeds], threads: int | None,
+              runs: int, state: Mapping[str, str]) -> Reference:
         session = get_backend("onnxruntime").load([loaded.path], loaded.inputs, loaded.outputs, BackendOptions(threads=threads))
         outputs = validate.run_all(session, samples, state)
         first = next(iter(outputs[0]))
         numeric = np.asarray(outputs[0][first]).dtype.kind in "fiu"
-        judged = output_kind(loaded.load(), first, [o[first] for o in outputs]) if numeric else None
+        judged = output_kind(model, first, [o[first] for o in outputs]) if numeric else None
         return cls(outputs, session, validate.median_latency_ms(session, samples[0], runs=runs),
                    judged if judged is not None and judged.kind == OutputKind.CLASS_SCORES else None)
 
@@ -206,12 +207,18 @@ class VariantBuilder:
         except EdgeSDKError as exc:
             variant.validation.notes.append(f"footprint not measured: {exc}")
 
-    def _worth_keeping(self, planned: PlannedBuild, chosen: Candidate) -> bool:
+    def _not_smaller(self, candidate: Candidate) -> float | None:
+        """The candidate's size as a fraction of FP32's when that gains nothing (>= NOT_SMALLER), else None."""
         reference_size = self.report.reference.size_bytes if self.report.reference else 0
+        ratio = candidate.size_bytes / reference_size if reference_size else 0.0
+        return ratio if ratio >= NOT_SMALLER else None
+
+    def _worth_keeping(self, planned: PlannedBuild, chosen: Candidate) -> bool:
+        ratio = self._not_smaller(chosen)
         if not chosen.result.nodes_quantized:
             why = "would keep every node in FP32"
-        elif reference_size and chosen.size_bytes >= NOT_SMALLER * reference_size:
-            why = f"would be {chosen.size_bytes / reference_size:.2f}x the FP32 size"
+        elif ratio is not None:
+            why = f"would be {ratio:.2f}x the FP32 size"
         else:
             return True
         self.report.notes.append(f"{planned.target.value}: mixed precision {why}; no mixed variant")
@@ -291,10 +298,9 @@ class VariantBuilder:
         if planned.precision in _QUANTIZED and result.nodes_quantized == 0:
             candidate.reason = "nothing was quantized (the file is still FP32)"
             return candidate
-        reference_size = self.report.reference.size_bytes if self.report.reference else 0
-        if recipe.recovers_accuracy and reference_size and candidate.size_bytes >= NOT_SMALLER * reference_size:
-            candidate.reason = (f"kept so much in FP32 that it is {candidate.size_bytes / reference_size:.2f}x "
-                                "the FP32 size: nothing gained")
+        ratio = self._not_smaller(candidate) if recipe.recovers_accuracy else None
+        if ratio is not None:
+            candidate.reason = f"kept so much in FP32 that it is {ratio:.2f}x the FP32 size: nothing gained"
             return candidate
         verdict = validate.gate(validation, None, planned.precision, max_drop=checks.max_accuracy_drop)
         candidate.inaccurate = verdict.reason is not None

@@ -99,8 +99,10 @@ def run(config: ConvertConfig, progress: ProgressCallback | None = None) -> Mani
 
         # The reference is the user's model as given: a pruned FP32 variant shows what pruning cost.
         notify("running FP32 reference", 2, total)
-        reference = Reference.build(loaded, validation_set.samples, checks.latency_threads, checks.latency_runs, checks.state)
-        metric = _metric(config, loaded.load(), reference.outputs, data.labels)
+        model = loaded.load()
+        reference = Reference.build(loaded, model, validation_set.samples, checks.latency_threads, checks.latency_runs,
+                                    checks.state)
+        metric = _metric(config, model, reference.outputs, data.labels)
         report.metric = metric.name
         # Ratios in the report table are against this, whether or not an onnx-fp32 variant is built.
         report.reference = ReferenceInfo(size_bytes=loaded.path.stat().st_size, latency_ms=round(reference.latency_ms, 4))
