@@ -182,7 +182,8 @@ class VariantBuilder:
         files = chosen.result.files = self._move_into_release(planned, chosen.result)
         variant = Variant(id=planned.id, profiles=list(planned.profiles), target=planned.target, precision=planned.precision,
                           backend=target.backend, files=[FileEntry.from_file(self.stage_dir, f) for f in files],
-                          inputs=chosen.result.inputs, outputs=chosen.result.outputs, validation=chosen.validation,
+                          inputs=[*chosen.result.inputs, *self.loaded.constants], outputs=chosen.result.outputs,
+                          validation=chosen.validation,
                           size_bytes=chosen.size_bytes)
         if chosen.speed is not None:
             variant.latency_ms = round(chosen.speed.candidate_ms, 4)
@@ -383,7 +384,8 @@ class VariantBuilder:
 
     def _rejected(self, planned: PlannedBuild, backend: str, reason: str) -> Variant:
         return Variant(id=planned.id, profiles=list(planned.profiles), target=planned.target, precision=planned.precision,
-                       backend=backend, files=[], inputs=self.loaded.inputs, outputs=self.loaded.outputs,
+                       backend=backend, files=[], inputs=[*self.loaded.inputs, *self.loaded.constants],
+                       outputs=self.loaded.outputs,
                        status=VariantStatus.REJECTED, reason=reason)
 
     def _write_log(self, variant_id: str, log: list[str]) -> None:

@@ -21,11 +21,13 @@ from typing import Any, Union
 
 import numpy as np
 
+from ..config import named_values
 from ..errors import ConfigError
 from ..profiles import AUTO, DeviceProfile, resolve_profile
 from ..types import Target
 from .calibration import ImageOptions
 from .loader import parse_input_shapes
+from .specialize import parse_constant_inputs
 from .prune import PruneConfig
 from .targets.base import CalibrationMethod, Feeds
 from .metrics import BUILTIN, TaskMetric
@@ -62,11 +64,18 @@ class IntakeConfig:
     """How the model and the sample files are read."""
 
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # or the CLI's ["name=1,3,224,224"]
+    # Inputs the device always feeds one value (or the CLI's ["sr=16000"]): folded into the model,
+    # with the If nodes they decide inlined (converters/specialize.py).
+    constant_inputs: Mapping[str, Any] = field(default_factory=dict)
     prune: PruneSpec | None = None  # or "METHOD:AMOUNT"
     image_options: ImageOptions = ImageOptions()  # how image folders become tensors
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shapes", parse_input_shapes(self.input_shapes))
+        object.__setattr__(self, "constant_inputs", parse_constant_inputs(self.constant_inputs))
+        both = sorted(set(self.input_shapes) & set(self.constant_inputs))
+        if both:
+            raise ConfigError(f"--input-shape and --constant-input both name {both}: a constant input is not fed")
         if isinstance(self.prune, str):
             object.__setattr__(self, "prune", PruneSpec.parse(self.prune))
         if self.image_options is None:
@@ -93,9 +102,8 @@ class QuantizationConfig:
 
 
 def _state_pairs(pairs: Mapping[str, str] | Sequence[str]) -> dict[str, str]:
-    items = pairs.items() if isinstance(pairs, Mapping) else [p.partition("=")[::2] for p in pairs]
     state = {}
-    for name, output in items:
+    for name, output in named_values(pairs, "--state", "INPUT=OUTPUT, the output that feeds the input next step"):
         if not (isinstance(name, str) and isinstance(output, str) and name.strip() and output.strip()):
             raise ConfigError(f"--state {name}={output}: expected INPUT=OUTPUT, the output that feeds the input next step")
         state[name.strip()] = output.strip()
@@ -200,6 +208,7 @@ class ConvertConfig:
 OPTIONS: dict[str, tuple[str | None, str]] = {
     "targets": (None, "targets"),
     "input_shapes": ("intake", "input_shapes"),
+    "constant_inputs": ("intake", "constant_inputs"),
     "prune": ("intake", "prune"),
     "image_options": ("intake", "image_options"),
     "calibration": ("quantization", "calibration"),

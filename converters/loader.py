@@ -6,6 +6,10 @@ problem: not a file, not ONNX, truncated protobuf, ``external_data`` escaping th
 input dimensions that neither ``input_shapes`` nor the samples fix. Opsets below 13 are upgraded
 with ``onnx.version_converter`` (per-channel QDQ needs ``DequantizeLinear``'s ``axis``, opset 13);
 when that fails the model keeps its opset and the per-channel recipes are skipped.
+
+``--constant-input`` values are folded in, and every ``If`` that they or the now-static shapes
+decide is replaced by the branch taken (``converters/specialize.py``): exporters guard squeezes and
+RNN batches with such Ifs, and the converters downstream stumble on the branch never taken.
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ import numpy as np
 import onnx
 from onnx import external_data_helper, helper
 
+from ..config import named_values
 from ..errors import ConfigError, ModelError
 from ..manifest import TensorSpec
+from .specialize import fold_constant_inputs, inline_static_ifs
 from .targets.base import ModelFacts
 
 MIN_OPSET = 13  # per-channel DequantizeLinear
@@ -40,6 +46,7 @@ class LoadedModel:
     opset: int
     source_opset: int
     notes: list[str] = field(default_factory=list)
+    constants: list[TensorSpec] = field(default_factory=list)  # inputs fixed by --constant-input, no longer fed
 
     def load(self) -> onnx.ModelProto:
         return onnx.load(str(self.path))
@@ -86,19 +93,9 @@ def all_initializers(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
 
 def parse_input_shapes(specs: Sequence[str] | Mapping[str, Sequence[int]] | None) -> dict[str, tuple[int, ...]]:
     """``["image=1,3,224,224"]`` (CLI form) or ``{"image": (1, 3, 224, 224)}`` → dict; ConfigError if malformed."""
-    if not specs:
-        return {}
-    if isinstance(specs, Mapping):
-        items = list(specs.items())
-    else:
-        items = []
-        for spec in specs:
-            name, sep, dims = str(spec).partition("=")
-            if not sep or not name:
-                raise ConfigError(f"--input-shape {spec!r}: expected NAME=D1,D2,... (e.g. image=1,3,224,224)")
-            items.append((name.strip(), dims.split(",")))
+    items = named_values(specs, "--input-shape", "NAME=D1,D2,... (e.g. image=1,3,224,224)")
     shapes = {}
-    for name, dims in items:
+    for name, dims in ((n, d.split(",") if isinstance(d, str) else d) for n, d in items):
         try:
             shape = tuple(int(d) for d in dims)
         except (TypeError, ValueError):
@@ -129,6 +126,7 @@ class SourceModel:
     source_opset: int
     notes: list[str]
     source_dims: dict[str, list[int | str]]  # each input's dims as the file declares them
+    constants: list[TensorSpec] = field(default_factory=list)  # inputs fixed by --constant-input
     changed: bool = False  # an input shape was fixed: stale intermediate shapes must be re-inferred
     # The input dims as asked for, when onnxruntime refused some of them fixed (they stay dynamic
     # in the graph; random probe inputs still take these sizes).
@@ -167,16 +165,32 @@ class SourceModel:
         out = work_dir / "model.fp32.onnx"
         onnx.save(model, str(out))
         _check_runs(self.path, out)
-        if _symbolic(model):
-            from .calibration import random_samples
+        from .calibration import random_samples
 
-            probe = [spec.model_copy(update={"shape": self.run_dims.get(spec.name, spec.shape)})
-                     for spec in map(_spec, _graph_inputs(model))]
-            model = _shapes_from_a_run(model, samples or random_samples(probe, 2, seed=0).samples, self.notes)
-            onnx.save(model, str(out))
+        probe = [spec.model_copy(update={"shape": self.run_dims.get(spec.name, spec.shape)})
+                 for spec in map(_spec, _graph_inputs(model))]
+        samples = samples or random_samples(probe, 2, seed=0).samples
+        inlined = 0
+        while True:  # an If decided by the shapes now static can hide more of them in its branch
+            notes: list[str] = []  # the last run's only: each one resolves what is still symbolic
+            if _symbolic(model):
+                model = _shapes_from_a_run(model, samples, notes)
+            try:
+                model, done = inline_static_ifs(model)
+            except onnx.shape_inference.InferenceError as exc:
+                raise ModelError(f"{self.path}: invalid ONNX model once its Ifs are inlined: {_first_line(exc)}") from None
+            if not done:
+                break
+            inlined += done
+        self.notes.extend(notes)
+        onnx.save(model, str(out))
+        if inlined:
+            self.notes.append(f"{inlined} If node(s) decided by the static shapes replaced by the branch taken")
+            _check_runs(self.path, out)
         return LoadedModel(path=out, inputs=[_spec(v) for v in _graph_inputs(model)],
                            outputs=[_spec(v) for v in model.graph.output], source_sha256=self.source_sha256,
-                           opset=_default_opset(model), source_opset=self.source_opset, notes=self.notes)
+                           opset=_default_opset(model), source_opset=self.source_opset, notes=self.notes,
+                           constants=self.constants)
 
     def _keep_refused_dims_dynamic(self) -> bool:
         """Undo the input-dim fixes onnxruntime refuses, one dim at a time; True when that helps.
@@ -209,8 +223,10 @@ class SourceModel:
         return True
 
 
-def read_model(path: Path | str, input_shapes: Mapping[str, Sequence[int]] | None = None) -> SourceModel:
-    """Parse and check ``path``; apply ``input_shapes`` and fix a dynamic leading (batch) dim to 1."""
+def read_model(path: Path | str, input_shapes: Mapping[str, Sequence[int]] | None = None,
+               constant_inputs: Mapping[str, np.ndarray] | None = None) -> SourceModel:
+    """Parse and check ``path``; fold ``constant_inputs`` into it (``converters/specialize.py``),
+    apply ``input_shapes`` and fix a dynamic leading (batch) dim to 1."""
     path = Path(path)
     if not path.exists():
         raise ModelError(f"{path}: no such file")
@@ -224,9 +240,11 @@ def read_model(path: Path | str, input_shapes: Mapping[str, Sequence[int]] | Non
     model = _upgrade(path, model, source_opset, notes)
     _initializers_out_of_inputs(model, notes)
     _subgraph_constants_to_initializers(model, notes)
+    folded = fold_constant_inputs(model, constant_inputs or {}, path, notes)
     _name_nodes(model, notes)
     source = SourceModel(path, model, hashlib.sha256(data).hexdigest(), source_opset, notes,
-                         {v.name: _dims(v) for v in _graph_inputs(model)})
+                         {v.name: _dims(v) for v in _graph_inputs(model)},
+                         [_spec(value).model_copy(update={"constant": fixed.tolist()}) for value, fixed in folded.values()])
     source.changed = _fix_input_shapes(path, model, dict(input_shapes or {}), notes)
     return source
 

@@ -56,8 +56,9 @@ def convert(model: Path | str, profiles: Sequence[str] | str = (AUTO,), output: 
     ``"f1"``, ``"module:function"``; default: by the output's kind, see ``converters/metrics.py``);
     ``max_accuracy_drop`` in points of that measure; ``prune`` (``"METHOD:AMOUNT"``, e.g.
     ``"channel:0.3"``); ``targets``; ``input_shapes`` (dims neither a dynamic batch, fixed to 1,
-    nor the samples fix); ``calibration_method``; ``per_channel``; ``calibration_limit``;
-    ``mixed_precision``; ``latency_runs``; ``validation_limit``; ``speed_gate``
+    nor the samples fix); ``constant_inputs`` (``{"sr": 16000}``: inputs the device always feeds
+    that value, folded in; samples may still carry them, with that value); ``calibration_method``;
+    ``per_channel``; ``calibration_limit``; ``mixed_precision``; ``latency_runs``; ``validation_limit``; ``speed_gate``
     (False keeps variants slower than FP32 here, for builds whose machine is unlike the device);
     ``image_options``; ``sign_key``; ``release_version``; ``model_name``. Nothing is written at
     ``output`` unless the whole conversion succeeds.
@@ -78,7 +79,7 @@ def run(config: ConvertConfig, progress: ProgressCallback | None = None) -> Mani
             tempfile.TemporaryDirectory(prefix="edge-sdk-convert-") as tmp:
         work = Path(tmp)
         notify("checking model", 0, total)
-        source = read_model(config.model, config.intake.input_shapes)
+        source = read_model(config.model, config.intake.input_shapes, config.intake.constant_inputs)
         notify("loading calibration data", 1, total)
         data = _Data.read(config, source, work)
         loaded = data.loaded
@@ -209,7 +210,7 @@ class _Data:
         given = [spec for spec in (quantization.calibration, checks.data) if spec is not None and not is_random(spec)]
         inputs = source.inputs
         read = {id(spec): _sample_set(spec, inputs, "calibration" if spec is quantization.calibration else "validation",
-                                      config) for spec in given}
+                                      config, source.constants) for spec in given}
         observed: dict[str, list[tuple[int, ...]]] = {}
         for samples in read.values():
             for sample in samples.samples:
@@ -224,7 +225,7 @@ class _Data:
         def sample_set(spec: DataSource | None, what: str) -> SampleSet | None:
             if spec is None:
                 return None
-            found = read.get(id(spec)) or _sample_set(spec, inputs, what, config)
+            found = read.get(id(spec)) or _sample_set(spec, inputs, what, config, loaded.constants)
             _check_feeds(found.samples, inputs, what)
             return found
 
@@ -283,13 +284,17 @@ def _check_state(state: Mapping[str, str], loaded: LoadedModel) -> None:
                               f"{outputs[output].dtype}; a state output must feed its input unchanged")
 
 
-def _sample_set(spec: DataSource, inputs: Sequence[TensorSpec], what: str, config: ConvertConfig) -> SampleSet:
+def _sample_set(spec: DataSource, inputs: Sequence[TensorSpec], what: str, config: ConvertConfig,
+                constants: Sequence[TensorSpec] = ()) -> SampleSet:
     if isinstance(spec, (str, Path)):
         return load_samples(spec, inputs, image_options=config.intake.image_options)
     samples = [dict(s) for s in spec]
     if not samples:
         raise ConfigError(f"{what}: the list of samples is empty")
-    _check_feeds(samples, inputs, what)
+    _check_feeds(samples, [*inputs, *constants], what)  # a constant input, if given, holds its value
+    for sample in samples:
+        for constant in constants:
+            sample.pop(constant.name, None)
     return SampleSet(samples, source=f"{len(samples)} samples given in code", names=[str(i) for i in range(len(samples))])
 
 

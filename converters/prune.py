@@ -310,7 +310,8 @@ def prune_model(loaded: LoadedModel, method: str, config: PruneConfig, work_dir:
                          flops_after=count_flops(model), size_before=loaded.path.stat().st_size,
                          size_after=out.stat().st_size, pruned=pruned, skipped=skipped)
     result = LoadedModel(path=out, inputs=loaded.inputs, outputs=loaded.outputs, source_sha256=loaded.source_sha256,
-                         opset=loaded.opset, source_opset=loaded.source_opset, notes=list(loaded.notes))
+                         opset=loaded.opset, source_opset=loaded.source_opset, notes=list(loaded.notes),
+                         constants=loaded.constants)
     return result, report
 
 

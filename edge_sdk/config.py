@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 import yaml
@@ -12,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from .errors import ConfigError, EdgeSDKError
 
 M = TypeVar("M", bound=BaseModel)
+V = TypeVar("V")
 
 
 class FieldError(ValueError):
@@ -113,3 +115,20 @@ def json_object(payload: bytes | str, what: str, error: type[EdgeSDKError] = Con
     if not isinstance(data, dict):
         raise error(f"{what} must be a JSON object, got {type(data).__name__}")
     return data
+
+
+def named_values(specs: Mapping[str, V] | Sequence[str] | None, option: str, expected: str) -> list[tuple[str, V | str]]:
+    """(name, value) pairs from a mapping given in code, or from a repeated CLI option's
+    ``NAME=VALUE`` strings; a string with no name or no value is a ConfigError naming ``option``
+    and the ``expected`` form."""
+    if not specs:
+        return []
+    if isinstance(specs, Mapping):
+        return list(specs.items())
+    items: list[tuple[str, V | str]] = []
+    for spec in specs:
+        name, sep, value = str(spec).partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise ConfigError(f"{option} {spec!r}: expected {expected}")
+        items.append((name.strip(), value.strip()))
+    return items

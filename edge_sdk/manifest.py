@@ -67,7 +67,9 @@ class TensorSpec(_Model):
     ``artifact_name`` is the tensor's name inside the artifact when a converter renamed it
     (pnnx: ``in0``/``out0``); ``transpose`` is the permutation that turns the caller's array into
     the artifact's layout for inputs, and the artifact's array into the caller's for outputs
-    (e.g. ``[0, 2, 3, 1]`` for NCHW → NHWC).
+    (e.g. ``[0, 2, 3, 1]`` for NCHW → NHWC). ``constant`` is set on an input fixed at conversion
+    (``--constant-input``): the artifact does not take it, and a caller may still pass it, with
+    this value only.
     """
 
     name: str
@@ -76,6 +78,7 @@ class TensorSpec(_Model):
     artifact_name: str | None = None
     transpose: list[int] | None = None
     layout: str | None = None
+    constant: int | float | bool | list | None = None
 
 
 class FootprintFigures(_Model):

@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import EdgeSDKError, IntegrityError
 from ..manifest import Manifest, Variant, verify_file
 from ..types import MemoryMode, Precision, SpeedVerdict
-from .backends.base import BackendOptions, Session, get_backend
+from .backends.base import BackendOptions, Session, get_backend, zero_feeds
 from .monitor import MB
 
 
@@ -61,8 +61,7 @@ def bench_inputs(release_dir: Path, manifest: Manifest, variant: Variant) -> dic
                 return {k: data[k] for k in data.files}
         except (OSError, ValueError) as exc:
             raise IntegrityError(f"self_test inputs {path}: {exc}") from None
-    return {s.name: np.zeros([d if isinstance(d, int) and d > 0 else 1 for d in s.shape], np.dtype(s.dtype))
-            for s in variant.inputs}
+    return zero_feeds(variant.inputs)
 
 
 def bench_variant(release_dir: Path, manifest: Manifest, variant: Variant, *, runs: int = 100, warmup: int = 10,

@@ -38,7 +38,7 @@ from ..manifest import Manifest, Variant, load_manifest, verify_file
 from ..profiles import AUTO, DeviceProfile, PolicySettings, ResolvedProfile, resolve_profile
 from ..types import MemoryMode, Precision
 from .acceptance import DeviceChecks, DeviceReport, check_release
-from .backends.base import BackendOptions, Session, get_backend
+from .backends.base import BackendOptions, Session, get_backend, zero_feeds
 from .ladder import Rung, build_ladder
 from .monitor import MB, ResourceMonitor, ResourceSample, ResourceSource, SystemSource
 from .policy import EventKind, PolicyEvent, PolicyOverride, PrecisionPolicy, parse_precision
@@ -374,8 +374,7 @@ class EdgeModel:
 
     def _check_self_test(self, session: Session, variant: Variant) -> None:
         if self._self_test is None:
-            feeds = {s.name: np.zeros([d if isinstance(d, int) and d > 0 else 1 for d in s.shape], np.dtype(s.dtype))
-                     for s in variant.inputs}
+            feeds = zero_feeds(variant.inputs)
             session.run(feeds)
             return
         inputs, expected = self._self_test

@@ -24,11 +24,13 @@ import json
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from ...errors import ConversionError
 from ...manifest import TensorSpec
@@ -84,7 +86,7 @@ converter.optimizations = [tf.lite.Optimize.DEFAULT]
 converter._experimental_disable_per_channel = not config["per_channel"]
 def representative():
     for i in range(len(data[data.files[0]])):
-        yield {alias: data[name][i:i + 1] for key, name in by_key.items() for alias in names[key]}
+        yield {alias: data[name][i] for key, name in by_key.items() for alias in names[key]}
 if config["full_integer"]:
     converter.representative_dataset = representative
     # INT8 kernels where TFLite has them, float kernels for the rest.
@@ -144,14 +146,15 @@ class TFLiteTarget(ExportTarget):
         options = request.recipe.options if request.recipe is not None else None
         dynamic_range = isinstance(options, TFLiteInt8) and options.dynamic_range
         full_integer = request.precision is Precision.INT8 and bool(request.calibration) and not dynamic_range
-        calibration = {spec.name: _stacked(request, spec) for spec in request.inputs} if full_integer else {}
         toolchains.require("tflite")
         request.out_dir.mkdir(parents=True, exist_ok=True)
         out = request.out_dir / f"{request.variant_id}.tflite"
         with tempfile.TemporaryDirectory(prefix="edge-sdk-tflite-") as tmp:
             work = Path(tmp)
-            converted, notes = _onnx2tf(request.model_path, request.scratch_dir or work)
+            converted, notes, kept = _onnx2tf(request.model_path, request.scratch_dir or work)
             if request.precision is Precision.INT8:
+                calibration = ({spec.name: _stacked(request, spec, spec.name in kept) for spec in request.inputs}
+                               if full_integer else {})
                 produced = _quantize(work, converted, request, calibration)
                 why = "the recipe" if dynamic_range else "no calibration data"
                 notes.append(f"int8 full-integer, calibrated on {len(request.calibration)} samples (NHWC)" if full_integer
@@ -164,22 +167,26 @@ class TFLiteTarget(ExportTarget):
                     log = (converted.parent / LOG_FILE).read_text(encoding="utf-8")
                     raise ConversionError(f"tflite: onnx2tf exited 0 but wrote no {produced.name}", log=log)
             signature = _inspect(work, produced)
-            inputs = _match(request.inputs, signature["inputs"], "input")
+            inputs = _match(request.inputs, signature["inputs"], "input", kept)
             outputs = _match(request.outputs, signature["outputs"], "output")
             shutil.copyfile(produced, out)  # onnx2tf's own files stay for the conversion's other exports
         return ExportResult(files=[out], inputs=inputs, outputs=outputs, notes=notes,
                             nodes_quantized=None if request.precision is not Precision.INT8 else _count_quantized(out))
 
 
-def _onnx2tf(model: Path, root: Path) -> tuple[Path, list[str]]:
+def _onnx2tf(model: Path, root: Path) -> tuple[Path, list[str], list[str]]:
     """onnx2tf's output folder for ``model`` (its float32 and float16 ``.tflite`` files and the
-    SavedModel INT8 starts from, ``-osd``), and what was done to make it.
+    SavedModel INT8 starts from, ``-osd``), what was done to make it, and the inputs kept in their
+    ONNX layout.
 
     Made once per model under ``root``, which every precision and recipe of a conversion shares
     (onnx2tf takes minutes on a transformer); a failure is kept too, so the other exports report
     it at once instead of repeating it. Ops TFLite has no builtin kernel for come out as TF Select
     ("Flex") ops, which LiteRT cannot run: those onnx2tf can rewrite into builtin ops (a
-    transformer's GELU ``Erf``) are, in a second run."""
+    transformer's GELU ``Erf``) are, in a second run. When the channel-last conversion fails and
+    some input has rank >= 3, it is tried once more with those inputs kept as they are (``-kat``):
+    a recurrent state ``[layers, batch, hidden]`` has no channels to move, and onnx2tf's moving
+    them breaks the LSTM that reads it (silero-vad)."""
     with model.open("rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()[:16]
     folder = root / f"onnx2tf-{digest}"
@@ -188,23 +195,38 @@ def _onnx2tf(model: Path, root: Path) -> tuple[Path, list[str]]:
         saved = json.loads(failed.read_text(encoding="utf-8"))
         raise ConversionError(saved["message"], log=saved["log"])
     if done.is_file():
-        return folder / "tf", json.loads(done.read_text(encoding="utf-8"))
+        saved = json.loads(done.read_text(encoding="utf-8"))
+        return folder / "tf", saved["notes"], saved["kept"]
     shutil.rmtree(folder, ignore_errors=True)  # an interrupted earlier run
     folder.mkdir(parents=True)
-    graph_ops = static_copy(model, folder / "model.onnx")
+    graph_ops, ranks = static_copy(model, folder / "model.onnx")
     np.save(folder / SAMPLE_FILE, np.zeros((20, 128, 128, 3), np.float32))
     pseudo = sorted(graph_ops & set(NO_TFLITE_KERNEL))
     notes = [f"onnx2tf: {', '.join(pseudo)} rewritten into builtin TFLite ops (-rtpo): TFLite has no kernel for "
              "them"] if pseudo else []
+    kept: list[str] = []
+    movable = sorted(name for name, rank in ranks.items() if rank >= 3)
+    first_failure, log = "", ""
     while True:
         shutil.rmtree(folder / "tf", ignore_errors=True)
-        args = ["-i", "model.onnx", "-o", "tf", "-osd"] + (["-rtpo", *pseudo] if pseudo else [])
+        args = (["-i", "model.onnx", "-o", "tf", "-osd"] + (["-rtpo", *pseudo] if pseudo else [])
+                + (["-kat", *kept] if kept else []))
         run = toolchains.run("tflite", args, cwd=folder, timeout=TIMEOUT_S)
-        (folder / LOG_FILE).write_text(run.output, encoding="utf-8")
+        log += run.output
+        (folder / LOG_FILE).write_text(log, encoding="utf-8")
+        if run.returncode != 0 and movable and not kept:
+            kept, first_failure = movable, run.failure("onnx2tf", _unsupported(run.output))
+            continue
         if run.returncode != 0:
-            error = ConversionError(f"tflite: {run.failure('onnx2tf', _unsupported(run.output))}", log=run.output)
-            failed.write_text(json.dumps({"message": str(error), "log": run.output}), encoding="utf-8")
+            # The default conversion's failure is the one to report; the log has both runs.
+            error = ConversionError(f"tflite: {first_failure or run.failure('onnx2tf', _unsupported(run.output))}",
+                                    log=log)
+            failed.write_text(json.dumps({"message": str(error), "log": log}), encoding="utf-8")
             raise error
+        if first_failure:
+            notes.append(f"onnx2tf: inputs {', '.join(kept)} kept in their ONNX layout (-kat), as channel-last "
+                         f"{first_failure}")
+            first_failure = ""
         flex = _flex_ops(folder / "tf" / "model_float32.tflite")
         rewritable = sorted(set(flex) & set(PSEUDO_OPS) - set(pseudo))
         if not rewritable:
@@ -212,8 +234,8 @@ def _onnx2tf(model: Path, root: Path) -> tuple[Path, list[str]]:
         pseudo += rewritable
         notes.append(f"onnx2tf: {', '.join(rewritable)} rewritten into builtin TFLite ops (-rtpo): as TF Select "
                      "ops LiteRT could not run them")
-    done.write_text(json.dumps(notes), encoding="utf-8")
-    return folder / "tf", notes
+    done.write_text(json.dumps({"notes": notes, "kept": kept}), encoding="utf-8")
+    return folder / "tf", notes, kept
 
 
 def _flex_ops(tflite: Path) -> list[str]:
@@ -223,9 +245,9 @@ def _flex_ops(tflite: Path) -> list[str]:
     return sorted({m.decode() for m in re.findall(rb"Flex([A-Z][A-Za-z0-9]*)", tflite.read_bytes())})
 
 
-def static_copy(source: Path, dest: Path) -> set[str]:
+def static_copy(source: Path, dest: Path) -> tuple[set[str], dict[str, int]]:
     """Write ``source`` to ``dest`` with every intermediate and output shape re-inferred from its
-    inputs; return the graph's op types.
+    inputs; return the graph's op types and each input's rank.
 
     Exporters leave ``value_info`` computed for a dynamic batch (``unk__44``); once the inputs are
     fixed, inferring again from them makes every shape static for onnx2tf.
@@ -235,7 +257,9 @@ def static_copy(source: Path, dest: Path) -> set[str]:
     except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and OSError alike
         raise ConversionError(f"tflite: cannot read {source.name} as ONNX ({type(exc).__name__})") from None
     _scope_safe_node_names(model.graph)
+    static = [v for v in model.graph.value_info if all(d.HasField("dim_value") for d in v.type.tensor_type.shape.dim)]
     del model.graph.value_info[:]
+    model.graph.value_info.extend(static)  # the intake's resolved shapes; stale symbolic ones are re-inferred
     for output in model.graph.output:
         if any(not d.HasField("dim_value") for d in output.type.tensor_type.shape.dim):
             output.type.tensor_type.ClearField("shape")
@@ -243,8 +267,55 @@ def static_copy(source: Path, dest: Path) -> set[str]:
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:  # noqa: BLE001 - onnx raises several types; onnx2tf can still infer shapes itself
         pass
+    _slices_on_their_own_axes(model.graph)
     onnx.save(model, str(dest))
-    return {node.op_type for node in model.graph.node}
+    initializers = {t.name for t in model.graph.initializer}
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in model.graph.input if v.name not in initializers}
+    return {node.op_type for node in model.graph.node}, ranks
+
+
+def _slices_on_their_own_axes(graph: onnx.GraphProto) -> None:
+    """Rewrite each constant ``Slice`` to name only the axes it cuts, and drop those that cut nothing.
+
+    onnx2tf does not carry a Slice that lists several axes over its channel-last transposition: it
+    cuts the wrong one and the tensor comes out empty (silero-vad's STFT, once onnx2tf's onnxsim has
+    fused ``[0:MAX]`` copies on other axes into the real cut). A cut on its own axis converts right.
+    """
+    constants = {t.name: t for t in graph.initializer}
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in [*graph.input, *graph.value_info] if v.type.tensor_type.HasField("shape")}
+    outputs = {o.name for o in graph.output}
+    bypass: dict[str, str] = {}
+    for node in list(graph.node):
+        node.input[:] = [bypass.get(name, name) for name in node.input]
+        parts = list(node.input[1:]) + [""] * (5 - len(node.input))
+        if node.op_type != "Slice" or any(p and p not in constants for p in parts):
+            continue
+        starts, ends = (numpy_helper.to_array(constants[p]).astype(np.int64) for p in parts[:2])
+        axes = numpy_helper.to_array(constants[parts[2]]) if parts[2] else np.arange(len(starts))
+        steps = numpy_helper.to_array(constants[parts[3]]) if parts[3] else np.ones(len(starts), np.int64)
+        dims = shapes.get(node.input[0])
+        if np.any(steps != 1) or (dims is None and np.any(axes < 0)):
+            continue
+        cut = []
+        for start, end, axis in zip(starts.tolist(), ends.tolist(), axes.tolist()):
+            size = dims[axis] if dims is not None and dims[axis] is not None else None
+            if start == 0 and (end >= np.iinfo(np.int32).max or (size is not None and end >= size)):
+                continue  # the whole axis
+            cut.append((start, min(end, size) if size is not None else end, axis))
+        if not cut and node.output[0] not in outputs:
+            bypass[node.output[0]] = node.input[0]
+            graph.node.remove(node)
+        elif cut and len(cut) < len(starts):
+            names = [f"{node.name}/{what}" for what in ("starts", "ends", "axes")]
+            for name, column in zip(names, zip(*cut)):
+                graph.initializer.append(numpy_helper.from_array(np.asarray(column, np.int64), name))
+            node.input[1:] = names
+    for node in graph.node:  # nested bodies read the bypassed names too
+        for attribute in node.attribute:
+            for body in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs):
+                for inner in body.node:
+                    inner.input[:] = [bypass.get(name, name) for name in inner.input]
 
 
 _SCOPE_UNSAFE = re.compile(r"[^A-Za-z0-9_.\\/>-]")  # what a TensorFlow name scope may not contain
@@ -285,8 +356,9 @@ def _suffix(request: ExportRequest) -> str:
     return "float16" if request.precision is Precision.FP16 else "float32"
 
 
-def _stacked(request: ExportRequest, spec: TensorSpec) -> np.ndarray:
-    """All calibration samples of one input, in onnx2tf's (channel-last) layout."""
+def _stacked(request: ExportRequest, spec: TensorSpec, kept: bool) -> np.ndarray:
+    """All calibration samples of one input along a new first axis, each in the artifact's layout
+    (channel-last unless onnx2tf ``kept`` the input's own)."""
     arrays = []
     for k, feeds in enumerate(request.calibration):
         if spec.name not in feeds:
@@ -300,9 +372,8 @@ def _stacked(request: ExportRequest, spec: TensorSpec) -> np.ndarray:
             raise ConversionError(f"tflite: calibration sample {k} input {spec.name!r} has shape {list(array.shape)}, "
                                   f"expected {spec.shape} (the model's layout, e.g. NCHW)")
         arrays.append(array)
-    stacked = np.concatenate(arrays, axis=0)
-    perm = channel_last(stacked.ndim)
-    return np.ascontiguousarray(stacked.transpose(perm)) if perm else stacked
+    perm = None if kept else channel_last(len(spec.shape))
+    return np.stack([np.ascontiguousarray(a.transpose(perm)) if perm else a for a in arrays])
 
 
 def _inspect(work: Path, tflite: Path) -> dict:
@@ -327,11 +398,12 @@ def _order(detail: dict) -> tuple[str, int]:
     return (re.sub(r"[:_]\d+$", "", detail["name"]), int(m.group(1)) if m else 0)
 
 
-def _match(specs, details: list[dict], kind: str) -> list[TensorSpec]:
+def _match(specs, details: list[dict], kind: str, kept: Sequence[str] = ()) -> list[TensorSpec]:
     """Pair the model's tensors with the artifact's: by name where onnx2tf kept it, else in index order.
 
-    Inputs of rank >= 3 must come out channel-last (onnx2tf's rule); outputs may come out either
-    way, and a channel-last output gets the inverse permutation so the caller sees the ONNX layout.
+    Inputs of rank >= 3 must come out channel-last (onnx2tf's rule), unless ``kept`` in their own
+    layout; outputs may come out either way, or with their size-1 axes elsewhere (a reshape), and
+    get the permutation that gives the caller the ONNX layout.
     """
     if len(specs) != len(details):
         raise ConversionError(f"tflite: the artifact has {len(details)} {kind}s, the model {len(specs)}")
@@ -339,11 +411,13 @@ def _match(specs, details: list[dict], kind: str) -> list[TensorSpec]:
     result = []
     for spec in specs:
         shape = list(spec.shape)
-        perm = channel_last(len(shape))
+        perm = None if spec.name in kept else channel_last(len(shape))
         last = [shape[p] for p in perm] if perm else shape
 
         def fits(d: dict, shape=shape, last=last) -> bool:
-            return _same(d["shape"], last) if kind == "input" else _same(d["shape"], shape) or _same(d["shape"], last)
+            if kind == "input":
+                return _same(d["shape"], last)
+            return _same(d["shape"], shape) or _same(d["shape"], last) or _ones_moved(d["shape"], shape) is not None
 
         named = [d for d in remaining if _norm(d["name"]) == _norm(spec.name) and fits(d)]
         ordered = [d for d in remaining if fits(d)]
@@ -353,7 +427,10 @@ def _match(specs, details: list[dict], kind: str) -> list[TensorSpec]:
                                   f"form (artifact {kind}s: {[(d['name'], d['shape']) for d in remaining]})")
         remaining.remove(detail)
         # onnx2tf makes every rank >= 3 tensor channel-last, even when its shape reads the same both ways.
-        if perm is None or (kind == "output" and not _same(detail["shape"], last)):
+        moved = _ones_moved(detail["shape"], shape) if kind == "output" else None
+        if kind == "output" and not _same(detail["shape"], shape) and not _same(detail["shape"], last) and moved:
+            transpose, layout = moved, spec.layout
+        elif perm is None or (kind == "output" and not _same(detail["shape"], last)):
             transpose, layout = None, spec.layout
         elif kind == "input":
             transpose, layout = perm, _layout_name(len(shape))
@@ -361,6 +438,20 @@ def _match(specs, details: list[dict], kind: str) -> list[TensorSpec]:
             transpose, layout = [int(i) for i in np.argsort(perm)], _layout_name(len(shape))
         result.append(spec.model_copy(update={"artifact_name": detail["name"], "transpose": transpose, "layout": layout}))
     return result
+
+
+def _ones_moved(actual: list[int], expected: list) -> list[int] | None:
+    """The permutation of ``actual``'s axes giving ``expected`` when the two differ only in where
+    their size-1 axes are (the same data, reshaped: onnx2tf writes a state [2, 1, 128] as
+    [1, 2, 128]); None otherwise."""
+    if len(actual) != len(expected) or list(actual) == list(expected) or not all(isinstance(e, int) for e in expected):
+        return None
+    big = [i for i, a in enumerate(actual) if a != 1]
+    ones = [i for i, a in enumerate(actual) if a == 1]
+    if [actual[i] for i in big] != [e for e in expected if e != 1]:
+        return None
+    big_iter, ones_iter = iter(big), iter(ones)
+    return [next(ones_iter) if e == 1 else next(big_iter) for e in expected]
 
 
 def _same(actual: list[int], expected: list) -> bool:

@@ -30,6 +30,7 @@ def convert_command(
     metric: str = typer.Option(None, "--metric", help="Accuracy measure: top1, cosine, f1 (thresholded maps) or module:function (outputs -> float, higher is better). Default: by the output's kind."),
     labels: Path = typer.Option(None, "--labels", help="Class labels of the validation (or calibration) samples (.npy, or 'name,label' lines): top-1 accuracy as the metric."),
     input_shape: list[str] = typer.Option([], "--input-shape", help="NAME=D1,D2,... for a dynamic input (repeatable)."),
+    constant_input: list[str] = typer.Option([], "--constant-input", help="NAME=VALUE: an input the device always feeds this value (e.g. sr=16000); it is folded in, and the Ifs it decides are inlined (repeatable)."),
     state: list[str] = typer.Option([], "--state", help="INPUT=OUTPUT: a recurrent state the output feeds back next step (repeatable); samples are then consecutive steps, validated streaming."),
     prune: str = typer.Option(None, "--prune", help="METHOD:AMOUNT, e.g. magnitude:0.5 or channel:0.3."),
     targets: list[str] = typer.Option([], "--targets", "-t", help="Only these export targets: a comma list and/or repeated, e.g. onnx,tflite,ncnn,openvino (default: the profiles' targets)."),
@@ -55,7 +56,7 @@ def convert_command(
     config = cc.ConvertConfig(
         model=model, profiles=profiles, notes=tuple(notes),
         targets=cc.resolve_targets(",".join(targets)) if targets else None,
-        intake=cc.IntakeConfig(input_shapes=input_shape, prune=prune,
+        intake=cc.IntakeConfig(input_shapes=input_shape, constant_inputs=constant_input, prune=prune,
                                image_options=_image_options(image_mean, image_std, image_layout, image_bgr)),
         quantization=cc.QuantizationConfig(calibration=calibration, method=calibration_method, per_channel=not per_tensor),
         validation=cc.ValidationConfig(data=validation, labels=labels, metric=metric, max_accuracy_drop=max_accuracy_drop,

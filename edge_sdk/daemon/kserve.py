@@ -557,6 +557,8 @@ def model_config(name: str, manifest: Manifest, variant_id: str | None, backend:
         entry: dict[str, Any] = {"name": spec.name, "data_type": "TYPE_" + ("STRING" if v2_datatype(spec.dtype) == BYTES
                                                                                else v2_datatype(spec.dtype)),
                                  "dims": _dims(spec.shape)}
+        if not output and spec.constant is not None:
+            entry["optional"] = True  # fixed at conversion (--constant-input): may be left out
         if output and spec.name in manifest.labels:
             entry["label_filename"] = f"labels/{spec.name}.txt"
         return entry

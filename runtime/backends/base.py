@@ -40,8 +40,10 @@ class Session(ABC):
     variant_id: str | None = None
 
     def __init__(self, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> None:
-        self.inputs = list(inputs)
+        self.signature = list(inputs)  # as the caller sees it, constant inputs included
+        self.inputs = [s for s in inputs if s.constant is None]  # what the artifact takes
         self.outputs = list(outputs)
+        self._constants = {s.name: np.asarray(s.constant, np.dtype(s.dtype)) for s in inputs if s.constant is not None}
         self._inverse = {o.name: np.argsort(o.transpose) for o in self.outputs if o.transpose}
         # Per-call validation is on the hot path (a small model runs in ~100 us): precompute
         # what to compare, and fall back to check_inputs only to word an error.
@@ -53,7 +55,7 @@ class Session(ABC):
         self._outputs_as_is = all(o.artifact_name in (None, o.name) and not o.transpose for o in self.outputs)
 
     def _feeds(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if type(inputs) is dict and len(inputs) == len(self._fast):
+        if type(inputs) is dict and (len(inputs) == len(self._fast) or self._only_constants_extra(inputs)):
             feeds = {}
             for name, artifact_name, dtype, ndim, fixed, transpose in self._fast:
                 array = inputs.get(name)
@@ -64,11 +66,19 @@ class Session(ABC):
             else:
                 return feeds
         feeds = {}
-        for spec, array in zip(self.inputs, check_inputs(self.inputs, inputs)):
+        for spec, array in zip(self.inputs, check_inputs(self.signature, inputs)):
             if spec.transpose:
                 array = np.ascontiguousarray(array.transpose(spec.transpose))
             feeds[spec.artifact_name or spec.name] = array
         return feeds
+
+    def _only_constants_extra(self, inputs: dict[str, np.ndarray]) -> bool:
+        """The inputs beyond the artifact's are constant inputs, each with its value (the fast path's check)."""
+        if not self._constants:
+            return False
+        extra = [name for name in inputs if name in self._constants]
+        return len(inputs) - len(extra) == len(self._fast) and all(
+            type(inputs[name]) is np.ndarray and np.array_equal(inputs[name], self._constants[name]) for name in extra)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run on caller tensors (original names and layout); returns caller tensors."""
@@ -116,17 +126,23 @@ class Backend(ABC):
 
 
 def check_inputs(specs: Sequence[TensorSpec], inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Validate caller inputs against the signature; return arrays in signature order."""
+    """Validate caller inputs against the signature; return the arrays the artifact takes, in signature order.
+
+    A constant input (fixed at conversion) may be left out; given, it must hold its constant value.
+    """
     if not isinstance(inputs, dict):
         raise InputError(f"inputs must be a dict of name -> numpy array, got {type(inputs).__name__}")
     expected = [s.name for s in specs]
     unknown = sorted(set(inputs) - set(expected))
-    missing = [n for n in expected if n not in inputs]
+    missing = [s.name for s in specs if s.name not in inputs and s.constant is None]
     if unknown or missing:
         raise InputError(f"input names {sorted(inputs)} do not match the model's {expected}"
                          + (f" (missing {missing})" if missing else "") + (f" (unknown {unknown})" if unknown else ""))
     arrays = []
     for spec in specs:
+        if spec.constant is not None:
+            _check_constant(spec, inputs.get(spec.name))
+            continue
         array = inputs[spec.name]
         if not isinstance(array, np.ndarray):
             raise InputError(f"input {spec.name!r}: expected a numpy array, got {type(array).__name__}")
@@ -139,6 +155,22 @@ def check_inputs(specs: Sequence[TensorSpec], inputs: dict[str, np.ndarray]) -> 
                 raise InputError(f"input {spec.name!r}: shape {list(array.shape)} != expected {spec.shape} (axis {axis})")
         arrays.append(array)
     return arrays
+
+
+def _check_constant(spec: TensorSpec, given: object) -> None:
+    if given is None:
+        return
+    value = np.asarray(spec.constant, np.dtype(spec.dtype))
+    if not isinstance(given, np.ndarray) or given.shape != value.shape or not np.array_equal(given, value):
+        got = given.tolist() if isinstance(given, np.ndarray) and given.size <= 8 else type(given).__name__
+        raise InputError(f"input {spec.name!r} was fixed at {spec.constant} when the model was converted "
+                         f"(--constant-input); got {got}: leave it out or pass that value")
+
+
+def zero_feeds(specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
+    """Zeros for every input the artifact takes (symbolic dims as 1): a smoke input where no sample exists."""
+    return {s.name: np.zeros([d if isinstance(d, int) and d > 0 else 1 for d in s.shape], np.dtype(s.dtype))
+            for s in specs if s.constant is None}
 
 
 @contextmanager

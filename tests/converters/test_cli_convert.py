@@ -148,6 +148,10 @@ BAD_INPUTS = [
      "--image-mean 'red': expected comma-separated numbers"),
     ("image-layout-unknown", lambda t, m: ["convert", str(m), "-p", "intel-nuc", "--image-layout", "chw"],
      "--image-layout 'chw': expected nchw or nhwc"),
+    ("constant-input-unknown", lambda t, m: ["convert", str(m), "-p", "intel-nuc", "--constant-input", "sr=16000"],
+     "--constant-input sr: the model has no input 'sr' (inputs: ['image'])"),
+    ("constant-input-syntax", lambda t, m: ["convert", str(m), "-p", "intel-nuc", "--constant-input", "sr"],
+     "--constant-input 'sr': expected NAME=VALUE"),
 ]
 
 

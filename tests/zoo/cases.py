@@ -68,6 +68,7 @@ class ZooCase:
     data_version: int = 1
     stream: Callable[[Run, Split], float] | None = None  # stateful evaluation of a split, if any
     state: Mapping[str, str] = field(default_factory=dict)  # recurrent state input -> output (the converter's --state)
+    constants: Mapping[str, int] = field(default_factory=dict)  # inputs a device always feeds one value (--constant-input)
 
     def data(self) -> ZooData:
         """This case's splits, from the cache when an identical preparation is already there."""
@@ -96,6 +97,7 @@ class ZooCase:
         metric = TaskMetric(self.metric_name, lambda outputs: self.score(outputs, data.validation.truth))
         return dict(calibration=data.calibration, validation=data.validation.feeds, metric=metric,
                     input_shapes=dict(self.input_shapes), state=dict(self.state), model_name=self.name,
+                    constant_inputs=dict(self.constants),
                     targets=list(TARGETS), validation_limit=len(data.validation.feeds))
 
     def static_model(self) -> Path:

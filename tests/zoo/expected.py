@@ -16,18 +16,10 @@ GAPS: dict[tuple[str, str], str] = {
     ("magika", "tflite-int8"): "onnx2tf's conversion itself is wrong: TFLite FP32 already loses 94 points top-1 "
                                "(int8 full-integer and dynamic-range alike)",
     ("magika", "ncnn-int8"): "pnnx crashes (SIGSEGV) on the model",
-    # silero-vad: its graph is one If on the sample rate, and the branch not taken does not type-check
-    # at the other's chunk length once shapes are static.
-    ("silero-vad", "tflite-int8"): "the input's chunk length stays dynamic (onnxruntime refuses the graph with it fixed) "
-                                   "and onnx2tf needs static shapes; forced static (-ois) onnx2tf fails on the If",
-    ("silero-vad", "openvino-int8"): "OpenVINO's ONNX frontend cannot convert the If (dynamic rank inside it; "
-                                     "static input shapes fail on the untaken branch)",
-    ("silero-vad", "ncnn-int8"): "the input's chunk length stays dynamic (see tflite) and pnnx needs static shapes; "
-                                 "the state [2, 1, 128] has no batch axis first either",
+    ("silero-vad", "ncnn-int8"): "the state input [2, 1, 128] has no batch axis first (pnnx takes its 2 for the "
+                                 "batch); given one by hand, pnnx writes the LSTM without the sizes ncnn needs to load it",
     ("minilm", "ncnn-int8"): "pnnx crashes (SIGSEGV) in its own trial run: it feeds random token ids, beyond the "
                              "2-row token-type embedding",
-    ("corpus", "tflite"): "TFLite INT8 accepted within budget on 3 of 5 tested families "
-                          "(magika: -94 points from FP32 on; silero-vad: onnx2tf fails on its If)",
 }
 
 # Gaps whose figures straddle the budget, so another CPU's kernels (VNNI or not, ncnn's int8 paths)

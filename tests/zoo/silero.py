@@ -166,6 +166,7 @@ CASE = ZooCase(
     stream=_stream,
     input_shapes={"input": (1, CHUNK + CONTEXT), "state": (2, 1, 128)},
     state={"state": "stateN"},
+    constants={"sr": RATE},  # a device runs one sample rate: the 8 kHz branch goes
     modules=("silero_vad", "gensim", "scipy"),
     programs=("espeak-ng",),
 )

@@ -38,7 +38,37 @@ def make_token_classifier(vocab: int = 64, tokens: int = 16, width: int = 24, cl
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
+def make_stateful_lstm(features: int = 8, hidden: int = 16):
+    """A streaming LSTM as silero-vad's decoder is: a frame [1, F] and a state [2, 1, H] (h and c
+    stacked, no batch axis first) in; a score and the next state out."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    init = [numpy_helper.from_array(rng.standard_normal((1, 4 * hidden, features)).astype(np.float32) * 0.3, "W"),
+            numpy_helper.from_array(rng.standard_normal((1, 4 * hidden, hidden)).astype(np.float32) * 0.3, "R"),
+            numpy_helper.from_array(rng.standard_normal((1, 8 * hidden)).astype(np.float32) * 0.1, "B"),
+            numpy_helper.from_array(rng.standard_normal((hidden, 1)).astype(np.float32) * 0.3, "head"),
+            numpy_helper.from_array(np.array([0], np.int64), "first"),
+            numpy_helper.from_array(np.array([1], np.int64), "second")]
+    nodes = [helper.make_node("Unsqueeze", ["frame", "first"], ["sequence"]),  # [1 step, 1 batch, F]
+             helper.make_node("Gather", ["state", "first"], ["h0"], axis=0),
+             helper.make_node("Gather", ["state", "second"], ["c0"], axis=0),
+             helper.make_node("LSTM", ["sequence", "W", "R", "B", "", "h0", "c0"], ["", "h1", "c1"], hidden_size=hidden),
+             helper.make_node("Concat", ["h1", "c1"], ["stateN"], axis=0),
+             helper.make_node("Squeeze", ["h1", "first"], ["last"]),
+             helper.make_node("MatMul", ["last", "head"], ["score"])]
+    graph = helper.make_graph(nodes, "stateful",
+                              [helper.make_tensor_value_info("frame", TensorProto.FLOAT, [1, features]),
+                               helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, 1, hidden])],
+                              [helper.make_tensor_value_info("score", TensorProto.FLOAT, [1, 1]),
+                               helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [2, 1, hidden])], init)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
 def _feeds(name: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    if name == "stateful":
+        return {"frame": rng.standard_normal((1, 8)).astype(np.float32),
+                "state": rng.standard_normal((2, 1, 16)).astype(np.float32) * 0.5}
     if name == "tokens":
         return {"tokens": rng.integers(0, 64, (1, 16)).astype(np.int32)}
     if name == "cnn":
@@ -66,7 +96,8 @@ class Case:
 
 
 def _case(name: str, folder: Path) -> Case:
-    model = {"cnn": samples.make_cnn, "multimodal": samples.make_multimodal, "tokens": make_token_classifier}[name]()
+    model = {"cnn": samples.make_cnn, "multimodal": samples.make_multimodal, "tokens": make_token_classifier,
+             "stateful": make_stateful_lstm}[name]()
     path = samples.save(model, folder / f"{name}.onnx")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     dtypes = {"tensor(float)": "float32", "tensor(int32)": "int32"}
@@ -81,7 +112,7 @@ def _case(name: str, folder: Path) -> Case:
 @pytest.fixture(scope="session")
 def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Case]:
     folder = tmp_path_factory.mktemp("target-models")
-    return {name: _case(name, folder) for name in ("cnn", "multimodal", "tokens")}
+    return {name: _case(name, folder) for name in ("cnn", "multimodal", "tokens", "stateful")}
 
 
 @dataclass

@@ -246,3 +246,58 @@ def test_node_names_tensorflow_refuses_as_scopes_are_made_safe(tmp_path):
     names = [n.name for n in onnx.load(tmp_path / "safe.onnx").graph.node]
     assert names[-2:] == ["Softmax_0", "Softmax_0_1"] and len(set(names)) == len(names)
     assert [o.name for o in onnx.load(tmp_path / "safe.onnx").graph.output] == [o.name for o in model.graph.output]
+
+
+def test_a_recurrent_state_input_is_kept_in_its_onnx_layout_when_channel_last_breaks(cases, parity_check, exported,
+                                                                                      tmp_path):
+    """silero-vad's pattern: onnx2tf's NCW -> NWC move of a state [2, 1, H] breaks the LSTM reading it;
+    the retry keeps that input's layout (-kat) and says so."""
+    result, _ = exported("stateful", Precision.FP32)
+    assert any(n.startswith("onnx2tf: inputs state kept in their ONNX layout (-kat), as channel-last onnx2tf failed")
+               for n in result.notes), result.notes
+    assert [(s.name, s.transpose, s.layout) for s in result.inputs] == [("frame", None, None), ("state", None, None)]
+    parity_check(cases["stateful"], result, "tflite", Precision.FP32)
+    dynamic = next(r for r in get_target("tflite").recipes(Precision.INT8) if r.name == "int8-dynamic-range")
+    int8 = get_target("tflite").export(cases["stateful"].request(Precision.INT8, tmp_path, recipe=dynamic,
+                                                                 scratch_dir=tmp_path / "scratch"))
+    parity_check(cases["stateful"], int8, "tflite", Precision.INT8)
+
+
+def test_outputs_whose_unit_axes_moved_are_matched_with_the_permutation_back():
+    from edge_sdk.converters.targets.tflite import _ones_moved
+
+    assert _ones_moved([1, 2, 128], [2, 1, 128]) == [1, 0, 2]
+    assert _ones_moved([2, 128, 1], [2, 1, 128]) == [0, 2, 1]
+    assert _ones_moved([128, 2, 1], [2, 1, 128]) is None  # the big axes swapped: not a reshape
+    assert _ones_moved([2, 1, 128], [2, 1, 128]) is None and _ones_moved([2, 128], [2, 1, 128]) is None
+
+
+def test_multi_axis_slices_are_cut_on_their_own_axes_and_copies_dropped(tmp_path):
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edge_sdk.converters.targets.tflite import static_copy
+
+    big = np.iinfo(np.int64).max
+    ints = lambda name, values: numpy_helper.from_array(np.asarray(values, np.int64), name)  # noqa: E731
+    graph = helper.make_graph(
+        [helper.make_node("Slice", ["x", "s0", "e0", "a0"], ["low"], name="low"),  # axes 0-2, only axis 1 cut
+         helper.make_node("Slice", ["x", "s1", "e1"], ["copy"], name="copy"),  # cuts nothing
+         helper.make_node("Add", ["low", "low"], ["y"]), helper.make_node("Identity", ["copy"], ["z"])],
+        "slices", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 6, 4])],
+        [ints("s0", [0, 0, 0]), ints("e0", [big, 3, big]), ints("a0", [0, 1, 2]), ints("s1", [0]), ints("e1", [big])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.save(model, tmp_path / "slices.onnx")
+    static_copy(tmp_path / "slices.onnx", tmp_path / "static.onnx")
+    fixed = onnx.load(tmp_path / "static.onnx")
+    constants = {t.name: numpy_helper.to_array(t).tolist() for t in fixed.graph.initializer}
+    (low,) = [n for n in fixed.graph.node if n.op_type == "Slice"]
+    assert [constants[name] for name in low.input[1:]] == [[0], [3], [1]]
+    x = np.random.default_rng(0).random((1, 6, 4), dtype=np.float32)
+    before = ort.InferenceSession(str(tmp_path / "slices.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    after = ort.InferenceSession(str(tmp_path / "static.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for a, b in zip(before, after, strict=True):
+        np.testing.assert_array_equal(a, b)
