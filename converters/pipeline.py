@@ -33,6 +33,7 @@ from .calibration import SampleSet, is_random, load_labels, load_samples, random
 from .config import ConvertConfig, DataSource
 from .loader import LoadedModel, SourceModel, read_model
 from .prune import prune_model
+from .specialize import inputs_deciding_ifs
 from .release import Staging
 from .targets.base import Feeds
 
@@ -217,6 +218,7 @@ class _Data:
                 for name, array in sample.items():
                     observed.setdefault(name, []).append(array.shape)
         first = next(iter(read.values())).samples[:2] if read else ()
+        source.notes.extend(_constant_input_hints(source, list(read.values())))
         loaded = source.finish(work, observed, first)
         inputs = loaded.inputs
         _check_state(checks.state, loaded)
@@ -270,6 +272,19 @@ def _metric(config: ConvertConfig, model, reference: Sequence[dict], labels: np.
     if labels is not None:
         return metrics.top1_accuracy(labels)
     return metrics.default_metric(model, reference)
+
+
+def _constant_input_hints(source: SourceModel, sets: Sequence[SampleSet]) -> list[str]:
+    """A note for each integer input that holds one value in every sample and decides an If."""
+    hints = []
+    for name, ifs in inputs_deciding_ifs(source.model).items():
+        values = {np.asarray(s[name]).tobytes(): np.asarray(s[name]) for found in sets for s in found.samples if name in s}
+        value = next(iter(values.values())) if len(values) == 1 else None
+        if value is not None and value.size == 1:
+            shown = value.reshape(-1)[0].item()
+            hints.append(f"input {name} is {shown} in every sample and decides {len(ifs)} If node(s): if the device "
+                         f"never feeds another value, --constant-input {name}={int(shown)} inlines the branch taken")
+    return hints
 
 
 def _check_state(state: Mapping[str, str], loaded: LoadedModel) -> None:

@@ -74,6 +74,38 @@ def fold_constant_inputs(model: onnx.ModelProto, constants: Mapping[str, np.ndar
     return removed
 
 
+def inputs_deciding_ifs(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """Integer and bool inputs whose values alone decide a main-graph ``If``, each with those Ifs:
+    the candidates for ``--constant-input`` (a condition on an input's shape is not one of them:
+    static shapes decide those)."""
+    graph = model.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    initializers = {i.name for i in graph.initializer}
+    integral = {v.name for v in graph.input if v.name not in initializers
+                and helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).kind in "biu"}
+    found: dict[str, list[str]] = {}
+    for node in graph.node:
+        if node.op_type != "If":
+            continue
+        reached, pending, seen = set(), [node.input[0]], set()
+        while pending and reached is not None:
+            current = pending.pop()
+            if current in seen or current in initializers or not current:
+                continue
+            seen.add(current)
+            producer = producers.get(current)
+            if producer is None:
+                reached = reached | {current} if current in integral else None
+            elif producer.op_type == "Shape" or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                                                    for a in producer.attribute):
+                reached = None
+            else:
+                pending.extend(producer.input)
+        for name in sorted(reached or ()):
+            found.setdefault(name, []).append(node.name or node.output[0])
+    return found
+
+
 def _fit(name: str, value: np.ndarray, declared: onnx.ValueInfoProto) -> np.ndarray:
     """``value`` in the input's dtype and shape; ConfigError when it does not fit."""
     tensor_type = declared.type.tensor_type

@@ -159,6 +159,10 @@ def test_a_release_serves_the_original_signature_with_the_constant_optional_and_
                                 footprint=False)
     fp32 = manifest.variant("onnx-fp32")
     assert [(s.name, s.constant) for s in fp32.inputs] == [("x", None), ("fast", True)]
+    from edge_sdk.daemon.kserve import model_config  # what Triton clients read: the constant is optional
+
+    config = model_config("branchy", manifest, "onnx-fp32", "onnxruntime", "fp32", [1])
+    assert [(i["name"], i.get("optional", False)) for i in config["input"]] == [("x", False), ("fast", True)]
     x = samples[0]["x"]
     with EdgeModel.load(tmp_path / "rel", profile="generic-x86_64", precision="fp32", monitor=False) as model:
         expected = x  # fast=True: the Identity branch
@@ -177,3 +181,16 @@ def test_samples_that_give_another_value_for_a_constant_input_are_refused(tmp_pa
     with pytest.raises(ConfigError, match=r"calibration sample 3: input 'fast' was fixed at True"):
         edge_sdk.convert(path, ["generic-x86_64"], tmp_path / "rel", calibration=samples, targets=["onnx"],
                          input_shapes={"x": (1, 4)}, constant_inputs={"fast": True})
+
+
+def test_an_integer_input_that_never_varies_and_decides_an_if_is_pointed_out(tmp_path):
+    path = _nested(tmp_path / "nested.onnx")
+    samples = [{"x": np.full((1, 4), k, np.float32), "mode": np.array(1)} for k in range(10)]
+    manifest = edge_sdk.convert(path, ["generic-x86_64"], tmp_path / "rel", calibration=samples, targets=["onnx"],
+                                latency_runs=3, footprint=False, mixed_precision=False)
+    assert ("input mode is 1 in every sample and decides 1 If node(s): if the device never feeds another value, "
+            "--constant-input mode=1 inlines the branch taken") in manifest.report.notes
+    varied = [{**s, "mode": np.array(k % 2)} for k, s in enumerate(samples)]
+    manifest = edge_sdk.convert(path, ["generic-x86_64"], tmp_path / "rel2", calibration=varied, targets=["onnx"],
+                                latency_runs=3, footprint=False, mixed_precision=False)
+    assert not [n for n in manifest.report.notes if "--constant-input" in n]

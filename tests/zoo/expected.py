@@ -13,8 +13,6 @@ GAPS: dict[tuple[str, str], str] = {
                                    "their names, per-channel scales and int32 biases are ~45% of the INT8 file",
     ("ocr-cls", "ncnn-int8"): "every ncnn INT8 recipe changes 3-4% of the 200 orientations: drops of 0.5-1.5 points "
                               "±1.2-1.4 (one standard error of the changes that cancel out) are over the budget of 1",
-    ("magika", "tflite-int8"): "onnx2tf's conversion itself is wrong: TFLite FP32 already loses 94 points top-1 "
-                               "(int8 full-integer and dynamic-range alike)",
     ("magika", "ncnn-int8"): "pnnx crashes (SIGSEGV) on the model",
     ("silero-vad", "ncnn-int8"): "the state input [2, 1, 128] has no batch axis first (pnnx takes its 2 for the "
                                  "batch); given one by hand, pnnx writes the LSTM without the sizes ncnn needs to load it",
