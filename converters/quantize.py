@@ -111,6 +111,7 @@ def quantize_dynamic_int8(src: Path, dst: Path, *, op_types: Sequence[str] | Non
         except Exception as exc:
             dst.unlink(missing_ok=True)
             raise ConversionError("dynamic int8 quantization failed inside onnxruntime's quantizer") from exc
+        _shorten_added_names(dst, prepared)
     report = _count(dst, "dynamic")
     report.notes[:0] = notes
     report.nodes_kept_fp32 = excluded
@@ -179,6 +180,7 @@ def quantize_static_int8(src: Path, dst: Path, calibration: Sequence[Feeds], *,
         except Exception as exc:
             dst.unlink(missing_ok=True)  # e.g. a full disk mid-write: no half-written model stays behind
             raise ConversionError(f"static int8 quantization ({method.value}) failed inside onnxruntime's quantizer") from exc
+        _shorten_added_names(dst, prepared)
     report = _count(dst, "static")
     report.notes[:0] = notes
     report.notes.append(f"static QDQ, {'per-channel' if per_channel else 'per-tensor'} weights, "
@@ -209,6 +211,42 @@ def all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
             for body in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
                 nodes += all_nodes(body)
     return nodes
+
+
+def _shorten_added_names(dst: Path, source: Path) -> None:
+    """Give what the quantizer added short names (``conv.w_0_quantized``, ``x_DequantizeLinear_Output``,
+    its Q/DQ nodes) and drop ``value_info``, which nothing reads from an INT8 model: in a small model
+    those names are a third of the file (PP-OCR's 0.6 MB classifier: 316 KB -> 221 KB). The names
+    the model had are kept, so the sensitivity search still maps INT8 nodes to FP32 ones. Models
+    with subgraphs (outer-scope names) or external data are left as written."""
+    model = onnx.load(str(dst), load_external_data=False)
+    graph = model.graph
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer) or any(
+            a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return
+    original = onnx.load(str(source), load_external_data=False).graph
+    kept = ({n.name for n in original.node} | {t for n in original.node for t in (*n.input, *n.output)}
+            | {t.name for t in original.initializer} | {v.name for v in (*original.input, *original.output)}
+            | {v.name for v in (*graph.input, *graph.output)})
+    short: dict[str, str] = {}
+
+    def name(old: str) -> str:
+        if not old or old in kept:
+            return old
+        if old not in short:
+            short[old] = f"_{len(short)}"
+            while short[old] in kept:
+                short[old] += "_"
+        return short[old]
+
+    for node in graph.node:
+        node.input[:] = [name(t) for t in node.input]
+        node.output[:] = [name(t) for t in node.output]
+        node.name = name(node.name)
+    for tensor in graph.initializer:
+        tensor.name = name(tensor.name)
+    del graph.value_info[:]
+    onnx.save(model, str(dst))
 
 
 def _count(path: Path, kind: str) -> QuantizeReport:

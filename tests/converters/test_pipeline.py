@@ -228,10 +228,12 @@ class _BadInt8(OnnxTarget):
 
 def _negate_fc(path: Path) -> None:
     model = onnx.load(str(path))
-    for tensor in model.graph.initializer:
-        # Not its scale (two sign flips cancel); quant_pre_process may have transposed it first.
-        if tensor.name in ("fc.weight", "fc.weight_quantized", "fc.weight_Transposed_quantized"):
-            tensor.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(tensor), tensor.name))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    weight = next(n for n in model.graph.node if n.name == "fc").input[1]
+    if weight in producers and producers[weight].op_type == "DequantizeLinear":
+        weight = producers[weight].input[0]  # its INT8 weights, not its scale (two sign flips cancel)
+    tensor = next(t for t in model.graph.initializer if t.name == weight)
+    tensor.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(tensor), tensor.name))
     onnx.save(model, str(path))
 
 

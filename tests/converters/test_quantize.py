@@ -112,3 +112,21 @@ def test_weight_matmuls_only_and_dynamic_matmul_on_a_token_model(tmp_path):
         got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds[0])[0]
         assert float((reference * got).sum() / np.linalg.norm(reference) / np.linalg.norm(got)) > 0.99
     assert "op types ['Conv', 'MatMul', 'Gemm']" in static.notes[-1]
+
+
+def test_names_the_quantizer_adds_are_shortened_and_the_models_own_kept(cnn_path, tmp_path, calib):
+    out = tmp_path / "int8.onnx"
+    quantize.quantize_static_int8(cnn_path, out, calib)
+    fp32, int8 = onnx.load(str(cnn_path)).graph, onnx.load(str(out)).graph
+    own = {n.name for n in fp32.node} | {t for n in fp32.node for t in (*n.input, *n.output)}
+    names = {n.name for n in int8.node} | {t for n in int8.node for t in (*n.input, *n.output) if t}
+    short = [name for name in names - own if name.startswith("_") and name[1:].rstrip("_").isdigit()]
+    assert len(short) > 20  # Q/DQ nodes, quantized weights, scales, zero points
+    suffixes = ("_quantized", "QuantizeLinear", "_scale", "_zero_point")
+    assert not [name for name in names if any(suffix in name for suffix in suffixes)]
+    assert {n.name for n in fp32.node if n.op_type in ("Conv", "Gemm")} <= {n.name for n in int8.node}
+    assert len(int8.value_info) == 0
+    image = calib[0]["image"]
+    plain = ort.InferenceSession(str(cnn_path), providers=["CPUExecutionProvider"]).run(None, {"image": image})[0]
+    short = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"image": image})[0]
+    assert short.shape == plain.shape and np.corrcoef(short.ravel(), plain.ravel())[0, 1] > 0.98
