@@ -229,6 +229,7 @@ def _weight_errors(quantized: onnx.ModelProto, reference: onnx.ModelProto, nodes
 
     q_inits = {t.name: t for t in quantized.graph.initializer}
     ref_inits = {t.name: t for t in reference.graph.initializer}
+    ref_nodes = {n.name: n for n in reference.graph.node}  # the quantizer keeps the nodes' names
     producers = {o: n for n in quantized.graph.node for o in n.output}
     errors = {}
     for node in nodes:
@@ -236,7 +237,8 @@ def _weight_errors(quantized: onnx.ModelProto, reference: onnx.ModelProto, nodes
             dq = producers.get(name)
             if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in q_inits:
                 continue
-            original = ref_inits.get(dq.input[0].removesuffix("_quantized"))
+            ref_node = ref_nodes.get(node.name)
+            original = ref_inits.get(ref_node.input[1]) if ref_node is not None and len(ref_node.input) > 1 else None
             if original is None:
                 continue
             w = numpy_helper.to_array(original).astype(np.float64)

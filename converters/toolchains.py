@@ -35,6 +35,9 @@ from ..errors import ConfigError, ToolchainError
 
 MARKER = "edge-sdk-toolchain.json"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # onnx2tf colours its log lines
+# Lines that read like errors on every machine without a GPU (TensorFlow's CUDA probe at start-up):
+# never the cause of a failure.
+_NOISE = re.compile(r"cuInit|cuda_(platform|executor|driver)|Unable to register cu(DNN|FFT|BLAS)")
 TAIL_LINES = 25
 # Any URL a converter tries to fetch goes to a closed local port, so a conversion fails fast
 # instead of touching (or hanging on) the network.
@@ -342,7 +345,7 @@ class ToolRun:
         if cause:
             return f"{how}: {cause}"
         errors = [ln.strip() for ln in self.output.splitlines()
-                  if re.search(r"error|failed|cannot|unsupported|not supported", ln, re.I)]
+                  if re.search(r"error|failed|cannot|unsupported|not supported", ln, re.I) and not _NOISE.search(ln)]
         return how + (f": {_ANSI.sub('', errors[-1])[:200]}" if errors else "")
 
 

@@ -158,3 +158,13 @@ def test_cli_list_and_bad_install(root, capsys):
     assert exit_info.value.code == 1
     assert "unknown toolchain 'tensorflow'" in capsys.readouterr().err
     assert not root.exists() or not list(root.iterdir())
+
+
+def test_a_failure_line_names_the_cause_not_tensorflows_cuda_probe():
+    from edge_sdk.converters.toolchains import ToolRun
+
+    output = ("2026-12-04 20:05:16.459484: E external/local_xla/xla/stream_executor/cuda/cuda_platform.cc:51] failed "
+              "call to cuInit: INTERNAL: CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)\n")
+    assert ToolRun(-11, output, 1.0).failure("TensorFlow's converter") == "TensorFlow's converter crashed (SIGSEGV)"
+    output += "ValueError: cannot quantize LSTM\n"
+    assert ToolRun(1, output, 1.0).failure("onnx2tf") == "onnx2tf failed (exit 1): ValueError: cannot quantize LSTM"
