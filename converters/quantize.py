@@ -92,7 +92,8 @@ def _drop_round_trip_casts(model: onnx.ModelProto) -> None:
 
 
 def quantize_dynamic_int8(src: Path, dst: Path, *, op_types: Sequence[str] | None = None, per_channel: bool = False,
-                          nodes_to_exclude: Sequence[str] = (), subgraphs: bool = False) -> QuantizeReport:
+                          nodes_to_exclude: Sequence[str] = (), subgraphs: bool = False,
+                          final: bool = True) -> QuantizeReport:
     """INT8 weights, activations quantized at run time (no calibration; fast on MatMul, often slow on conv nets).
 
     ``per_channel`` weights keep transformers accurate (per-tensor S8 weights lose several points of
@@ -111,7 +112,8 @@ def quantize_dynamic_int8(src: Path, dst: Path, *, op_types: Sequence[str] | Non
         except Exception as exc:
             dst.unlink(missing_ok=True)
             raise ConversionError("dynamic int8 quantization failed inside onnxruntime's quantizer") from exc
-        _shorten_added_names(dst, prepared)
+        if final:  # a model another pass quantizes next keeps its value_info: types past com.microsoft ops
+            _shorten_added_names(dst, prepared)
     report = _count(dst, "dynamic")
     report.notes[:0] = notes
     report.nodes_kept_fp32 = excluded

@@ -167,7 +167,8 @@ class OnnxTarget(ExportTarget):
         if options.dynamic_op_types:
             source = out.with_name(f"{out.stem}.dynamic-weights.onnx")
             first = quantize.quantize_dynamic_int8(request.model_path, source, op_types=options.dynamic_op_types,
-                                                   nodes_to_exclude=request.nodes_to_exclude, subgraphs=subgraphs)
+                                                   nodes_to_exclude=request.nodes_to_exclude, subgraphs=subgraphs,
+                                                   final=False)
         try:
             report = quantize.quantize_static_int8(
                 source, out, request.calibration, method=request.calibration_method,
