@@ -192,7 +192,7 @@ def test_lstm_weights_get_int8_from_dynamic_quantization_beside_static_qdq(tmp_p
 
     from .targets.conftest import make_stateful_lstm
 
-    loaded = load_model(samples.save(make_stateful_lstm(features=32, hidden=96), tmp_path / "lstm.onnx"), tmp_path)
+    loaded = load_model(samples.save(make_stateful_lstm(features=32, hidden=96, head_bias=True), tmp_path / "lstm.onnx"), tmp_path)
     target = get_target("onnx")
     recipes = {r.name: r for r in target.recipes(Precision.INT8)}
     recipe = recipes["qdq-conv-matmul-dynamic-lstm"]

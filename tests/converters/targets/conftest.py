@@ -38,7 +38,7 @@ def make_token_classifier(vocab: int = 64, tokens: int = 16, width: int = 24, cl
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
-def make_stateful_lstm(features: int = 8, hidden: int = 16):
+def make_stateful_lstm(features: int = 8, hidden: int = 16, head_bias: bool = False):
     """A streaming LSTM as silero-vad's decoder is: a frame [1, F] and a state [2, 1, H] (h and c
     stacked, no batch axis first) in; a score and the next state out."""
     from onnx import TensorProto, helper, numpy_helper
@@ -56,7 +56,10 @@ def make_stateful_lstm(features: int = 8, hidden: int = 16):
              helper.make_node("LSTM", ["sequence", "W", "R", "B", "", "h0", "c0"], ["", "h1", "c1"], hidden_size=hidden),
              helper.make_node("Concat", ["h1", "c1"], ["stateN"], axis=0),
              helper.make_node("Squeeze", ["h1", "first"], ["last"]),
-             helper.make_node("MatMul", ["last", "head"], ["score"])]
+             helper.make_node("MatMul", ["last", "head"], ["score"]) if not head_bias else
+             helper.make_node("Gemm", ["last", "head", "head_bias"], ["score"])]  # a bias: needs its input's scale
+    if head_bias:
+        init.append(numpy_helper.from_array(np.array([0.1], np.float32), "head_bias"))
     graph = helper.make_graph(nodes, "stateful",
                               [helper.make_tensor_value_info("frame", TensorProto.FLOAT, [1, features]),
                                helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, 1, hidden])],
