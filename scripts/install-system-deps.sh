@@ -22,8 +22,10 @@ have espeak-ng || missing+=(espeak-ng)  # speech for the real-model corpus (test
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing ${missing[*]} with apt-get"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Wait for another apt (unattended upgrades, a parallel setup) instead of failing on its lock.
+  lock=(-o DPkg::Lock::Timeout=600)
+  apt-get "${lock[@]}" update -qq
+  apt-get "${lock[@]}" install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # The Debian packages start system services (broker on 1883, nginx on 80, a PostgreSQL cluster
   # on 5432); the tests start their own, so stop those.
   for service in mosquitto nginx postgresql; do
