@@ -15,6 +15,8 @@ environment (extra ``openvino``); their "toolchain" is in-process and only check
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.metadata
 import json
 import os
@@ -270,6 +272,28 @@ def install(name: str, on_line: Callable[[str], None] | None = None, force: bool
         importlib.invalidate_caches()
         return status(name)
 
+    with _install_lock(tc):
+        current = status(name)  # another process may have installed it while this one waited
+        if current.installed and not force:
+            return current
+        return _install_venv(tc, on_line, timeout)
+
+
+@contextlib.contextmanager
+def _install_lock(tc: Toolchain):
+    """One installer per toolchain at a time: a second one (a CI job beside a shell, two test
+    workers) would delete the environment the first is writing. Waits for the other to finish."""
+    root_dir().mkdir(parents=True, exist_ok=True)
+    with open(root_dir() / f"{tc.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _install_venv(tc: Toolchain, on_line: Callable[[str], None] | None, timeout: float) -> ToolchainStatus:
+    name = tc.name
     path = _venv_dir(tc)
     # Start from a clean directory: a previous half-install must not leak into this one.
     if path.exists():

@@ -94,6 +94,23 @@ def test_half_install_is_not_installed(root, monkeypatch):
     assert (root / "broken" / "bin" / "python").exists() and not (root / "broken" / toolchains.MARKER).exists()
 
 
+def test_concurrent_installs_make_the_environment_once(root, monkeypatch):
+    """A second installer (CI beside a shell) waits for the first instead of deleting its venv."""
+    import threading
+
+    monkeypatch.setitem(toolchains.TOOLCHAINS, "probe", PROBE)
+    made, real = [], toolchains._install_venv
+    monkeypatch.setattr(toolchains, "_install_venv", lambda *a: made.append(1) or real(*a))
+    results = []
+    workers = [threading.Thread(target=lambda: results.append(toolchains.install("probe"))) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+    assert [r.installed for r in results] == [True, True] and len(made) == 1
+    assert (root / "probe.lock").exists()
+
+
 def test_stale_marker_is_not_installed(probe, probe_root, monkeypatch):
     assert toolchains.status(probe).installed
     monkeypatch.setitem(toolchains.TOOLCHAINS, "probe", Toolchain(
