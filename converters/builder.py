@@ -136,22 +136,24 @@ class VariantBuilder:
             recipes = [dataclasses.replace(base.recipe, name=r.name, summary=r.summary, precision=Precision.MIXED,
                                            keeps_sensitive_nodes=True, when=r.when) for r in recipes]
         search = run_recipes(recipes, lambda recipe: self._attempt(planned, target, recipe, log), facts=self.facts,
-                             has_calibration=self.calib is not None, refuse=self._refuse,
+                             has_calibration=self.calib is not None, refuse=lambda recipe: self._refuse(recipe, recipes),
                              max_drop=self.config.validation.max_accuracy_drop)
         self.report.recipes[planned.id] = search.attempts
         if planned.precision == Precision.INT8:
             self.int8_searches[planned.target] = search
         return self._variant(planned, target, search)
 
-    def _refuse(self, recipe: Recipe) -> str | None:
+    def _refuse(self, recipe: Recipe, recipes: Sequence[Recipe]) -> str | None:
         if not self.config.quantization.per_channel and getattr(recipe.options, "per_channel", False):
             return "per-channel, and --per-tensor was given"
-        # A recipe that differs from its target's plain one (options with the method left to the
-        # request) only by naming the method the request already gives would repeat it.
+        # A recipe that differs from another of the list (whose method is left to the request) only
+        # by naming the method the request already gives would repeat it.
         method = getattr(recipe.options, "calibration_method", None)
-        if (method is not None and method == self.config.quantization.method and dataclasses.is_dataclass(recipe.options)
-                and dataclasses.replace(recipe.options, calibration_method=None) == type(recipe.options)()):
-            return f"the plain recipe already calibrates with --calibration-method {method.value}"
+        if method is not None and method == self.config.quantization.method and dataclasses.is_dataclass(recipe.options):
+            same = dataclasses.replace(recipe.options, calibration_method=None)
+            twin = next((r for r in recipes if r.options == same), None)
+            if twin is not None:
+                return f"{twin.name} already calibrates with --calibration-method {method.value}"
         return None
 
     def _mixed_base(self, planned: PlannedBuild) -> Candidate | None:

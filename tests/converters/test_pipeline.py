@@ -168,8 +168,8 @@ def test_a_crashing_export_is_a_rejected_row_and_the_rest_completes(cnn_path, cn
     # Every recipe was tried and named, with where the crash happened (one clause: they share the
     # cause); never the raw exception text.
     assert int8.reason == ("qdq-per-channel, qdq-per-channel-no-bias-adjust, qdq-conv-matmul, qdq-conv-matmul-no-bias-adjust, "
-                           "qdq-per-tensor, qdq-per-tensor-conv-matmul, dynamic: export failed: RuntimeError in tests "
-                           "(test_pipeline.py, export)")
+                           "qdq-conv-matmul-percentile, qdq-per-tensor, qdq-per-tensor-conv-matmul, dynamic: export failed: "
+                           "RuntimeError in tests (test_pipeline.py, export)")
     outcomes = {a.recipe: a.outcome for a in manifest.report.recipes["onnx-int8"]}
     assert outcomes.pop("dynamic-matmul") == outcomes.pop("qdq-conv-matmul-dynamic-lstm") == "skipped"  # a conv net
     assert set(outcomes.values()) == {"failed"}
@@ -179,6 +179,17 @@ def test_a_crashing_export_is_a_rejected_row_and_the_rest_completes(cnn_path, cn
     assert manifest.defaults["intel-nuc"] in {"onnx-fp32", "onnx-fp16"}
     assert not (tmp_path / "rel" / "onnx" / "onnx-int8.onnx").exists()  # the half-written file is gone
     assert_release_lists_every_file(tmp_path / "rel")
+
+
+def test_a_recipe_naming_the_method_the_user_gave_is_not_run_twice(cnn_path, cnn_calibration_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(TARGETS._entries, "onnx", _Crash)
+    manifest = edge_sdk.convert(cnn_path, ["intel-nuc"], tmp_path / "rel", calibration=cnn_calibration_dir,
+                                calibration_method="percentile", targets=["onnx"], latency_runs=3)
+    attempts = {a.recipe: a for a in manifest.report.recipes["onnx-int8"]}
+    assert attempts["qdq-conv-matmul"].outcome == "failed"
+    skipped = attempts["qdq-conv-matmul-percentile"]
+    assert skipped.outcome == "skipped"
+    assert skipped.reason == "qdq-conv-matmul already calibrates with --calibration-method percentile"
 
 
 class _DiskFull(_Crash):

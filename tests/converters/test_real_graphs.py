@@ -213,3 +213,44 @@ def test_lstm_weights_get_int8_from_dynamic_quantization_beside_static_qdq(tmp_p
     for sample in feeds[:4]:
         expected, got = fp32.run(None, sample), int8.run(None, sample)
         assert np.abs(got[1] - expected[1]).max() < 0.1 * np.abs(expected[1]).max()  # the next state
+
+
+def _conv_net(path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.5, name)
+               for name, shape in (("w1", (8, 1, 3, 3)), ("w2", (1, 8, 1, 1)))]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+         helper.make_node("Conv", ["r1", "w2"], ["y"], name="conv2")],
+        "spiky", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 256, 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 256, 256])], weights)
+    return samples.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+
+
+def test_percentile_ranges_keep_precision_that_one_outlying_activation_would_take(tmp_path):
+    """One calibration pixel of 500 among a million in [0, 1] stretches min/max ranges until the
+    usual values fall in one or two INT8 steps; the percentile recipe clips it (PP-OCRv4 det)."""
+    from edge_sdk.converters.loader import load_model
+    from edge_sdk.converters.targets.base import CalibrationMethod, ExportRequest, get_target
+
+    loaded = load_model(_conv_net(tmp_path / "spiky.onnx"), tmp_path)
+    rng = np.random.default_rng(6)
+    calibration = [{"x": rng.random((1, 1, 256, 256), np.float32)} for _ in range(16)]
+    calibration[3]["x"][0, 0, 60, 60] = 500.0
+    held_out = [{"x": rng.random((1, 1, 256, 256), np.float32)} for _ in range(4)]
+    target = get_target("onnx")
+    recipes = {r.name: r for r in target.recipes(Precision.INT8)}
+    assert recipes["qdq-conv-matmul-percentile"].options.calibration_method is CalibrationMethod.PERCENTILE
+    fp32 = ort.InferenceSession(str(loaded.path), providers=["CPUExecutionProvider"])
+    errors = {}
+    for name in ("qdq-conv-matmul", "qdq-conv-matmul-percentile"):
+        result = target.export(ExportRequest(model_path=loaded.path, precision=Precision.INT8, out_dir=tmp_path / name,
+                                             variant_id="onnx-int8", inputs=loaded.inputs, outputs=loaded.outputs,
+                                             calibration=calibration, recipe=recipes[name]))
+        int8 = ort.InferenceSession(str(result.files[0]), providers=["CPUExecutionProvider"])
+        errors[name] = max(float(np.abs(int8.run(None, s)[0] - fp32.run(None, s)[0]).mean()) for s in held_out)
+        assert any(("percentile" if "percentile" in name else "minmax") + " calibration" in n for n in result.notes)
+    assert errors["qdq-conv-matmul-percentile"] < 0.2 * errors["qdq-conv-matmul"]
