@@ -284,12 +284,9 @@ def _install_lock(tc: Toolchain):
     """One installer per toolchain at a time: a second one (a CI job beside a shell, two test
     workers) would delete the environment the first is writing. Waits for the other to finish."""
     root_dir().mkdir(parents=True, exist_ok=True)
-    with open(root_dir() / f"{tc.name}.lock", "w") as lock:
+    with open(root_dir() / f"{tc.name}.lock", "w") as lock:  # closing it releases the lock
         fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        yield
 
 
 def _install_venv(tc: Toolchain, on_line: Callable[[str], None] | None, timeout: float) -> ToolchainStatus:

@@ -20,8 +20,8 @@ accepted candidate):
    the same crash as 1, and this is the recipe that keeps its held-out top-1);
 7. ``qdq-conv-matmul-percentile``: 5 with activation ranges at the 99.999th percentile instead of
    min/max, so a few outlying activations do not stretch a range that the rest then lose precision
-   in (PP-OCRv4 det, a DBNet: 3.81 points F1 with min/max on validation, −1.39 with the percentile;
-   0.54 held out);
+   in (PP-OCRv4 det, a DBNet: 3.81 points F1 lost with min/max on validation, 1.24 with the
+   percentile; 6.81 and 0.46 held out);
 8. ``qdq-per-tensor``: per-tensor weights, every op type;
 9. ``qdq-per-tensor-conv-matmul``: per-tensor, only Conv/MatMul/Gemm (MatMuls by weights);
 10. ``dynamic``: dynamic INT8 of every op type, the only choice without calibration data.
