@@ -267,7 +267,7 @@ class VariantBuilder:
             merged = [dict(outputs.get(i, ref)) for i, ref in enumerate(reference)]
             return validate.judged_drop(validate.compare(reference, merged, self.metric, self.reference.classes))
 
-        return AccuracyCheck(self.validation_set.samples, drop, self.config.validation.max_accuracy_drop)
+        return AccuracyCheck(self.validation_set.samples, drop, self.config.validation.max_accuracy_drop, reference)
 
     def _validation(self, planned: PlannedBuild, target: ExportTarget, recipe: Recipe, result: ExportResult,
                     log: list[str]) -> tuple[Session, Validation]:

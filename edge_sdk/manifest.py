@@ -119,7 +119,7 @@ class Validation(_Model):
     metric: float | None = None
     metric_fp32: float | None = None
     metric_margin: float | None = Field(default=None, description="one standard error (points) of the metric's drop "
-                                        "from class predictions that changed both ways; the gate adds it")
+                                        "from outputs that changed both ways (new errors against fixed ones); the gate adds it")
     self_test_tolerance: float | None = None
     nodes_quantized: int | None = None
     nodes_kept_fp32: list[str] = Field(default_factory=list)

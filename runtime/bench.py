@@ -113,6 +113,9 @@ MIN_PAIRS = 6  # fewer pairs cannot give a 95% interval narrower than their own 
 # also halves the weights (the runtime policy steps down to it under memory pressure), and a build
 # CPU without FP16 arithmetic runs it at FP32 speed: it may take up to x1.25.
 MAX_LATENCY_RATIO: dict[Precision, float] = {Precision.FP16: 1.25, Precision.INT8: 1.0, Precision.MIXED: 1.0}
+# "Slower" needs the whole interval above the limit by more than this: a 1-2% difference is the
+# size of a build machine's frequency drift between rounds, flips from run to run, and no user can act on it.
+SPEED_EQUIVALENCE = 0.02
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,9 @@ class SpeedComparison:
     candidate_p99_ms: float | None = None
 
     def verdict(self, limit: float) -> SpeedVerdict:
-        if self.low > limit:
+        """SLOWER when the whole interval is above ``limit`` (and ``SPEED_EQUIVALENCE`` more), OK
+        when it is at or below it, else INCONCLUSIVE."""
+        if self.low > limit * (1.0 + SPEED_EQUIVALENCE):
             return SpeedVerdict.SLOWER
         return SpeedVerdict.OK if self.high <= limit else SpeedVerdict.INCONCLUSIVE
 

@@ -96,11 +96,13 @@ class Recipe:
 class AccuracyCheck:
     """The gate's own accuracy measure, for a recipe that searches within the budget itself
     (NNCF's accuracy control): ``drop(outputs)`` is the drop in points the gate would judge when
-    the validation ``samples`` at the given indices give these outputs (the rest FP32's)."""
+    the validation ``samples`` at the given indices give these outputs (the rest FP32's, which
+    ``reference`` holds, sample by sample)."""
 
     samples: Sequence[Feeds]
     drop: Callable[[Mapping[int, Mapping[str, np.ndarray]]], float]
     max_drop: float
+    reference: Sequence[Mapping[str, np.ndarray]]
 
 
 @dataclass(frozen=True)

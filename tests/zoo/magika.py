@@ -34,7 +34,7 @@ import numpy as np
 from .cases import Split, ZooCase, ZooData, package_dir, package_file
 
 MODEL = "models/standard_v3_3"
-PER_TYPE = 18  # files per content type (at most): a third each for calibration, validation, test
+PER_TYPE = 27  # files per content type (at most): a third each for calibration, validation, test
 BEG = END = 1024
 BLOCK = 4096
 PADDING = 256
@@ -167,7 +167,8 @@ def _pydoc_html(rng: np.random.Generator) -> Iterator[bytes]:
     import pydoc
 
     names = ["json", "csv", "textwrap", "heapq", "bisect", "fractions", "statistics", "shlex", "string",
-             "calendar", "colorsys", "difflib", "fnmatch", "glob", "graphlib", "ipaddress", "pprint", "queue"]
+             "calendar", "colorsys", "difflib", "fnmatch", "glob", "graphlib", "ipaddress", "pprint", "queue",
+             "abc", "base64", "codecs", "contextlib", "copy", "dataclasses", "enum", "functools", "hashlib"]
     for name in names[:PER_TYPE]:
         module = importlib.import_module(name)
         yield pydoc.html.page(pydoc.describe(module), pydoc.html.document(module, name)).encode()
@@ -271,5 +272,5 @@ CASE = ZooCase(
     score=_score,
     input_shapes={"bytes": (1, BEG + END)},
     modules=("magika", "matplotlib", "skimage", "sklearn", "numpy", "scipy", "PIL", "yaml"),
-    data_version=3,
+    data_version=4,
 )

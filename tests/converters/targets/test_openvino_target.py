@@ -256,7 +256,8 @@ def test_accuracy_control_reverts_ops_until_the_gates_measure_is_met(cases, tmp_
     target = get_target("openvino")
     plain = target.export(case.request(Precision.INT8, tmp_path / "plain"))
     request = dataclasses.replace(case.request(Precision.INT8, tmp_path / "ac"), recipe=_recipe("nncf-accuracy-control"),
-                                  accuracy=AccuracyCheck(case.validation, drop, max_drop=0.5))
+                                  accuracy=AccuracyCheck(case.validation, drop, max_drop=0.5,
+                                                         reference=[{name: r} for r in case.reference]))
     controlled = target.export(request)
     assert max(asked) == len(case.validation)  # the whole validation set, through the check
     assert controlled.nodes_quantized < plain.nodes_quantized
