@@ -118,15 +118,15 @@ def metric_margin(metric: TaskMetric, reference: Sequence[Outputs], candidate: S
 
     A task metric nets out what a variant changed: new errors against fixed ones. A variant that
     changes 5% of 200 class predictions can score 0.5 points below FP32 on validation and 4 points
-    below on the next 256 samples (ocr-cls INT8, measured). The samples are dealt into ``k`` blocks
-    (at most ``MARGIN_GROUPS``; sample ``i`` to block ``i % k``, so a run of similar samples, as in
-    a folder sorted by class, is spread over blocks rather than counted as one); block ``g``'s
-    share ``c_g`` is the metric of FP32's outputs with that block's replaced by the candidate's,
-    less FP32's metric. The drop is about
-    the sum of the shares, so its standard error is ``sqrt(k / (k - 1) * sum((c_g - mean(c))**2))``
-    (batch means). This holds for any metric (accuracy, F1 pooled over boxes, line accuracy), not
-    only class scores; for top-1 accuracy with one sample a block it is ``sqrt((changed - net**2) / n)``.
-    A block whose outputs all equal FP32's has no share and costs no metric call."""
+    below on the next 256 samples (ocr-cls INT8, measured). The samples are dealt into ``k``
+    blocks (at most ``MARGIN_GROUPS``; sample ``i`` to block ``i % k``, so a run of similar
+    samples, as in a folder sorted by class, is spread over blocks rather than counted as one).
+    Block ``g``'s share ``c_g`` is the metric of FP32's outputs with that block's replaced by the
+    candidate's, less FP32's metric. The drop is about the sum of the shares, so its standard
+    error is ``sqrt(k / (k - 1) * sum((c_g - mean(c))**2))`` (batch means). This holds for any
+    metric (accuracy, F1 pooled over boxes, line accuracy), not only class scores; for top-1
+    accuracy with one sample a block it is ``sqrt((changed - net**2) / n)``. A block whose
+    outputs all equal FP32's has no share and costs no metric call."""
     k = min(len(reference), MARGIN_GROUPS)
     if k < 2:
         return 0.0
@@ -193,8 +193,8 @@ def gate(validation: Validation, speed: SpeedComparison | None, precision: Preci
     3. speed: with ``limit = MAX_LATENCY_RATIO[precision]`` (FP16 1.25, INT8 and mixed 1.0; FP32
        is the yardstick), the variant is rejected as slower only when the whole 95% interval of
        its latency ratio is above ``limit`` by more than ``SPEED_EQUIVALENCE`` (2%: a difference
-       no user can act on, and the size of a build machine's frequency drift); when the interval straddles it the variant passes,
-       marked inconclusive (never a default). Without a measurement the speed check passes.
+       no user can act on, and the size of a build machine's frequency drift); when the interval
+       straddles it the variant passes, marked inconclusive (never a default). Without a measurement the speed check passes.
     """
     if not np.isfinite(validation.max_abs_error if validation.max_abs_error is not None else 0.0):
         return GateVerdict("outputs contain NaN/inf")
