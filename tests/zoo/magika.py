@@ -168,8 +168,8 @@ def _pydoc_html(rng: np.random.Generator) -> Iterator[bytes]:
     import pydoc
 
     names = ["json", "csv", "textwrap", "heapq", "bisect", "fractions", "statistics", "shlex", "string",
-             "calendar", "colorsys", "difflib", "fnmatch", "glob", "graphlib", "ipaddress", "pprint", "queue",
-             "abc", "base64", "codecs", "contextlib", "copy", "dataclasses", "enum", "functools", "hashlib"]
+             "calendar", "colorsys", "difflib", "fnmatch", "glob", "graphlib", "ipaddress", "pprint", "queue"]
+    # Not enum, dataclasses and the like: in a long test process their pages came out different.
     for name in names[:PER_TYPE]:
         module = importlib.import_module(name)
         page = pydoc.html.page(pydoc.describe(module), pydoc.html.document(module, name))
@@ -274,5 +274,5 @@ CASE = ZooCase(
     score=_score,
     input_shapes={"bytes": (1, BEG + END)},
     modules=("magika", "matplotlib", "skimage", "sklearn", "numpy", "scipy", "PIL", "yaml"),
-    data_version=5,
+    data_version=6,
 )
